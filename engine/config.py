@@ -1,0 +1,234 @@
+"""Engine configuration: TOML, validated on load, errors naming the bad field.
+
+``load(path)`` reads a file; ``load_default()`` the one embedded in the package
+(``engine/default.toml``). Both return a frozen ``Config``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_number,
+                                power_of_ten)
+
+WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    name: str = "margin-engine"
+    accounts_capacity: int = 20000
+    partitions: int = 2
+    slots_per_account: int = 8
+    cpus: tuple[int, ...] = ()
+    wait: str = "blocking"
+    keep_shm_on_exit: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineSettings
+    assets: tuple[Asset, ...]
+    instruments: tuple[Instrument, ...]
+
+    def asset(self, name: str) -> Asset:
+        for a in self.assets:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def instrument(self, name: str) -> Instrument:
+        for i in self.instruments:
+            if i.name == name:
+                return i
+        raise KeyError(name)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    return parse(text, source=str(p))
+
+
+def load_default() -> Config:
+    """The configuration embedded in the package."""
+    text = resources.files("engine").joinpath("default.toml").read_text()
+    return parse(text, source="engine/default.toml")
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        return from_dict(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _int(doc: dict, key: str, where: str, default=None, lo: int | None = None) -> int:
+    v = doc.get(key, default)
+    if v is None:
+        raise ConfigError(f"{where}.{key}: missing")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{where}.{key}: must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{where}.{key}: must be >= {lo}, got {v}")
+    return v
+
+
+def _num(doc: dict, key: str, where: str, default=None) -> float:
+    v = doc.get(key, default)
+    if v is None:
+        raise ConfigError(f"{where}.{key}: missing")
+    try:
+        return finite_number(v, f"{where}.{key}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _str(doc: dict, key: str, where: str, default=None) -> str:
+    v = doc.get(key, default)
+    if v is None:
+        raise ConfigError(f"{where}.{key}: missing")
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}.{key}: must be a non-empty string, got {v!r}")
+    return v
+
+
+def _expiry_ns(v, where: str) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, _dt.datetime):
+        dt = v
+    elif isinstance(v, str):
+        try:
+            dt = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"{where}: not an ISO-8601 time: {v!r}") from None
+    else:
+        raise ConfigError(f"{where}: must be an ISO-8601 time string")
+    if dt.tzinfo is None:
+        raise ConfigError(f"{where}: needs a time zone (use Z for UTC)")
+    return int(dt.timestamp()) * 1_000_000_000
+
+
+def from_dict(doc: dict) -> Config:
+    """Validate a parsed configuration document. Checks every field, names the first bad one."""
+    if not isinstance(doc, dict):
+        raise ConfigError("top level must be a table")
+    unknown = set(doc) - {"engine", "assets", "instruments"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}")
+    e = doc.get("engine", {})
+    if not isinstance(e, dict):
+        raise ConfigError("engine: must be a table")
+    wait = _str(e, "wait", "engine", "blocking")
+    if wait not in WAIT_STRATEGIES:
+        raise ConfigError(f"engine.wait: one of {WAIT_STRATEGIES}, got {wait!r}")
+    cpus = e.get("cpus", [])
+    if not isinstance(cpus, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in cpus):
+        raise ConfigError(f"engine.cpus: a list of CPU numbers, got {cpus!r}")
+    keep = e.get("keep_shm_on_exit", False)
+    if not isinstance(keep, bool):
+        raise ConfigError("engine.keep_shm_on_exit: must be true or false")
+    settings = EngineSettings(
+        name=_str(e, "name", "engine", "margin-engine"),
+        accounts_capacity=_int(e, "accounts_capacity", "engine", 20000, lo=1),
+        partitions=_int(e, "partitions", "engine", 2, lo=1),
+        slots_per_account=_int(e, "slots_per_account", "engine", 8, lo=1),
+        cpus=tuple(cpus), wait=wait, keep_shm_on_exit=keep,
+    )
+
+    raw_assets = doc.get("assets")
+    if not isinstance(raw_assets, list) or not raw_assets:
+        raise ConfigError("assets: at least one [[assets]] table")
+    if len(raw_assets) > 8:
+        raise ConfigError(f"assets: at most 8 collateral assets, got {len(raw_assets)}")
+    assets: list[Asset] = []
+    for i, a in enumerate(raw_assets):
+        w = f"assets[{i}]"
+        if not isinstance(a, dict):
+            raise ConfigError(f"{w}: must be a table")
+        name = _str(a, "name", w)
+        if any(x.name == name for x in assets):
+            raise ConfigError(f"{w}.name: duplicate asset {name!r}")
+        try:
+            scale = power_of_ten(a.get("scale", 10**8), f"{w}.scale")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        price = _num(a, "price_usd", w)
+        if price <= 0:
+            raise ConfigError(f"{w}.price_usd: must be > 0, got {price}")
+        haircut = _num(a, "haircut", w, 0.0)
+        if not 0 <= haircut < 1:
+            raise ConfigError(f"{w}.haircut: must be in [0, 1), got {haircut}")
+        assets.append(Asset(name, i, scale, price, haircut))
+
+    raw_ins = doc.get("instruments")
+    if not isinstance(raw_ins, list) or not raw_ins:
+        raise ConfigError("instruments: at least one [[instruments]] table")
+    names = [x.get("name") if isinstance(x, dict) else None for x in raw_ins]
+    instruments: list[Instrument] = []
+    for i, d in enumerate(raw_ins):
+        w = f"instruments[{i}]"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{w}: must be a table")
+        name = _str(d, "name", w)
+        if len(name.encode()) > 23:
+            raise ConfigError(f"{w}.name: at most 23 bytes, got {name!r}")
+        if names.count(name) > 1:
+            raise ConfigError(f"{w}.name: duplicate instrument {name!r}")
+        try:
+            kind = Kind.parse(d.get("kind"))
+        except ValueError as err:
+            raise ConfigError(f"{w}.kind: {err}") from None
+        settle = _str(d, "settle", w)
+        if settle not in {a.name for a in assets}:
+            raise ConfigError(f"{w}.settle: unknown asset {settle!r}")
+        cs = _num(d, "contract_size", w, 1.0)
+        if cs <= 0:
+            raise ConfigError(f"{w}.contract_size: must be > 0, got {cs}")
+        try:
+            qs = power_of_ten(d.get("qty_scale", 1000), f"{w}.qty_scale")
+            ps = power_of_ten(d.get("price_scale", 100), f"{w}.price_scale")
+            tiers = derive_tiers(d.get("tiers"), f"{w}.tiers")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        mark = _num(d, "mark_price", w)
+        if mark <= 0:
+            raise ConfigError(f"{w}.mark_price: must be > 0, got {mark}")
+        underlying = d.get("underlying")
+        strike = 0.0
+        if kind == Kind.OPTION:
+            if underlying not in names or underlying == name:
+                raise ConfigError(f"{w}.underlying: an option needs the name of another instrument, got {underlying!r}")
+            strike = _num(d, "strike", w)
+            if strike <= 0:
+                raise ConfigError(f"{w}.strike: must be > 0")
+            if not isinstance(d.get("call"), bool):
+                raise ConfigError(f"{w}.call: true (call) or false (put) required")
+        elif underlying is not None:
+            raise ConfigError(f"{w}.underlying: only options have an underlying")
+        expiry = _expiry_ns(d.get("expiry"), f"{w}.expiry")
+        if kind in (Kind.FUTURE, Kind.INVERSE_FUTURE, Kind.OPTION) and not expiry:
+            raise ConfigError(f"{w}.expiry: required for {kind.name.lower()}")
+        instruments.append(Instrument(
+            name=name, index=i, kind=kind, settle=settle, contract_size=cs, qty_scale=qs,
+            price_scale=ps, tick_size=1.0 / ps, lot_size=1.0 / qs, tiers=tiers, mark_price=mark,
+            underlying=underlying, strike=strike, expiry_ns=expiry, is_call=bool(d.get("call", True)),
+        ))
+    return Config(settings, tuple(assets), tuple(instruments))

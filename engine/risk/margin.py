@@ -1,0 +1,258 @@
+"""Checked Python API over the Cython margin kernel (``engine._margin``, from ext/_margin.pyx).
+
+Each function checks its arguments (row ranges, instrument indices, price snapshot
+shapes and finiteness), then hands raw addresses to the kernel, which assumes clean
+input and runs without the GIL. The live path, the what-if path and the liquidation
+check all call these same functions.
+
+Rules (the kernel's docstring has them in full): per position in its settle asset,
+linear ``upnl = q cs p - cost``, inverse ``upnl = cost - q cs / p``; tiered
+``MM = notional * mmr_k - maint_amount_k``; per account in USD,
+``cross equity = collateral + sum(upnl * px_settle)``; liquidatable when
+``equity < MM`` (strict).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import _margin
+from engine.codes import Code
+from engine.store.layout import Mode, Status
+from engine.store.shm import PriceSnapshot, Store
+
+
+@dataclass(frozen=True)
+class PositionDetail:
+    slot: int
+    instrument: int
+    mode: int
+    qty_units: int
+    notional: float              # settle asset
+    unrealized_pnl: float        # settle asset
+    initial_margin: float        # settle asset
+    maintenance_margin: float    # settle asset
+    liquidation_price: float | None
+    bankruptcy_price: float | None
+
+
+@dataclass(frozen=True)
+class AccountDetail:
+    row: int
+    collateral_usd: float
+    cross_upnl_usd: float
+    cross_equity_usd: float
+    cross_im_usd: float
+    cross_mm_usd: float
+    iso_margin_usd: float
+    iso_upnl_usd: float
+    iso_im_usd: float
+    iso_mm_usd: float
+    status: Status
+    positions: tuple[PositionDetail, ...]
+
+    @property
+    def unrealized_pnl_usd(self) -> float:
+        return self.cross_upnl_usd + self.iso_upnl_usd
+
+    @property
+    def equity_usd(self) -> float:
+        """Collateral + isolated margins + all unrealized PnL."""
+        return self.cross_equity_usd + self.iso_margin_usd + self.iso_upnl_usd
+
+    @property
+    def initial_margin_usd(self) -> float:
+        return self.cross_im_usd + self.iso_im_usd
+
+    @property
+    def maintenance_margin_usd(self) -> float:
+        return self.cross_mm_usd + self.iso_mm_usd
+
+    @property
+    def liquidatable(self) -> bool:
+        return bool(self.status & (Status.LIQUIDATABLE | Status.ISOLATED_LIQUIDATABLE))
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    code: Code
+    post_equity_usd: float
+    post_initial_margin_usd: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.code == Code.OK
+
+
+def _checked_snapshot(store: Store, snap: PriceSnapshot | None) -> PriceSnapshot:
+    if snap is None:
+        snap = store.price_snapshot()
+    n_i = len(store.instruments)
+    if snap.marks.shape != (n_i,) or snap.marks.dtype != np.float64:
+        raise ValueError(f"price snapshot: need {n_i} float64 marks")
+    if not np.all(np.isfinite(snap.marks)) or np.any(snap.marks <= 0):
+        bad = int(np.flatnonzero(~(np.isfinite(snap.marks) & (snap.marks > 0)))[0])
+        raise ValueError(f"price snapshot: mark of instrument {bad} is {snap.marks[bad]!r}; must be > 0")
+    n_a = len(store.assets)
+    if not np.all(np.isfinite(snap.asset_px[:n_a])) or np.any(snap.asset_px[:n_a] <= 0):
+        raise ValueError("price snapshot: every asset price must be finite and > 0")
+    return snap
+
+
+def full_pass(store: Store, partition: int, snap: PriceSnapshot | None = None,
+              max_listed: int = 4096) -> tuple[int, np.ndarray]:
+    """Re-margin every account of ``partition``; write results into their rows.
+
+    Returns ``(n_liquidatable, rows)``: the count of accounts in breach (cross or
+    isolated) and the first ``max_listed`` of their rows.
+    """
+    if not 0 <= partition < store.n_partitions:
+        raise ValueError(f"partition {partition} outside 0..{store.n_partitions - 1}")
+    snap = _checked_snapshot(store, snap)
+    lo, hi = store.partition_rows(partition)
+    out = np.empty(max_listed, np.int64)
+    n = _margin.full_pass(store.addr(store.instruments), store.addr(store.accounts),
+                          store.addr(store.positions), store.slots_per_account, lo, hi,
+                          snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale, out)
+    return n, out[: min(n, max_listed)]
+
+
+def _opt(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def account_detail(store: Store, row: int, snap: PriceSnapshot | None = None) -> AccountDetail:
+    """Every figure of one account and its positions at the snapshot's prices."""
+    if not 0 <= row < store.accounts_cap:
+        raise ValueError(f"account row {row} outside 0..{store.accounts_cap - 1}")
+    snap = _checked_snapshot(store, snap)
+    n = int(store.accounts[row]["n_positions"])
+    out = np.zeros((max(n, 1), 6))
+    vals = _margin.account_detail(store.addr(store.instruments), store.addr(store.accounts, row),
+                                  store.addr(store.positions, row * store.slots_per_account),
+                                  snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale, out)
+    slots = store.slots(row)
+    positions = tuple(
+        PositionDetail(i, int(slots[i]["instrument"]), int(slots[i]["mode"]), int(slots[i]["qty"]),
+                       float(out[i, 0]), float(out[i, 1]), float(out[i, 2]), float(out[i, 3]),
+                       _opt(out[i, 4]), _opt(out[i, 5]))
+        for i in range(n))
+    return AccountDetail(row, *[float(v) for v in vals[:9]], Status(int(vals[9])), positions)
+
+
+def pretrade_check(store: Store, row: int, instrument: int, qty_units: int, price: float,
+                   snap: PriceSnapshot | None = None) -> CheckResult:
+    """Would trading ``qty_units`` (signed) of ``instrument`` at ``price`` keep the account
+    at or above initial margin? Bad arguments give a reason code, never an exception."""
+    if not 0 <= row < store.accounts_cap:
+        return CheckResult(Code.CHECK_UNKNOWN_ACCOUNT, math.nan, math.nan)
+    if not 0 <= instrument < len(store.instruments):
+        return CheckResult(Code.CHECK_UNKNOWN_INSTRUMENT, math.nan, math.nan)
+    if isinstance(qty_units, bool) or not isinstance(qty_units, (int, np.integer)) or qty_units == 0 \
+            or abs(int(qty_units)) >= 2**62:
+        return CheckResult(Code.CHECK_BAD_QTY, math.nan, math.nan)
+    if isinstance(price, bool) or not isinstance(price, (int, float, np.floating)) \
+            or not math.isfinite(price) or price <= 0:
+        return CheckResult(Code.CHECK_BAD_PRICE, math.nan, math.nan)
+    snap = _checked_snapshot(store, snap)
+    if snap.flags[instrument] & 1:
+        return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
+    code, eq, im = _margin.pretrade_check(
+        store.addr(store.instruments), store.addr(store.accounts, row),
+        store.addr(store.positions, row * store.slots_per_account), store.slots_per_account,
+        instrument, int(qty_units), float(price), snap.marks, snap.asset_px, snap.asset_haircut,
+        snap.asset_scale)
+    return CheckResult(Code(code), eq, im)
+
+
+class HolderIndex:
+    """Per-partition instrument -> holders index, compact for the incremental tick.
+
+    For each instrument, parallel arrays over its holders (structure of arrays, sorted by
+    account row so the pass walks the account table forward): account row, margin mode,
+    quantity (contracts), cost and isolated margin (settle asset), and the position's
+    cached upnl / IM / MM in USD as last added into the account's aggregates. A tick on
+    instrument ``i`` reads only ``i``'s arrays and the account rows they point to.
+
+    The index is derived state: built from the positions in shared memory, owned by the
+    partition's worker (the only writer of those positions), rebuilt on restart.
+    """
+
+    FIELDS = (("row", np.int64), ("mode", np.int32), ("qty", np.float64), ("cost", np.float64),
+              ("iso", np.float64), ("upnl_usd", np.float64), ("im_usd", np.float64),
+              ("mm_usd", np.float64))
+
+    def __init__(self, store: Store, partition: int):
+        self.store = store
+        self.partition = partition
+        self.arrays: list[dict[str, np.ndarray]] = []
+        self.counts = np.zeros(len(store.instruments), np.int64)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Rebuild every instrument's holder arrays from the partition's positions."""
+        st = self.store
+        lo, hi = st.partition_rows(self.partition)
+        s = st.slots_per_account
+        pos = st.positions[lo * s: hi * s]
+        used = np.zeros(len(pos), bool)
+        if hi > lo:
+            npos = st.accounts["n_positions"][lo:hi]
+            used = (np.arange(s)[None, :] < npos[:, None]).ravel()
+        rows = np.repeat(np.arange(lo, hi, dtype=np.int64), s)[used]
+        p = pos[used]
+        self.arrays = []
+        for i in range(len(st.instruments)):
+            ins = st.instruments[i]
+            scale_settle = float(st.assets[int(ins["settle_asset"])]["scale"])
+            m = p["instrument"] == i
+            arr = {
+                "row": rows[m].copy(),
+                "mode": p["mode"][m].astype(np.int32),
+                "qty": p["qty"][m] / float(ins["qty_scale"]),
+                "cost": p["cost"][m] / scale_settle,
+                "iso": p["isolated_margin"][m] / scale_settle,
+            }
+            n = len(arr["row"])
+            for k in ("upnl_usd", "im_usd", "mm_usd"):
+                arr[k] = np.zeros(n)
+            self.arrays.append(arr)
+            self.counts[i] = n
+
+    def holders(self, instrument: int) -> int:
+        return int(self.counts[instrument])
+
+    def refresh(self, snap: PriceSnapshot) -> None:
+        """Recompute every cached upnl / IM / MM at ``snap`` (call with the full pass's snapshot)."""
+        st = self.store
+        for i, arr in enumerate(self.arrays):
+            ins = st.instruments[i]
+            settle = int(ins["settle_asset"])
+            under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
+            _margin.refresh_holders(st.addr(st.instruments, i), float(snap.marks[i]), float(under),
+                                    float(snap.asset_px[settle]), float(snap.asset_scale[settle]),
+                                    arr["qty"], arr["cost"], arr["upnl_usd"], arr["im_usd"],
+                                    arr["mm_usd"], int(self.counts[i]))
+
+    def tick(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
+        """Incremental pass for ``instrument`` at ``snap``: returns breaches, rows in ``out``."""
+        st = self.store
+        if not 0 <= instrument < len(self.arrays):
+            raise ValueError(f"instrument {instrument} outside 0..{len(self.arrays) - 1}")
+        if out.dtype != np.int64 or not out.flags.c_contiguous:
+            raise ValueError("out: a C-contiguous int64 array")
+        mark = float(snap.marks[instrument])
+        if not (math.isfinite(mark) and mark > 0):
+            raise ValueError(f"mark of instrument {instrument} is {mark!r}")
+        ins = st.instruments[instrument]
+        settle = int(ins["settle_asset"])
+        under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
+        a = self.arrays[instrument]
+        return _margin.tick_holders(st.addr(st.instruments, instrument), st.addr(st.accounts),
+                                    mark, float(under), float(snap.asset_px[settle]),
+                                    a["row"], a["mode"], a["qty"], a["cost"], a["iso"],
+                                    a["upnl_usd"], a["im_usd"], a["mm_usd"],
+                                    int(self.counts[instrument]), out)

@@ -1,0 +1,234 @@
+"""What-if evaluation: one point in time, from a JSON scenario, through the live kernel.
+
+``evaluate(doc)`` validates the scenario (errors name the field), loads it into a
+private store with the same layout as the live one, runs the same kernel the workers
+run, and returns the figures per account and per position. The format is documented in
+docs/evaluate.md.
+
+Fixed point: balances and isolated margins are held in units of 1e-8 of their asset,
+quantities in 1e-8 contracts (overridable per asset ``scale`` / per instrument
+``qty_scale``); a value with more decimals than its scale is an error, not a silent
+rounding. The cost basis ``qty * cs * entry`` (linear) or ``qty * cs / entry``
+(inverse) is rounded half-to-even to one settle unit.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, ROUND_HALF_EVEN, InvalidOperation
+
+from engine.instruments import Asset, Instrument, Kind, derive_tiers, finite_number, power_of_ten
+from engine.risk import margin
+from engine.store.layout import Mode
+from engine.store.shm import Store
+
+DEFAULT_SCALE = 10**8
+
+
+class ScenarioError(ValueError):
+    """The scenario is invalid; the message names the field."""
+
+
+def _num(d: dict, key: str, where: str, *, positive: bool = False, default=None) -> float:
+    if key not in d:
+        if default is not None:
+            return default
+        raise ScenarioError(f"{where}.{key}: missing")
+    try:
+        v = finite_number(d[key], f"{where}.{key}")
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    if positive and v <= 0:
+        raise ScenarioError(f"{where}.{key}: must be > 0, got {d[key]!r}")
+    return v
+
+
+def _units(value, scale: int, where: str) -> int:
+    """``value * scale`` as an exact integer; more decimals than the scale is an error."""
+    try:
+        d = Decimal(str(value)) * scale
+    except InvalidOperation:
+        raise ScenarioError(f"{where}: not a number: {value!r}") from None
+    if d != d.to_integral_value():
+        raise ScenarioError(f"{where}: {value!r} has more decimals than the scale 1/{scale} allows")
+    n = int(d)
+    if abs(n) >= 2**63:
+        raise ScenarioError(f"{where}: {value!r} is out of range at scale {scale}")
+    return n
+
+
+def _table(doc: dict, key: str, where: str) -> dict:
+    v = doc.get(key)
+    if not isinstance(v, dict):
+        raise ScenarioError(f"{where}{key}: missing or not an object")
+    return v
+
+
+def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
+    """Validate a scenario document; return assets, instruments and normalized accounts."""
+    if not isinstance(doc, dict):
+        raise ScenarioError("scenario: top level must be an object")
+    raw_assets = _table(doc, "assets", "")
+    if not raw_assets or len(raw_assets) > 8:
+        raise ScenarioError(f"assets: 1 to 8 assets, got {len(raw_assets)}")
+    assets: list[Asset] = []
+    for i, (name, a) in enumerate(raw_assets.items()):
+        w = f"assets.{name}"
+        if not isinstance(a, dict):
+            raise ScenarioError(f"{w}: must be an object")
+        price = _num(a, "price", w, positive=True)
+        haircut = _num(a, "haircut", w, default=0.0)
+        if not 0 <= haircut < 1:
+            raise ScenarioError(f"{w}.haircut: must be in [0, 1), got {haircut}")
+        try:
+            scale = power_of_ten(a.get("scale", DEFAULT_SCALE), f"{w}.scale")
+        except ValueError as e:
+            raise ScenarioError(str(e)) from None
+        assets.append(Asset(name, i, scale, price, haircut))
+    asset_by = {a.name: a for a in assets}
+
+    raw_ins = _table(doc, "instruments", "")
+    if not raw_ins:
+        raise ScenarioError("instruments: at least one")
+    instruments: list[Instrument] = []
+    for i, (name, d) in enumerate(raw_ins.items()):
+        w = f"instruments.{name}"
+        if not isinstance(d, dict):
+            raise ScenarioError(f"{w}: must be an object")
+        try:
+            kind = Kind.parse(d.get("kind"))
+        except ValueError as e:
+            raise ScenarioError(f"{w}.kind: {e}") from None
+        settle = d.get("settle")
+        if settle not in asset_by:
+            raise ScenarioError(f"{w}.settle: unknown asset {settle!r} (assets: {sorted(asset_by)})")
+        try:
+            tiers = derive_tiers(d.get("tiers"), f"{w}.tiers")
+            qs = power_of_ten(d.get("qty_scale", DEFAULT_SCALE), f"{w}.qty_scale")
+        except ValueError as e:
+            raise ScenarioError(str(e)) from None
+        underlying = d.get("underlying")
+        if kind == Kind.OPTION and (underlying not in raw_ins or underlying == name):
+            raise ScenarioError(f"{w}.underlying: an option needs another instrument's name")
+        instruments.append(Instrument(
+            name=name, index=i, kind=kind, settle=settle,
+            contract_size=_num(d, "contract_size", w, positive=True, default=1.0),
+            qty_scale=qs, price_scale=100, tick_size=0.01, lot_size=1.0 / qs, tiers=tiers,
+            mark_price=_num(d, "mark_price", w, positive=True),
+            underlying=underlying if kind == Kind.OPTION else None,
+            strike=_num(d, "strike", w, positive=True) if kind == Kind.OPTION else 0.0,
+            expiry_ns=1 if kind == Kind.OPTION else 0, is_call=bool(d.get("call", True)),
+        ))
+    ins_by = {x.name: x for x in instruments}
+
+    raw_accounts = doc.get("accounts")
+    if not isinstance(raw_accounts, list):
+        raise ScenarioError("accounts: missing or not a list")
+    accounts = []
+    for k, acc in enumerate(raw_accounts):
+        w = f"accounts[{k}]"
+        if not isinstance(acc, dict):
+            raise ScenarioError(f"{w}: must be an object")
+        if "id" not in acc:
+            raise ScenarioError(f"{w}.id: missing")
+        mode = acc.get("mode", "cross")
+        if mode not in ("cross", "isolated"):
+            raise ScenarioError(f"{w}.mode: 'cross' or 'isolated', got {mode!r}")
+        coll = acc.get("collateral", {})
+        if not isinstance(coll, dict):
+            raise ScenarioError(f"{w}.collateral: must be an object of asset -> amount")
+        balances = {}
+        for aname, amount in coll.items():
+            if aname not in asset_by:
+                raise ScenarioError(f"{w}.collateral.{aname}: unknown asset")
+            try:
+                finite_number(amount, f"{w}.collateral.{aname}")
+            except ValueError as e:
+                raise ScenarioError(str(e)) from None
+            balances[asset_by[aname].index] = _units(amount, asset_by[aname].scale, f"{w}.collateral.{aname}")
+        positions = acc.get("positions", [])
+        if not isinstance(positions, list):
+            raise ScenarioError(f"{w}.positions: must be a list")
+        seen = set()
+        norm = []
+        for j, p in enumerate(positions):
+            pw = f"{w}.positions[{j}]"
+            if not isinstance(p, dict):
+                raise ScenarioError(f"{pw}: must be an object")
+            iname = p.get("instrument")
+            if iname not in ins_by:
+                raise ScenarioError(f"{pw}.instrument: unknown instrument {iname!r}")
+            if iname in seen:
+                raise ScenarioError(f"{pw}.instrument: {iname} appears twice in one account")
+            seen.add(iname)
+            ins = ins_by[iname]
+            qty = _num(p, "qty", pw)
+            entry = _num(p, "entry_price", pw, positive=True)
+            settle_scale = asset_by[ins.settle].scale
+            qty_units = _units(p["qty"], ins.qty_scale, f"{pw}.qty")
+            q = Decimal(str(p["qty"])) * Decimal(repr(ins.contract_size))
+            if ins.kind.is_inverse:
+                cost = q / Decimal(str(p["entry_price"]))
+            else:
+                cost = q * Decimal(str(p["entry_price"]))
+            cost_units = int((cost * settle_scale).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+            iso = 0
+            pmode = Mode.ISOLATED if mode == "isolated" else Mode.CROSS
+            if pmode == Mode.ISOLATED:
+                im_raw = p.get("isolated_margin")
+                if im_raw is None:
+                    raise ScenarioError(f"{pw}.isolated_margin: required in an isolated account")
+                if _num(p, "isolated_margin", pw) < 0:
+                    raise ScenarioError(f"{pw}.isolated_margin: must be >= 0")
+                iso = _units(im_raw, settle_scale, f"{pw}.isolated_margin")
+            elif "isolated_margin" in p:
+                raise ScenarioError(f"{pw}.isolated_margin: only for isolated accounts")
+            if qty_units == 0:
+                raise ScenarioError(f"{pw}.qty: must not be zero")
+            del qty, entry
+            norm.append((ins.index, int(pmode), qty_units, cost_units, iso))
+        accounts.append({"id": acc["id"], "balances": balances, "positions": norm,
+                         "isolated": mode == "isolated"})
+    return assets, instruments, accounts
+
+
+def evaluate(doc) -> dict:
+    """Evaluate a scenario document; return ``{"accounts": [...]}`` (see docs/evaluate.md)."""
+    assets, instruments, accounts = parse(doc)
+    slots = max([len(a["positions"]) for a in accounts] + [1])
+    store = Store.create(None, assets=assets, instruments=instruments,
+                         accounts_capacity=max(len(accounts), 1), n_partitions=1,
+                         slots_per_account=slots)
+    try:
+        out = []
+        for k, acc in enumerate(accounts):
+            row = store.add_account(k, isolated_default=acc["isolated"])
+            for asset, units in acc["balances"].items():
+                store.set_balance(row, asset, units)
+            for ins, mode, qty, cost, iso in acc["positions"]:
+                store.set_position(row, ins, qty, cost, mode=mode, isolated_margin=iso)
+            d = margin.account_detail(store, row)
+            eq = d.equity_usd
+            mm = d.maintenance_margin_usd
+            out.append({
+                "id": acc["id"],
+                "collateral_value": d.collateral_usd,
+                "unrealized_pnl": d.unrealized_pnl_usd,
+                "equity": eq,
+                "initial_margin": d.initial_margin_usd,
+                "maintenance_margin": mm,
+                "margin_ratio": (mm / eq) if eq > 0 else (None if mm == 0 else math.inf),
+                "liquidatable": d.liquidatable,
+                "positions": [{
+                    "instrument": instruments[p.instrument].name,
+                    "notional": p.notional,
+                    "unrealized_pnl": p.unrealized_pnl,
+                    "initial_margin": p.initial_margin,
+                    "maintenance_margin": p.maintenance_margin,
+                    "liquidation_price": p.liquidation_price,
+                    "bankruptcy_price": p.bankruptcy_price,
+                } for p in d.positions],
+            })
+        return {"accounts": out}
+    finally:
+        store.detach()

@@ -1,0 +1,468 @@
+# cython: language_level=3
+"""Margin kernel: pure, stateless functions over raw pointers into the shared-memory tables.
+
+Every function here assumes clean input (the checked Python API is engine/risk/margin.py)
+and runs without the GIL. Prices are read from a snapshot (``marks``, ``asset_px``) the
+caller took through the seqlocks, so one pass sees one consistent set of prices.
+
+Per position, in its settle asset, with ``q = qty / qty_scale`` contracts,
+``c = cost / settle_scale``, ``cs`` the contract size and ``p`` the mark:
+
+    linear (perp, future):  notional = |q| cs p        upnl = q cs p - c
+    inverse:                notional = |q| cs / p      upnl = c - q cs / p
+    option:                 notional = |q| cs S        upnl = q cs p - c   (S: underlying mark;
+                            requirement only for short options, tiers on notional)
+    IM = notional * imr_k - init_amount_k,  MM = notional * mmr_k - maint_amount_k  (tier k)
+
+Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
+
+    collateral = sum_a bal_a * px_a * (1 - h_a if bal_a > 0 else 1)
+    cross equity = collateral + sum_cross upnl * px_s
+    cross IM, MM  = sum_cross IM * px_s, sum_cross MM * px_s
+    liquidatable  <=> cross equity < cross MM  (strict), or an isolated position with
+                      isolated_margin + upnl < MM
+"""
+
+from libc.math cimport fabs, NAN, INFINITY, isnan
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS,
+                     KIND_PERP, KIND_FUTURE, KIND_OPTION, KIND_INVERSE_PERP, KIND_INVERSE_FUTURE,
+                     MODE_CROSS, MODE_ISOLATED, ACCOUNT_FLAG_ISOLATED_DEFAULT, STATUS_BELOW_IM, STATUS_LIQUIDATABLE,
+                     STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
+from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end
+
+# Result codes (the numbers of engine.codes.Code).
+cdef enum:
+    CODE_OK = 0
+    CODE_CHECK_INSUFFICIENT_MARGIN = 4001
+    CODE_CHECK_POSITION_SLOTS_FULL = 4007
+
+
+
+cdef inline bint is_inverse(int kind) noexcept nogil:
+    return kind == KIND_INVERSE_PERP or kind == KIND_INVERSE_FUTURE
+
+
+cdef inline int tier_index(const InstrumentRow *ins, double notional) noexcept nogil:
+    """Return the last tier k with floor_k <= notional (tier 0 when none)."""
+    cdef int k = 0
+    cdef int t
+    for t in range(1, ins.n_tiers):
+        if ins.tier_floor[t] <= notional:
+            k = t
+        else:
+            break
+    return k
+
+
+cdef PosValues position_values(const InstrumentRow *ins, const PositionRow *pos,
+                               const double *marks) noexcept nogil:
+    """Notional, upnl, IM and MM of one position at ``marks``, in its settle asset."""
+    cdef PosValues v
+    cdef double q = <double>pos.qty / <double>ins.qty_scale
+    cdef double cs = ins.contract_size
+    cdef double p = marks[pos.instrument]
+    cdef int k
+    v.notional = 0.0
+    v.upnl = 0.0
+    v.im = 0.0
+    v.mm = 0.0
+    if pos.qty == 0 and pos.cost == 0:
+        return v
+    if is_inverse(ins.kind):
+        v.notional = fabs(q) * cs / p
+        v.upnl = -q * cs / p          # + cost, added by the caller in settle units
+    elif ins.kind == KIND_OPTION:
+        v.notional = fabs(q) * cs * marks[ins.underlying]
+        v.upnl = q * cs * p
+    else:
+        v.notional = fabs(q) * cs * p
+        v.upnl = q * cs * p
+    if ins.kind == KIND_OPTION and q >= 0:
+        return v                      # a long option's premium is paid: no requirement
+    k = tier_index(ins, v.notional)
+    v.im = v.notional * ins.tier_imr[k] - ins.tier_init_amount[k]
+    v.mm = v.notional * ins.tier_mmr[k] - ins.tier_maint_amount[k]
+    return v
+
+
+cdef inline PosValues position_values_settled(const InstrumentRow *ins, const PositionRow *pos,
+                                              const double *marks, double settle_scale) noexcept nogil:
+    """``position_values`` with the cost basis applied: upnl = q cs p - c (linear), c - q cs / p (inverse)."""
+    cdef PosValues v = position_values(ins, pos, marks)
+    cdef double c = <double>pos.cost / settle_scale
+    if is_inverse(ins.kind):
+        v.upnl = v.upnl + c
+    else:
+        v.upnl = v.upnl - c
+    return v
+
+
+cdef AcctValues account_values(const InstrumentRow *instruments, const AccountRow *acct,
+                               const PositionRow *slots, const double *marks,
+                               const double *asset_px, const double *asset_haircut,
+                               const double *asset_scale) noexcept nogil:
+    """All account figures at the given prices (see the module docstring)."""
+    cdef AcctValues r
+    cdef int a, i
+    cdef double bal, px_s, iso
+    cdef const InstrumentRow *ins
+    cdef const PositionRow *pos
+    cdef PosValues v
+    r.collateral_usd = 0.0
+    r.cross_upnl_usd = 0.0
+    r.cross_im_usd = 0.0
+    r.cross_mm_usd = 0.0
+    r.iso_margin_usd = 0.0
+    r.iso_upnl_usd = 0.0
+    r.iso_im_usd = 0.0
+    r.iso_mm_usd = 0.0
+    r.status = 0
+    for a in range(MAX_ASSETS):
+        if acct.balance[a] != 0:
+            bal = <double>acct.balance[a] / asset_scale[a]
+            if bal > 0:
+                r.collateral_usd += bal * asset_px[a] * (1.0 - asset_haircut[a])
+            else:
+                r.collateral_usd += bal * asset_px[a]     # borrowed: full value
+    for i in range(acct.n_positions):
+        pos = &slots[i]
+        ins = &instruments[pos.instrument]
+        v = position_values_settled(ins, pos, marks, asset_scale[ins.settle_asset])
+        px_s = asset_px[ins.settle_asset]
+        if pos.mode == MODE_ISOLATED:
+            iso = <double>pos.isolated_margin / asset_scale[ins.settle_asset]
+            r.iso_margin_usd += iso * px_s
+            r.iso_upnl_usd += v.upnl * px_s
+            r.iso_im_usd += v.im * px_s
+            r.iso_mm_usd += v.mm * px_s
+            if iso + v.upnl < v.mm:
+                r.status |= STATUS_ISOLATED_LIQUIDATABLE
+        else:
+            r.cross_upnl_usd += v.upnl * px_s
+            r.cross_im_usd += v.im * px_s
+            r.cross_mm_usd += v.mm * px_s
+    r.cross_equity_usd = r.collateral_usd + r.cross_upnl_usd
+    r.status |= cross_status(r.cross_equity_usd, r.cross_im_usd, r.cross_mm_usd)
+    return r
+
+
+cdef inline int cross_status(double equity, double im, double mm) noexcept nogil:
+    cdef int s = 0
+    if equity < im:
+        s |= STATUS_BELOW_IM
+    if equity < mm:
+        s |= STATUS_LIQUIDATABLE
+    if equity < 0:
+        s |= STATUS_BANKRUPT
+    return s
+
+
+cdef inline void store_results(AccountRow *acct, const AcctValues *r) noexcept nogil:
+    me_seqlock_write_begin(&acct.seq)
+    acct.collateral_usd = r.collateral_usd
+    acct.cross_equity_usd = r.cross_equity_usd
+    acct.cross_im_usd = r.cross_im_usd
+    acct.cross_mm_usd = r.cross_mm_usd
+    acct.status = r.status
+    me_seqlock_write_end(&acct.seq)
+
+
+def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_addr,
+              int slots_per_account, int64_t row_start, int64_t row_end,
+              const double[::1] marks, const double[::1] asset_px,
+              const double[::1] asset_haircut, const double[::1] asset_scale,
+              int64_t[::1] out_rows):
+    """Re-margin accounts ``row_start <= r < row_end``; write results; list the liquidatable.
+
+    Returns the number of liquidatable accounts (cross or isolated breach); the first
+    ``len(out_rows)`` of their rows are written to ``out_rows``.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef AccountRow *accounts = <AccountRow *>accounts_addr
+    cdef const PositionRow *positions = <const PositionRow *>positions_addr
+    cdef int64_t r, n_liq = 0, cap = out_rows.shape[0]
+    cdef AcctValues v
+    with nogil:
+        for r in range(row_start, row_end):
+            v = account_values(instruments, &accounts[r], &positions[r * slots_per_account],
+                               &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+            store_results(&accounts[r], &v)
+            if v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE):
+                if n_liq < cap:
+                    out_rows[n_liq] = r
+                n_liq += 1
+    return n_liq
+
+
+def refresh_holders(size_t instrument_addr, double mark, double underlying_mark, double px_settle,
+                    double settle_scale, const double[::1] h_qty, const double[::1] h_cost,
+                    double[::1] h_upnl_usd, double[::1] h_im_usd, double[::1] h_mm_usd, int64_t n):
+    """Recompute the cached per-holder upnl, IM and MM (USD) of one instrument at ``mark``.
+
+    ``h_qty`` in contracts, ``h_cost`` in the settle asset. Called with the same price
+    snapshot as the full pass, so the caches match the account aggregates exactly.
+    """
+    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
+    cdef int64_t h
+    cdef PosValues v
+    with nogil:
+        for h in range(n):
+            v = holder_values(ins, h_qty[h], h_cost[h], mark, underlying_mark)
+            h_upnl_usd[h] = v.upnl * px_settle
+            h_im_usd[h] = v.im * px_settle
+            h_mm_usd[h] = v.mm * px_settle
+
+
+cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c, double p,
+                                    double s) noexcept nogil:
+    """Position values from a holder entry: q contracts, c settle cost, mark p, underlying s."""
+    cdef PosValues v
+    cdef int k
+    cdef double cs = ins.contract_size
+    if is_inverse(ins.kind):
+        v.notional = fabs(q) * cs / p
+        v.upnl = c - q * cs / p
+    elif ins.kind == KIND_OPTION:
+        v.notional = fabs(q) * cs * s
+        v.upnl = q * cs * p - c
+    else:
+        v.notional = fabs(q) * cs * p
+        v.upnl = q * cs * p - c
+    if ins.kind == KIND_OPTION and q >= 0:
+        v.im = 0.0
+        v.mm = 0.0
+        return v
+    k = tier_index(ins, v.notional)
+    v.im = v.notional * ins.tier_imr[k] - ins.tier_init_amount[k]
+    v.mm = v.notional * ins.tier_mmr[k] - ins.tier_maint_amount[k]
+    return v
+
+
+def tick_holders(size_t instrument_addr, size_t accounts_addr, double mark, double underlying_mark,
+                 double px_settle, const int64_t[::1] h_row, const int32_t[::1] h_mode,
+                 const double[::1] h_qty, const double[::1] h_cost, const double[::1] h_iso,
+                 double[::1] h_upnl_usd, double[::1] h_im_usd, double[::1] h_mm_usd,
+                 int64_t n, int64_t[::1] out_rows):
+    """Incremental pass for one instrument's new mark: touch only its holders.
+
+    For a cross holder the account's aggregates move by the change of this position's
+    cached values: ``equity += upnl' - upnl``, ``MM += MM' - MM``, ``IM += IM' - IM``,
+    under the row's seqlock; the status is recomputed from them. For an isolated holder,
+    ``iso + upnl' < MM'`` raises the isolated bit (the full pass clears it). Returns the
+    number of breaching holders; their rows go to ``out_rows`` (first ``len`` of them).
+    """
+    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
+    cdef AccountRow *accounts = <AccountRow *>accounts_addr
+    cdef AccountRow *a
+    cdef int64_t h, n_breach = 0, cap = out_rows.shape[0]
+    cdef PosValues v
+    cdef double up, im, mm
+    cdef bint breach
+    with nogil:
+        for h in range(n):
+            v = holder_values(ins, h_qty[h], h_cost[h], mark, underlying_mark)
+            up = v.upnl * px_settle
+            im = v.im * px_settle
+            mm = v.mm * px_settle
+            a = &accounts[h_row[h]]
+            if h_mode[h] == MODE_CROSS:
+                me_seqlock_write_begin(&a.seq)
+                a.cross_equity_usd += up - h_upnl_usd[h]
+                a.cross_im_usd += im - h_im_usd[h]
+                a.cross_mm_usd += mm - h_mm_usd[h]
+                a.status = (a.status & STATUS_ISOLATED_LIQUIDATABLE) | cross_status(
+                    a.cross_equity_usd, a.cross_im_usd, a.cross_mm_usd)
+                me_seqlock_write_end(&a.seq)
+                breach = a.cross_equity_usd < a.cross_mm_usd
+            else:
+                breach = h_iso[h] * px_settle + up < mm
+                if breach:
+                    me_seqlock_write_begin(&a.seq)
+                    a.status = a.status | STATUS_ISOLATED_LIQUIDATABLE
+                    me_seqlock_write_end(&a.seq)
+            h_upnl_usd[h] = up
+            h_im_usd[h] = im
+            h_mm_usd[h] = mm
+            if breach:
+                if n_breach < cap:
+                    out_rows[n_breach] = h_row[h]
+                n_breach += 1
+    return n_breach
+
+
+cdef double liquidation_price(const InstrumentRow *ins, double q, double c, double px_s,
+                              double e0_usd, double m0_usd) noexcept nogil:
+    """Mark of ``ins`` at which ``e0 + px_s*upnl(p) = m0 + px_s*MM(p)``; NaN where none.
+
+    ``e0``/``m0``: the backing equity and requirement without this position (USD).
+    The requirement is piecewise linear in p (linear) or in x = 1/p (inverse); solve each
+    tier's piece and keep the root that lies inside that tier's notional range:
+
+        linear:  p = (m0 - e0 + px_s (c - maint_k)) / (px_s cs (q - |q| mmr_k))
+        inverse: x = (e0 - m0 + px_s (c + maint_k)) / (px_s cs (q + |q| mmr_k)),  p = 1/x
+
+    The equity-minus-requirement function is continuous and monotonic in p (mmr < 1),
+    so at most one root exists.
+    """
+    cdef int k
+    cdef double cs = ins.contract_size, denom, root, notional, lo, hi
+    cdef bint inv = is_inverse(ins.kind)
+    if q == 0 or ins.kind == KIND_OPTION or px_s <= 0:
+        return NAN
+    for k in range(ins.n_tiers):
+        if inv:
+            denom = px_s * cs * (q + fabs(q) * ins.tier_mmr[k])
+            if denom == 0:
+                continue
+            root = (e0_usd - m0_usd + px_s * (c + ins.tier_maint_amount[k])) / denom
+        else:
+            denom = px_s * cs * (q - fabs(q) * ins.tier_mmr[k])
+            if denom == 0:
+                continue
+            root = (m0_usd - e0_usd + px_s * (c - ins.tier_maint_amount[k])) / denom
+        if not root > 0:
+            continue
+        notional = fabs(q) * cs * root
+        lo = ins.tier_floor[k]
+        hi = ins.tier_floor[k + 1] if k + 1 < ins.n_tiers else INFINITY
+        # Closed below, open above; a relative 1e-12 slack keeps a root sitting exactly
+        # on a boundary (both pieces agree there, by continuity).
+        if notional >= lo * (1.0 - 1e-12) and notional < hi * (1.0 + 1e-12):
+            return 1.0 / root if inv else root
+    return NAN
+
+
+cdef double bankruptcy_price(const InstrumentRow *ins, double q, double c, double px_s,
+                             double e0_usd) noexcept nogil:
+    """Mark at which the backing equity is zero: ``e0 + px_s * upnl(p) = 0``; NaN where none.
+
+        linear:  p = (c - e0 / px_s) / (q cs)
+        inverse: x = (e0 / px_s + c) / (q cs),  p = 1/x
+    """
+    cdef double root
+    if q == 0 or ins.kind == KIND_OPTION or px_s <= 0:
+        return NAN
+    if is_inverse(ins.kind):
+        root = (e0_usd / px_s + c) / (q * ins.contract_size)
+        return 1.0 / root if root > 0 else NAN
+    root = (c - e0_usd / px_s) / (q * ins.contract_size)
+    return root if root > 0 else NAN
+
+
+def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_addr,
+                   const double[::1] marks, const double[::1] asset_px,
+                   const double[::1] asset_haircut, const double[::1] asset_scale,
+                   double[:, ::1] out_positions):
+    """Every figure of one account, and per position (row i of ``out_positions``):
+    notional, upnl, IM, MM (settle asset), liquidation price, bankruptcy price (NaN: none).
+
+    Returns ``(collateral, cross_upnl, cross_equity, cross_im, cross_mm, iso_margin,
+    iso_upnl, iso_im, iso_mm, status)`` in USD.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef const AccountRow *acct = <const AccountRow *>account_addr
+    cdef const PositionRow *slots = <const PositionRow *>slots_addr
+    cdef const InstrumentRow *ins
+    cdef const PositionRow *pos
+    cdef AcctValues r
+    cdef PosValues v
+    cdef int i
+    cdef double q, c, px_s, scale_s, e0, m0
+    with nogil:
+        r = account_values(instruments, acct, slots, &marks[0], &asset_px[0],
+                           &asset_haircut[0], &asset_scale[0])
+        for i in range(acct.n_positions):
+            pos = &slots[i]
+            ins = &instruments[pos.instrument]
+            scale_s = asset_scale[ins.settle_asset]
+            px_s = asset_px[ins.settle_asset]
+            v = position_values_settled(ins, pos, &marks[0], scale_s)
+            q = <double>pos.qty / <double>ins.qty_scale
+            c = <double>pos.cost / scale_s
+            if pos.mode == MODE_ISOLATED:
+                e0 = <double>pos.isolated_margin / scale_s * px_s
+                m0 = 0.0
+            else:
+                e0 = r.cross_equity_usd - v.upnl * px_s
+                m0 = r.cross_mm_usd - v.mm * px_s
+            out_positions[i, 0] = v.notional
+            out_positions[i, 1] = v.upnl
+            out_positions[i, 2] = v.im
+            out_positions[i, 3] = v.mm
+            out_positions[i, 4] = liquidation_price(ins, q, c, px_s, e0, m0)
+            out_positions[i, 5] = bankruptcy_price(ins, q, c, px_s, e0)
+    return (r.collateral_usd, r.cross_upnl_usd, r.cross_equity_usd, r.cross_im_usd,
+            r.cross_mm_usd, r.iso_margin_usd, r.iso_upnl_usd, r.iso_im_usd, r.iso_mm_usd,
+            r.status)
+
+
+def pretrade_check(size_t instruments_addr, size_t account_addr, size_t slots_addr,
+                   int slots_per_account, int instrument, int64_t dqty, double price,
+                   const double[::1] marks, const double[::1] asset_px,
+                   const double[::1] asset_haircut, const double[::1] asset_scale):
+    """May the account trade ``dqty`` units of ``instrument`` at ``price``?
+
+    Steps: (1) the account at the current marks; (2) the slot holding the instrument, or
+    a free slot (none: POSITION_SLOTS_FULL); (3) the trade's immediate PnL at the mark,
+    ``dq cs (mark - price)`` (linear) or ``dq cs (1/price - 1/mark)`` (inverse);
+    (4) post-trade requirement with the position at ``q + dq``;
+    (5) cross: accept iff ``equity + pnl >= IM - IM_old + IM_new``; isolated: accept iff
+    the initial margin the position lacks, ``IM_new - (iso + upnl + pnl)``, fits in the
+    free cross margin ``equity - IM``. An order that only reduces a position (no flip)
+    is always accepted.
+
+    Returns ``(code, post_equity_usd, post_initial_margin_usd)``.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef const AccountRow *acct = <const AccountRow *>account_addr
+    cdef const PositionRow *slots = <const PositionRow *>slots_addr
+    cdef const InstrumentRow *ins = &instruments[instrument]
+    cdef AcctValues r
+    cdef PosValues old, new
+    cdef int i, slot = -1, mode
+    cdef double q_old = 0.0, c_old = 0.0, dq, pnl, px_s, scale_s, iso = 0.0, post_eq, post_im, lack
+    cdef double mark = marks[instrument], under = 0.0
+    cdef bint reducing, ok
+    with nogil:
+        r = account_values(instruments, acct, slots, &marks[0], &asset_px[0],
+                           &asset_haircut[0], &asset_scale[0])
+        for i in range(acct.n_positions):
+            if slots[i].instrument == instrument:
+                slot = i
+                break
+        scale_s = asset_scale[ins.settle_asset]
+        px_s = asset_px[ins.settle_asset]
+        if ins.kind == KIND_OPTION:
+            under = marks[ins.underlying]
+        if slot >= 0:
+            q_old = <double>slots[slot].qty / <double>ins.qty_scale
+            c_old = <double>slots[slot].cost / scale_s
+            mode = slots[slot].mode
+            iso = <double>slots[slot].isolated_margin / scale_s
+        else:
+            mode = MODE_ISOLATED if (acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT) else MODE_CROSS
+        dq = <double>dqty / <double>ins.qty_scale
+    if slot < 0 and acct.n_positions >= slots_per_account:
+        return (CODE_CHECK_POSITION_SLOTS_FULL, r.cross_equity_usd, r.cross_im_usd)
+    with nogil:
+        if is_inverse(ins.kind):
+            pnl = dq * ins.contract_size * (1.0 / price - 1.0 / mark)
+        else:
+            pnl = dq * ins.contract_size * (mark - price)
+        old = holder_values(ins, q_old, c_old, mark, under)
+        new = holder_values(ins, q_old + dq, c_old, mark, under)
+        reducing = fabs(q_old + dq) <= fabs(q_old) and (q_old + dq) * q_old >= 0 and dq != 0
+        if mode == MODE_CROSS:
+            post_eq = r.cross_equity_usd + pnl * px_s
+            post_im = r.cross_im_usd + (new.im - old.im) * px_s
+            ok = post_eq >= post_im
+        else:
+            lack = new.im - (iso + old.upnl + pnl)
+            post_eq = r.cross_equity_usd + (iso + old.upnl + pnl) * px_s
+            post_im = r.cross_im_usd + new.im * px_s
+            ok = lack * px_s <= r.cross_equity_usd - r.cross_im_usd
+    if ok or reducing:
+        return (CODE_OK, post_eq, post_im)
+    return (CODE_CHECK_INSUFFICIENT_MARGIN, post_eq, post_im)
