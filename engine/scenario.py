@@ -217,7 +217,7 @@ def evaluate(doc) -> dict:
                 "equity": eq,
                 "initial_margin": d.initial_margin_usd,
                 "maintenance_margin": mm,
-                "margin_ratio": (mm / eq) if eq > 0 else (None if mm == 0 else math.inf),
+                "margin_ratio": (mm / eq) if eq > 0 else None,   # undefined at equity <= 0
                 "liquidatable": d.liquidatable,
                 "positions": [{
                     "instrument": instruments[p.instrument].name,
