@@ -1,0 +1,358 @@
+"""Index and mark price from oracle venue ticks: pure logic, no sockets, no clock reads.
+
+Every method takes ``now_ns`` (UTC Unix nanoseconds) from the caller, so the live
+mark-price process, the replay path and the tests drive the same code.
+
+Rules (``docs/oracle.md`` repeats them with the parameters):
+
+1. A venue is *fresh* at ``now_ns`` when ``now_ns - min(venue_ts_ns, now_ns) <= staleness_ns``
+   (a venue clock running ahead never makes a quote fresher than "now").
+2. Outliers: among the fresh venues, repeatedly compute for each remaining venue
+   ``d_v = |p_v - m_v| / m_v`` with ``m_v`` the median of the OTHER remaining venues, and
+   exclude the venue with the largest ``d_v`` while it exceeds ``max_deviation`` (when only
+   two remain and disagree, both go: neither can be trusted). Excluding the worst first
+   keeps one spike from dragging the others' reference (with three venues the "median
+   of the other two" is their mean). A venue is readmitted as soon as it passes again.
+   Venues that cannot be judged (stale, or no fresh peer) keep their last status.
+3. ``index = median(p_v for fresh, non-excluded v)``. With an even count the median is
+   the mean of the two middle values.
+4. Below ``quorum`` fresh non-excluded venues the instrument is *frozen*: ``index`` is
+   ``None`` and the mark stays at the last good mark.
+5. Basis: each matching-engine sample ``s = mid_or_last - index`` is clamped to
+   ``[-max_basis * index, +max_basis * index]`` and smoothed by time,
+   ``b <- b + a * (s - b)`` with ``a = 1 - 2 ** (-dt_ns / basis_halflife_ns)``; the first
+   sample sets ``b = s``.
+6. ``mark = index + clamp(b, -max_basis * index, +max_basis * index)`` (``b = 0`` before any
+   sample), so ``|mark - index| <= max_basis * index`` always.
+
+Events (freeze/resume, venue excluded/readmitted) are emitted once per transition by
+the calls that process input or time: ``on_tick``, ``on_basis_sample`` and ``on_timer``.
+The queries ``index``, ``mark`` and ``state`` never change state.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple
+
+from engine.codes import Code
+
+NS_PER_S = 1_000_000_000
+
+
+class Tick(NamedTuple):
+    """One normalized venue price, as the adapters and the replay produce it."""
+
+    instrument: str
+    venue: str
+    price: float
+    venue_ts_ns: int
+
+
+@dataclass(frozen=True)
+class OracleParams:
+    """Parameters of the index and mark rules (units in the names).
+
+    ``registry`` maps each known instrument to the venues allowed to quote it; ``None``
+    accepts any instrument and venue.
+    """
+
+    staleness_ns: int = 5 * NS_PER_S
+    quorum: int = 2
+    max_deviation: float = 0.05
+    basis_halflife_ns: int = 60 * NS_PER_S
+    max_basis: float = 0.005
+    registry: Mapping[str, frozenset[str]] | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A state transition worth telling operators about (codes 7xxx)."""
+
+    code: Code
+    instrument: str
+    venue: str | None
+    ts_ns: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class PriceState:
+    """Snapshot of one instrument at ``now_ns``.
+
+    ``index`` and ``mark`` are ``None`` while frozen and never live; ``mark`` equals
+    ``last_good_mark`` while frozen.
+    """
+
+    index: float | None
+    mark: float | None
+    n_fresh: int                 # fresh venues, excluded ones included
+    n_used: int                  # fresh, non-excluded venues: the index's constituents
+    frozen: bool
+    excluded: frozenset[str]
+    last_good_mark: float | None
+
+
+@dataclass
+class _Quote:
+    price: float
+    venue_ts_ns: int             # as the venue sent it: the backwards check uses it
+    fresh_ts_ns: int             # min(venue_ts_ns, now_ns at arrival): staleness uses it
+
+
+@dataclass
+class _Instrument:
+    quotes: dict[str, _Quote] = field(default_factory=dict)
+    excluded: set[str] = field(default_factory=set)
+    frozen: bool | None = None   # None until the first live evaluation
+    last_good_mark: float | None = None
+    basis: float = 0.0           # smoothed basis, price units
+    basis_ts_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    index: float | None
+    mark: float | None
+    n_fresh: int
+    n_used: int
+    excluded: frozenset[str]     # committed exclusions updated for the fresh venues
+    deviations: dict[str, tuple[float, float]]  # venue -> (price, reference median)
+
+
+def median(values: list[float]) -> float:
+    """Return the median of a non-empty list; the mean of the two middle values if even."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    return 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite_positive(value: numbers.Real) -> bool:
+    try:
+        as_float = float(value)
+    except (OverflowError, ValueError):
+        return False
+    return math.isfinite(as_float) and as_float > 0
+
+
+def _outliers(prices: dict[str, float], max_deviation: float
+              ) -> tuple[set[str], dict[str, tuple[float, float]]]:
+    """Return the venues to exclude and each judged venue's (price, reference median).
+
+    Loop invariant: ``remaining`` holds the venues not yet excluded. Each round computes,
+    for every remaining venue, ``d_v = |p_v - m_v| / m_v`` with ``m_v`` the median of the
+    OTHER remaining venues; if the largest ``d_v`` exceeds ``max_deviation`` that venue is
+    excluded (both when only two remain: neither can be trusted) and the round repeats.
+    """
+    remaining = dict(prices)
+    excluded: set[str] = set()
+    judged: dict[str, tuple[float, float]] = {}
+    while len(remaining) >= 2:
+        worst, worst_dev = "", -1.0
+        for venue, price in sorted(remaining.items()):
+            reference = median([q for v, q in remaining.items() if v != venue])
+            judged[venue] = (price, reference)
+            dev = abs(price - reference) / reference
+            if dev > worst_dev:
+                worst, worst_dev = venue, dev
+        if worst_dev <= max_deviation:
+            break
+        dropped = list(remaining) if len(remaining) == 2 else [worst]
+        for venue in dropped:
+            excluded.add(venue)
+            del remaining[venue]
+    return excluded, judged
+
+
+def _clamp(value: float, bound: float) -> float:
+    return max(-bound, min(bound, value))
+
+
+class MarkPriceCalculator:
+    """Median-of-venues index and bounded-basis mark price for many instruments."""
+
+    def __init__(self, params: OracleParams | None = None) -> None:
+        self.params = params or OracleParams()
+        self.reject_counts: Counter[Code] = Counter()
+        self._instruments: dict[str, _Instrument] = {}
+
+    # -- input ---------------------------------------------------------------------
+
+    def on_tick(self, instrument: str, venue: str, price: float, venue_ts_ns: int,
+                now_ns: int) -> tuple[Code, list[Event]]:
+        """Validate and apply one venue price; return a code and the transitions it caused.
+
+        Checks, in order: field types (``WIRE_BAD_FIELD_TYPE``), finite positive price
+        (``ORACLE_BAD_PRICE``), registry (``ORACLE_UNKNOWN_INSTRUMENT`` / ``_VENUE``),
+        not older than that venue's last accepted tick (``ORACLE_TS_BACKWARDS``), not
+        stale on arrival (``ORACLE_STALE``). A rejected tick changes nothing but
+        ``reject_counts``.
+        """
+        code = self._validate_tick(instrument, venue, price, venue_ts_ns, now_ns)
+        if code is not Code.OK:
+            self.reject_counts[code] += 1
+            return code, []
+        inst = self._instruments.setdefault(instrument, _Instrument())
+        inst.quotes[venue] = _Quote(float(price), int(venue_ts_ns),
+                                    min(int(venue_ts_ns), int(now_ns)))
+        return Code.OK, self._commit(instrument, inst, int(now_ns))
+
+    def on_basis_sample(self, instrument: str, venue_mid_or_last: float,
+                        now_ns: int) -> tuple[Code, list[Event]]:
+        """Fold the matching engine's own mid or last trade into the smoothed basis.
+
+        ``s = clamp(venue_mid_or_last - index, max_basis * index)``;
+        ``b <- b + (1 - 2 ** (-dt_ns / basis_halflife_ns)) * (s - b)``, first sample
+        ``b = s``; ``dt_ns <= 0`` gives weight 0. Rejected with ``ORACLE_NO_INDEX``
+        while the instrument has no live index.
+        """
+        code = self._validate_basis_sample(instrument, venue_mid_or_last, now_ns)
+        inst = self._instruments.get(instrument) if code is Code.OK else None
+        index = self._evaluate(inst, now_ns).index if inst is not None else None
+        if code is Code.OK and index is None:
+            code = Code.ORACLE_NO_INDEX
+        if code is not Code.OK:
+            self.reject_counts[code] += 1
+            return code, []
+        sample = _clamp(float(venue_mid_or_last) - index, self.params.max_basis * index)
+        now_ns = int(now_ns)
+        if inst.basis_ts_ns is None:
+            inst.basis = sample
+        else:
+            dt_ns = max(0, now_ns - inst.basis_ts_ns)
+            weight = 1.0 - 2.0 ** (-dt_ns / self.params.basis_halflife_ns)
+            inst.basis += weight * (sample - inst.basis)
+        inst.basis_ts_ns = now_ns if inst.basis_ts_ns is None else max(now_ns, inst.basis_ts_ns)
+        return Code.OK, self._commit(instrument, inst, now_ns)
+
+    def on_timer(self, now_ns: int) -> list[Event]:
+        """Re-evaluate every instrument at ``now_ns``: emits freezes caused by staleness."""
+        events: list[Event] = []
+        for name, inst in self._instruments.items():
+            events.extend(self._commit(name, inst, int(now_ns)))
+        return events
+
+    # -- queries (no state change) -------------------------------------------------
+
+    def index(self, instrument: str, now_ns: int) -> float | None:
+        """Median of the fresh, non-excluded venues' prices; ``None`` below quorum."""
+        return self.state(instrument, now_ns).index
+
+    def mark(self, instrument: str, now_ns: int) -> float | None:
+        """``index + clamp(basis, max_basis * index)``; the last good mark while frozen."""
+        return self.state(instrument, now_ns).mark
+
+    def state(self, instrument: str, now_ns: int) -> PriceState:
+        """Snapshot of ``instrument`` at ``now_ns`` (an unknown one reads as frozen, empty)."""
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return PriceState(None, None, 0, 0, True, frozenset(), None)
+        ev = self._evaluate(inst, now_ns)
+        frozen = ev.index is None
+        return PriceState(
+            index=ev.index,
+            mark=inst.last_good_mark if frozen else ev.mark,
+            n_fresh=ev.n_fresh,
+            n_used=ev.n_used,
+            frozen=frozen,
+            excluded=ev.excluded,
+            last_good_mark=inst.last_good_mark if frozen else ev.mark,
+        )
+
+    # -- internals -----------------------------------------------------------------
+
+    def _unknown_instrument(self, instrument: str) -> bool:
+        registry = self.params.registry
+        return registry is not None and instrument not in registry
+
+    def _validate_basis_sample(self, instrument: object, mid_or_last: object,
+                               now_ns: object) -> Code:
+        if not (isinstance(instrument, str) and _is_int(now_ns) and _is_real(mid_or_last)):
+            return Code.WIRE_BAD_FIELD_TYPE
+        if not _finite_positive(mid_or_last):
+            return Code.ORACLE_BAD_PRICE
+        if self._unknown_instrument(instrument):
+            return Code.ORACLE_UNKNOWN_INSTRUMENT
+        return Code.OK
+
+    def _validate_tick(self, instrument: object, venue: object, price: object,
+                       venue_ts_ns: object, now_ns: object) -> Code:
+        if not (isinstance(instrument, str) and isinstance(venue, str)
+                and _is_int(venue_ts_ns) and _is_int(now_ns)):
+            return Code.WIRE_BAD_FIELD_TYPE
+        if not _is_real(price):
+            return Code.WIRE_BAD_FIELD_TYPE
+        if not _finite_positive(price):
+            return Code.ORACLE_BAD_PRICE
+        registry = self.params.registry
+        if registry is not None:
+            if instrument not in registry:
+                return Code.ORACLE_UNKNOWN_INSTRUMENT
+            if venue not in registry[instrument]:
+                return Code.ORACLE_UNKNOWN_VENUE
+        inst = self._instruments.get(instrument)
+        last = inst.quotes.get(venue) if inst is not None else None
+        if last is not None and venue_ts_ns < last.venue_ts_ns:
+            return Code.ORACLE_TS_BACKWARDS
+        if now_ns - min(venue_ts_ns, now_ns) > self.params.staleness_ns:
+            return Code.ORACLE_STALE
+        return Code.OK
+
+    def _evaluate(self, inst: _Instrument, now_ns: int) -> _Evaluation:
+        """Apply rules 1-6 to the stored quotes at ``now_ns`` without changing them."""
+        p = self.params
+        fresh = {v: q.price for v, q in inst.quotes.items()
+                 if now_ns - q.fresh_ts_ns <= p.staleness_ns}
+        judged, deviations = _outliers(fresh, p.max_deviation)
+        # venues that cannot be judged now (stale, or no fresh peer) keep their status
+        excluded = {v for v in inst.excluded if v not in deviations} | judged
+        used = [price for venue, price in fresh.items() if venue not in excluded]
+        if len(used) < max(1, p.quorum):
+            return _Evaluation(None, None, len(fresh), len(used), frozenset(excluded),
+                               deviations)
+        index = median(used)
+        mark = index + _clamp(inst.basis, p.max_basis * index)
+        return _Evaluation(index, mark, len(fresh), len(used), frozenset(excluded),
+                           deviations)
+
+    def _commit(self, name: str, inst: _Instrument, now_ns: int) -> list[Event]:
+        """Store the evaluation at ``now_ns`` and return one event per transition."""
+        ev = self._evaluate(inst, now_ns)
+        events: list[Event] = []
+        for venue in sorted(ev.excluded - inst.excluded):
+            price, reference = ev.deviations[venue]
+            events.append(Event(Code.EVENT_VENUE_EXCLUDED, name, venue, now_ns,
+                                f"price={price:.10g} ref_median={reference:.10g} "
+                                f"bound={self.params.max_deviation:g}"))
+        for venue in sorted(inst.excluded - ev.excluded):
+            price, reference = ev.deviations[venue]
+            events.append(Event(Code.EVENT_VENUE_READMITTED, name, venue, now_ns,
+                                f"price={price:.10g} ref_median={reference:.10g}"))
+        inst.excluded = set(ev.excluded)
+        frozen = ev.index is None
+        if frozen and inst.frozen is False:
+            events.append(Event(Code.EVENT_PRICE_FROZEN, name, None, now_ns,
+                                f"n_used={ev.n_used} quorum={self.params.quorum} "
+                                f"last_good_mark={inst.last_good_mark:.10g}"))
+        elif not frozen and inst.frozen is True:
+            events.append(Event(Code.EVENT_PRICE_RESUMED, name, None, now_ns,
+                                f"n_used={ev.n_used} mark={ev.mark:.10g}"))
+        if not frozen:
+            inst.last_good_mark = ev.mark
+            inst.frozen = False
+        elif inst.frozen is not None:
+            inst.frozen = True
+        return events

@@ -1,0 +1,259 @@
+"""MarkPriceCalculator: median index, outlier exclusion, staleness, quorum, basis, rejects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.codes import Code
+from feeds.oracle.index import MarkPriceCalculator, OracleParams, median
+
+S = 1_000_000_000  # ns per second
+BTC = "BTC-USD"
+REGISTRY_BTC_ABCD = {BTC: frozenset({"a", "b", "c", "d"})}
+
+
+def calc_with(ticks, params=None):
+    """Build a calculator and apply ``(venue, price, ts_s)`` ticks (now = venue ts)."""
+    calc = MarkPriceCalculator(params or OracleParams())
+    for venue, price, ts_s in ticks:
+        code, _ = calc.on_tick(BTC, venue, price, int(ts_s * S), int(ts_s * S))
+        assert code is Code.OK
+    return calc
+
+
+@pytest.mark.parametrize("values, expected", [
+    pytest.param([101.0], 101.0, id="one"),
+    pytest.param([103.0, 100.0, 101.0], 101.0, id="odd-middle"),
+    pytest.param([99.0, 101.0, 100.0, 100.5], 100.25, id="even-mean-of-two-middle"),
+])
+def test_median_table(values, expected):
+    assert median(values) == expected
+
+
+def test_index_is_median_of_three_venues():
+    calc = calc_with([("a", 100.0, 0), ("b", 103.0, 0), ("c", 101.0, 0)])
+    state = calc.state(BTC, 1 * S)
+    assert state.index == 101.0          # sorted 100, 101, 103 -> middle 101
+    assert state.mark == 101.0           # no basis sample yet: mark = index
+    assert (state.n_fresh, state.n_used, state.frozen) == (3, 3, False)
+
+
+def test_index_even_count_is_mean_of_two_middle():
+    calc = calc_with([("a", 99.0, 0), ("b", 100.0, 0), ("c", 100.5, 0), ("d", 101.0, 0)])
+    assert calc.index(BTC, 0) == 100.25  # (100 + 100.5) / 2
+
+
+def test_spike_on_one_venue_is_excluded_then_readmitted_and_mark_does_not_move():
+    calc = calc_with([("a", 99.0, 0), ("b", 100.0, 0), ("c", 100.0, 0), ("d", 101.0, 0)])
+    assert calc.mark(BTC, 0) == 100.0    # (100 + 100) / 2
+
+    # d spikes +20%: 101 * 1.2 = 121.2; others' median = 100 -> deviation 0.212 > 0.05
+    code, events = calc.on_tick(BTC, "d", 121.2, 1 * S, 1 * S)
+    assert code is Code.OK
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_EXCLUDED, "d")]
+    state = calc.state(BTC, 1 * S)
+    assert state.excluded == frozenset({"d"})
+    assert state.mark == 100.0           # median(99, 100, 100) = 100: unmoved
+    assert state.n_used == 3
+
+    # a second spiked tick is no new transition: no event
+    code, events = calc.on_tick(BTC, "d", 121.0, 2 * S, 2 * S)
+    assert (code, events) == (Code.OK, [])
+
+    # back within the bound (|101.5 - 100| / 100 = 0.015): readmitted once
+    code, events = calc.on_tick(BTC, "d", 101.5, 3 * S, 3 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_READMITTED, "d")]
+    assert calc.state(BTC, 3 * S).excluded == frozenset()
+    assert calc.mark(BTC, 3 * S) == 100.0  # median(99, 100, 100, 101.5) = (100 + 100) / 2
+
+
+def test_spike_with_three_venues_does_not_drag_the_others_out():
+    # Against the other two, a good venue's reference would be mean(100, 120) = 110;
+    # excluding the worst venue first keeps a and b in.
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)])
+    _, events = calc.on_tick(BTC, "c", 120.0, 1 * S, 1 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_EXCLUDED, "c")]
+    assert calc.mark(BTC, 1 * S) == 100.0  # median(100, 100)
+
+
+def test_two_disagreeing_venues_are_both_excluded_and_freeze():
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0)])
+    _, events = calc.on_tick(BTC, "b", 110.0, 1 * S, 1 * S)  # 10% apart: who is right?
+    assert [e.code for e in events] == [Code.EVENT_VENUE_EXCLUDED, Code.EVENT_VENUE_EXCLUDED,
+                                        Code.EVENT_PRICE_FROZEN]
+    state = calc.state(BTC, 1 * S)
+    assert state.frozen and state.mark == 100.0 and state.index is None
+
+
+def test_stale_venue_drops_out():
+    calc = calc_with([("a", 100.0, 0), ("b", 101.0, 0), ("c", 105.0, 0),
+                      ("a", 100.0, 4), ("b", 101.0, 4)])
+    assert calc.index(BTC, 5 * S) == 101.0   # c's age 5 s <= 5 s: still fresh
+    state = calc.state(BTC, int(5.5 * S))    # c's age 5.5 s > 5 s: out
+    assert state.n_fresh == 2
+    assert state.index == 100.5              # (100 + 101) / 2
+
+
+def test_quorum_loss_freezes_once_and_resumes():
+    calc = calc_with([("a", 100.0, 0), ("b", 102.0, 0), ("a", 100.0, 1)])
+    assert calc.mark(BTC, 1 * S) == 101.0    # (100 + 102) / 2
+
+    events = calc.on_timer(int(5.5 * S))     # b is 5.5 s old: 1 venue < quorum 2
+    assert [e.code for e in events] == [Code.EVENT_PRICE_FROZEN]
+    assert events[0].instrument == BTC and events[0].venue is None
+    assert events[0].ts_ns == int(5.5 * S)
+    assert calc.on_timer(int(5.6 * S)) == []  # once per transition
+
+    state = calc.state(BTC, int(5.6 * S))
+    assert state.frozen and state.index is None
+    assert state.mark == state.last_good_mark == 101.0
+
+    _, events = calc.on_tick(BTC, "b", 103.0, 6 * S, 6 * S)
+    assert [e.code for e in events] == [Code.EVENT_PRICE_RESUMED]
+    assert calc.mark(BTC, 6 * S) == 101.5    # (100 + 103) / 2
+
+
+def fresh_three_venue_calc(params=None):
+    return calc_with([("a", 100.0, 0), ("b", 101.0, 0), ("c", 102.0, 0)],
+                     params or OracleParams(registry=REGISTRY_BTC_ABCD))
+
+
+@pytest.mark.parametrize("instrument, venue, price, venue_ts_ns, expected", [
+    pytest.param(BTC, "a", float("nan"), 2 * S, Code.ORACLE_BAD_PRICE, id="nan"),
+    pytest.param(BTC, "a", 0.0, 2 * S, Code.ORACLE_BAD_PRICE, id="zero"),
+    pytest.param(BTC, "a", -1.0, 2 * S, Code.ORACLE_BAD_PRICE, id="negative"),
+    pytest.param(BTC, "a", float("inf"), 2 * S, Code.ORACLE_BAD_PRICE, id="inf"),
+    pytest.param(BTC, "a", -float("inf"), 2 * S, Code.ORACLE_BAD_PRICE, id="minus-inf"),
+    pytest.param(BTC, "a", 10 ** 400, 2 * S, Code.ORACLE_BAD_PRICE, id="int-overflows-float"),
+    pytest.param(BTC, "a", "100.5", 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="price-str"),
+    pytest.param(BTC, "a", None, 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="price-none"),
+    pytest.param(BTC, "a", True, 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="price-bool"),
+    pytest.param(7, "a", 100.0, 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="instrument-int"),
+    pytest.param(BTC, None, 100.0, 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="venue-none"),
+    pytest.param(BTC, "a", 100.0, 2.5 * S, Code.WIRE_BAD_FIELD_TYPE, id="ts-float"),
+    pytest.param(BTC, "a", 100.0, -1, Code.ORACLE_TS_BACKWARDS, id="ts-before-last"),
+    pytest.param("ETH-USD", "a", 100.0, 2 * S, Code.ORACLE_UNKNOWN_INSTRUMENT,
+                 id="unknown-instrument"),
+    pytest.param(BTC, "zz", 100.0, 2 * S, Code.ORACLE_UNKNOWN_VENUE, id="unknown-venue"),
+])
+def test_bad_tick_is_rejected_and_changes_no_state(instrument, venue, price, venue_ts_ns,
+                                                   expected):
+    calc = fresh_three_venue_calc()
+    now_ns = 2 * S
+    before = [calc.state(BTC, t) for t in (now_ns, 4 * S, 6 * S)]
+
+    code, events = calc.on_tick(instrument, venue, price, venue_ts_ns, now_ns)
+
+    assert (code, events) == (expected, [])
+    assert calc.reject_counts[expected] == 1
+    assert [calc.state(BTC, t) for t in (now_ns, 4 * S, 6 * S)] == before
+    assert calc.state("ETH-USD", now_ns).mark is None
+
+
+def test_tick_stale_on_arrival_is_rejected():
+    calc = fresh_three_venue_calc()
+    before = calc.state(BTC, 7 * S)
+    # sent at 1 s, arrives at 7 s: age 6 s > 5 s
+    assert calc.on_tick(BTC, "d", 100.0, 1 * S, 7 * S) == (Code.ORACLE_STALE, [])
+    assert calc.state(BTC, 7 * S) == before
+
+
+def test_reject_counts_accumulate_per_code():
+    calc = fresh_three_venue_calc()
+    for price in (float("nan"), 0.0, -1.0):
+        calc.on_tick(BTC, "a", price, 2 * S, 2 * S)
+    calc.on_tick(BTC, "a", "x", 2 * S, 2 * S)
+    assert calc.reject_counts == {Code.ORACLE_BAD_PRICE: 3, Code.WIRE_BAD_FIELD_TYPE: 1}
+
+
+def test_basis_sample_is_clamped_so_mark_stays_within_max_basis():
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)])
+    # sample 110 - 100 = +10, clamped to 0.005 * 100 = +0.5
+    assert calc.on_basis_sample(BTC, 110.0, 0) == (Code.OK, [])
+    assert calc.mark(BTC, 0) == 100.5          # 100 + 0.5 = 100 * (1 + 0.005)
+
+
+def test_basis_is_smoothed_by_half_life():
+    params = OracleParams(staleness_ns=120 * S, basis_halflife_ns=60 * S)
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)], params)
+    calc.on_basis_sample(BTC, 100.2, 0)        # first sample sets basis = 0.2
+    assert calc.mark(BTC, 0) == pytest.approx(100.2)
+    calc.on_basis_sample(BTC, 100.4, 60 * S)   # weight 1 - 2**-1 = 0.5: 0.2 + 0.5 * 0.2
+    assert calc.mark(BTC, 60 * S) == pytest.approx(100.3)
+    calc.on_basis_sample(BTC, 99.0, 120 * S)   # clamp(-1.0) = -0.5: 0.3 + 0.5 * (-0.8)
+    assert calc.mark(BTC, 120 * S) == pytest.approx(99.9)
+
+
+def test_basis_clamp_follows_the_current_index():
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)])
+    calc.on_basis_sample(BTC, 100.5, 0)        # basis 0.5 = the bound at index 100
+    for venue in ("a", "b", "c"):              # index halves: bound 0.005 * 50 = 0.25
+        calc.on_tick(BTC, venue, 50.0, 1 * S, 1 * S)
+    assert calc.mark(BTC, 1 * S) == 50.25      # 50 + min(0.5, 0.25)
+
+
+def test_basis_sample_without_index_is_rejected():
+    calc = MarkPriceCalculator()
+    assert calc.on_basis_sample(BTC, 100.0, 0) == (Code.ORACLE_NO_INDEX, [])
+    assert calc.on_basis_sample(BTC, float("nan"), 0) == (Code.ORACLE_BAD_PRICE, [])
+    assert calc.on_basis_sample(BTC, "100", 0) == (Code.WIRE_BAD_FIELD_TYPE, [])
+
+
+# -- property: any sequence of (possibly garbage) ticks keeps the mark in bounds ------
+
+VENUES = ["a", "b", "c", "d", "e"]
+GARBAGE = st.one_of(st.none(), st.text(max_size=3), st.booleans(),
+                    st.lists(st.integers(), max_size=2))
+GOOD_PRICES = st.one_of(st.floats(min_value=95.0, max_value=105.0),
+                        st.floats(min_value=50.0, max_value=200.0))
+BAD_PRICES = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(min_value=-10, max_value=10 ** 400), GARBAGE)
+STEP_NS = st.integers(-1 * S, 3 * S)           # the caller's clock may even step back
+VALID_TICK = st.tuples(st.just("tick"), st.just(BTC), st.sampled_from(VENUES), GOOD_PRICES,
+                       st.integers(-2 * S, 0), STEP_NS)
+GARBAGE_TICK = st.tuples(st.just("tick"), st.sampled_from([BTC, "ETH-USD", 3]),
+                         st.one_of(st.sampled_from(VENUES), GARBAGE),
+                         st.one_of(GOOD_PRICES, BAD_PRICES),
+                         st.one_of(st.integers(-9 * S, 3 * S), GARBAGE), STEP_NS)
+BASIS = st.tuples(st.just("basis"), st.just(BTC), st.none(),
+                  st.one_of(GOOD_PRICES, BAD_PRICES), st.just(0), STEP_NS)
+TIMER = st.tuples(st.just("timer"), st.none(), st.none(), st.none(), st.just(0),
+                  st.integers(0, 7 * S))
+# valid ticks listed three times: one_of picks branches evenly, so most ops are valid
+OPS = st.lists(st.one_of(VALID_TICK, VALID_TICK, VALID_TICK, GARBAGE_TICK, BASIS, TIMER),
+               max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS)
+def test_mark_stays_within_fresh_prices_expanded_by_max_basis(ops):
+    params = OracleParams(registry={BTC: frozenset(VENUES)})
+    calc = MarkPriceCalculator(params)
+    accepted: dict[str, tuple[float, int]] = {}    # venue -> (price, min(venue ts, now))
+    now_ns = 10 * S
+    for kind, instrument, venue, price, ts_offset_ns, step_ns in ops:
+        now_ns += step_ns
+        if kind == "tick":
+            venue_ts_ns = now_ns + ts_offset_ns if isinstance(ts_offset_ns, int) \
+                and not isinstance(ts_offset_ns, bool) else ts_offset_ns
+            code, _ = calc.on_tick(instrument, venue, price, venue_ts_ns, now_ns)
+            if code is Code.OK:
+                accepted[venue] = (float(price), min(venue_ts_ns, now_ns))
+        elif kind == "basis":
+            calc.on_basis_sample(instrument, price, now_ns)
+        else:
+            calc.on_timer(now_ns)
+        state = calc.state(BTC, now_ns)
+        fresh = [p for p, ts in accepted.values() if now_ns - ts <= params.staleness_ns]
+        if state.frozen:
+            assert state.mark == state.last_good_mark
+            continue
+        low = min(fresh) * (1 - params.max_basis)
+        high = max(fresh) * (1 + params.max_basis)
+        assert low * (1 - 1e-12) <= state.mark <= high * (1 + 1e-12)
+        assert abs(state.mark - state.index) <= params.max_basis * state.index * (1 + 1e-12)
+        assert math.isfinite(state.mark)
