@@ -38,6 +38,8 @@ class Code(enum.IntEnum):
     WIRE_BAD_FIELD_TYPE = 1006     # a field has the wrong type
     WIRE_OVERSIZED = 1007          # frame larger than the stream's limit
     WIRE_BAD_VALUE = 1008          # a field's value is out of its domain
+    WIRE_UNKNOWN_FIELD = 1009      # a key that is not a field of the message's type
+    WIRE_UNEXPECTED_TYPE = 1010    # a known message type that this stream does not accept
 
     # 2xxx oracle / mark price
     ORACLE_BAD_PRICE = 2001        # NaN, infinite, zero or negative price

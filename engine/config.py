@@ -34,10 +34,24 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class Endpoints:
+    """ZeroMQ endpoints. External ones are bound by the engine; ``runtime_dir`` holds the
+    owner-only ipc sockets between the engine's own processes."""
+
+    oracle: str = "tcp://127.0.0.1:5701"     # PULL: oracle ticks in
+    fills: str = "tcp://127.0.0.1:5702"      # PULL: fills, deposits, withdrawals in
+    checks: str = "tcp://127.0.0.1:5703"     # ROUTER: order checks and collateral requests
+    orders: str = "tcp://127.0.0.1:5704"     # PUSH: liquidation orders out
+    events: str = "tcp://127.0.0.1:5705"     # PUB: engine events out
+    runtime_dir: str = ""                    # default: /tmp/margin-engine-<name>
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineSettings
     assets: tuple[Asset, ...]
     instruments: tuple[Instrument, ...]
+    endpoints: Endpoints = Endpoints()
 
     def asset(self, name: str) -> Asset:
         for a in self.assets:
@@ -130,7 +144,7 @@ def from_dict(doc: dict) -> Config:
     """Validate a parsed configuration document. Checks every field, names the first bad one."""
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a table")
-    unknown = set(doc) - {"engine", "assets", "instruments"}
+    unknown = set(doc) - {"engine", "assets", "instruments", "endpoints"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}")
     e = doc.get("engine", {})
@@ -231,4 +245,13 @@ def from_dict(doc: dict) -> Config:
             price_scale=ps, tick_size=1.0 / ps, lot_size=1.0 / qs, tiers=tiers, mark_price=mark,
             underlying=underlying, strike=strike, expiry_ns=expiry, is_call=bool(d.get("call", True)),
         ))
-    return Config(settings, tuple(assets), tuple(instruments))
+    ep = doc.get("endpoints", {})
+    if not isinstance(ep, dict):
+        raise ConfigError("endpoints: must be a table")
+    known = {f for f in Endpoints.__dataclass_fields__}
+    for key, val in ep.items():
+        if key not in known:
+            raise ConfigError(f"endpoints.{key}: unknown endpoint; known: {sorted(known)}")
+        if not isinstance(val, str) or (key != "runtime_dir" and "://" not in val):
+            raise ConfigError(f"endpoints.{key}: a ZeroMQ endpoint like tcp://127.0.0.1:5701, got {val!r}")
+    return Config(settings, tuple(assets), tuple(instruments), Endpoints(**ep))

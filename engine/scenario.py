@@ -23,10 +23,32 @@ from engine.store.layout import Mode
 from engine.store.shm import Store
 
 DEFAULT_SCALE = 10**8
+MAX_SCALE = 10**18          # scales are stored as int64
 
 
 class ScenarioError(ValueError):
     """The scenario is invalid; the message names the field."""
+
+
+def _finite(value, where: str) -> float:
+    """``value`` as a finite float, or ScenarioError naming ``where`` (ints too big for a
+    double included)."""
+    try:
+        return finite_number(value, where)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    except OverflowError:
+        raise ScenarioError(f"{where}: {value!r} is out of range") from None
+
+
+def _scale(value, where: str) -> int:
+    try:
+        scale = power_of_ten(value, where)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    if scale > MAX_SCALE:
+        raise ScenarioError(f"{where}: at most {MAX_SCALE}, got {value}")
+    return scale
 
 
 def _num(d: dict, key: str, where: str, *, positive: bool = False, default=None) -> float:
@@ -34,10 +56,7 @@ def _num(d: dict, key: str, where: str, *, positive: bool = False, default=None)
         if default is not None:
             return default
         raise ScenarioError(f"{where}.{key}: missing")
-    try:
-        v = finite_number(d[key], f"{where}.{key}")
-    except ValueError as e:
-        raise ScenarioError(str(e)) from None
+    v = _finite(d[key], f"{where}.{key}")
     if positive and v <= 0:
         raise ScenarioError(f"{where}.{key}: must be > 0, got {d[key]!r}")
     return v
@@ -80,10 +99,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         haircut = _num(a, "haircut", w, default=0.0)
         if not 0 <= haircut < 1:
             raise ScenarioError(f"{w}.haircut: must be in [0, 1), got {haircut}")
-        try:
-            scale = power_of_ten(a.get("scale", DEFAULT_SCALE), f"{w}.scale")
-        except ValueError as e:
-            raise ScenarioError(str(e)) from None
+        scale = _scale(a.get("scale", DEFAULT_SCALE), f"{w}.scale")
         assets.append(Asset(name, i, scale, price, haircut))
     asset_by = {a.name: a for a in assets}
 
@@ -100,16 +116,21 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         except ValueError as e:
             raise ScenarioError(f"{w}.kind: {e}") from None
         settle = d.get("settle")
-        if settle not in asset_by:
+        if not isinstance(settle, str) or settle not in asset_by:
             raise ScenarioError(f"{w}.settle: unknown asset {settle!r} (assets: {sorted(asset_by)})")
         try:
             tiers = derive_tiers(d.get("tiers"), f"{w}.tiers")
-            qs = power_of_ten(d.get("qty_scale", DEFAULT_SCALE), f"{w}.qty_scale")
         except ValueError as e:
             raise ScenarioError(str(e)) from None
+        except OverflowError:
+            raise ScenarioError(f"{w}.tiers: a number is out of range") from None
+        qs = _scale(d.get("qty_scale", DEFAULT_SCALE), f"{w}.qty_scale")
         underlying = d.get("underlying")
-        if kind == Kind.OPTION and (underlying not in raw_ins or underlying == name):
+        if kind == Kind.OPTION and (not isinstance(underlying, str) or underlying not in raw_ins
+                                    or underlying == name):
             raise ScenarioError(f"{w}.underlying: an option needs another instrument's name")
+        if kind == Kind.OPTION and not isinstance(d.get("call", True), bool):
+            raise ScenarioError(f"{w}.call: true (call) or false (put), got {d['call']!r}")
         instruments.append(Instrument(
             name=name, index=i, kind=kind, settle=settle,
             contract_size=_num(d, "contract_size", w, positive=True, default=1.0),
@@ -131,6 +152,8 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
             raise ScenarioError(f"{w}: must be an object")
         if "id" not in acc:
             raise ScenarioError(f"{w}.id: missing")
+        if isinstance(acc["id"], bool) or not isinstance(acc["id"], (str, int)):
+            raise ScenarioError(f"{w}.id: must be a string or an integer, got {acc['id']!r}")
         mode = acc.get("mode", "cross")
         if mode not in ("cross", "isolated"):
             raise ScenarioError(f"{w}.mode: 'cross' or 'isolated', got {mode!r}")
@@ -141,10 +164,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         for aname, amount in coll.items():
             if aname not in asset_by:
                 raise ScenarioError(f"{w}.collateral.{aname}: unknown asset")
-            try:
-                finite_number(amount, f"{w}.collateral.{aname}")
-            except ValueError as e:
-                raise ScenarioError(str(e)) from None
+            _finite(amount, f"{w}.collateral.{aname}")
             balances[asset_by[aname].index] = _units(amount, asset_by[aname].scale, f"{w}.collateral.{aname}")
         positions = acc.get("positions", [])
         if not isinstance(positions, list):
@@ -156,7 +176,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
             if not isinstance(p, dict):
                 raise ScenarioError(f"{pw}: must be an object")
             iname = p.get("instrument")
-            if iname not in ins_by:
+            if not isinstance(iname, str) or iname not in ins_by:
                 raise ScenarioError(f"{pw}.instrument: unknown instrument {iname!r}")
             if iname in seen:
                 raise ScenarioError(f"{pw}.instrument: {iname} appears twice in one account")
@@ -171,7 +191,12 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
                 cost = q / Decimal(str(p["entry_price"]))
             else:
                 cost = q * Decimal(str(p["entry_price"]))
-            cost_units = int((cost * settle_scale).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+            cost_scaled = cost * settle_scale
+            if abs(cost_scaled) >= 2**63:   # checked before rounding: quantize needs < 28 digits
+                raise ScenarioError(f"{pw}.entry_price: cost basis {cost:.6g} (qty * contract_size "
+                                    f"{'/' if ins.kind.is_inverse else '*'} entry_price) is out of "
+                                    f"range at the settle scale {settle_scale}")
+            cost_units = int(cost_scaled.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
             iso = 0
             pmode = Mode.ISOLATED if mode == "isolated" else Mode.CROSS
             if pmode == Mode.ISOLATED:

@@ -1,5 +1,5 @@
 # The seqlock and atomics header, declared once for every kernel.
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 cdef extern from "seqlock.h" nogil:
     void me_seqlock_write_begin(uint64_t *seq)
@@ -10,3 +10,13 @@ cdef extern from "seqlock.h" nogil:
     uint64_t me_atomic_load_u64(const uint64_t *p)
     void me_atomic_store_u64(uint64_t *p, uint64_t v)
     uint64_t me_atomic_add_u64(uint64_t *p, uint64_t v)
+
+cdef extern from "doorbell.h" nogil:
+    ctypedef struct me_doorbell:
+        uint32_t counter
+        uint32_t waiters
+    uint32_t me_doorbell_value(const me_doorbell *d)
+    void me_doorbell_ring(me_doorbell *d)
+    uint32_t me_doorbell_wait_blocking(me_doorbell *d, uint32_t seen, int64_t timeout_ns)
+    uint32_t me_doorbell_wait_polling(const me_doorbell *d, uint32_t seen, int64_t timeout_ns, int do_yield)
+    int64_t me_monotonic_ns()

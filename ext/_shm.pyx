@@ -6,7 +6,7 @@ process copies a row with ``read_row``, which retries until it has a copy no wri
 touched (see ext/seqlock.h for the memory orders).
 """
 
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_seqlock_copy,
@@ -46,7 +46,8 @@ def write_row(size_t row_addr, const unsigned char[::1] src):
         me_seqlock_write_end(<uint64_t *>row_addr)
 
 
-def publish_price(size_t price_row_addr, double mark, double index, int64_t ts_ns, unsigned int flags):
+def publish_price(size_t price_row_addr, double mark, double index, int64_t ts_ns, unsigned int flags,
+                  uint64_t tick_seq=0):
     """Write one instrument's mark under its seqlock and bump its price sequence number."""
     cdef PriceRow *p = <PriceRow *>price_row_addr
     with nogil:
@@ -55,6 +56,7 @@ def publish_price(size_t price_row_addr, double mark, double index, int64_t ts_n
         p.index = index
         p.ts_ns = ts_ns
         p.flags = flags
+        p.tick_seq = tick_seq
         p.price_seq = p.price_seq + 1
         me_seqlock_write_end(&p.seq)
 
@@ -149,7 +151,7 @@ def struct_offsets():
                        "name": <size_t>&i.name[0] - bi},
         "price": {"seq": <size_t>&p.seq - bp, "mark": <size_t>&p.mark - bp, "index": <size_t>&p.index - bp,
                   "ts_ns": <size_t>&p.ts_ns - bp, "price_seq": <size_t>&p.price_seq - bp,
-                  "flags": <size_t>&p.flags - bp},
+                  "flags": <size_t>&p.flags - bp, "tick_seq": <size_t>&p.tick_seq - bp},
         "account": {"seq": <size_t>&c.seq - bc, "status": <size_t>&c.status - bc, "flags": <size_t>&c.flags - bc,
                     "collateral_usd": <size_t>&c.collateral_usd - bc,
                     "cross_equity_usd": <size_t>&c.cross_equity_usd - bc,
@@ -160,3 +162,84 @@ def struct_offsets():
                      "qty": <size_t>&s.qty - bs, "cost": <size_t>&s.cost - bs,
                      "isolated_margin": <size_t>&s.isolated_margin - bs},
     }
+
+
+# ---------------------------------------------------------------- doorbells
+from _seqlock cimport (me_doorbell, me_doorbell_value, me_doorbell_ring,
+                       me_doorbell_wait_blocking, me_doorbell_wait_polling, me_monotonic_ns)
+
+cdef enum:
+    C_WAIT_BLOCKING = 0
+    C_WAIT_YIELDING = 1
+    C_WAIT_BUSY_SPIN = 2
+
+WAIT_BLOCKING = C_WAIT_BLOCKING
+WAIT_YIELDING = C_WAIT_YIELDING
+WAIT_BUSY_SPIN = C_WAIT_BUSY_SPIN
+
+
+def doorbell_ring(size_t addr):
+    """Bump the doorbell at ``addr``; wake blocked waiters (futex) if there are any."""
+    me_doorbell_ring(<me_doorbell *>addr)
+
+
+def doorbell_value(size_t addr):
+    return me_doorbell_value(<const me_doorbell *>addr)
+
+
+def doorbell_wait(size_t addr, unsigned int seen, int64_t timeout_ns, int strategy=C_WAIT_BLOCKING):
+    """Wait until the doorbell's counter differs from ``seen`` (or the timeout); return it.
+
+    ``strategy``: WAIT_BLOCKING sleeps in futex(2); WAIT_YIELDING polls with sched_yield;
+    WAIT_BUSY_SPIN polls with a pause instruction (a dedicated core only). The GIL is
+    released while waiting.
+    """
+    cdef uint32_t r
+    with nogil:
+        if strategy == C_WAIT_BLOCKING:
+            r = me_doorbell_wait_blocking(<me_doorbell *>addr, seen, timeout_ns)
+        else:
+            r = me_doorbell_wait_polling(<const me_doorbell *>addr, seen, timeout_ns,
+                                         1 if strategy == C_WAIT_YIELDING else 0)
+    return r
+
+
+def monotonic_ns():
+    return me_monotonic_ns()
+
+
+# ---------------------------------------------------------------- SPSC rings
+from _types cimport RingRecord, RingHeader
+
+
+def ring_push(size_t header_addr, size_t records_addr, int kind, int instrument, int64_t row,
+              int64_t delta, int64_t price, int64_t fee, uint64_t ref, int64_t ts_ns, int64_t aux):
+    """Append one record (single producer). Returns False, writing nothing, when full."""
+    cdef RingHeader *h = <RingHeader *>header_addr
+    cdef RingRecord *rec
+    cdef uint64_t w = h.write_idx
+    if w - me_atomic_load_u64(&h.read_idx) >= <uint64_t>h.capacity:
+        return False
+    rec = &(<RingRecord *>records_addr)[w & <uint64_t>(h.capacity - 1)]
+    rec.kind = kind
+    rec.instrument = instrument
+    rec.row = row
+    rec.delta = delta
+    rec.price = price
+    rec.fee = fee
+    rec.ref = ref
+    rec.ts_ns = ts_ns
+    rec.aux = aux
+    me_atomic_store_u64(&h.write_idx, w + 1)     # release: the record is visible first
+    return True
+
+
+def ring_pending(size_t header_addr):
+    """``(read_idx, write_idx)``: records ``read_idx <= i < write_idx`` wait (consumer side)."""
+    cdef RingHeader *h = <RingHeader *>header_addr
+    return h.read_idx, me_atomic_load_u64(&h.write_idx)
+
+
+def ring_commit(size_t header_addr, uint64_t read_idx):
+    """Consumer: records before ``read_idx`` are done; their space may be reused."""
+    me_atomic_store_u64(&(<RingHeader *>header_addr).read_idx, read_idx)

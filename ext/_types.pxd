@@ -62,11 +62,12 @@ ctypedef struct PriceRow:               # 64 bytes
     uint64_t seq                        # seqlock counter (writer: mark-price process)
     double mark                         # mark price, quote per 1 base (option: premium per contract / contract_size)
     double index                        # index price, quote
-    int64_t ts_ns                       # time the mark was computed, UTC ns
+    int64_t ts_ns                       # receive time of the tick that made this mark, UTC ns
     uint64_t price_seq                  # per-instrument count of published marks
     uint32_t flags                      # bit 0: frozen (below quorum)
     uint32_t _pad0
-    int64_t _pad[2]
+    uint64_t tick_seq                   # sequence number of the oracle tick that made this mark
+    int64_t _pad
 
 ctypedef struct AccountRow:             # 128 bytes; line 0 is what the hot path writes
     uint64_t seq                        # seqlock counter (writer: the partition's worker)
@@ -107,3 +108,22 @@ ctypedef struct AcctValues:                 # one account at the current marks, 
     double iso_im_usd
     double iso_mm_usd
     int status
+
+
+ctypedef struct RingRecord:             # 64 bytes: one command for a partition's worker
+    int32_t kind                        # RecordKind
+    int32_t instrument                  # instrument index (fills)
+    int64_t row                         # account row
+    int64_t delta                       # fill: this account's signed qty units; collateral: amount units
+    int64_t price                       # fill: price units
+    int64_t fee                         # fill: fee units of the settle asset (negative: rebate)
+    uint64_t ref                        # journal sequence number (fills) or request id (collateral)
+    int64_t ts_ns                       # gateway receive time, UTC ns
+    int64_t aux                         # fill: trade id; collateral: asset index
+
+ctypedef struct RingHeader:             # 128 bytes: producer and consumer on separate lines
+    uint64_t write_idx                  # next index the producer writes (monotonic)
+    int64_t capacity                    # records (a power of two)
+    int64_t _pad0[6]
+    uint64_t read_idx                   # next index the consumer reads (monotonic)
+    int64_t _pad1[7]

@@ -149,6 +149,14 @@ def pretrade_check(store: Store, row: int, instrument: int, qty_units: int, pric
     at or above initial margin? Bad arguments give a reason code, never an exception."""
     if not 0 <= row < store.accounts_cap:
         return CheckResult(Code.CHECK_UNKNOWN_ACCOUNT, math.nan, math.nan)
+    s = store.slots_per_account
+    return _pretrade(store, store.accounts[row: row + 1], store.positions[row * s: (row + 1) * s],
+                     instrument, qty_units, price, snap)
+
+
+def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int, qty_units,
+              price, snap: PriceSnapshot | None) -> CheckResult:
+    """Checks then the kernel, on the account row ``acct[0]`` and its ``slots``."""
     if not 0 <= instrument < len(store.instruments):
         return CheckResult(Code.CHECK_UNKNOWN_INSTRUMENT, math.nan, math.nan)
     if isinstance(qty_units, bool) or not isinstance(qty_units, (int, np.integer)) or qty_units == 0 \
@@ -161,8 +169,7 @@ def pretrade_check(store: Store, row: int, instrument: int, qty_units: int, pric
     if snap.flags[instrument] & 1:
         return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
     code, eq, im = _margin.pretrade_check(
-        store.addr(store.instruments), store.addr(store.accounts, row),
-        store.addr(store.positions, row * store.slots_per_account), store.slots_per_account,
+        store.addr(store.instruments), acct.ctypes.data, slots.ctypes.data, store.slots_per_account,
         instrument, int(qty_units), float(price), snap.marks, snap.asset_px, snap.asset_haircut,
         snap.asset_scale)
     return CheckResult(Code(code), eq, im)
@@ -190,6 +197,7 @@ class HolderIndex:
         self.partition = partition
         self.arrays: list[dict[str, np.ndarray]] = []
         self.counts = np.zeros(len(store.instruments), np.int64)
+        self._scratch = np.empty(1, np.int64)
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -205,22 +213,86 @@ class HolderIndex:
         rows = np.repeat(np.arange(lo, hi, dtype=np.int64), s)[used]
         p = pos[used]
         self.arrays = []
+        self.where: dict[tuple[int, int], int] = {}    # (row, instrument) -> holder index
         for i in range(len(st.instruments)):
             ins = st.instruments[i]
             scale_settle = float(st.assets[int(ins["settle_asset"])]["scale"])
             m = p["instrument"] == i
-            arr = {
-                "row": rows[m].copy(),
-                "mode": p["mode"][m].astype(np.int32),
-                "qty": p["qty"][m] / float(ins["qty_scale"]),
-                "cost": p["cost"][m] / scale_settle,
-                "iso": p["isolated_margin"][m] / scale_settle,
-            }
-            n = len(arr["row"])
-            for k in ("upnl_usd", "im_usd", "mm_usd"):
-                arr[k] = np.zeros(n)
+            n = int(m.sum())
+            cap = max(16, 2 * n)
+            arr = {k: np.zeros(cap, dt) for k, dt in self.FIELDS}
+            arr["row"][:n] = rows[m]
+            arr["mode"][:n] = p["mode"][m]
+            arr["qty"][:n] = p["qty"][m] / float(ins["qty_scale"])
+            arr["cost"][:n] = p["cost"][m] / scale_settle
+            arr["iso"][:n] = p["isolated_margin"][m] / scale_settle
             self.arrays.append(arr)
             self.counts[i] = n
+            self.where.update(((int(r), i), h) for h, r in enumerate(arr["row"][:n].tolist()))
+        self._rows: dict[int, set[int]] = {}        # row -> instruments it holds
+        for (r, i) in self.where:
+            self._rows.setdefault(r, set()).add(i)
+
+    def _grow(self, instrument: int) -> dict[str, np.ndarray]:
+        arr = self.arrays[instrument]
+        cap = 2 * len(arr["row"])
+        for k, dt in self.FIELDS:
+            bigger = np.zeros(cap, dt)
+            bigger[: len(arr[k])] = arr[k]
+            arr[k] = bigger
+        return arr
+
+    def update_account(self, row: int, snap: PriceSnapshot) -> None:
+        """Re-read one account's positions after its fills; re-margin it from scratch.
+
+        Upserts or removes its holder entries, recomputes the account's aggregates with
+        the full-pass kernel on that one row, and sets the entries' caches at ``snap``
+        so they match those aggregates.
+        """
+        st = self.store
+        acct = st.accounts[row]
+        slots = st.slots(row)[: int(acct["n_positions"])]
+        held = {int(x["instrument"]): x for x in slots}
+        for i in list(self._rows.get(row, ())):
+            if i not in held:
+                self._remove(row, i)
+        for i, pos in held.items():
+            ins = st.instruments[i]
+            scale_settle = float(st.assets[int(ins["settle_asset"])]["scale"])
+            h = self.where.get((row, i))
+            if h is None:
+                h = int(self.counts[i])
+                if h == len(self.arrays[i]["row"]):
+                    self._grow(i)
+                self.counts[i] = h + 1
+                self.where[(row, i)] = h
+                self._rows.setdefault(row, set()).add(i)
+            a = self.arrays[i]
+            a["row"][h] = row
+            a["mode"][h] = int(pos["mode"])
+            a["qty"][h] = int(pos["qty"]) / float(ins["qty_scale"])
+            a["cost"][h] = int(pos["cost"]) / scale_settle
+            a["iso"][h] = int(pos["isolated_margin"]) / scale_settle
+            settle = int(ins["settle_asset"])
+            under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
+            _margin.refresh_holders(st.addr(st.instruments, i), float(snap.marks[i]), float(under),
+                                    float(snap.asset_px[settle]), float(snap.asset_scale[settle]),
+                                    a["qty"][h:h + 1], a["cost"][h:h + 1], a["upnl_usd"][h:h + 1],
+                                    a["im_usd"][h:h + 1], a["mm_usd"][h:h + 1], 1)
+        _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
+                          st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
+                          snap.asset_haircut, snap.asset_scale, self._scratch)
+
+    def _remove(self, row: int, instrument: int) -> None:
+        h = self.where.pop((row, instrument))
+        self._rows[row].discard(instrument)
+        a = self.arrays[instrument]
+        last = int(self.counts[instrument]) - 1
+        if h != last:
+            for k, _ in self.FIELDS:
+                a[k][h] = a[k][last]
+            self.where[(int(a["row"][h]), instrument)] = h
+        self.counts[instrument] = last
 
     def holders(self, instrument: int) -> int:
         return int(self.counts[instrument])
@@ -256,3 +328,18 @@ class HolderIndex:
                                     a["row"], a["mode"], a["qty"], a["cost"], a["iso"],
                                     a["upnl_usd"], a["im_usd"], a["mm_usd"],
                                     int(self.counts[instrument]), out)
+
+
+def pretrade_check_consistent(store: Store, row: int, instrument: int, qty_units: int, price: float,
+                              snap: PriceSnapshot | None = None) -> CheckResult:
+    """``pretrade_check`` on a consistent copy of the account, for a process that is not
+    the account's writer (the order-check gateway): the row and its slots are copied
+    under the seqlock, then the kernel runs on the copy."""
+    if not 0 <= row < store.accounts_cap:
+        return CheckResult(Code.CHECK_UNKNOWN_ACCOUNT, math.nan, math.nan)
+    acct, slots = store.read_account(row)
+    acct_buf = np.zeros(1, store.accounts.dtype)
+    acct_buf[0] = acct
+    slot_buf = np.zeros(store.slots_per_account, store.positions.dtype)
+    slot_buf[: len(slots)] = slots
+    return _pretrade(store, acct_buf, slot_buf, instrument, qty_units, price, snap)

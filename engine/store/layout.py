@@ -77,14 +77,16 @@ INSTRUMENT = np.dtype([
 
 PRICE = np.dtype([
     ("seq", "<u8"), ("mark", "<f8"), ("index", "<f8"), ("ts_ns", "<i8"),
-    ("price_seq", "<u8"), ("flags", "<u4"), ("_pad0", "<u4"), ("_pad", "<i8", (2,)),
+    ("price_seq", "<u8"), ("flags", "<u4"), ("_pad0", "<u4"), ("tick_seq", "<u8"),
+    ("_pad", "<i8"),
 ])  # 64 bytes
 PRICE_FROZEN = 1
 
 PARTITION = np.dtype([
     ("seq", "<u8"), ("n_accounts", "<i8"), ("fills_applied", "<u8"), ("last_fill_seq", "<u8"),
     ("heartbeat_ns", "<i8"), ("worker_pid", "<i8"), ("_pad", "<i8", (2,)),
-])  # 64 bytes
+    ("fee_pool", "<i8", (MAX_ASSETS,)),   # fees collected by this partition's fills, asset units
+])  # 128 bytes
 
 ACCOUNT = np.dtype([
     ("seq", "<u8"), ("status", "<i4"), ("flags", "<u4"),

@@ -164,7 +164,10 @@ class Store:
         try:
             return cls(seg, shm, mm, readonly=readonly)
         except Exception:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:
+                pass  # the half-built Store's views (held by the traceback) still export it
             raise
 
     def detach(self) -> None:
@@ -347,12 +350,16 @@ class Store:
 
     # ------------------------------------------------------------------ prices
     def publish_mark(self, instrument: int, mark: float, index: float | None = None,
-                     ts_ns: int | None = None, frozen: bool = False) -> None:
-        """Publish a mark through the price row's seqlock, then bump the global price_seq."""
+                     ts_ns: int | None = None, frozen: bool = False, tick_seq: int = 0) -> None:
+        """Publish a mark through the price row's seqlock, then bump the global price_seq.
+
+        ``ts_ns``: receive time of the tick that made the mark; ``tick_seq``: its sequence
+        number, carried into the liquidation orders the mark causes.
+        """
         _shm.publish_price(self.addr(self.prices, instrument), float(mark),
                            float(mark if index is None else index),
                            time.time_ns() if ts_ns is None else int(ts_ns),
-                           L.PRICE_FROZEN if frozen else 0)
+                           L.PRICE_FROZEN if frozen else 0, int(tick_seq))
         _shm.atomic_add_u64(self.header.ctypes.data + L.HEADER.fields["price_seq"][1], 1)
 
     def publish_asset_price(self, asset: int, price_usd: float, ts_ns: int | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Liquidation: what to close when an account breaches, and how much."""

@@ -1,0 +1,139 @@
+"""Partial liquidation: the least quantity that brings an account back to a healthy ratio.
+
+Closing ``x`` contracts of a position at the mark leaves equity ``E`` unchanged (the
+unrealized PnL becomes realized) and lowers the requirement, so the rule is solved on
+the requirement alone. With ``h`` the health factor (``E >= h * MM`` is healthy; the
+default 1.25 is a margin ratio MM/E of 0.8), ``M_o`` the requirement of everything else
+and the position's tiered requirement ``MM(n) = px_s (n mmr_k - maint_k)`` at notional
+``n``, the largest notional the position may keep is, tier by tier from the top::
+
+    n_k = (E / h - M_o + px_s maint_k) / (px_s mmr_k)     valid when n_k >= floor_k
+    n*  = min(n_k, floor_(k+1)) for the highest valid tier k
+
+and the quantity to close is ``|q| - n*/(cs p)`` (linear) or ``|q| - n* p / cs``
+(inverse), rounded up to a whole quantity unit. Positions are taken largest
+requirement first until the account is healthy. Below bankruptcy (``E < 0``) every
+position of the breached scope is closed in full. The order's limit price is the
+position's bankruptcy price (no worse for the insurance fund), rounded to the
+instrument's price unit away from the account's favour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.codes import Code
+from engine.instruments import Kind
+from engine.risk.margin import AccountDetail, account_detail
+from engine.store.layout import Mode, Status
+from engine.store.shm import PriceSnapshot, Store
+
+DEFAULT_HEALTH_FACTOR = 1.25
+
+
+@dataclass(frozen=True)
+class LiquidationOrder:
+    row: int
+    account_id: int
+    instrument: int
+    qty_units: int          # signed order quantity: opposite sign to the position
+    limit_price: float      # quote per base
+    limit_price_units: int  # price units (1/price_scale)
+    reason: Code
+
+
+def _close_qty_contracts(ins, q: float, p: float, px_s: float, e_usd: float, m_other_usd: float,
+                         h: float) -> float:
+    """Contracts to close so that ``e >= h * (m_other + MM_position(|q| - x))`` (see module doc)."""
+    n_tiers = int(ins["n_tiers"])
+    cs = float(ins["contract_size"])
+    inverse = Kind(int(ins["kind"])).is_inverse
+    budget = e_usd / h - m_other_usd
+    n_keep = 0.0
+    for k in range(n_tiers - 1, -1, -1):
+        mmr = float(ins["tier_mmr"][k])
+        nk = (budget + px_s * float(ins["tier_maint_amount"][k])) / (px_s * mmr)
+        if nk >= float(ins["tier_floor"][k]):
+            upper = float(ins["tier_floor"][k + 1]) if k + 1 < n_tiers else math.inf
+            n_keep = max(0.0, min(nk, upper))
+            break
+    keep = n_keep * p / cs if inverse else n_keep / (cs * p)
+    return max(0.0, abs(q) - keep)
+
+
+def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float = DEFAULT_HEALTH_FACTOR,
+           detail: AccountDetail | None = None) -> list[LiquidationOrder]:
+    """The orders that bring account ``row`` back to health at ``snap`` (empty when healthy)."""
+    d = detail or account_detail(store, row, snap)
+    acct_id = int(store.accounts[row]["account_id"])
+    orders: list[LiquidationOrder] = []
+    slots = store.slots(row)
+
+    def order(pos, qty_contracts: float, reason: Code, bankruptcy: float | None) -> None:
+        i = pos.instrument
+        ins = store.instruments[i]
+        qs, ps = int(ins["qty_scale"]), int(ins["price_scale"])
+        units = min(abs(pos.qty_units), max(1, math.ceil(qty_contracts * qs - 1e-9)))
+        side = -1 if pos.qty_units > 0 else 1          # sell a long, buy back a short
+        mark = float(snap.marks[i])
+        limit = bankruptcy if bankruptcy is not None else mark
+        # A sell may not fill below the bankruptcy price: round up; a buy: round down.
+        limit_units = math.ceil(limit * ps - 1e-9) if side < 0 else math.floor(limit * ps + 1e-9)
+        limit_units = max(1, limit_units)
+        orders.append(LiquidationOrder(row, acct_id, i, side * units, limit_units / ps, limit_units, reason))
+
+    # Isolated positions: each is its own scope.
+    for pos in d.positions:
+        if pos.mode != Mode.ISOLATED:
+            continue
+        ins = store.instruments[pos.instrument]
+        iso = int(slots[pos.slot]["isolated_margin"]) / float(snap.asset_scale[int(ins["settle_asset"])])
+        e = iso + pos.unrealized_pnl
+        if e >= pos.maintenance_margin:
+            continue
+        q = pos.qty_units / int(ins["qty_scale"])
+        if e < 0:
+            order(pos, abs(q), Code.LIQ_BELOW_BANKRUPTCY, pos.bankruptcy_price)
+        else:
+            x = _close_qty_contracts(ins, q, float(snap.marks[pos.instrument]), 1.0, e, 0.0, health_factor)
+            order(pos, x, Code.LIQ_ISOLATED_BELOW_MAINTENANCE, pos.bankruptcy_price)
+
+    if not d.status & Status.LIQUIDATABLE:
+        return orders
+    cross = [p for p in d.positions if p.mode == Mode.CROSS and p.qty_units != 0]
+    e = d.cross_equity_usd
+    if e < 0:
+        for pos in cross:
+            ins = store.instruments[pos.instrument]
+            order(pos, abs(pos.qty_units) / int(ins["qty_scale"]), Code.LIQ_BELOW_BANKRUPTCY, pos.bankruptcy_price)
+        return orders
+    m_total = d.cross_mm_usd
+    for pos in sorted(cross, key=lambda p: -p.maintenance_margin * snap.asset_px[
+            int(store.instruments[p.instrument]["settle_asset"])]):
+        if e >= health_factor * m_total:
+            break
+        ins = store.instruments[pos.instrument]
+        px_s = float(snap.asset_px[int(ins["settle_asset"])])
+        q = pos.qty_units / int(ins["qty_scale"])
+        m_pos = pos.maintenance_margin * px_s
+        x = _close_qty_contracts(ins, q, float(snap.marks[pos.instrument]), px_s, e, m_total - m_pos,
+                                 health_factor)
+        if x <= 0:
+            continue
+        order(pos, x, Code.LIQ_BELOW_MAINTENANCE, pos.bankruptcy_price)
+        # Requirement left by this position after the close (at the mark).
+        kept = max(0.0, abs(q) - abs(orders[-1].qty_units) / int(ins["qty_scale"]))
+        m_total = m_total - m_pos + px_s * _mm_at(ins, kept, float(snap.marks[pos.instrument]))
+    return orders
+
+
+def _mm_at(ins, q_abs: float, p: float) -> float:
+    """Tiered maintenance requirement of ``q_abs`` contracts at mark ``p`` (settle asset)."""
+    cs = float(ins["contract_size"])
+    n = q_abs * cs / p if Kind(int(ins["kind"])).is_inverse else q_abs * cs * p
+    k = 0
+    for t in range(1, int(ins["n_tiers"])):
+        if float(ins["tier_floor"][t]) <= n:
+            k = t
+    return n * float(ins["tier_mmr"][k]) - float(ins["tier_maint_amount"][k])

@@ -1,0 +1,1 @@
+"""The running engine: control segment, worker, gateways, mark-price process, supervisor."""

@@ -1,0 +1,193 @@
+"""Control segment: doorbells and per-partition command rings, in POSIX shared memory.
+
+Beside the data store (``/NAME``) the engine keeps a small control segment
+(``/NAME-ctl``)::
+
+    header | doorbells[max_workers] | per partition: ring header, records[cap], undo area
+
+- A **doorbell** per worker (ext/doorbell.h): producers (the mark-price process on a new
+  mark, the gateway on a new record) bump it; the worker sleeps on it in futex(2), or
+  polls it when the wait strategy says so.
+- A **ring** per partition: single-producer (the fills gateway) single-consumer (the
+  partition's worker) queue of 64-byte records (fill legs, deposits, withdrawals). The
+  worker commits its read index only after applying, so records not yet applied
+  survive a worker crash and are taken again by its replacement.
+- An **undo area** per partition: before applying a record the worker copies the
+  account row, its slots and the partition's fee pool there and marks it *applying*;
+  after, it marks it *idle*. A replacement that finds *applying* restores the copy (a
+  half-applied record is rolled back whole) and applies the record again.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+
+import numpy as np
+import posix_ipc
+
+from engine import _shm
+from engine.store.layout import ACCOUNT, PARTITION, POSITION, PAGE, _align
+
+CTL_MAGIC = int.from_bytes(b"MRGNCTL\x00", "little")
+CTL_VERSION = 1
+
+
+class Role(enum.IntEnum):
+    """Singleton processes, by their slot in the header's ``ready_pid``."""
+
+    MARKPRICE = 0
+    GATEWAY = 1
+    LIQGW = 2
+
+
+class RecordKind(enum.IntEnum):
+    FILL_LEG = 1
+    DEPOSIT = 2
+    WITHDRAWAL = 3
+
+
+CTL_HEADER = np.dtype([
+    ("magic", "<u8"), ("version", "<u4"), ("n_workers", "<i4"), ("n_partitions", "<i4"),
+    ("ring_capacity", "<i4"), ("shutdown", "<u4"), ("_pad0", "<u4"),
+    ("slots_per_account", "<i4"), ("_pad1", "<i4"),
+    ("ready_pid", "<i8", (4,)),     # pid of each singleton process once its sockets are bound
+    ("_pad", "<i8", (7,)),
+])  # 128 bytes
+DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
+RING_HEADER = np.dtype([
+    ("write_idx", "<u8"), ("capacity", "<i8"), ("_pad0", "<i8", (6,)),
+    ("read_idx", "<u8"), ("_pad1", "<i8", (7,)),
+])  # 128
+RECORD = np.dtype([
+    ("kind", "<i4"), ("instrument", "<i4"), ("row", "<i8"), ("delta", "<i8"), ("price", "<i8"),
+    ("fee", "<i8"), ("ref", "<u8"), ("ts_ns", "<i8"), ("aux", "<i8"),
+])  # 64
+
+
+def undo_dtype(slots: int) -> np.dtype:
+    return np.dtype([("state", "<u8"), ("ref", "<u8"), ("row", "<i8"), ("_pad", "<i8", (5,)),
+                     ("account", ACCOUNT), ("slots", POSITION, (slots,)),
+                     ("fee_pool", "<i8", (8,))])
+
+
+UNDO_IDLE = 0
+UNDO_APPLYING = 1
+
+
+class Control:
+    """The mapped control segment."""
+
+    def __init__(self, name: str | None, mm: mmap.mmap):
+        self.name = name
+        self._mm = mm
+        buf = np.frombuffer(mm, dtype=np.uint8)
+        self._buf = buf
+        self.header = buf[:CTL_HEADER.itemsize].view(CTL_HEADER)
+        h = self.header[0]
+        if int(h["magic"]) != CTL_MAGIC or int(h["version"]) != CTL_VERSION:
+            raise ValueError(f"{name}: not a margin-engine control segment of version {CTL_VERSION}")
+        self.n_workers = int(h["n_workers"])
+        self.n_partitions = int(h["n_partitions"])
+        self.capacity = int(h["ring_capacity"])
+        self.slots = int(h["slots_per_account"])
+        lay = _plan(self.n_workers, self.n_partitions, self.capacity, self.slots)
+        self.doorbells = buf[lay["doorbells"]: lay["doorbells"] + DOORBELL.itemsize * self.n_workers].view(DOORBELL)
+        udt = undo_dtype(self.slots)
+        self.rings = []
+        self.records = []
+        self.undo = []
+        for p in range(self.n_partitions):
+            off = lay["partitions"][p]
+            self.rings.append(buf[off: off + RING_HEADER.itemsize].view(RING_HEADER))
+            roff = off + RING_HEADER.itemsize
+            self.records.append(buf[roff: roff + RECORD.itemsize * self.capacity].view(RECORD))
+            uoff = roff + RECORD.itemsize * self.capacity
+            self.undo.append(buf[uoff: uoff + udt.itemsize].view(udt))
+
+    @classmethod
+    def create(cls, name: str | None, n_workers: int, n_partitions: int, slots_per_account: int,
+               ring_capacity: int = 1 << 16, mode: int = 0o600) -> "Control":
+        """Create a zeroed control segment (``name=None``: private, for tests)."""
+        if ring_capacity & (ring_capacity - 1):
+            raise ValueError("ring_capacity must be a power of two")
+        lay = _plan(n_workers, n_partitions, ring_capacity, slots_per_account)
+        if name is None:
+            mm = mmap.mmap(-1, lay["total"])
+        else:
+            try:
+                posix_ipc.unlink_shared_memory(name)
+            except posix_ipc.ExistentialError:
+                pass
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=lay["total"])
+            mm = mmap.mmap(shm.fd, lay["total"])
+            os.close(shm.fd)
+        hdr = np.zeros(1, CTL_HEADER)
+        hdr["magic"], hdr["version"] = CTL_MAGIC, CTL_VERSION
+        hdr["n_workers"], hdr["n_partitions"] = n_workers, n_partitions
+        hdr["ring_capacity"], hdr["slots_per_account"] = ring_capacity, slots_per_account
+        mm[:CTL_HEADER.itemsize] = hdr.tobytes()
+        ctl = cls(name, mm)
+        for r in ctl.rings:
+            r[0]["capacity"] = ring_capacity
+        return ctl
+
+    @classmethod
+    def attach(cls, name: str) -> "Control":
+        shm = posix_ipc.SharedMemory(name, 0)
+        mm = mmap.mmap(shm.fd, shm.size)
+        os.close(shm.fd)
+        return cls(name, mm)
+
+    def unlink(self) -> None:
+        if self.name:
+            try:
+                posix_ipc.unlink_shared_memory(self.name)
+            except posix_ipc.ExistentialError:
+                pass
+
+    # -------------------------------------------------------------- doorbells
+    def doorbell_addr(self, worker: int) -> int:
+        return self.doorbells.ctypes.data + worker * DOORBELL.itemsize
+
+    def ring_all(self) -> None:
+        """Wake every worker (new mark price, shutdown)."""
+        for w in range(self.n_workers):
+            _shm.doorbell_ring(self.doorbell_addr(w))
+
+    @property
+    def shutdown(self) -> bool:
+        return bool(self.header[0]["shutdown"])
+
+    def mark_ready(self, role: "Role") -> None:
+        self.header[0]["ready_pid"][int(role)] = os.getpid()
+
+    def request_shutdown(self) -> None:
+        self.header[0]["shutdown"] = 1
+        self.ring_all()
+
+    # -------------------------------------------------------------- rings
+    def ring_addrs(self, partition: int) -> tuple[int, int]:
+        return self.rings[partition].ctypes.data, self.records[partition].ctypes.data
+
+    def push(self, partition: int, kind: int, instrument: int, row: int, delta: int, price: int,
+             fee: int, ref: int, ts_ns: int, aux: int) -> bool:
+        h, r = self.ring_addrs(partition)
+        return _shm.ring_push(h, r, kind, instrument, row, delta, price, fee, ref, ts_ns, aux)
+
+    def backlog(self, partition: int) -> int:
+        r, w = _shm.ring_pending(self.rings[partition].ctypes.data)
+        return int(w - r)
+
+
+def _plan(n_workers: int, n_partitions: int, capacity: int, slots: int) -> dict:
+    cursor = _align(CTL_HEADER.itemsize, 64)
+    doorbells = cursor
+    cursor = _align(cursor + DOORBELL.itemsize * n_workers, PAGE)
+    parts = []
+    per = _align(RING_HEADER.itemsize + RECORD.itemsize * capacity + undo_dtype(slots).itemsize, PAGE)
+    for _ in range(n_partitions):
+        parts.append(cursor)
+        cursor += per
+    return {"doorbells": doorbells, "partitions": parts, "total": cursor}

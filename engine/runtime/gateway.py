@@ -1,0 +1,259 @@
+"""Fills and order-check gateway.
+
+Sockets::
+
+    fills    PULL   (external) FILL or BATCH of FILLs from the matching engine
+    checks   ROUTER (external) ORDER_CHECK, DEPOSIT, WITHDRAWAL requests -> replies
+    replies  PULL   (internal) COLLATERAL_REPLY from the workers
+
+A fills frame is (1) decoded and sequence-checked (a duplicate is dropped, a gap is
+reported and accepted), (2) validated fill by fill (unknown account or instrument, bad
+quantity or price: rejected with its code, counted and reported; the frame's other
+fills go on), (3) appended to the journal, (4) split into one leg per account and
+pushed onto the owning partition's ring, (5) the owning workers' doorbells rung.
+
+An ORDER_CHECK is answered here, from a consistent copy of the account (seqlock read)
+through the kernel's pre-trade entry point: no hop to a worker. Collateral requests
+go to the owning worker (the account's only writer) and its reply is routed back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import signal
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from engine import _shm
+from engine.codes import Code
+from engine.risk.margin import pretrade_check_consistent
+from engine.runtime.ctl import Control, RecordKind, Role
+from engine.runtime.journal import Journal
+from engine.store.shm import Store
+from feeds.protocol import (MsgType, Rejected, SeqStatus, Sequencer, SequenceTracker, decode,
+                            decode_fills)
+
+
+class Gateway:
+    def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
+                 events_endpoint: str, journal_path: str, partition_owner: list[int]):
+        self.store = Store.attach(name, readonly=False)
+        self.ctl = Control.attach(name + "-ctl")
+        self.owner = partition_owner                     # partition -> worker
+        self.n_instruments = len(self.store.instruments)
+        self.asset_index = {}
+        self.zctx = zmq.Context.instance()
+        self.fills = self._bind(zmq.PULL, fills_endpoint)
+        self.checks = self._bind(zmq.ROUTER, checks_endpoint)
+        self.replies = self._bind(zmq.PULL, replies_endpoint)
+        self.events = self.zctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.LINGER, 500)
+        self.events.setsockopt(zmq.SNDHWM, 10000)
+        self.events.connect(events_endpoint)
+        self.seq_events = Sequencer()
+        self.seq_out = Sequencer()
+        self.tracker = SequenceTracker()
+        self.journal = Journal(journal_path)
+        self.pending: dict[int, bytes] = {}             # collateral request id -> ROUTER identity
+        self.counters = collections.Counter()
+        self.snap = self.store.price_snapshot()
+        self._snap_ns = 0
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        s = self.zctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.bind(endpoint)
+        return s
+
+    def set_asset_names(self, names: list[str]) -> None:
+        self.asset_index = {n: i for i, n in enumerate(names)}
+
+    def emit(self, code: int, detail: str, account: int | None = None) -> None:
+        try:
+            self.events.send(self.seq_events.encode(
+                MsgType.ENGINE_EVENT, {"code": int(code), "account": account, "detail": detail[:1000]}),
+                zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["events_dropped"] += 1
+
+    # ------------------------------------------------------------------ fills
+    def on_fills(self, frame: bytes, recv_ns: int) -> None:
+        run = decode_fills(frame)
+        if type(run) is Rejected:
+            self.counters[f"reject_{int(run.code)}"] += 1
+            self.emit(run.code, f"fills frame rejected: {run.detail}")
+            return
+        verdict = self.tracker.observe(run.first_seq, len(run.fills))
+        if verdict.status == SeqStatus.DUPLICATE:
+            self.counters["duplicates"] += len(run.fills)
+            return
+        if verdict.status == SeqStatus.GAP:
+            self.counters["gaps"] += 1
+            self.emit(Code.FILL_GAP, f"fills {verdict.gap_first}..{verdict.gap_last} missing")
+        fills = run.fills[verdict.skip:]
+        self.journal.append(run.first_seq + verdict.skip, recv_ns, frame)    # before applying
+        rings = set()
+        row_of = self.store.row_of
+        seq0 = run.first_seq + verdict.skip
+        for k, f in enumerate(fills):
+            ins = f["instrument_id"]
+            qty, price = f["qty_units"], f["price_units"]
+            taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
+            code = Code.OK
+            if ins >= self.n_instruments:
+                code = Code.FILL_UNKNOWN_INSTRUMENT
+            elif taker is None or maker is None or taker == maker:
+                code = Code.FILL_UNKNOWN_ACCOUNT
+            elif qty == 0 or (qty > 0) != (f["taker_side"] == "buy"):
+                code = Code.FILL_BAD_QTY
+            elif price <= 0:
+                code = Code.FILL_BAD_PRICE
+            if code != Code.OK:
+                self.counters[f"reject_{int(code)}"] += 1
+                self.emit(code, f"fill {f['trade_id']} rejected")
+                continue
+            for row, delta, fee in ((taker, qty, f["taker_fee_units"]), (maker, -qty, f["maker_fee_units"])):
+                p = int(self.store.accounts[row]["partition"])
+                self._push(p, RecordKind.FILL_LEG, ins, row, delta, price, fee, seq0 + k, recv_ns,
+                           f["trade_id"])
+                rings.add(self.owner[p])
+            self.counters["fills"] += 1
+        for w in rings:
+            _shm.doorbell_ring(self.ctl.doorbell_addr(w))
+
+    def _push(self, p: int, *rec) -> None:
+        while not self.ctl.push(p, *rec):           # ring full: the worker is behind
+            self.counters["ring_full_waits"] += 1
+            _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
+            time.sleep(0.0001)
+
+    # ------------------------------------------------------------------ requests
+    def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
+        m = decode(frame)
+        if type(m) is Rejected:
+            self.counters[f"reject_{int(m.code)}"] += 1
+            self._reply(ident, MsgType.REJECT, {"ref_seq": 0, "ref_type": 0, "code": int(m.code),
+                                                "detail": m.detail[:1000]})
+            return
+        f = m.fields
+        if m.type == MsgType.ORDER_CHECK:
+            self.counters["checks"] += 1
+            if recv_ns - self._snap_ns > 200_000:        # prices change per tick; re-read at most every 200 us
+                self.snap = self.store.price_snapshot()
+                self._snap_ns = recv_ns
+            row = self.store.row_of(f["account"])
+            if row is None:
+                res_code, eq, im = Code.CHECK_UNKNOWN_ACCOUNT, 0.0, 0.0
+            else:
+                res = pretrade_check_consistent(self.store, row, f["instrument_id"], f["qty_units"],
+                                                self._price(f["instrument_id"], f["price_units"]), self.snap)
+                res_code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
+            self._reply(ident, MsgType.ORDER_CHECK_REPLY, {
+                "request_id": f["request_id"], "code": int(res_code),
+                "post_equity_usd": eq if eq == eq else 0.0, "post_initial_margin_usd": im if im == im else 0.0})
+        elif m.type in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
+            row = self.store.row_of(f["account"])
+            asset = self.asset_index.get(f["asset"])
+            if row is None or asset is None:
+                code = Code.FILL_UNKNOWN_ACCOUNT if row is None else Code.COLLATERAL_UNKNOWN_ASSET
+                self._reply(ident, MsgType.COLLATERAL_REPLY, {"request_id": f["request_id"], "code": int(code),
+                                                              "balance_units": 0})
+                return
+            p = int(self.store.accounts[row]["partition"])
+            kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
+            self.pending[f["request_id"]] = ident
+            self._push(p, kind, 0, row, f["amount_units"], 0, 0, f["request_id"], recv_ns, asset)
+            _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
+        else:
+            self._reply(ident, MsgType.REJECT, {"ref_seq": m.seq, "ref_type": int(m.type),
+                                                "code": int(Code.WIRE_UNKNOWN_TYPE),
+                                                "detail": "this socket takes ORDER_CHECK, DEPOSIT, WITHDRAWAL"})
+
+    def _price(self, instrument: int, price_units: int) -> float:
+        if not 0 <= instrument < self.n_instruments or price_units <= 0:
+            return float("nan")
+        return price_units / int(self.store.instruments[instrument]["price_scale"])
+
+    def _reply(self, ident: bytes, mtype: MsgType, fields: dict) -> None:
+        self.checks.send_multipart([ident, self.seq_out.encode(mtype, fields)])
+
+    def on_worker_reply(self, frame: bytes) -> None:
+        m = decode(frame)
+        if type(m) is Rejected:
+            return
+        ident = self.pending.pop(m.fields["request_id"], None)
+        if ident is not None:
+            self._reply(ident, MsgType.COLLATERAL_REPLY, dict(m.fields))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for s in (self.fills, self.checks, self.replies):
+            poller.register(s, zmq.POLLIN)
+        while not self.ctl.shutdown:
+            ready = dict(poller.poll(100))
+            now = time.time_ns()
+            if self.checks in ready:
+                for _ in range(1000):
+                    try:
+                        ident, frame = self.checks.recv_multipart(zmq.NOBLOCK)[-2:]
+                    except zmq.Again:
+                        break
+                    except ValueError:
+                        continue
+                    self.on_request(ident, frame, now)
+            if self.fills in ready:
+                for _ in range(1000):
+                    try:
+                        frame = self.fills.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_fills(frame, now)
+            if self.replies in ready:
+                while True:
+                    try:
+                        self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            self.journal.maybe_sync()
+        # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
+        self.journal.close()
+        for s in (self.fills, self.checks, self.replies, self.events):
+            s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="engine.runtime.gateway")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--fills", required=True)
+    ap.add_argument("--checks", required=True)
+    ap.add_argument("--replies", required=True)
+    ap.add_argument("--events", required=True)
+    ap.add_argument("--journal", required=True)
+    ap.add_argument("--owners", required=True, help="worker of each partition, comma-separated")
+    ap.add_argument("--assets", default="")
+    ap.add_argument("--cpu", type=int, default=-1)
+    a = ap.parse_args(argv)
+    if a.cpu >= 0:
+        import os
+        os.sched_setaffinity(0, {a.cpu})
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal,
+                [int(x) for x in a.owners.split(",")])
+    if a.assets:
+        g.set_asset_names(a.assets.split(","))
+    g.ctl.mark_ready(Role.GATEWAY)
+    g.run()
+    print(json.dumps({"gateway": dict(g.counters)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Mark-price process: oracle ticks in, marks into the shared-memory price table.
+
+1. receive an ORACLE_TICK on the oracle PULL socket (decode: a malformed frame is
+   rejected with its code and counted; nothing changes);
+2. fold it into the median-of-venues index (feeds/oracle/index.py);
+3. publish the instrument's mark through its price row's seqlock with the tick's
+   receive time and sequence number, and ring every worker's doorbell;
+4. a timer re-evaluates staleness: a price that loses its quorum is published frozen
+   (liquidations on it pause) and an ENGINE_EVENT says so.
+
+A tick whose ``instrument`` names a collateral asset (``BTC``, ``USDC``) updates that
+asset's oracle price instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import signal
+import sys
+import time
+
+import zmq
+
+from engine.codes import Code
+from engine.runtime.ctl import Control, Role
+from engine.store.shm import Store
+from feeds.oracle.index import MarkPriceCalculator, OracleParams
+from feeds.protocol import MsgType, Rejected, Sequencer, decode
+
+NS = 1_000_000_000
+
+
+class MarkPriceProcess:
+    def __init__(self, name: str, oracle_endpoint: str, events_endpoint: str,
+                 params: OracleParams | None = None, timer_ms: int = 200):
+        self.store = Store.attach(name, readonly=False)
+        self.ctl = Control.attach(name + "-ctl")
+        self.instruments = {bytes(r["name"]).rstrip(b"\0").decode(): i
+                            for i, r in enumerate(self.store.instruments)}
+        self.assets: dict[str, int] = {}
+        self.calc = MarkPriceCalculator(params or OracleParams())
+        self.zctx = zmq.Context.instance()
+        self.sock = self.zctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(oracle_endpoint)
+        self.events = self.zctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.LINGER, 500)
+        self.events.setsockopt(zmq.SNDHWM, 10000)
+        self.events.connect(events_endpoint)
+        self.seq_events = Sequencer()
+        self.timer_ns = timer_ms * 1_000_000
+        self.frozen: set[str] = set()
+        self.counters = collections.Counter()
+
+    def set_asset_names(self, names: list[str]) -> None:
+        self.assets = {n: i for i, n in enumerate(names)}
+
+    def emit(self, code: int, instrument: str | None, detail: str) -> None:
+        try:
+            self.events.send(self.seq_events.encode(
+                MsgType.ENGINE_EVENT, {"code": int(code), "instrument": instrument, "detail": detail[:1000]}),
+                zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["events_dropped"] += 1
+
+    def on_frame(self, frame: bytes, recv_ns: int) -> None:
+        m = decode(frame)
+        if type(m) is Rejected or m.type != MsgType.ORACLE_TICK:
+            code = m.code if type(m) is Rejected else Code.WIRE_UNKNOWN_TYPE
+            self.counters[f"reject_{int(code)}"] += 1
+            return
+        f = m.fields
+        name = f["instrument"]
+        if name not in self.instruments and name not in self.assets:
+            self.counters[f"reject_{int(Code.ORACLE_UNKNOWN_INSTRUMENT)}"] += 1
+            return
+        code, events = self.calc.on_tick(name, f["venue"], f["price"], f["venue_ts_ns"], recv_ns)
+        if code != Code.OK:
+            self.counters[f"reject_{int(code)}"] += 1
+            return
+        self.counters["ticks"] += 1
+        self.publish(name, recv_ns, m.seq)
+        for e in events:
+            self.emit(e.code, e.instrument, e.detail)
+
+    def publish(self, name: str, recv_ns: int, tick_seq: int) -> None:
+        st = self.calc.state(name, recv_ns)
+        if st.mark is None:
+            return
+        if name in self.assets:
+            if not st.frozen:
+                self.store.publish_asset_price(self.assets[name], st.mark, recv_ns)
+            return
+        i = self.instruments[name]
+        pr = self.store.prices[i]
+        if st.frozen and name in self.frozen:
+            return                               # already published frozen
+        if st.frozen:
+            self.frozen.add(name)
+        else:
+            self.frozen.discard(name)
+            if float(pr["mark"]) == st.mark and not (int(pr["flags"]) & 1):
+                return                           # unchanged: no wake-up
+        self.store.publish_mark(i, st.mark, st.index if st.index is not None else st.mark,
+                                ts_ns=recv_ns, frozen=st.frozen, tick_seq=tick_seq)
+        self.ctl.ring_all()
+
+    def on_timer(self, now_ns: int) -> None:
+        for e in self.calc.on_timer(now_ns):
+            self.emit(e.code, e.instrument, e.detail)
+            if e.instrument in self.instruments or e.instrument in self.assets:
+                self.publish(e.instrument, now_ns, int(self.store.prices[self.instruments[e.instrument]]["tick_seq"])
+                             if e.instrument in self.instruments else 0)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_timer = time.time_ns() + self.timer_ns
+        while not self.ctl.shutdown:
+            timeout_ms = max(0, (next_timer - time.time_ns()) // 1_000_000)
+            if poller.poll(timeout_ms):
+                while True:
+                    try:
+                        frame = self.sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_frame(frame, time.time_ns())
+            now = time.time_ns()
+            if now >= next_timer:
+                self.on_timer(now)
+                next_timer = now + self.timer_ns
+        self.sock.close()
+        self.events.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="engine.runtime.markprice")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--oracle", required=True)
+    ap.add_argument("--events", required=True)
+    ap.add_argument("--assets", default="", help="comma-separated asset names, in table order")
+    ap.add_argument("--staleness-ms", type=int, default=5000)
+    ap.add_argument("--quorum", type=int, default=2)
+    ap.add_argument("--max-deviation", type=float, default=0.05)
+    ap.add_argument("--cpu", type=int, default=-1)
+    a = ap.parse_args(argv)
+    if a.cpu >= 0:
+        import os
+        os.sched_setaffinity(0, {a.cpu})
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    p = MarkPriceProcess(a.name, a.oracle, a.events,
+                         OracleParams(staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum,
+                                      max_deviation=a.max_deviation))
+    if a.assets:
+        p.set_asset_names(a.assets.split(","))
+    p.ctl.mark_ready(Role.MARKPRICE)
+    p.run()
+    print(json.dumps({"markprice": dict(p.counters)}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

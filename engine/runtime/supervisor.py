@@ -1,0 +1,190 @@
+"""Supervisor: creates the shared memory, starts and watches the engine's processes.
+
+Processes (``docs/architecture.md`` draws them)::
+
+    markprice  oracle ticks -> marks in shared memory, workers' doorbells rung
+    gateway    fills, deposits/withdrawals -> journal -> partition rings; order checks answered
+    worker N   pinned to a CPU, sole writer of its partitions; liquidation orders out
+    liqgw      worker orders -> matching engine; every process's events -> PUB
+
+Start-up order: shared memory and control segment, liqgw (orders and events sinks),
+workers, markprice, gateway; ``start`` returns once every process has bound its
+sockets (its pid is in the control header) and every worker has done its first
+margin pass (partition heartbeats), which is when systemd is told READY. A worker that
+dies is restarted on the same CPU with the same partitions; its replacement rolls back
+a half-applied record and takes the unapplied ones from the ring. ``stop``: intake
+stops, workers drain their rings, the journal is flushed, the shared memory is unlinked
+unless configured to be kept.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.config import Config
+from engine.runtime.ctl import Control, Role
+from engine.store.shm import Store
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+@dataclass
+class Child:
+    role: str
+    args: list[str]
+    cpu: int = -1
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    log: object = None
+
+
+@dataclass
+class Engine:
+    """One engine instance on this host."""
+
+    config: Config
+    n_workers: int | None = None
+    runtime_dir: str | None = None
+    python: str = sys.executable
+    quiet: bool = True
+    children: list[Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        e = self.config.engine
+        self.name = e.name
+        self.n_workers = self.n_workers or min(e.partitions, max(1, len(e.cpus) or 1))
+        self.runtime_dir = self.runtime_dir or self.config.endpoints.runtime_dir or \
+            os.path.join(tempfile.gettempdir(), f"margin-engine-{e.name}")
+        os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+        self.owner = [p % self.n_workers for p in range(e.partitions)]
+        self.store: Store | None = None
+        self.ctl: Control | None = None
+        self.internal = {k: f"ipc://{self.runtime_dir}/{k}.sock" for k in ("orders", "events", "replies")}
+        self.journal_path = os.path.join(self.runtime_dir, "fills.journal")
+
+    # ------------------------------------------------------------------ state
+    def create_state(self) -> Store:
+        e = self.config.engine
+        self.store = Store.create(e.name, assets=list(self.config.assets),
+                                  instruments=list(self.config.instruments),
+                                  accounts_capacity=e.accounts_capacity, n_partitions=e.partitions,
+                                  slots_per_account=e.slots_per_account, replace=True)
+        self.ctl = Control.create("/" + e.name + "-ctl", self.n_workers, e.partitions,
+                                  e.slots_per_account)
+        return self.store
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, child: Child) -> None:
+        out = subprocess.DEVNULL if self.quiet else None
+        child.log = open(os.path.join(self.runtime_dir, f"{child.role}.log"), "ab")
+        child.proc = subprocess.Popen([self.python, "-m", *child.args],
+                                      stdout=out, stderr=child.log, stdin=subprocess.DEVNULL,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start every process; return when all are ready (sockets bound, first pass done)."""
+        if self.store is None:
+            self.create_state()
+        e, ep = self.config.engine, self.config.endpoints
+        assets = ",".join(a.name for a in self.config.assets)
+        cpus = list(e.cpus)
+        name = e.name
+        self.children = [Child("liqgw", ["engine.runtime.liqgw", "--name", name,
+                                         "--orders-in", self.internal["orders"], "--orders-out", ep.orders,
+                                         "--events-in", self.internal["events"], "--events-out", ep.events])]
+        for w in range(self.n_workers):
+            parts = ",".join(str(p) for p in range(e.partitions) if self.owner[p] == w)
+            cpu = cpus[w % len(cpus)] if cpus else -1
+            self.children.append(Child(f"worker{w}", [
+                "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
+                "--cpu", str(cpu), "--wait", e.wait, "--orders", self.internal["orders"],
+                "--replies", self.internal["replies"]], cpu=cpu))
+        self.children.append(Child("markprice", ["engine.runtime.markprice", "--name", name,
+                                                 "--oracle", ep.oracle, "--events", self.internal["events"],
+                                                 "--assets", assets]))
+        self.children.append(Child("gateway", [
+            "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
+            "--replies", self.internal["replies"], "--events", self.internal["events"],
+            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets]))
+        t0 = time.time_ns()
+        for c in self.children:
+            self._spawn(c)
+        deadline = time.monotonic() + timeout_s
+        while not self.ready(t0):
+            self._check_alive(starting=True)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("engine processes did not become ready; see logs in " + self.runtime_dir)
+            time.sleep(0.02)
+        sd_notify("READY=1")
+
+    def ready(self, since_ns: int) -> bool:
+        pids = self.ctl.header[0]["ready_pid"]
+        if not all(int(pids[r]) for r in (Role.MARKPRICE, Role.GATEWAY, Role.LIQGW)):
+            return False
+        return bool(np.all(self.store.partitions["heartbeat_ns"] >= since_ns))
+
+    def _check_alive(self, starting: bool = False) -> list[str]:
+        """Restart dead workers (same CPU, same partitions); return what was restarted."""
+        restarted = []
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is not None:
+                if starting or not c.role.startswith("worker"):
+                    if starting:
+                        raise RuntimeError(f"{c.role} exited with {c.proc.returncode} during start-up; "
+                                           f"see {self.runtime_dir}/{c.role}.log")
+                    continue
+                c.restarts += 1
+                self._spawn(c)
+                restarted.append(c.role)
+        return restarted
+
+    def watch_once(self) -> list[str]:
+        """One supervision step: restart dead workers; keep systemd's watchdog fed."""
+        restarted = self._check_alive()
+        sd_notify("WATCHDOG=1")
+        return restarted
+
+    def worker_pid(self, w: int) -> int:
+        return next(c.proc.pid for c in self.children if c.role == f"worker{w}")
+
+    def stop(self, timeout_s: float = 10.0) -> dict:
+        """Stop intake, let workers drain, flush the journal, release the shared memory."""
+        sd_notify("STOPPING=1")
+        codes = {}
+        if self.ctl is not None:
+            self.ctl.request_shutdown()
+        deadline = time.monotonic() + timeout_s
+        for c in self.children:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+            codes[c.role] = c.proc.returncode
+            if c.log:
+                c.log.close()
+        if self.store is not None and not self.config.engine.keep_shm_on_exit:
+            self.store.unlink()
+            self.ctl.unlink()
+        return codes

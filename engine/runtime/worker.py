@@ -1,0 +1,265 @@
+"""Margin worker: the only writer of its partitions' accounts.
+
+Loop (one iteration per doorbell ring, or per timeout)::
+
+    1. prices   -- marks whose sequence number moved: incremental pass over their
+                   holders; each account newly in breach gets its liquidation orders,
+                   sent at once (the hot path)
+    2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
+                   each applied under undo protection, then the touched accounts are
+                   re-margined from scratch
+    3. upkeep   -- every ``full_pass_interval_s``: full pass and cache refresh (collateral
+                   price moves, float drift), heartbeat
+
+Started by the supervisor as ``python -m engine.runtime.worker`` with its partitions,
+CPU and wait strategy; pinned with ``os.sched_setaffinity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from engine import _shm
+from engine.codes import Code
+from engine.liquidation.decide import decide
+from engine.risk.margin import HolderIndex, full_pass, account_detail
+from engine.runtime.ctl import Control, RecordKind, UNDO_APPLYING, UNDO_IDLE
+from engine.store.layout import AccountFlag, PRICE_FROZEN
+from engine.store.shm import Store
+from feeds.protocol import MsgType, Sequencer
+
+WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
+REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
+
+
+class Worker:
+    def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
+                 orders_endpoint: str, replies_endpoint: str, full_pass_interval_s: float = 1.0,
+                 order_id_base: int = 0):
+        self.name = name
+        self.worker_id = worker_id
+        self.partitions = partitions
+        self.wait = WAITS[wait]
+        self.full_pass_interval_s = full_pass_interval_s
+        self.store = Store.attach(name, readonly=False)
+        self.ctl = Control.attach(name + "-ctl")
+        self.doorbell = self.ctl.doorbell_addr(worker_id)
+        self.zctx = zmq.Context.instance()
+        self.orders = self.zctx.socket(zmq.PUSH)
+        self.orders.setsockopt(zmq.LINGER, 1000)
+        self.orders.setsockopt(zmq.IMMEDIATE, 0)
+        self.orders.connect(orders_endpoint)
+        self.replies = self.zctx.socket(zmq.PUSH)
+        self.replies.setsockopt(zmq.LINGER, 1000)
+        self.replies.connect(replies_endpoint)
+        self.seq_orders = Sequencer()
+        self.seq_replies = Sequencer()
+        # Order ids: worker id in the top bits, so ids from different workers never clash
+        # and a restarted worker continues above what it sent before (time-based base).
+        self.next_order_id = order_id_base or ((worker_id + 1) << 52 | (time.time_ns() // 1000) & ((1 << 52) - 1))
+        self.breach = np.empty(65536, np.int64)
+        self.outstanding_since: dict[int, int] = {}
+        self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
+
+    # ------------------------------------------------------------------ start-up
+    def recover(self, p: int) -> None:
+        """Roll back a record the previous owner died applying (see engine/runtime/ctl.py)."""
+        u = self.ctl.undo[p][0]
+        if int(u["state"]) != UNDO_APPLYING:
+            return
+        read_idx, _ = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
+        if int(read_idx) == int(u["ref"]):      # not committed: restore, it is applied again
+            row = int(u["row"])
+            with self.store.writing(self.store.accounts, row):
+                acct = self.store.accounts[row]
+                saved = u["account"].copy()
+                for f in acct.dtype.names:
+                    if f != "seq":
+                        acct[f] = saved[f]
+                self.store.slots(row)[:] = u["slots"]
+            self.store.partitions[p]["fee_pool"][:] = u["fee_pool"]
+        u["state"] = UNDO_IDLE
+
+    def start(self) -> None:
+        for p in self.partitions:
+            self.recover(p)
+            self.store.partitions[p]["worker_pid"] = os.getpid()
+        self.index = {p: HolderIndex(self.store, p) for p in self.partitions}
+        self.upkeep(self.store.price_snapshot())
+        self.last_seqs = self.snap.price_seqs.copy()
+
+    def upkeep(self, snap) -> None:
+        """Full pass and cache refresh at one snapshot; clear stale outstanding flags."""
+        self.snap = snap
+        for p in self.partitions:
+            n, rows = full_pass(self.store, p, snap, max_listed=len(self.breach))
+            self.index[p].refresh(snap)
+            self.store.partitions[p]["heartbeat_ns"] = time.time_ns()
+            liq = set(rows.tolist())
+            for row in [r for r in self.outstanding_since if r not in liq and self._in(p, r)]:
+                self._set_outstanding(row, False)
+        self.counters["full_passes"] += 1
+        self.last_upkeep = time.monotonic()
+
+    def _in(self, p: int, row: int) -> bool:
+        lo = p * self.store.per_partition
+        return lo <= row < lo + self.store.per_partition
+
+    # ------------------------------------------------------------------ 1. prices
+    def on_prices(self, snap) -> None:
+        changed = np.flatnonzero(snap.price_seqs != self.last_seqs)
+        if not changed.size:
+            return
+        self.snap = snap
+        self.last_seqs = snap.price_seqs.copy()
+        for i in changed.tolist():
+            self.counters["ticks"] += 1
+            frozen = bool(snap.flags[i] & PRICE_FROZEN)
+            pr = self.store.prices[i]
+            tick_seq, tick_recv_ns = int(pr["tick_seq"]), int(pr["ts_ns"])
+            for p in self.partitions:
+                n = self.index[p].tick(i, snap, self.breach)
+                if n and not frozen:   # a frozen price pauses liquidations on it
+                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, tick_seq, tick_recv_ns)
+
+    def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int) -> None:
+        now = time.time_ns()
+        for row in rows.tolist():
+            since = self.outstanding_since.get(row)
+            if since is not None and now - since < REISSUE_AFTER_NS:
+                continue                     # first order for this breach still outstanding
+            for o in decide(self.store, row, snap):
+                decided = time.time_ns()
+                self.next_order_id += 1
+                fields = {"order_id": self.next_order_id & ((1 << 63) - 1), "account": o.account_id,
+                          "instrument_id": o.instrument, "qty_units": o.qty_units,
+                          "limit_price_units": o.limit_price_units, "reason": int(o.reason),
+                          "tick_seq": tick_seq, "tick_recv_ns": tick_recv_ns,
+                          "decided_ns": decided, "sent_ns": time.time_ns()}
+                self.orders.send(self.seq_orders.encode(MsgType.LIQUIDATION_ORDER, fields))
+                self.counters["orders"] += 1
+            self._set_outstanding(row, True)
+
+    def _set_outstanding(self, row: int, on: bool) -> None:
+        with self.store.writing(self.store.accounts, row) as a:
+            flags = int(a["flags"])
+            a["flags"] = flags | AccountFlag.LIQUIDATION_OUTSTANDING if on else \
+                flags & ~int(AccountFlag.LIQUIDATION_OUTSTANDING)
+        if on:
+            self.outstanding_since[row] = time.time_ns()
+        else:
+            self.outstanding_since.pop(row, None)
+
+    # ------------------------------------------------------------------ 2. commands
+    def drain(self, p: int, snap) -> int:
+        from engine.accounting.fills import apply_fill_leg
+
+        hdr = self.ctl.rings[p].ctypes.data
+        r, w = _shm.ring_pending(hdr)
+        if r == w:
+            return 0
+        recs = self.ctl.records[p]
+        cap = self.ctl.capacity
+        u = self.ctl.undo[p][0]
+        touched = set()
+        st = self.store
+        for idx in range(int(r), int(w)):
+            rec = recs[idx & (cap - 1)]
+            kind, row = int(rec["kind"]), int(rec["row"])
+            # Undo protection: copy, mark applying, apply, commit, mark idle.
+            u["row"], u["ref"] = row, idx
+            u["account"] = st.accounts[row]
+            u["slots"] = st.slots(row)
+            u["fee_pool"] = st.partitions[p]["fee_pool"]
+            u["state"] = UNDO_APPLYING
+            if kind == RecordKind.FILL_LEG:
+                apply_fill_leg(st, p, row, int(rec["instrument"]), int(rec["delta"]),
+                               int(rec["price"]), int(rec["fee"]))
+                touched.add(row)
+            elif kind in (RecordKind.DEPOSIT, RecordKind.WITHDRAWAL):
+                code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
+                self.replies.send(self.seq_replies.encode(
+                    MsgType.COLLATERAL_REPLY, {"request_id": int(rec["ref"]), "code": int(code),
+                                               "balance_units": bal}))
+                touched.add(row)
+            _shm.ring_commit(hdr, idx + 1)
+            u["state"] = UNDO_IDLE
+            with st.writing(st.partitions, p) as prow:
+                prow["fills_applied"] += 1
+                prow["last_fill_seq"] = int(rec["ref"])
+        for row in touched:
+            self.index[p].update_account(row, snap)
+            if row in self.outstanding_since:
+                self._set_outstanding(row, False)
+        self.counters["records"] += int(w - r)
+        return int(w - r)
+
+    def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
+        """Deposit credits; a withdrawal that would leave cross equity below cross initial
+        margin, or the balance below zero, is refused with a reason code."""
+        st = self.store
+        bal = int(st.accounts[row]["balance"][asset])
+        if kind == RecordKind.DEPOSIT:
+            st.set_balance(row, asset, bal + amount)
+            return Code.OK, bal + amount
+        if amount > bal:
+            return Code.WITHDRAWAL_INSUFFICIENT_BALANCE, bal
+        d = account_detail(st, row, snap)
+        value = amount / snap.asset_scale[asset] * snap.asset_px[asset] * (1 - snap.asset_haircut[asset])
+        if d.cross_equity_usd - value < d.cross_im_usd:
+            return Code.WITHDRAWAL_BELOW_INITIAL_MARGIN, bal
+        st.set_balance(row, asset, bal - amount)
+        return Code.OK, bal - amount
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        self.start()
+        seen = _shm.doorbell_value(self.doorbell)
+        while not self.ctl.shutdown:
+            seen = _shm.doorbell_wait(self.doorbell, seen, 100_000_000, self.wait)
+            snap = self.store.price_snapshot()
+            self.on_prices(snap)                                  # 1. hot path first
+            for p in self.partitions:                             # 2. commands
+                self.drain(p, snap)
+            if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
+                self.upkeep(self.store.price_snapshot())          # 3. upkeep
+                self.last_seqs = self.snap.price_seqs.copy()
+        for p in self.partitions:                                 # drain what is queued
+            self.drain(p, self.store.price_snapshot())
+        self.orders.close()
+        self.replies.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="engine.runtime.worker")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--worker", type=int, required=True)
+    ap.add_argument("--partitions", required=True, help="comma-separated partition numbers")
+    ap.add_argument("--cpu", type=int, default=-1)
+    ap.add_argument("--wait", default="blocking", choices=sorted(WAITS))
+    ap.add_argument("--orders", required=True)
+    ap.add_argument("--replies", required=True)
+    ap.add_argument("--full-pass-interval", type=float, default=1.0)
+    a = ap.parse_args(argv)
+    if a.cpu >= 0:
+        os.sched_setaffinity(0, {a.cpu})
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # the supervisor stops us via the ctl flag
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
+               orders_endpoint=a.orders, replies_endpoint=a.replies,
+               full_pass_interval_s=a.full_pass_interval)
+    w.run()
+    print(json.dumps({"worker": a.worker, **w.counters}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
