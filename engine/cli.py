@@ -48,6 +48,64 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
+def _load_config(path):
+    from engine.config import ConfigError, load, load_default
+
+    try:
+        return load(path) if path else load_default()
+    except ConfigError as e:
+        print(f"margin-engine: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_run(args) -> int:
+    import signal
+    import time
+
+    from engine.runtime.provision import provision
+    from engine.runtime.supervisor import Engine
+
+    cfg = _load_config(args.config)
+    if cfg is None:
+        return 2
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))   # handlers only enqueue
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    eng = Engine(cfg, n_workers=args.workers)
+    store = eng.create_state()
+    if args.demo_accounts:
+        provision(store, cfg, args.demo_accounts)
+    else:
+        for acct in range(1, args.accounts + 1):
+            store.add_account(acct)
+    eng.start()
+    print(f"margin-engine {cfg.engine.name}: running with {eng.n_workers} workers; "
+          f"oracle {cfg.endpoints.oracle}, fills {cfg.endpoints.fills}, checks {cfg.endpoints.checks}, "
+          f"orders {cfg.endpoints.orders}, events {cfg.endpoints.events}", file=sys.stderr)
+    try:
+        while not stop:
+            for role in eng.watch_once():
+                print(f"margin-engine: restarted {role}", file=sys.stderr)
+            time.sleep(0.1)
+    finally:
+        eng.stop()
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from engine.runtime.status import render, snapshot
+    from engine.store.shm import Store, StoreError
+
+    try:
+        store = Store.attach(args.name, readonly=True)
+    except StoreError as e:
+        print(f"margin-engine status: {e}", file=sys.stderr)
+        return 2
+    s = snapshot(store)
+    print(json.dumps(s, indent=2) if args.json else render(s))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="margin-engine", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("scenario", nargs="?", default=None,
                     help="scenario JSON file, '-' for stdin; default: the bundled example")
     ev.set_defaults(func=_cmd_evaluate)
+
+    run = sub.add_parser("run", help="run the engine on a configuration until SIGTERM / Ctrl-C")
+    run.add_argument("--config", default=None, help="TOML file; default: the embedded default")
+    run.add_argument("--workers", type=int, default=None)
+    run.add_argument("--accounts", type=int, default=1000, help="provision empty accounts 1..N")
+    run.add_argument("--demo-accounts", type=int, default=0,
+                     help="instead, provision N funded accounts with positions (demo data)")
+    run.set_defaults(func=_cmd_run)
+
+    st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")
+    st.add_argument("--name", default="margin-engine", help="the engine's shared-memory name")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
     bsub = bench.add_subparsers(dest="bench", required=True)

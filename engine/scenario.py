@@ -38,7 +38,7 @@ def _finite(value, where: str) -> float:
     except ValueError as e:
         raise ScenarioError(str(e)) from None
     except OverflowError:
-        raise ScenarioError(f"{where}: {value!r} is out of range") from None
+        raise ScenarioError(f"{where}: out of range (too large for a double)") from None
 
 
 def _scale(value, where: str) -> int:
@@ -217,6 +217,18 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
     return assets, instruments, accounts
 
 
+def _check_finite(result: dict, where: str) -> None:
+    """Refuse an account whose figures overflowed a double (prices or amounts so large
+    that a product is infinite): the output must be valid JSON."""
+    figures = [(f"{where}.{key}", v) for key, v in result.items() if isinstance(v, float)]
+    for j, pos in enumerate(result["positions"]):
+        figures += [(f"{where}.positions[{j}].{key}", v) for key, v in pos.items() if isinstance(v, float)]
+    for name, v in figures:
+        if not math.isfinite(v):
+            raise ScenarioError(f"{name}: evaluates to {v}; a price or amount of this account "
+                                f"is out of range")
+
+
 def evaluate(doc) -> dict:
     """Evaluate a scenario document; return ``{"accounts": [...]}`` (see docs/evaluate.md)."""
     assets, instruments, accounts = parse(doc)
@@ -254,6 +266,7 @@ def evaluate(doc) -> dict:
                     "bankruptcy_price": p.bankruptcy_price,
                 } for p in d.positions],
             })
+            _check_finite(out[-1], f"accounts[{k}]")
         return {"accounts": out}
     finally:
         store.detach()

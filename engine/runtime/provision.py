@@ -2,7 +2,7 @@
 
 ``provision(store, config, n_accounts, seed)`` creates accounts ``1..n`` with USDT
 (and some BTC) collateral and up to three cross positions at leverages drawn from 2x
-to 60x, entries near the current marks; a house account (``HOUSE_ACCOUNT``, the
+to 25x (split over the positions), entries near the current marks; a house account (``HOUSE_ACCOUNT``, the
 backstop liquidity provider) holds the opposite of every position, so open interest
 nets to zero per instrument and money is conserved from the first fill on.
 """
@@ -32,7 +32,7 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def provision(store: Store, config: Config, n_accounts: int, seed: int = 7,
-              instruments: list[str] | None = None, max_leverage: float = 60.0) -> None:
+              instruments: list[str] | None = None, max_leverage: float = 25.0) -> None:
     """Create ``n_accounts`` trading accounts and the house account (see module doc)."""
     rng = np.random.default_rng(seed)
     names = instruments or [i.name for i in config.instruments if i.kind in (Kind.PERP, Kind.FUTURE)]

@@ -1,0 +1,71 @@
+"""Read-only view of a running engine: ``margin-engine status``.
+
+Attaches to the engine's shared memory read-only, copies rows under their seqlocks,
+and summarizes prices, accounts at risk and the partitions' counters.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from engine.store.layout import PRICE_FROZEN, Status
+from engine.store.shm import Store
+
+
+def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
+    """Prices, account counts by status, the accounts nearest liquidation, partition counters."""
+    now = time.time_ns()
+    prices = []
+    for i, ins in enumerate(store.instruments):
+        p = store.read(store.prices, i)
+        prices.append({"instrument": bytes(ins["name"]).rstrip(b"\0").decode(), "mark": float(p["mark"]),
+                       "index": float(p["index"]), "price_seq": int(p["price_seq"]),
+                       "frozen": bool(int(p["flags"]) & PRICE_FROZEN),
+                       "age_ms": round((now - int(p["ts_ns"])) / 1e6, 1)})
+    rows = np.concatenate([np.arange(*store.partition_rows(p)) for p in range(store.n_partitions)])
+    acc = store.accounts[rows]       # a racy bulk copy for counting; the top list is re-read below
+    eq, mm = acc["cross_equity_usd"], acc["cross_mm_usd"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(eq > 0, mm / eq, np.inf)
+    st = acc["status"]
+    worst = rows[np.argsort(-ratio)[:top]]
+    near = []
+    for r in worst.tolist():
+        a = store.read(store.accounts, r)
+        e, m = float(a["cross_equity_usd"]), float(a["cross_mm_usd"])
+        near.append({"account": int(a["account_id"]), "equity_usd": round(e, 2), "maintenance_usd": round(m, 2),
+                     "margin_ratio": round(m / e, 4) if e > 0 else None, "status": Status(int(a["status"])).name or "HEALTHY"})
+    parts = []
+    for p in range(store.n_partitions):
+        row = store.read(store.partitions, p)
+        parts.append({"partition": p, "accounts": int(row["n_accounts"]), "records_applied": int(row["fills_applied"]),
+                      "heartbeat_age_ms": round((now - int(row["heartbeat_ns"])) / 1e6, 1),
+                      "worker_pid": int(row["worker_pid"])})
+    return {
+        "engine": store.name, "accounts": int(len(rows)),
+        "liquidatable": int(np.count_nonzero(st & (Status.LIQUIDATABLE | Status.ISOLATED_LIQUIDATABLE))),
+        "below_initial_margin": int(np.count_nonzero(st & Status.BELOW_IM)),
+        "near_liquidation": int(np.count_nonzero((ratio >= near_ratio) & (ratio < 1))),
+        "prices": prices, "nearest_liquidation": near, "partitions": parts,
+    }
+
+
+def render(s: dict) -> str:
+    lines = [f"engine {s['engine']}: {s['accounts']:,} accounts, {s['liquidatable']} liquidatable, "
+             f"{s['near_liquidation']} near liquidation (margin ratio >= 0.8), "
+             f"{s['below_initial_margin']} below initial margin", "",
+             f"{'instrument':<24}{'mark':>14}{'index':>14}{'seq':>8}  state"]
+    for p in s["prices"]:
+        lines.append(f"{p['instrument']:<24}{p['mark']:>14.2f}{p['index']:>14.2f}{p['price_seq']:>8}  "
+                     f"{'FROZEN' if p['frozen'] else 'live'} ({p['age_ms']} ms)")
+    lines += ["", f"{'account':>10}{'equity USD':>16}{'maint USD':>14}{'ratio':>9}  status"]
+    for a in s["nearest_liquidation"]:
+        lines.append(f"{a['account']:>10}{a['equity_usd']:>16,.2f}{a['maintenance_usd']:>14,.2f}"
+                     f"{a['margin_ratio'] if a['margin_ratio'] is not None else 'inf':>9}  {a['status']}")
+    lines += ["", f"{'partition':>10}{'accounts':>10}{'records':>10}{'heartbeat':>12}{'pid':>9}"]
+    for p in s["partitions"]:
+        lines.append(f"{p['partition']:>10}{p['accounts']:>10}{p['records_applied']:>10}"
+                     f"{p['heartbeat_age_ms']:>10} ms{p['worker_pid']:>9}")
+    return "\n".join(lines)
