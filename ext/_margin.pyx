@@ -30,7 +30,7 @@ from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionR
                      KIND_PERP, KIND_FUTURE, KIND_OPTION, KIND_INVERSE_PERP, KIND_INVERSE_FUTURE,
                      MODE_CROSS, MODE_ISOLATED, ACCOUNT_FLAG_ISOLATED_DEFAULT, STATUS_BELOW_IM, STATUS_LIQUIDATABLE,
                      STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
-from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end
+from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw
 
 # Result codes (the numbers of engine.codes.Code).
 cdef enum:
@@ -48,11 +48,8 @@ cdef inline int tier_index(const InstrumentRow *ins, double notional) noexcept n
     """Return the last tier k with floor_k <= notional (tier 0 when none)."""
     cdef int k = 0
     cdef int t
-    for t in range(1, ins.n_tiers):
-        if ins.tier_floor[t] <= notional:
-            k = t
-        else:
-            break
+    for t in range(1, ins.n_tiers):      # floors increase: count those at or below (no branch)
+        k += ins.tier_floor[t] <= notional
     return k
 
 
@@ -240,48 +237,44 @@ cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c
     return v
 
 
-def tick_holders(size_t instrument_addr, size_t accounts_addr, double mark, double underlying_mark,
+def tick_holders(size_t instrument_addr, double mark, double underlying_mark,
                  double px_settle, const int64_t[::1] h_row, const int32_t[::1] h_mode,
                  const double[::1] h_qty, const double[::1] h_cost, const double[::1] h_iso,
                  double[::1] h_upnl_usd, double[::1] h_im_usd, double[::1] h_mm_usd,
-                 int64_t n, int64_t[::1] out_rows):
+                 int64_t n, double[:, ::1] agg, int64_t row_base, int64_t[::1] out_rows):
     """Incremental pass for one instrument's new mark: touch only its holders.
 
-    For a cross holder the account's aggregates move by the change of this position's
-    cached values: ``equity += upnl' - upnl``, ``MM += MM' - MM``, ``IM += IM' - IM``,
-    under the row's seqlock; the status is recomputed from them. For an isolated holder,
-    ``iso + upnl' < MM'`` raises the isolated bit (the full pass clears it). Returns the
-    number of breaching holders; their rows go to ``out_rows`` (first ``len`` of them).
+    ``agg[row - row_base]`` holds each account's ``(cross equity, cross IM, cross MM)``
+    in USD: the owning worker's private, compact copy of the account aggregates
+    (32 bytes a row, so one cache line per holder; the shared-memory rows are refreshed
+    by every full pass and every fill). For a cross holder the aggregates move by the
+    change of this position's cached values: ``equity += upnl' - upnl``,
+    ``IM += IM' - IM``, ``MM += MM' - MM``; breach is ``equity < MM``. For an isolated
+    holder, ``iso px_s + upnl' < MM'``. Returns the number of breaching holders; their
+    rows go to ``out_rows`` (first ``len`` of them).
     """
     cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
-    cdef AccountRow *accounts = <AccountRow *>accounts_addr
-    cdef AccountRow *a
-    cdef int64_t h, n_breach = 0, cap = out_rows.shape[0]
+    cdef int64_t h, a, n_breach = 0, cap = out_rows.shape[0], ahead
     cdef PosValues v
     cdef double up, im, mm
     cdef bint breach
     with nogil:
         for h in range(n):
+            ahead = h + 16
+            if ahead < n:
+                me_prefetch_rw(&agg[h_row[ahead] - row_base, 0])
             v = holder_values(ins, h_qty[h], h_cost[h], mark, underlying_mark)
             up = v.upnl * px_settle
             im = v.im * px_settle
             mm = v.mm * px_settle
-            a = &accounts[h_row[h]]
             if h_mode[h] == MODE_CROSS:
-                me_seqlock_write_begin(&a.seq)
-                a.cross_equity_usd += up - h_upnl_usd[h]
-                a.cross_im_usd += im - h_im_usd[h]
-                a.cross_mm_usd += mm - h_mm_usd[h]
-                a.status = (a.status & STATUS_ISOLATED_LIQUIDATABLE) | cross_status(
-                    a.cross_equity_usd, a.cross_im_usd, a.cross_mm_usd)
-                me_seqlock_write_end(&a.seq)
-                breach = a.cross_equity_usd < a.cross_mm_usd
+                a = h_row[h] - row_base
+                agg[a, 0] += up - h_upnl_usd[h]
+                agg[a, 1] += im - h_im_usd[h]
+                agg[a, 2] += mm - h_mm_usd[h]
+                breach = agg[a, 0] < agg[a, 2]
             else:
                 breach = h_iso[h] * px_settle + up < mm
-                if breach:
-                    me_seqlock_write_begin(&a.seq)
-                    a.status = a.status | STATUS_ISOLATED_LIQUIDATABLE
-                    me_seqlock_write_end(&a.seq)
             h_upnl_usd[h] = up
             h_im_usd[h] = im
             h_mm_usd[h] = mm
@@ -466,3 +459,42 @@ def pretrade_check(size_t instruments_addr, size_t account_addr, size_t slots_ad
     if ok or reducing:
         return (CODE_OK, post_eq, post_im)
     return (CODE_CHECK_INSUFFICIENT_MARGIN, post_eq, post_im)
+
+
+def holder_triggers(size_t instrument_addr, double px_settle,
+                    const int64_t[::1] h_row, const int32_t[::1] h_mode, const double[::1] h_qty,
+                    const double[::1] h_cost, const double[::1] h_iso, const double[::1] h_upnl_usd,
+                    const double[::1] h_mm_usd, int64_t n, const double[:, ::1] agg, int64_t row_base,
+                    double[::1] out_trigger):
+    """Trigger price of every holder of one instrument: the mark at which it breaches.
+
+    Cross: ``liquidation_price`` with the rest of the account held at its current
+    aggregates (``agg``, as in ``tick_holders``), ``e0 = equity - upnl``, ``m0 = MM - mm`` (both unchanged by this
+    instrument's own moves, so the trigger stays exact while only this mark moves).
+    Isolated: ``e0 = iso px_s``, ``m0 = 0``. A long breaches at ``mark <= trigger``, a
+    short at ``mark >= trigger``; no trigger is written as -inf (long) / +inf (short),
+    an account already in breach as +inf (long) / -inf (short) so any tick finds it.
+    """
+    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
+    cdef int64_t h, a
+    cdef double e0, m0, t, q
+    with nogil:
+        for h in range(n):
+            q = h_qty[h]
+            a = h_row[h] - row_base
+            if h_mode[h] == MODE_CROSS:
+                e0 = agg[a, 0] - h_upnl_usd[h]
+                m0 = agg[a, 2] - h_mm_usd[h]
+                if agg[a, 0] < agg[a, 2]:
+                    out_trigger[h] = INFINITY if q > 0 else -INFINITY
+                    continue
+            else:
+                e0 = h_iso[h] * px_settle
+                m0 = 0.0
+                if e0 + h_upnl_usd[h] < h_mm_usd[h]:
+                    out_trigger[h] = INFINITY if q > 0 else -INFINITY
+                    continue
+            t = liquidation_price(ins, q, h_cost[h], px_settle, e0, m0)
+            if isnan(t):
+                t = -INFINITY if q > 0 else INFINITY
+            out_trigger[h] = t

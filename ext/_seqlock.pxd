@@ -10,6 +10,7 @@ cdef extern from "seqlock.h" nogil:
     uint64_t me_atomic_load_u64(const uint64_t *p)
     void me_atomic_store_u64(uint64_t *p, uint64_t v)
     uint64_t me_atomic_add_u64(uint64_t *p, uint64_t v)
+    void me_prefetch_rw(const void *p)
 
 cdef extern from "doorbell.h" nogil:
     ctypedef struct me_doorbell:

@@ -66,6 +66,11 @@ static inline int64_t me_seqlock_copy(const void *row, void *out, size_t nbytes,
     return -1;
 }
 
+/* Hint: the line at p will be written soon (hides the memory wait of a scattered walk). */
+static inline void me_prefetch_rw(const void *p) {
+    __builtin_prefetch(p, 1, 3);
+}
+
 static inline uint64_t me_atomic_load_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }

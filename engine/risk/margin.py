@@ -179,10 +179,12 @@ class HolderIndex:
     """Per-partition instrument -> holders index, compact for the incremental tick.
 
     For each instrument, parallel arrays over its holders (structure of arrays, sorted by
-    account row so the pass walks the account table forward): account row, margin mode,
+    account row so the pass walks the aggregates forward): account row, margin mode,
     quantity (contracts), cost and isolated margin (settle asset), and the position's
     cached upnl / IM / MM in USD as last added into the account's aggregates. A tick on
-    instrument ``i`` reads only ``i``'s arrays and the account rows they point to.
+    instrument ``i`` reads only ``i``'s arrays and the private aggregate rows (``agg``,
+    32 bytes per account) they point to; the shared-memory account rows are rewritten by
+    the full pass and after fills.
 
     The index is derived state: built from the positions in shared memory, owned by the
     partition's worker (the only writer of those positions), rebuilt on restart.
@@ -198,6 +200,13 @@ class HolderIndex:
         self.arrays: list[dict[str, np.ndarray]] = []
         self.counts = np.zeros(len(store.instruments), np.int64)
         self._scratch = np.empty(1, np.int64)
+        self.row_base = partition * store.per_partition
+        # Private, compact account aggregates (cross equity, IM, MM, spare) in USD: what the
+        # incremental pass moves tick by tick (see _margin.tick_holders).
+        self.agg = np.zeros((store.per_partition, 4))
+        empty = (np.empty(0), np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
+        self.triggers = [empty] * len(store.instruments)
+        self.dirty = np.ones(len(store.instruments), bool)
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -232,6 +241,59 @@ class HolderIndex:
         self._rows: dict[int, set[int]] = {}        # row -> instruments it holds
         for (r, i) in self.where:
             self._rows.setdefault(r, set()).add(i)
+
+    # ------------------------------------------------------------------ trigger prices
+    def refresh_triggers(self, instrument: int, snap: PriceSnapshot) -> None:
+        """Recompute and sort one instrument's trigger prices (off the hot path).
+
+        Longs sorted ascending by trigger (they breach when ``mark <= trigger``), shorts
+        likewise (breach when ``mark >= trigger``); each with its account rows.
+        """
+        st = self.store
+        a = self.arrays[instrument]
+        n = int(self.counts[instrument])
+        trig = np.empty(n)
+        settle = int(st.instruments[instrument]["settle_asset"])
+        _margin.holder_triggers(st.addr(st.instruments, instrument), float(snap.asset_px[settle]),
+                                a["row"], a["mode"], a["qty"], a["cost"], a["iso"], a["upnl_usd"],
+                                a["mm_usd"], n, self.agg, self.row_base, trig)
+        q = a["qty"][:n]
+        longs, shorts = np.flatnonzero(q > 0), np.flatnonzero(q < 0)
+        lo = longs[np.argsort(trig[longs], kind="stable")]
+        so = shorts[np.argsort(trig[shorts], kind="stable")]
+        rows = a["row"][:n]
+        self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
+        self.dirty[instrument] = False
+
+    def candidates(self, instrument: int, mark: float) -> np.ndarray:
+        """Account rows whose trigger the mark has crossed, most breached first.
+
+        Two binary searches: cost independent of the number of holders. Exact while only
+        this instrument has moved since the triggers were refreshed; the incremental pass
+        that follows catches what stale triggers miss.
+        """
+        long_t, long_rows, short_t, short_rows = self.triggers[instrument]
+        k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
+        j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
+        if k == len(long_t):
+            return short_rows[:j]
+        if j == 0:
+            return long_rows[k:][::-1]
+        return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
+
+    def refresh_dirty_triggers(self, snap: PriceSnapshot, limit: int | None = None) -> int:
+        """Refresh up to ``limit`` stale trigger tables; return how many were refreshed."""
+        todo = np.flatnonzero(self.dirty).tolist()[:limit]
+        for i in todo:
+            self.refresh_triggers(i, snap)
+        return len(todo)
+
+    def _load_agg(self, lo: int, hi: int) -> None:
+        acc = self.store.accounts[lo:hi]
+        b = self.row_base
+        self.agg[lo - b:hi - b, 0] = acc["cross_equity_usd"]
+        self.agg[lo - b:hi - b, 1] = acc["cross_im_usd"]
+        self.agg[lo - b:hi - b, 2] = acc["cross_mm_usd"]
 
     def _grow(self, instrument: int) -> dict[str, np.ndarray]:
         arr = self.arrays[instrument]
@@ -282,6 +344,8 @@ class HolderIndex:
         _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
                           st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
                           snap.asset_haircut, snap.asset_scale, self._scratch)
+        self._load_agg(row, row + 1)
+        self.dirty[:] = True
 
     def _remove(self, row: int, instrument: int) -> None:
         h = self.where.pop((row, instrument))
@@ -298,8 +362,12 @@ class HolderIndex:
         return int(self.counts[instrument])
 
     def refresh(self, snap: PriceSnapshot) -> None:
-        """Recompute every cached upnl / IM / MM at ``snap`` (call with the full pass's snapshot)."""
+        """Recompute every cached upnl / IM / MM at ``snap`` and reload the aggregates from
+        the account rows (call right after the full pass, with its snapshot)."""
         st = self.store
+        lo, hi = st.partition_rows(self.partition)
+        self._load_agg(lo, hi)
+        self.dirty[:] = True
         for i, arr in enumerate(self.arrays):
             ins = st.instruments[i]
             settle = int(ins["settle_asset"])
@@ -323,11 +391,10 @@ class HolderIndex:
         settle = int(ins["settle_asset"])
         under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
         a = self.arrays[instrument]
-        return _margin.tick_holders(st.addr(st.instruments, instrument), st.addr(st.accounts),
-                                    mark, float(under), float(snap.asset_px[settle]),
-                                    a["row"], a["mode"], a["qty"], a["cost"], a["iso"],
-                                    a["upnl_usd"], a["im_usd"], a["mm_usd"],
-                                    int(self.counts[instrument]), out)
+        return _margin.tick_holders(st.addr(st.instruments, instrument), mark, float(under),
+                                    float(snap.asset_px[settle]), a["row"], a["mode"], a["qty"],
+                                    a["cost"], a["iso"], a["upnl_usd"], a["im_usd"], a["mm_usd"],
+                                    int(self.counts[instrument]), self.agg, self.row_base, out)
 
 
 def pretrade_check_consistent(store: Store, row: int, instrument: int, qty_units: int, price: float,

@@ -126,9 +126,18 @@ class Worker:
             pr = self.store.prices[i]
             tick_seq, tick_recv_ns = int(pr["tick_seq"]), int(pr["ts_ns"])
             for p in self.partitions:
-                n = self.index[p].tick(i, snap, self.breach)
-                if n and not frozen:   # a frozen price pauses liquidations on it
+                idx = self.index[p]
+                if not frozen:          # a frozen price pauses liquidations on it
+                    # 1a. hot path: trigger prices crossed (two binary searches), verified
+                    #     and sent before anything else
+                    self.liquidate(idx.candidates(i, float(snap.marks[i])), snap, tick_seq, tick_recv_ns)
+                # 1b. every holder's aggregates move; breaches the triggers missed (stale
+                #     ones, after other prices moved) are found and sent here
+                n = idx.tick(i, snap, self.breach)
+                if n and not frozen:
                     self.liquidate(self.breach[: min(n, len(self.breach))], snap, tick_seq, tick_recv_ns)
+                # Other instruments' triggers of these holders drift with this mark; they
+                # are recomputed with every upkeep (3.), the pass above covers the interval.
 
     def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int) -> None:
         now = time.time_ns()
@@ -136,7 +145,8 @@ class Worker:
             since = self.outstanding_since.get(row)
             if since is not None and now - since < REISSUE_AFTER_NS:
                 continue                     # first order for this breach still outstanding
-            for o in decide(self.store, row, snap):
+            orders = decide(self.store, row, snap)
+            for o in orders:
                 decided = time.time_ns()
                 self.next_order_id += 1
                 fields = {"order_id": self.next_order_id & ((1 << 63) - 1), "account": o.account_id,
@@ -146,7 +156,8 @@ class Worker:
                           "decided_ns": decided, "sent_ns": time.time_ns()}
                 self.orders.send(self.seq_orders.encode(MsgType.LIQUIDATION_ORDER, fields))
                 self.counters["orders"] += 1
-            self._set_outstanding(row, True)
+            if orders:
+                self._set_outstanding(row, True)
 
     def _set_outstanding(self, row: int, on: bool) -> None:
         with self.store.writing(self.store.accounts, row) as a:
@@ -232,6 +243,10 @@ class Worker:
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
                 self.upkeep(self.store.price_snapshot())          # 3. upkeep
                 self.last_seqs = self.snap.price_seqs.copy()
+            if _shm.doorbell_value(self.doorbell) == seen:        # idle: one stale trigger table
+                for idx in self.index.values():
+                    if idx.refresh_dirty_triggers(self.snap, limit=1):
+                        break
         for p in self.partitions:                                 # drain what is queued
             self.drain(p, self.store.price_snapshot())
         self.orders.close()

@@ -1,0 +1,1 @@
+"""Benchmarks: ``margin-engine bench ...`` (results under bench/results/)."""
