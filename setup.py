@@ -38,7 +38,7 @@ def kernel(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [kernel("_margin"), kernel("_shm")],
+        [kernel("_margin"), kernel("_shm"), kernel("_fills")],
         include_path=["ext"],
         compiler_directives=directives,
         build_dir="build/cython",

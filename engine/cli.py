@@ -27,7 +27,7 @@ def _cmd_evaluate(args) -> int:
     except OSError as e:
         print(f"margin-engine evaluate: cannot read {args.scenario}: {e.strerror}", file=sys.stderr)
         return 2
-    except json.JSONDecodeError as e:
+    except ValueError as e:   # JSONDecodeError, and int literals past Python's digit limit
         print(f"margin-engine evaluate: {args.scenario}: not valid JSON: {e}", file=sys.stderr)
         return 2
     try:

@@ -153,7 +153,10 @@ def finite_number(value, where: str) -> float:
     """Return ``value`` as a finite float, or raise ``ValueError`` naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: must be a number, got {type(value).__name__}")
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ValueError(f"{where}: out of range for a float64") from None
     if not math.isfinite(f):
         raise ValueError(f"{where}: must be finite, got {value!r}")
     return f

@@ -20,7 +20,7 @@ import enum
 import numpy as np
 
 MAGIC = int.from_bytes(b"MRGNENG\x00", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAX_TIERS = 16
 MAX_ASSETS = 8
 PAGE = 4096
@@ -56,7 +56,7 @@ HEADER = np.dtype([
     ("off_assets", "<i8"), ("off_instruments", "<i8"), ("off_prices", "<i8"),
     ("off_partitions", "<i8"), ("off_accounts", "<i8"), ("off_positions", "<i8"),
     ("price_seq", "<u8"),          # bumped (atomically) after every published mark
-    ("_pad1", "<i8", (15,)),
+    ("_pad1", "<i8", (16,)),
 ])  # 256 bytes
 
 ASSET = np.dtype([

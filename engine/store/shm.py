@@ -330,13 +330,13 @@ class Store:
         slots = self.slots(row)
         used = slots[:n]
         hit = np.flatnonzero(used["instrument"] == instrument)
+        if not hit.size and n >= self.slots_per_account:       # refuse before touching the row
+            raise CapacityError(Code.STORE_CAPACITY_POSITIONS,
+                                f"account row {row}: all {self.slots_per_account} position slots used")
         with self.writing(self.accounts, row):
             if hit.size:
                 slot = int(hit[0])
             else:
-                if n >= self.slots_per_account:
-                    raise CapacityError(Code.STORE_CAPACITY_POSITIONS,
-                                        f"account row {row}: all {self.slots_per_account} position slots used")
                 slot = n
                 acct["n_positions"] = n + 1
                 n += 1
