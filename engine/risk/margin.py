@@ -90,6 +90,8 @@ class CheckResult:
 def _checked_snapshot(store: Store, snap: PriceSnapshot | None) -> PriceSnapshot:
     if snap is None:
         snap = store.price_snapshot()
+    if snap.checked:
+        return snap
     n_i = len(store.instruments)
     if snap.marks.shape != (n_i,) or snap.marks.dtype != np.float64:
         raise ValueError(f"price snapshot: need {n_i} float64 marks")
@@ -99,6 +101,7 @@ def _checked_snapshot(store: Store, snap: PriceSnapshot | None) -> PriceSnapshot
     n_a = len(store.assets)
     if not np.all(np.isfinite(snap.asset_px[:n_a])) or np.any(snap.asset_px[:n_a] <= 0):
         raise ValueError("price snapshot: every asset price must be finite and > 0")
+    snap.checked = True
     return snap
 
 
@@ -134,12 +137,11 @@ def account_detail(store: Store, row: int, snap: PriceSnapshot | None = None) ->
     vals = _margin.account_detail(store.addr(store.instruments), store.addr(store.accounts, row),
                                   store.addr(store.positions, row * store.slots_per_account),
                                   snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale, out)
-    slots = store.slots(row)
+    slots = store.slots(row)[:n][["instrument", "mode", "qty"]].tolist()
+    vals_out = out.tolist()
     positions = tuple(
-        PositionDetail(i, int(slots[i]["instrument"]), int(slots[i]["mode"]), int(slots[i]["qty"]),
-                       float(out[i, 0]), float(out[i, 1]), float(out[i, 2]), float(out[i, 3]),
-                       _opt(out[i, 4]), _opt(out[i, 5]))
-        for i in range(n))
+        PositionDetail(i, ins, mode, qty, v[0], v[1], v[2], v[3], _opt(v[4]), _opt(v[5]))
+        for i, ((ins, mode, qty), v) in enumerate(zip(slots, vals_out)))
     return AccountDetail(row, *[float(v) for v in vals[:9]], Status(int(vals[9])), positions)
 
 

@@ -116,7 +116,7 @@ class Engine:
             self.children.append(Child(f"worker{w}", [
                 "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
                 "--cpu", str(cpu), "--wait", e.wait, "--orders", self.internal["orders"],
-                "--replies", self.internal["replies"]], cpu=cpu))
+                "--replies", self.internal["replies"], "--events", self.internal["events"]], cpu=cpu))
         self.children.append(Child("markprice", ["engine.runtime.markprice", "--name", name,
                                                  "--oracle", ep.oracle, "--events", self.internal["events"],
                                                  "--assets", assets]))

@@ -42,8 +42,8 @@ REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach aft
 
 class Worker:
     def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
-                 orders_endpoint: str, replies_endpoint: str, full_pass_interval_s: float = 1.0,
-                 order_id_base: int = 0):
+                 orders_endpoint: str, replies_endpoint: str, events_endpoint: str | None = None,
+                 full_pass_interval_s: float = 1.0, order_id_base: int = 0):
         self.name = name
         self.worker_id = worker_id
         self.partitions = partitions
@@ -60,8 +60,16 @@ class Worker:
         self.replies = self.zctx.socket(zmq.PUSH)
         self.replies.setsockopt(zmq.LINGER, 1000)
         self.replies.connect(replies_endpoint)
+        self.events = None
+        if events_endpoint:
+            self.events = self.zctx.socket(zmq.PUSH)
+            self.events.setsockopt(zmq.LINGER, 500)
+            self.events.setsockopt(zmq.SNDHWM, 10000)
+            self.events.connect(events_endpoint)
+        self.names = [bytes(r["name"]).rstrip(b"\0").decode() for r in self.store.instruments]
         self.seq_orders = Sequencer()
         self.seq_replies = Sequencer()
+        self.seq_events = Sequencer()
         # Order ids: worker id in the top bits, so ids from different workers never clash
         # and a restarted worker continues above what it sent before (time-based base).
         self.next_order_id = order_id_base or ((worker_id + 1) << 52 | (time.time_ns() // 1000) & ((1 << 52) - 1))
@@ -146,6 +154,7 @@ class Worker:
             if since is not None and now - since < REISSUE_AFTER_NS:
                 continue                     # first order for this breach still outstanding
             orders = decide(self.store, row, snap)
+            sent = []
             for o in orders:
                 decided = time.time_ns()
                 self.next_order_id += 1
@@ -156,8 +165,25 @@ class Worker:
                           "decided_ns": decided, "sent_ns": time.time_ns()}
                 self.orders.send(self.seq_orders.encode(MsgType.LIQUIDATION_ORDER, fields))
                 self.counters["orders"] += 1
+                sent.append(fields)
+            for fields in sent:         # after every order of this account is out: tell operators
+                self.event(fields)
             if orders:
                 self._set_outstanding(row, True)
+
+    def event(self, order: dict) -> None:
+        """An ENGINE_EVENT per liquidation order (code = its reason), detail in JSON."""
+        if self.events is None:
+            return
+        detail = json.dumps({"order_id": order["order_id"], "qty_units": order["qty_units"],
+                             "limit_price_units": order["limit_price_units"], "tick_seq": order["tick_seq"],
+                             "tick_to_sent_us": round((order["sent_ns"] - order["tick_recv_ns"]) / 1e3, 1)})
+        try:
+            self.events.send(self.seq_events.encode(MsgType.ENGINE_EVENT, {
+                "code": order["reason"], "instrument": self.names[order["instrument_id"]],
+                "account": order["account"], "detail": detail}), zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["events_dropped"] += 1
 
     def _set_outstanding(self, row: int, on: bool) -> None:
         with self.store.writing(self.store.accounts, row) as a:
@@ -251,6 +277,8 @@ class Worker:
             self.drain(p, self.store.price_snapshot())
         self.orders.close()
         self.replies.close()
+        if self.events is not None:
+            self.events.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", default="blocking", choices=sorted(WAITS))
     ap.add_argument("--orders", required=True)
     ap.add_argument("--replies", required=True)
+    ap.add_argument("--events", default=None)
     ap.add_argument("--full-pass-interval", type=float, default=1.0)
     a = ap.parse_args(argv)
     if a.cpu >= 0:
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)     # the supervisor stops us via the ctl flag
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
-               orders_endpoint=a.orders, replies_endpoint=a.replies,
+               orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval)
     w.run()
     print(json.dumps({"worker": a.worker, **w.counters}), file=sys.stderr)

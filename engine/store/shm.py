@@ -87,6 +87,10 @@ class Store:
         self.accounts = section("off_accounts", L.ACCOUNT, self.accounts_cap)
         self.positions = section("off_positions", L.POSITION, self.accounts_cap * self.slots_per_account)
         self._row_of: dict[int, int] | None = None
+        # Base address of each table, by identity: ``addr`` is on the hot path.
+        self._base = {id(t): (t.ctypes.data, t.dtype.itemsize, len(t))
+                      for t in (self.assets, self.instruments, self.prices, self.partitions,
+                                self.accounts, self.positions)}
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -226,9 +230,13 @@ class Store:
     # ------------------------------------------------------------------ addresses
     def addr(self, table: np.ndarray, row: int = 0) -> int:
         """Address of ``table[row]`` for the kernels (checked in range)."""
-        if not 0 <= row < len(table) and not (row == 0 and len(table) == 0):
-            raise IndexError(f"row {row} outside table of {len(table)}")
-        return table.ctypes.data + row * table.dtype.itemsize
+        base = self._base.get(id(table))
+        if base is None:
+            base = (table.ctypes.data, table.dtype.itemsize, len(table))
+        data, size, n = base
+        if not 0 <= row < n and not (row == 0 and n == 0):
+            raise IndexError(f"row {row} outside table of {n}")
+        return data + row * size
 
     def slots(self, row: int) -> np.ndarray:
         """The position slots of account row ``row`` (a view)."""
@@ -382,7 +390,7 @@ class Store:
 class PriceSnapshot:
     """Prices as one pass sees them: marks per instrument, price and haircut per asset."""
 
-    __slots__ = ("marks", "price_seqs", "flags", "asset_px", "asset_haircut", "asset_scale")
+    __slots__ = ("marks", "price_seqs", "flags", "asset_px", "asset_haircut", "asset_scale", "checked")
 
     def __init__(self, marks, price_seqs, flags, asset_px, asset_haircut, asset_scale):
         self.marks = marks
@@ -391,3 +399,4 @@ class PriceSnapshot:
         self.asset_px = asset_px
         self.asset_haircut = asset_haircut
         self.asset_scale = asset_scale
+        self.checked = False       # set once engine.risk.margin has validated it
