@@ -128,12 +128,15 @@ class Engine:
         for c in self.children:
             self._spawn(c)
         deadline = time.monotonic() + timeout_s
-        while not self.ready(t0):
-            self._check_alive(starting=True)
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("engine processes did not become ready; see logs in " + self.runtime_dir)
-            time.sleep(0.02)
+        try:
+            while not self.ready(t0):
+                self._check_alive(starting=True)     # a child that died: RuntimeError
+                if time.monotonic() > deadline:
+                    raise TimeoutError("engine processes did not become ready; see logs in " + self.runtime_dir)
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()                              # never leave half an engine running
+            raise
         sd_notify("READY=1")
 
     def ready(self, since_ns: int) -> bool:
