@@ -106,6 +106,15 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from engine.demo import run_demo
+
+    summary = run_demo(duration_s=args.duration, accounts=args.accounts, workers=args.workers,
+                       crash_pct=args.crash / 100.0, seed=args.seed)
+    codes = set(summary["engine_exit_codes"].values())
+    return 0 if codes <= {0} else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="margin-engine", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-accounts", type=int, default=0,
                      help="instead, provision N funded accounts with positions (demo data)")
     run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="the engine on its embedded default against simulated venues "
+                                       "and a simulated matching engine, live in the terminal")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds (Ctrl-C ends it early)")
+    demo.add_argument("--accounts", type=int, default=5000)
+    demo.add_argument("--workers", type=int, default=1, help="margin workers (1 suits a 2-core machine)")
+    demo.add_argument("--crash", type=float, default=12.0, help="percent BTC and ETH fall at 30%% of the run")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=_cmd_demo)
 
     st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")
     st.add_argument("--name", default="margin-engine", help="the engine's shared-memory name")
