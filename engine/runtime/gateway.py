@@ -63,6 +63,11 @@ class Gateway:
         self.counters = collections.Counter()
         self.snap = self.store.price_snapshot()
         self._snap_ns = 0
+        # Fill loop constants, resolved once: ring and doorbell addresses per partition
+        # (a row's partition is row // per_partition, the store's layout: add_account).
+        self._per_partition = self.store.per_partition
+        self._ring_addrs = [self.ctl.ring_addrs(p) for p in range(self.ctl.n_partitions)]
+        self._bell_addrs = [self.ctl.doorbell_addr(w) for w in range(self.ctl.n_workers)]
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.zctx.socket(kind)
@@ -100,13 +105,15 @@ class Gateway:
         self.journal.append(run.first_seq + verdict.skip, recv_ns, frame)    # before applying
         rings = set()
         row_of = self.store.row_of
+        per, owner, addrs, n_ins = self._per_partition, self.owner, self._ring_addrs, self.n_instruments
+        ring_push, leg = _shm.ring_push, int(RecordKind.FILL_LEG)
         seq0 = run.first_seq + verdict.skip
+        n_ok = 0
         for k, f in enumerate(fills):
             ins = f["instrument_id"]
             qty, price = f["qty_units"], f["price_units"]
             taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
-            code = Code.OK
-            if ins >= self.n_instruments:
+            if ins >= n_ins:
                 code = Code.FILL_UNKNOWN_INSTRUMENT
             elif taker is None or maker is None or taker == maker:
                 code = Code.FILL_UNKNOWN_ACCOUNT
@@ -114,18 +121,24 @@ class Gateway:
                 code = Code.FILL_BAD_QTY
             elif price <= 0:
                 code = Code.FILL_BAD_PRICE
-            if code != Code.OK:
+            else:
+                code = None
+            if code is not None:
                 self.counters[f"reject_{int(code)}"] += 1
                 self.emit(code, f"fill {f['trade_id']} rejected")
                 continue
+            seq, tid = seq0 + k, f["trade_id"]
             for row, delta, fee in ((taker, qty, f["taker_fee_units"]), (maker, -qty, f["maker_fee_units"])):
-                p = int(self.store.accounts[row]["partition"])
-                self._push(p, RecordKind.FILL_LEG, ins, row, delta, price, fee, seq0 + k, recv_ns,
-                           f["trade_id"])
-                rings.add(self.owner[p])
-            self.counters["fills"] += 1
+                p = row // per
+                h, r = addrs[p]
+                if not ring_push(h, r, leg, ins, row, delta, price, fee, seq, recv_ns, tid):
+                    self._push(p, leg, ins, row, delta, price, fee, seq, recv_ns, tid)
+                rings.add(owner[p])
+            n_ok += 1
+        if n_ok:
+            self.counters["fills"] += n_ok
         for w in rings:
-            _shm.doorbell_ring(self.ctl.doorbell_addr(w))
+            _shm.doorbell_ring(self._bell_addrs[w])
 
     def _push(self, p: int, *rec) -> None:
         while not self.ctl.push(p, *rec):           # ring full: the worker is behind
@@ -138,8 +151,8 @@ class Gateway:
         m = decode(frame)
         if type(m) is Rejected:
             self.counters[f"reject_{int(m.code)}"] += 1
-            self._reply(ident, MsgType.REJECT, {"ref_seq": 0, "ref_type": 0, "code": int(m.code),
-                                                "detail": m.detail[:1000]})
+            self._reply(ident, MsgType.REJECT, {"ref_seq": m.ref_seq, "ref_type": m.ref_type,
+                                                "code": int(m.code), "detail": m.detail[:1000]})
             return
         f = m.fields
         if m.type == MsgType.ORDER_CHECK:
