@@ -425,3 +425,78 @@ def contract_ratio_of(size_t instrument_addr, size_t assets_addr):
     r.kd = 0
     code = contract_ratio(ins, (<const AssetRow *>assets_addr)[ins.settle_asset].scale, &r)
     return code, r.kn, r.kd
+
+
+# ---------------------------------------------------------------- ring drain (worker)
+from libc.string cimport memcpy
+from _types cimport RingRecord, RingHeader
+from _seqlock cimport me_atomic_load_u64, me_atomic_store_u64
+
+cdef enum:
+    RECORD_FILL_LEG = 1                    # engine.runtime.ctl.RecordKind.FILL_LEG
+    UNDO_IDLE = 0
+    UNDO_APPLYING = 1
+
+
+def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts_addr,
+                    size_t positions_addr, int slots_per_account, size_t partition_addr,
+                    int64_t fee_pool_offset, size_t ring_addr, size_t records_addr,
+                    size_t undo_addr, int64_t undo_account_offset, int64_t undo_slots_offset,
+                    int64_t undo_fee_offset, int64_t max_records, int64_t[::1] out_rows,
+                    int32_t[::1] out_codes):
+    """Apply the run of FILL_LEG records at the head of a partition's ring (worker side).
+
+    For each record, the undo protocol of engine/runtime/ctl.py, in C: (1) copy the
+    account row, its slots and the partition's fee pool into the undo area, note the
+    row and the ring index, mark it *applying*; (2) apply the leg (``apply_leg_c``);
+    (3) commit the ring's read index past the record; (4) mark the undo area *idle*.
+    A crash between (1) and (3) is rolled back by the next owner and the record applied
+    again; after (3) the record is done. Stops at the first record of another kind, at
+    ``max_records``, or at the producer's write index.
+
+    Returns ``(n_applied, n_ok)``; ``out_rows[i]``/``out_codes[i]`` are record ``i``'s
+    account row and result code.
+    """
+    cdef const InstrumentRow *ins_tab = <const InstrumentRow *>instruments_addr
+    cdef const AssetRow *asset_tab = <const AssetRow *>assets_addr
+    cdef RingHeader *ring = <RingHeader *>ring_addr
+    cdef const RingRecord *recs = <const RingRecord *>records_addr
+    cdef const RingRecord *rec
+    cdef uint64_t *undo_state = <uint64_t *>undo_addr
+    cdef uint64_t *undo_ref = <uint64_t *>(undo_addr + 8)
+    cdef int64_t *undo_row = <int64_t *>(undo_addr + 16)
+    cdef uint64_t r, w, mask = <uint64_t>(ring.capacity - 1)
+    cdef int64_t n = 0, n_ok = 0, cap = min(max_records, out_rows.shape[0])
+    cdef AccountRow *acct
+    cdef PositionRow *slots
+    cdef int64_t *fee_pool = <int64_t *>(partition_addr + <size_t>fee_pool_offset)
+    cdef LegOut res
+    with nogil:
+        r = ring.read_idx
+        w = me_atomic_load_u64(&ring.write_idx)
+        while r < w and n < cap:
+            rec = &recs[r & mask]
+            if rec.kind != RECORD_FILL_LEG:
+                break
+            acct = <AccountRow *>(accounts_addr + <size_t>rec.row * sizeof(AccountRow))
+            slots = <PositionRow *>(positions_addr + <size_t>rec.row * <size_t>slots_per_account
+                                    * sizeof(PositionRow))
+            undo_row[0] = rec.row                                          # (1)
+            undo_ref[0] = r
+            memcpy(<void *>(undo_addr + <size_t>undo_account_offset), acct, sizeof(AccountRow))
+            memcpy(<void *>(undo_addr + <size_t>undo_slots_offset), slots,
+                   <size_t>slots_per_account * sizeof(PositionRow))
+            memcpy(<void *>(undo_addr + <size_t>undo_fee_offset), fee_pool, MAX_ASSETS * sizeof(int64_t))
+            me_atomic_store_u64(undo_state, UNDO_APPLYING)
+            res = apply_leg_c(ins_tab, asset_tab, acct, slots, slots_per_account, fee_pool,   # (2)
+                              <uint64_t *>partition_addr, rec.instrument, rec.delta, rec.price,
+                              rec.fee, MODE_ACCOUNT_DEFAULT, 0)
+            r += 1
+            me_atomic_store_u64(&ring.read_idx, r)                         # (3)
+            me_atomic_store_u64(undo_state, UNDO_IDLE)                     # (4)
+            out_rows[n] = rec.row
+            out_codes[n] = res.code
+            if res.code == CODE_OK:
+                n_ok += 1
+            n += 1
+    return n, n_ok

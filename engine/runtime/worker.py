@@ -27,7 +27,7 @@ import time
 import numpy as np
 import zmq
 
-from engine import _shm
+from engine import _fills, _shm
 from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import HolderIndex, full_pass, account_detail
@@ -79,7 +79,19 @@ class Worker:
 
     # ------------------------------------------------------------------ start-up
     def recover(self, p: int) -> None:
-        """Roll back a record the previous owner died applying (see engine/runtime/ctl.py)."""
+        """Roll back a record the previous owner died applying (see engine/runtime/ctl.py).
+
+        A writer killed inside a seqlock write leaves the row's counter odd, and readers
+        (order checks, status) would retry on it forever; this worker is now the rows'
+        only writer, so it finishes those writes first (the undo copy restores the data).
+        """
+        st = self.store
+        lo, hi = st.partition_rows(p)
+        for table, rows in ((st.partitions, [p]),
+                            (st.accounts, (lo + np.flatnonzero(st.accounts["seq"][lo:hi] & 1)).tolist())):
+            for r in rows:
+                if int(table[r]["seq"]) & 1:
+                    _shm.write_end(st.addr(table, r))
         u = self.ctl.undo[p][0]
         if int(u["state"]) != UNDO_APPLYING:
             return
@@ -93,10 +105,21 @@ class Worker:
                     if f != "seq":
                         acct[f] = saved[f]
                 self.store.slots(row)[:] = u["slots"]
-            self.store.partitions[p]["fee_pool"][:] = u["fee_pool"]
+            with self.store.writing(self.store.partitions, p) as prow:
+                prow["fee_pool"][:] = u["fee_pool"]
         u["state"] = UNDO_IDLE
 
     def start(self) -> None:
+        st, ctl = self.store, self.ctl
+        udt = ctl.undo[0].dtype
+        self._rows_buf = np.empty(ctl.capacity, np.int64)
+        self._codes_buf = np.empty(ctl.capacity, np.int32)
+        self._drain_args = {
+            p: (st.addr(st.instruments), st.addr(st.assets), st.addr(st.accounts), st.addr(st.positions),
+                st.slots_per_account, st.addr(st.partitions, p), st.partitions.dtype.fields["fee_pool"][1],
+                ctl.rings[p].ctypes.data, ctl.records[p].ctypes.data, ctl.undo[p].ctypes.data,
+                udt.fields["account"][1], udt.fields["slots"][1], udt.fields["fee_pool"][1])
+            for p in self.partitions}
         for p in self.partitions:
             self.recover(p)
             self.store.partitions[p]["worker_pid"] = os.getpid()
@@ -197,47 +220,61 @@ class Worker:
 
     # ------------------------------------------------------------------ 2. commands
     def drain(self, p: int, snap) -> int:
-        from engine.accounting.fills import apply_fill_leg
+        """Apply what waits in partition ``p``'s ring, then re-margin the touched accounts.
 
+        Runs of fill legs go through ``engine._fills.drain_fill_legs`` (the undo protocol
+        and the leg rule in C, no GIL); deposits and withdrawals are taken one at a time
+        here, under the same protocol.
+        """
         hdr = self.ctl.rings[p].ctypes.data
         r, w = _shm.ring_pending(hdr)
         if r == w:
             return 0
+        st = self.store
         recs = self.ctl.records[p]
         cap = self.ctl.capacity
         u = self.ctl.undo[p][0]
-        touched = set()
-        st = self.store
-        for idx in range(int(r), int(w)):
-            rec = recs[idx & (cap - 1)]
-            kind, row = int(rec["kind"]), int(rec["row"])
-            # Undo protection: copy, mark applying, apply, commit, mark idle.
-            u["row"], u["ref"] = row, idx
-            u["account"] = st.accounts[row]
-            u["slots"] = st.slots(row)
-            u["fee_pool"] = st.partitions[p]["fee_pool"]
-            u["state"] = UNDO_APPLYING
+        touched: set[int] = set()
+        done = 0
+        while r < w:
+            rec = recs[r & (cap - 1)]
+            kind = int(rec["kind"])
             if kind == RecordKind.FILL_LEG:
-                apply_fill_leg(st, p, row, int(rec["instrument"]), int(rec["delta"]),
-                               int(rec["price"]), int(rec["fee"]))
-                touched.add(row)
-            elif kind in (RecordKind.DEPOSIT, RecordKind.WITHDRAWAL):
+                n, _ = _fills.drain_fill_legs(*self._drain_args[p], int(w - r), self._rows_buf, self._codes_buf)
+                touched.update(self._rows_buf[:n].tolist())
+                bad = self._codes_buf[:n] != 0
+                if bad.any():
+                    self.counters["legs_rejected"] += int(bad.sum())
+                last_ref = int(recs[(r + n - 1) & (cap - 1)]["ref"])
+                r += n
+            else:
+                row = int(rec["row"])
+                u["row"], u["ref"] = row, r
+                u["account"] = st.accounts[row]
+                u["slots"] = st.slots(row)
+                u["fee_pool"] = st.partitions[p]["fee_pool"]
+                u["state"] = UNDO_APPLYING
                 code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
+                last_ref = int(rec["ref"])
                 self.replies.send(self.seq_replies.encode(
-                    MsgType.COLLATERAL_REPLY, {"request_id": int(rec["ref"]), "code": int(code),
+                    MsgType.COLLATERAL_REPLY, {"request_id": last_ref, "code": int(code),
                                                "balance_units": bal}))
                 touched.add(row)
-            _shm.ring_commit(hdr, idx + 1)
-            u["state"] = UNDO_IDLE
+                r += 1
+                _shm.ring_commit(hdr, r)
+                u["state"] = UNDO_IDLE
+                n = 1
+            done += n
             with st.writing(st.partitions, p) as prow:
-                prow["fills_applied"] += 1
-                prow["last_fill_seq"] = int(rec["ref"])
+                prow["fills_applied"] += n
+                prow["last_fill_seq"] = last_ref
+        idx = self.index[p]
         for row in touched:
-            self.index[p].update_account(row, snap)
+            idx.update_account(row, snap)
             if row in self.outstanding_since:
                 self._set_outstanding(row, False)
-        self.counters["records"] += int(w - r)
-        return int(w - r)
+        self.counters["records"] += done
+        return done
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
         """Deposit credits; a withdrawal that would leave cross equity below cross initial
