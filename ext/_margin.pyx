@@ -19,8 +19,10 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
     collateral = sum_a bal_a * px_a * (1 - h_a if bal_a > 0 else 1)
     cross equity = collateral + sum_cross upnl * px_s
     cross IM, MM  = sum_cross IM * px_s, sum_cross MM * px_s
-    liquidatable  <=> cross equity < cross MM  (strict), or an isolated position with
-                      isolated_margin + upnl < MM
+    liquidatable  <=> cross equity < cross MM (strict) and cross MM > 0, or an isolated
+                      position with isolated_margin + upnl < MM and MM > 0 (with no
+                      requirement there is nothing to liquidate: negative equity is bad
+                      debt, flagged BANKRUPT)
 """
 
 from libc.math cimport fabs, NAN, INFINITY, isnan
@@ -134,7 +136,7 @@ cdef AcctValues account_values(const InstrumentRow *instruments, const AccountRo
             r.iso_upnl_usd += v.upnl * px_s
             r.iso_im_usd += v.im * px_s
             r.iso_mm_usd += v.mm * px_s
-            if iso + v.upnl < v.mm:
+            if iso + v.upnl < v.mm and v.mm > 0:
                 r.status |= STATUS_ISOLATED_LIQUIDATABLE
         else:
             r.cross_upnl_usd += v.upnl * px_s
@@ -149,7 +151,7 @@ cdef inline int cross_status(double equity, double im, double mm) noexcept nogil
     cdef int s = 0
     if equity < im:
         s |= STATUS_BELOW_IM
-    if equity < mm:
+    if equity < mm and mm > 0:         # something to liquidate; else it is bad debt (bankrupt)
         s |= STATUS_LIQUIDATABLE
     if equity < 0:
         s |= STATUS_BANKRUPT
@@ -272,9 +274,9 @@ def tick_holders(size_t instrument_addr, double mark, double underlying_mark,
                 agg[a, 0] += up - h_upnl_usd[h]
                 agg[a, 1] += im - h_im_usd[h]
                 agg[a, 2] += mm - h_mm_usd[h]
-                breach = agg[a, 0] < agg[a, 2]
+                breach = agg[a, 0] < agg[a, 2] and agg[a, 2] > 0
             else:
-                breach = h_iso[h] * px_settle + up < mm
+                breach = h_iso[h] * px_settle + up < mm and mm > 0
             h_upnl_usd[h] = up
             h_im_usd[h] = im
             h_mm_usd[h] = mm
@@ -485,13 +487,13 @@ def holder_triggers(size_t instrument_addr, double px_settle,
             if h_mode[h] == MODE_CROSS:
                 e0 = agg[a, 0] - h_upnl_usd[h]
                 m0 = agg[a, 2] - h_mm_usd[h]
-                if agg[a, 0] < agg[a, 2]:
+                if agg[a, 0] < agg[a, 2] and agg[a, 2] > 0:
                     out_trigger[h] = INFINITY if q > 0 else -INFINITY
                     continue
             else:
                 e0 = h_iso[h] * px_settle
                 m0 = 0.0
-                if e0 + h_upnl_usd[h] < h_mm_usd[h]:
+                if e0 + h_upnl_usd[h] < h_mm_usd[h] and h_mm_usd[h] > 0:
                     out_trigger[h] = INFINITY if q > 0 else -INFINITY
                     continue
             t = liquidation_price(ins, q, h_cost[h], px_settle, e0, m0)

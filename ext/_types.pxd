@@ -26,7 +26,7 @@ cdef enum AccountFlag:                  # account flags bits
 
 cdef enum Status:                       # account status bits
     STATUS_BELOW_IM = 1                 # cross equity < cross initial margin
-    STATUS_LIQUIDATABLE = 2             # cross equity < cross maintenance (strict)
+    STATUS_LIQUIDATABLE = 2             # cross equity < cross maintenance (strict), maintenance > 0
     STATUS_ISOLATED_LIQUIDATABLE = 4    # some isolated position below its maintenance
     STATUS_BANKRUPT = 8                 # cross equity < 0
 

@@ -203,6 +203,10 @@ class HolderIndex:
         self.counts = np.zeros(len(store.instruments), np.int64)
         self._scratch = np.empty(1, np.int64)
         self.row_base = partition * store.per_partition
+        self.dependents: dict[int, list[int]] = {}     # underlying -> options written on it
+        for j, r in enumerate(store.instruments):
+            if int(r["underlying"]) >= 0:
+                self.dependents.setdefault(int(r["underlying"]), []).append(j)
         # Private, compact account aggregates (cross equity, IM, MM, spare) in USD: what the
         # incremental pass moves tick by tick (see _margin.tick_holders).
         self.agg = np.zeros((store.per_partition, 4))
@@ -380,12 +384,20 @@ class HolderIndex:
                                     arr["mm_usd"], int(self.counts[i]))
 
     def tick(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
-        """Incremental pass for ``instrument`` at ``snap``: returns breaches, rows in ``out``."""
-        st = self.store
+        """Incremental pass for ``instrument`` at ``snap``, then for the options written on
+        it (their requirement is on the underlying's notional): returns the number of
+        breaching holders, their rows in ``out`` (the first ``len(out)``)."""
         if not 0 <= instrument < len(self.arrays):
             raise ValueError(f"instrument {instrument} outside 0..{len(self.arrays) - 1}")
         if out.dtype != np.int64 or not out.flags.c_contiguous:
             raise ValueError("out: a C-contiguous int64 array")
+        n = self._tick_one(instrument, snap, out)
+        for j in self.dependents.get(instrument, ()):
+            n += self._tick_one(j, snap, out[min(n, len(out)):])
+        return n
+
+    def _tick_one(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
+        st = self.store
         mark = float(snap.marks[instrument])
         if not (math.isfinite(mark) and mark > 0):
             raise ValueError(f"mark of instrument {instrument} is {mark!r}")

@@ -21,7 +21,7 @@ Per account, in USD (``px``: settle asset price, ``h``: haircut)::
     collateral   = sum_a bal_a px_a (1 - h_a)  for bal_a > 0,  bal_a px_a  for bal_a < 0
     cross equity = collateral + sum_cross upnl px
     cross IM/MM  = sum_cross IM px, sum_cross MM px
-    status bits  1: equity < IM, 2: equity < MM, 4: an isolated iso + upnl < MM, 8: equity < 0
+    status bits  1: equity < IM, 2: equity < MM > 0, 4: an isolated iso + upnl < MM > 0, 8: equity < 0
 
 Liquidation and bankruptcy prices are found by a method of their own (see
 ``_solve_liquidation``): bracket the root between the tier boundaries by the sign of the
@@ -228,7 +228,7 @@ def account_figures(market: RefMarket, acct: RefAccount, prices: bool = True) ->
             i_up += v.upnl * px
             i_im += v.im * px
             i_mm += v.mm * px
-            if iso + v.upnl < v.mm:
+            if iso + v.upnl < v.mm and v.mm > 0:
                 status |= ISOLATED_LIQUIDATABLE
         else:
             c_up += v.upnl * px
@@ -237,7 +237,7 @@ def account_figures(market: RefMarket, acct: RefAccount, prices: bool = True) ->
     equity = coll + c_up
     if equity < c_im:
         status |= BELOW_IM
-    if equity < c_mm:
+    if equity < c_mm and c_mm > 0:     # nothing to liquidate without a requirement: bad debt
         status |= LIQUIDATABLE
     if equity < 0:
         status |= BANKRUPT

@@ -67,6 +67,7 @@ class Worker:
             self.events.setsockopt(zmq.SNDHWM, 10000)
             self.events.connect(events_endpoint)
         self.names = [bytes(r["name"]).rstrip(b"\0").decode() for r in self.store.instruments]
+
         self.seq_orders = Sequencer()
         self.seq_replies = Sequencer()
         self.seq_events = Sequencer()

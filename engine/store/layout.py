@@ -36,7 +36,7 @@ class Status(enum.IntFlag):
 
     HEALTHY = 0
     BELOW_IM = 1                # cross equity < cross initial margin
-    LIQUIDATABLE = 2            # cross equity < cross maintenance (strict)
+    LIQUIDATABLE = 2            # cross equity < cross maintenance (strict), maintenance > 0
     ISOLATED_LIQUIDATABLE = 4   # an isolated position below its maintenance
     BANKRUPT = 8                # cross equity < 0
 

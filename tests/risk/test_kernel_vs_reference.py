@@ -383,9 +383,9 @@ def test_holder_index_ticks_equal_full_pass(plan):
     idx = margin.HolderIndex(store, 0)
     idx.refresh(snap0)
     out = np.empty(64, np.int64)
-    # A tick revalues only the ticked instrument's holders; an option's requirement also
-    # depends on its underlying's mark, so the option is ticked again after it (see
-    # test_tick_of_underlying_updates_short_option_requirement, xfail).
+    # A tick revalues the ticked instrument's holders and those of the options written on
+    # it (test_tick_of_underlying_updates_short_option_requirement); ticking an option
+    # after its underlying as well must change nothing.
     sequence = _dependents_last(order, instruments)
     for i in sequence:
         if i in moves:
@@ -406,10 +406,10 @@ def test_holder_index_ticks_equal_full_pass(plan):
         e = ref.account_figures(market, acct, prices=False)
         if abs(e.cross_equity_usd - e.cross_mm_usd) > Fraction(TOL) * max(1, mag):
             # the breach set: cross breach in the aggregates == the full pass's, == exact
-            assert (eq < mm) == bool(int(a["status"]) & Status.LIQUIDATABLE) == bool(e.status & ref.LIQUIDATABLE)
+            assert (eq < mm and mm > 0) == bool(int(a["status"]) & Status.LIQUIDATABLE) == bool(e.status & ref.LIQUIDATABLE)
             # the last tick reported this account iff it breaches, if it holds that instrument
             if any(p.instrument == sequence[-1] and p.mode == ref.CROSS for p in acct.positions):
-                assert (r in reported) == (eq < mm)
+                assert (r in reported) == (eq < mm and mm > 0)
 
 
 @SETTINGS
@@ -540,18 +540,13 @@ def test_pretrade_check_matches_reference(order):
 
 
 # --------------------------------------------------------------------------- found by the above
-@pytest.mark.xfail(strict=True, reason=(
-    "HolderIndex.tick(i) revalues only instrument i's holders; a short option's requirement "
-    "is on its underlying's notional |q| cs S, so a tick of the underlying alone leaves the "
-    "option holders' cross IM/MM (HolderIndex.agg) at the old S. The worker's on_prices "
-    "ticks only the instruments whose price changed, so nothing re-ticks the options on "
-    "an underlying until the next full pass."))
 def test_tick_of_underlying_updates_short_option_requirement():
     """ALICE_10K_USDT_SHORT_1_BTC_CALL: 10 000 USDT, short 1 BTC-C (cs 1) in cross, option mark
     1 000; the underlying BTCUSDT moves 50 000 -> 60 000 and ticks; the option does not tick.
 
-    Full pass: MM = |q| cs S mmr = 1 * 1 * 60 000 * 5 % = 3 000, IM = 60 000 * 10 % = 6 000.
-    After the tick the row still holds MM = 50 000 * 5 % = 2 500, IM = 5 000.
+    Full pass: MM = |q| cs S mmr = 1 * 1 * 60 000 * 5 % = 3 000, IM = 60 000 * 10 % = 6 000;
+    the tick of the underlying alone must give the same (it re-ticks the option's holders),
+    not the stale MM = 50 000 * 5 % = 2 500, IM = 5 000.
     """
     assets = [Asset("USDT", 0, 10**6, 1.0, 0.0)]
     tiers = derive_tiers([{"floor": 0.0, "imr": 0.1, "mmr": 0.05}])
@@ -574,4 +569,4 @@ def test_tick_of_underlying_updates_short_option_requirement():
     ticked = tuple(float(x) for x in idx.agg[row - idx.row_base, 1:3])    # IM, MM
     full = margin.account_detail(store, row)
     assert (full.cross_im_usd, full.cross_mm_usd) == (pytest.approx(6_000.0), pytest.approx(3_000.0))
-    assert ticked == (pytest.approx(6_000.0), pytest.approx(3_000.0))   # got (5 000, 2 500)
+    assert ticked == (pytest.approx(6_000.0), pytest.approx(3_000.0))   # not the stale (5 000, 2 500)
