@@ -70,6 +70,7 @@ class Code(enum.IntEnum):
     CHECK_BAD_PRICE = 4005
     CHECK_PRICE_FROZEN = 4006
     CHECK_POSITION_SLOTS_FULL = 4007
+    CHECK_ACCOUNT_BUSY = 4008         # no consistent copy of the account (its writer stopped mid-write)
 
     # 5xxx store / capacity
     STORE_LAYOUT_MISMATCH = 5001

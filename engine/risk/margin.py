@@ -156,9 +156,8 @@ def pretrade_check(store: Store, row: int, instrument: int, qty_units: int, pric
                      instrument, qty_units, price, snap)
 
 
-def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int, qty_units,
-              price, snap: PriceSnapshot | None) -> CheckResult:
-    """Checks then the kernel, on the account row ``acct[0]`` and its ``slots``."""
+def _check_order_args(store: Store, instrument: int, qty_units, price) -> CheckResult | None:
+    """The reject for a bad instrument, quantity or price, or None when they are fine."""
     if not 0 <= instrument < len(store.instruments):
         return CheckResult(Code.CHECK_UNKNOWN_INSTRUMENT, math.nan, math.nan)
     if isinstance(qty_units, bool) or not isinstance(qty_units, (int, np.integer)) or qty_units == 0 \
@@ -167,6 +166,15 @@ def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int
     if isinstance(price, bool) or not isinstance(price, (int, float, np.floating)) \
             or not math.isfinite(price) or price <= 0:
         return CheckResult(Code.CHECK_BAD_PRICE, math.nan, math.nan)
+    return None
+
+
+def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int, qty_units,
+              price, snap: PriceSnapshot | None) -> CheckResult:
+    """Checks then the kernel, on the account row ``acct[0]`` and its ``slots``."""
+    bad = _check_order_args(store, instrument, qty_units, price)
+    if bad is not None:
+        return bad
     snap = _checked_snapshot(store, snap)
     if snap.flags[instrument] & 1:
         return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
@@ -413,14 +421,27 @@ class HolderIndex:
 
 def pretrade_check_consistent(store: Store, row: int, instrument: int, qty_units: int, price: float,
                               snap: PriceSnapshot | None = None) -> CheckResult:
-    """``pretrade_check`` on a consistent copy of the account, for a process that is not
-    the account's writer (the order-check gateway): the row and its slots are copied
-    under the seqlock, then the kernel runs on the copy."""
+    """``pretrade_check`` for a process that is not the account's writer (the order-check
+    gateway): the kernel copies the row and its slots under the seqlock into a scratch
+    buffer and runs the rule on the copy, in one call without the GIL."""
     if not 0 <= row < store.accounts_cap:
         return CheckResult(Code.CHECK_UNKNOWN_ACCOUNT, math.nan, math.nan)
-    acct, slots = store.read_account(row)
-    acct_buf = np.zeros(1, store.accounts.dtype)
-    acct_buf[0] = acct
-    slot_buf = np.zeros(store.slots_per_account, store.positions.dtype)
-    slot_buf[: len(slots)] = slots
-    return _pretrade(store, acct_buf, slot_buf, instrument, qty_units, price, snap)
+    bad = _check_order_args(store, instrument, qty_units, price)
+    if bad is not None:
+        return bad
+    snap = _checked_snapshot(store, snap)
+    if snap.flags[instrument] & 1:
+        return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
+    scratch = store.__dict__.get("_check_scratch")
+    if scratch is None:
+        scratch = np.zeros(store.accounts.dtype.itemsize + store.positions.dtype.itemsize * store.slots_per_account,
+                           np.uint8)
+        store.__dict__["_check_scratch"] = scratch
+    s = store.slots_per_account
+    code, eq, im = _margin.pretrade_check_shared(
+        store.addr(store.instruments), store.addr(store.accounts, row), store.addr(store.positions, row * s),
+        s, scratch.ctypes.data, instrument, int(qty_units), float(price), snap.marks, snap.asset_px,
+        snap.asset_haircut, snap.asset_scale)
+    if code < 0:        # its writer stopped mid-write; the restarted worker repairs the row
+        return CheckResult(Code.CHECK_ACCOUNT_BUSY, math.nan, math.nan)
+    return CheckResult(Code(code), eq, im)

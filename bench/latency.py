@@ -1,0 +1,893 @@
+"""End-to-end latency benchmark: oracle tick in -> liquidation order out, against a floor.
+
+One run, top to bottom:
+
+1. book -- N accounts written straight into the engine's shared memory with vectorized
+   numpy stores (the universe of ``bench/kernel.py``: 40 instruments, 3 assets). A
+   fraction F of them hold BTCUSDT (instrument 0). Background accounts are healthy over
+   the whole price range the run visits (checked with a full pass at both ends); a set
+   of *staircase* accounts, each a single BTCUSDT position in tier 0, has its
+   liquidation price placed between two consecutive marks of the schedule, ``k`` per
+   tick (checked with ``account_detail``).
+2. schedule -- bursts of 3 ORACLE_TICKs (3 venues, same price, back to back) at a fixed
+   rate R. The mark-price process needs a quorum of 2 fresh venues and takes the median,
+   so the SECOND message of a burst makes the new mark: its protocol seq is the
+   ``tick_seq`` the liquidation orders carry. Per cycle: a down leg of D ticks
+   ``P_t = P0 (1 - t s)`` breaching k long staircase accounts per tick, a jump to
+   ``Q0 = P0 (1 + g)``, an up leg of D ticks ``Q_t = Q0 (1 + t s)`` breaching k shorts per
+   tick, a jump back to P0 (every staircase account healthy again) and a hold at P0
+   (bursts at an unchanged price: decoded, no new mark) until the cycle is 2.05 s long.
+   Why: an account sent an order stays *outstanding* and is not sent again for 2 s
+   (``worker.REISSUE_AFTER_NS``); legs shorter than 2 s and cycles longer than 2 s make
+   every breach of every cycle a first order, and no breached account is re-sent.
+3. load process -- a separate process (multiprocessing, spawn): a sender thread sends
+   the bursts on a PUSH socket at the scheduled times ``t0 + i / R`` (``CLOCK_MONOTONIC``,
+   timer slack 1 ns); a receiver thread timestamps every frame on a PULL socket as it
+   is taken off the socket (``CLOCK_MONOTONIC`` for latencies, ``CLOCK_REALTIME`` beside it
+   for the engine's own timestamps). Latency is measured from the *intended* send time
+   of the burst (its first message), so a sender that falls behind adds to the latency
+   (no coordinated omission).
+4. floors -- the same load process against (a) one relay process: PULL bind (tcp) ->
+   ``zmq.proxy`` -> PUSH bind (tcp), decoding nothing (the least any ZeroMQ engine could
+   do); (b) two relays: PULL bind tcp -> PUSH connect ipc -> PULL bind ipc -> PUSH bind
+   tcp (the engine's own path has an internal hop, worker -> liquidation gateway). The
+   floor latency of a burst is the arrival of its second message (the mark-making one).
+5. engine -- ``LocalEngine`` (1 worker, tcp endpoints on 127.0.0.1, ipc inside), the
+   same load process; orders are matched to ticks by ``tick_seq`` and to the staircase
+   account expected for that tick. Tick-to-first-order and tick-to-last-order per tick;
+   the orders' own timestamps (``tick_recv_ns -> decided_ns -> sent_ns``, engine
+   ``CLOCK_REALTIME``) give the internal breakdown.
+6. sweep -- short engine runs at rising rates; the highest whose tick-to-first-order
+   p99 stays under 1 ms (and no tick lost its orders).
+7. output -- percentiles (HdrHistogram) on stdout with hardware and settings, JSON and a
+   PNG (percentile plot of floors vs engine; the sweep).
+
+Usage::
+
+    python -m bench.latency --accounts 1000000 --holders-fraction 0.1 --rate 200 \\
+        --json bench/results/latency_1M.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+from hdrh.histogram import HdrHistogram
+
+from bench import kernel
+from engine.config import Config, EngineSettings
+from engine.risk import margin
+from engine.runtime import worker as worker_mod
+from engine.runtime.harness import LocalEngine, local_config
+from engine.store import layout as L
+from engine.store.shm import Store
+
+TICK_INSTRUMENT = 0                 # BTCUSDT in bench/kernel.py's universe
+P0 = 95_000.0                       # its mark in that universe
+VENUES = ("venue-a", "venue-b", "venue-c")
+STEP = 2e-6                         # relative mark move per staircase tick (0.19 USDT)
+GAP = 1e-4                          # jump from the long band up to the short band
+STAIR_QTY_UNITS = 100               # 0.1 BTC per staircase account: ~9.5k USDT, tier 0
+WARMUP_S = 0.5                      # bursts at P0 before the first measured tick
+CYCLE_S = 2.05                      # > REISSUE_AFTER_NS (2 s): see module doc
+MAX_LEG_TICKS = 400                 # cap on D (outstanding accounts grow within a leg)
+DRAIN_S = 0.5                       # wait for late orders after the last burst
+TARGET_P50_OVER_FLOOR_US = 15.0
+TARGET_P99_OVER_FLOOR_US = 60.0
+SWEEP_P99_LIMIT_US = 1000.0
+DEFAULT_SWEEP_RATES = (20, 50, 100, 200, 500, 1000, 2000, 5000)
+PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9))
+
+# Burst kinds in a schedule
+HOLD, DOWN, UP = 0, 1, 2
+
+assert CYCLE_S * 1e9 > worker_mod.REISSUE_AFTER_NS
+
+
+def _say(msg: str, end: str = "\n", quiet: bool = False) -> None:
+    if not quiet:
+        sys.stderr.write(f"\r[bench latency] {msg}\x1b[K{end}")
+        sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- 2. schedule
+
+def leg_ticks(rate: float, leg_s: float) -> int:
+    """D: ticks per leg at ``rate`` (at least 2, at most MAX_LEG_TICKS, leg under 2 s)."""
+    d = int(round(rate * leg_s))
+    d = min(d, MAX_LEG_TICKS, int(rate * 1.9) - 1)
+    return max(2, d)
+
+
+@dataclass
+class Schedule:
+    rate: float
+    d: int                       # ticks per leg
+    cycle: int                   # bursts per cycle
+    warmup: int                  # bursts before the first cycle
+    prices: np.ndarray           # mark price of each burst
+    kind: np.ndarray             # HOLD / DOWN / UP
+    step: np.ndarray             # t in 1..d for DOWN / UP bursts, else 0
+
+    @property
+    def n(self) -> int:
+        return len(self.prices)
+
+    def expected_burst(self, burst: int, side: int, t: int) -> int:
+        """The burst of ``burst``'s cycle that should breach the staircase account (side, t)."""
+        c = (burst - self.warmup) // self.cycle
+        return self.warmup + c * self.cycle + (t - 1 if side == DOWN else self.d + t)
+
+
+def make_schedule(rate: float, duration_s: float, leg_s: float) -> Schedule:
+    """Warm-up at P0, then whole cycles (down leg, jump, up leg, jump back, hold)."""
+    d = leg_ticks(rate, leg_s)
+    cycle = max(int(math.ceil(CYCLE_S * rate)), 2 * d + 3)
+    warm = max(3, int(math.ceil(WARMUP_S * rate)))
+    n_cycles = max(1, int(round((duration_s - WARMUP_S) * rate / cycle)))
+    prices, kinds, steps = [P0] * warm, [HOLD] * warm, [0] * warm
+    q0 = P0 * (1 + GAP)
+    for _ in range(n_cycles):
+        for t in range(1, d + 1):
+            prices.append(P0 * (1 - t * STEP)); kinds.append(DOWN); steps.append(t)
+        prices.append(q0); kinds.append(HOLD); steps.append(0)
+        for t in range(1, d + 1):
+            prices.append(q0 * (1 + t * STEP)); kinds.append(UP); steps.append(t)
+        rest = cycle - (2 * d + 1)
+        prices += [P0] * rest; kinds += [HOLD] * rest; steps += [0] * rest
+    return Schedule(rate, d, cycle, warm, np.array(prices), np.array(kinds, np.int8),
+                    np.array(steps, np.int32))
+
+
+def long_trigger(t: int, j: int, k: int) -> float:
+    """Liquidation price of long staircase account (t, j): inside (P_t, P_(t-1))."""
+    return P0 * (1 - (t - 1 + (j + 1) / (k + 1)) * STEP)
+
+
+def short_trigger(t: int, j: int, k: int) -> float:
+    """Liquidation price of short staircase account (t, j): inside (Q_(t-1), Q_t)."""
+    return P0 * (1 + GAP) * (1 + (t - 1 + (j + 1) / (k + 1)) * STEP)
+
+
+# --------------------------------------------------------------------------- 1. book
+
+@dataclass
+class Book:
+    n: int                       # accounts in all
+    n_background: int
+    holders: int                 # accounts holding instrument 0
+    d_max: int                   # staircase ticks per leg laid out
+    per_tick: int                # k
+    first_stair_id: int          # account ids: background 1..n_background, then staircase
+
+    def stair(self, account_id: int) -> tuple[int, int, int] | None:
+        """(side, t, j) of a staircase account id, None for a background one."""
+        x = account_id - self.first_stair_id
+        if not 0 <= x < 2 * self.d_max * self.per_tick:
+            return None
+        side = DOWN if x < self.d_max * self.per_tick else UP
+        x %= self.d_max * self.per_tick
+        return side, x // self.per_tick + 1, x % self.per_tick
+
+
+def _progress_bar(done: int, total: int, label: str, quiet: bool) -> None:
+    width = 30
+    fill = int(width * done / max(total, 1))
+    _say(f"{label} [{'#' * fill}{'.' * (width - fill)}] {done:,}/{total:,}", end="", quiet=quiet)
+
+
+def fill_book(store: Store, n: int, holders_fraction: float, d_max: int, per_tick: int,
+              positions: int, seed: int, quiet: bool = False) -> Book:
+    """Write ``n`` accounts into the (fresh, not yet started) engine store.
+
+    Background (vectorized, chunks of 2^18): ``positions`` distinct instruments among
+    1..39, instrument 0 swapped into slot 0 of the holders; log-normal notional per
+    position (median 5k USD, capped at 20k so tiers stay low), entry within ~0.5 % of the
+    mark, USDT collateral 15..50 % of the gross notional: healthy across the run's range.
+    Staircase: 2 * d_max * k accounts, one BTCUSDT position of 0.1 BTC entered at P0,
+    collateral ``C = q e - L q (1 - mmr_0)`` so that ``equity < MM`` exactly below L
+    (long; the short mirror ``C = U |q| (1 + mmr_0) - |q| e``).
+    """
+    assets, instruments = kernel.make_universe()
+    n_stair = 2 * d_max * per_tick
+    n_bg = n - n_stair
+    holders = int(round(n * holders_fraction))
+    bg_holders = holders - n_stair
+    if n_bg < 10 or bg_holders < 0 or bg_holders > n_bg:
+        raise ValueError(f"{n} accounts at holders fraction {holders_fraction}: {n_stair} staircase "
+                         f"accounts (all holders) leave {n_bg} background accounts and "
+                         f"{bg_holders} background holders; raise --accounts or the fraction")
+    if not 1 <= positions <= 8:
+        raise ValueError("positions per background account: 1..8")
+    rng = np.random.default_rng(seed)
+    s = store.slots_per_account
+    mark = np.array([i.mark_price for i in instruments])
+    cs = np.array([i.contract_size for i in instruments])
+    qscale = np.array([i.qty_scale for i in instruments], np.float64)
+    inverse = np.array([i.kind.is_inverse for i in instruments])
+    settle = np.array([[a.name for a in assets].index(i.settle) for i in instruments])
+    sscale = np.array([a.scale for a in assets], np.float64)[settle]
+    n_other = len(instruments) - 1
+    steps = np.array([x for x in range(1, n_other) if math.gcd(x, n_other) == 1])
+    is_holder = np.zeros(n_bg, bool)
+    is_holder[rng.choice(n_bg, bg_holders, replace=False)] = True
+    accounts = store.accounts[:n]
+    pos_all = store.positions[: n * s].reshape(n, s)
+    chunk = 1 << 18
+    for lo in range(0, n_bg, chunk):
+        hi = min(n_bg, lo + chunk)
+        m = hi - lo
+        base = rng.integers(0, n_other, m)
+        step = rng.choice(steps, m)
+        inst = 1 + (base[:, None] + step[:, None] * np.arange(positions)) % n_other
+        inst[is_holder[lo:hi], 0] = TICK_INSTRUMENT
+        usd = np.clip(np.exp(rng.normal(math.log(5_000.0), 1.2, (m, positions))), 50.0, 20_000.0)
+        side = np.where(rng.random((m, positions)) < 0.5, -1, 1)
+        inv = inverse[inst]
+        per_contract = np.where(inv, cs[inst], cs[inst] * mark[inst])
+        qty = side * np.maximum(1, np.rint(usd / per_contract * qscale[inst])).astype(np.int64)
+        q = qty / qscale[inst]
+        entry = mark[inst] * np.exp(rng.normal(0.0, 0.002, (m, positions)))
+        cost = np.where(inv, q * cs[inst] / entry, q * cs[inst] * entry)
+        p = pos_all[lo:hi]
+        p["instrument"][:, :positions] = inst
+        p["mode"][:, :positions] = int(L.Mode.CROSS)
+        p["qty"][:, :positions] = qty
+        p["cost"][:, :positions] = np.rint(cost * sscale[inst]).astype(np.int64)
+        gross = (np.abs(q) * np.where(inv, cs[inst], cs[inst] * mark[inst])).sum(axis=1)
+        a = accounts[lo:hi]
+        a["account_id"] = np.arange(lo, hi, dtype=np.int64) + 1
+        a["partition"] = 0
+        a["n_positions"] = positions
+        bal = np.zeros((m, L.MAX_ASSETS), np.int64)
+        bal[:, 0] = np.rint(gross * rng.uniform(0.15, 0.5, m) * 1e6)
+        a["balance"] = bal
+        _progress_bar(hi, n, "loading accounts", quiet)
+
+    # Staircase accounts (few: a plain loop over the 2 d k of them, vectorized writes).
+    ins0 = store.instruments[TICK_INSTRUMENT]
+    mmr0 = float(ins0["tier_mmr"][0])
+    qs0 = float(ins0["qty_scale"])
+    q = STAIR_QTY_UNITS / qs0
+    cost_units = int(round(q * P0 * 1e6))
+    e = cost_units / 1e6 / q                                   # entry as stored
+    trig, sign = [], []
+    for side in (DOWN, UP):
+        for t in range(1, d_max + 1):
+            for j in range(per_tick):
+                trig.append(long_trigger(t, j, per_tick) if side == DOWN else short_trigger(t, j, per_tick))
+                sign.append(1 if side == DOWN else -1)
+    trig, sign = np.array(trig), np.array(sign)
+    coll = np.where(sign > 0, q * e - trig * q * (1 - mmr0), trig * q * (1 + mmr0) - q * e)
+    lo, hi = n_bg, n
+    a = accounts[lo:hi]
+    a["account_id"] = np.arange(lo, hi, dtype=np.int64) + 1
+    a["partition"] = 0
+    a["n_positions"] = 1
+    bal = np.zeros((hi - lo, L.MAX_ASSETS), np.int64)
+    bal[:, 0] = np.rint(coll * 1e6).astype(np.int64)
+    a["balance"] = bal
+    p = pos_all[lo:hi]
+    p["instrument"][:, 0] = TICK_INSTRUMENT
+    p["mode"][:, 0] = int(L.Mode.CROSS)
+    p["qty"][:, 0] = sign * STAIR_QTY_UNITS
+    p["cost"][:, 0] = sign * cost_units
+    store.partitions[0]["n_accounts"] = n
+    _progress_bar(n, n, "loading accounts", quiet)
+    _say("", quiet=quiet)
+    return Book(n, n_bg, holders, d_max, per_tick, n_bg + 1)
+
+
+def check_book(store: Store, book: Book, d_max: int) -> dict:
+    """Full passes at P0 and at both ends of the run's range; liquidation prices of a few
+    staircase accounts against the planned ones. Raises if the layout is wrong."""
+    def snap_at(mark: float):
+        sn = store.price_snapshot()
+        sn.marks[TICK_INSTRUMENT] = mark
+        return sn
+    k = book.per_tick
+    lo_mark = P0 * (1 - (d_max + 0.5) * STEP)
+    hi_mark = P0 * (1 + GAP) * (1 + (d_max + 0.5) * STEP)
+    got = {}
+    for label, m, want in (("at_P0", P0, 0), ("at_bottom", lo_mark, d_max * k),
+                           ("at_top", hi_mark, d_max * k)):
+        n_liq, _ = margin.full_pass(store, 0, snap_at(m))
+        got[label] = int(n_liq)
+        if n_liq != want:
+            raise AssertionError(f"book layout: {n_liq} accounts in breach {label} (mark {m:.2f}), want {want}")
+    margin.full_pass(store, 0, snap_at(P0))
+    worst = 0.0
+    sn = snap_at(P0)
+    for side in (DOWN, UP):
+        for t in sorted({1, d_max // 2 or 1, d_max}):
+            for j in sorted({0, k - 1}):
+                idx = (0 if side == DOWN else d_max * k) + (t - 1) * k + j
+                row = book.n_background + idx
+                d = margin.account_detail(store, row, sn)
+                want = long_trigger(t, j, k) if side == DOWN else short_trigger(t, j, k)
+                liq = d.positions[0].liquidation_price
+                worst = max(worst, abs(liq - want) / want)
+    if worst > 1e-7:
+        raise AssertionError(f"staircase liquidation prices off by up to {worst:.3g} (relative)")
+    return {"breaching": got, "liq_price_max_rel_err": worst}
+
+
+# --------------------------------------------------------------------------- 3. load process
+
+def _frames(sched: Schedule, real0: int) -> list[bytes]:
+    """The 3 ORACLE_TICK frames of every burst, encoded before the run (seq 1, 2, 3, ...)."""
+    from feeds.protocol import MsgType, Sequencer
+    seq = Sequencer()
+    out = []
+    period = 1e9 / sched.rate
+    name = "BTCUSDT"
+    for i, px in enumerate(sched.prices.tolist()):
+        ts = real0 + int(i * period)
+        for v in VENUES:
+            out.append(seq.encode(MsgType.ORACLE_TICK, {"venue": v, "instrument": name, "price": px,
+                                                        "venue_ts_ns": ts}, ts_ns=ts))
+    return out
+
+
+def _set_timer_slack(ns: int = 1) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(29, ctypes.c_ulong(ns), 0, 0, 0)   # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):
+        pass
+
+
+def _load_run(spec: dict) -> dict:
+    """One measured run in the load process; returns raw timestamps and frames."""
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 1_000_000)
+    push.connect(spec["push"])
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVHWM, 1_000_000)
+    pull.setsockopt(zmq.RCVTIMEO, 100)
+    pull.connect(spec["pull"])
+    sched = spec["schedule"]
+    frames = _frames(sched, time.time_ns() + 1_000_000_000)
+    n = sched.n
+    recv_mono, recv_real, recv_frames = [], [], []
+    stop = threading.Event()
+
+    def receiver():
+        _set_timer_slack()
+        mono, real = time.monotonic_ns, time.time_ns
+        while not stop.is_set():
+            try:
+                f = pull.recv(copy=True)
+            except zmq.Again:
+                continue
+            recv_mono.append(mono())
+            recv_real.append(real())
+            recv_frames.append(f)
+
+    rt = threading.Thread(target=receiver, daemon=True)
+    rt.start()
+    time.sleep(0.3)                       # connections up before the clock starts
+    _set_timer_slack()
+    period = 1e9 / sched.rate
+    t0 = time.monotonic_ns() + 50_000_000
+    intended = t0 + (np.arange(n) * period).astype(np.int64)
+    sent1 = np.zeros(n, np.int64)
+    sent2 = np.zeros(n, np.int64)
+    sent2_real = np.zeros(n, np.int64)
+    mono, real, sleep, send = time.monotonic_ns, time.time_ns, time.sleep, push.send
+    it = intended.tolist()
+    for i in range(n):
+        now = mono()
+        if it[i] > now:
+            sleep((it[i] - now) * 1e-9)
+        sent1[i] = mono()
+        send(frames[3 * i])
+        sent2_real[i] = real()
+        sent2[i] = mono()
+        send(frames[3 * i + 1])
+        send(frames[3 * i + 2])
+    time.sleep(DRAIN_S)
+    stop.set()
+    rt.join()
+    push.close()
+    pull.close()
+    return {"intended": intended, "sent1": sent1, "sent2": sent2, "sent2_real": sent2_real,
+            "recv_mono": np.array(recv_mono, np.int64), "recv_real": np.array(recv_real, np.int64),
+            "frames": recv_frames}
+
+
+def _load_main(conn) -> None:
+    """The load process: runs each spec the parent sends until it sends None."""
+    while True:
+        spec = conn.recv()
+        if spec is None:
+            break
+        conn.send(_load_run(spec))
+
+
+class LoadProcess:
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_load_main, args=(child,), daemon=True)
+        self.proc.start()
+
+    def run(self, push: str, pull: str, sched: Schedule) -> dict:
+        self.conn.send({"push": push, "pull": pull, "schedule": sched})
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
+# --------------------------------------------------------------------------- 4. floors
+
+def _relay_main(front_ep: str, back_ep: str, back_bind: bool) -> None:
+    """PULL bind -> libzmq proxy (C loop, nothing decoded) -> PUSH bind or connect."""
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.PULL)
+    front.setsockopt(zmq.LINGER, 0)
+    front.setsockopt(zmq.RCVHWM, 100_000)
+    front.bind(front_ep)
+    back = ctx.socket(zmq.PUSH)
+    back.setsockopt(zmq.LINGER, 0)
+    back.setsockopt(zmq.SNDHWM, 100_000)
+    (back.bind if back_bind else back.connect)(back_ep)
+    zmq.proxy(front, back)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_floor(load: LoadProcess, sched: Schedule, hops: int, root: str) -> dict:
+    ctx = mp.get_context("spawn")
+    p_in, p_out = _free_ports(2)
+    ep_in, ep_out = f"tcp://127.0.0.1:{p_in}", f"tcp://127.0.0.1:{p_out}"
+    if hops == 1:
+        relays = [ctx.Process(target=_relay_main, args=(ep_in, ep_out, True), daemon=True)]
+    else:
+        mid = f"ipc://{root}/floor-mid-{os.getpid()}.sock"
+        relays = [ctx.Process(target=_relay_main, args=(mid, ep_out, True), daemon=True),
+                  ctx.Process(target=_relay_main, args=(ep_in, mid, False), daemon=True)]
+    for r in relays:
+        r.start()
+    time.sleep(0.5)                      # relays bound (spawn start-up)
+    try:
+        raw = load.run(ep_in, ep_out, sched)
+    finally:
+        for r in relays:
+            r.terminate()
+            r.join(5)
+    return analyze_floor(raw, sched)
+
+
+# --------------------------------------------------------------------------- analysis
+
+def _hist(values_ns) -> HdrHistogram:
+    h = HdrHistogram(1, 10**11, 3)
+    for v in values_ns:
+        h.record_value(max(1, int(v)))
+    return h
+
+
+def _pcts(values_ns) -> dict:
+    """p50..p99.9, max, min, mean in microseconds (HdrHistogram, 3 significant digits)."""
+    values_ns = list(values_ns)
+    if not values_ns:
+        return {k: None for k in ("p50", "p90", "p99", "p999", "max", "min", "mean", "count")}
+    h = _hist(values_ns)
+    out = {k: h.get_value_at_percentile(p) / 1e3 for k, p in PERCENTILES}
+    out.update(max=h.get_max_value() / 1e3, min=h.get_min_value() / 1e3, mean=h.get_mean_value() / 1e3,
+               count=len(values_ns))
+    return out
+
+
+def _curve(values_ns) -> list[list[float]]:
+    """(percentile, us) points for the plot."""
+    if not len(values_ns):
+        return []
+    v = np.sort(np.asarray(values_ns, np.float64)) / 1e3
+    ps = np.unique(np.concatenate([np.linspace(0, 99, 100), 100 - np.logspace(0, -4, 60)]))
+    ps = ps[ps < 100]
+    return [[float(p), float(np.percentile(v, p))] for p in ps] + [[100.0, float(v[-1])]]
+
+
+def _measured(sched: Schedule) -> np.ndarray:
+    return np.flatnonzero(sched.kind != HOLD)
+
+
+def analyze_floor(raw: dict, sched: Schedule) -> dict:
+    from feeds.protocol import decode
+    arrival = np.full(sched.n, -1, np.int64)
+    for f, t in zip(raw["frames"], raw["recv_mono"].tolist()):
+        seq = decode(f).seq
+        b, pos = divmod(seq - 1, 3)
+        if pos == 1 and 0 <= b < sched.n:
+            arrival[b] = t
+    meas = _measured(sched)
+    got = meas[arrival[meas] >= 0]
+    lat = arrival[got] - raw["intended"][got]
+    from_send = arrival[got] - raw["sent2"][got]
+    return {"latency": _pcts(lat), "from_actual_send_of_2nd": _pcts(from_send),
+            "send_lag": _pcts(np.maximum(1, raw["sent1"][meas] - raw["intended"][meas])),
+            "ticks": int(len(meas)), "lost": int(len(meas) - len(got)), "curve": _curve(lat),
+            "_lat": lat}
+
+
+def analyze_engine(raw: dict, sched: Schedule, book: Book) -> dict:
+    """Match orders to ticks; per-tick first/last latency; breakdown from the first order."""
+    from feeds.protocol import MsgType, Rejected, decode
+    k = book.per_tick
+    n = sched.n
+    first = np.full(n, np.iinfo(np.int64).max, np.int64)
+    last = np.full(n, -1, np.int64)
+    count = np.zeros(n, np.int64)
+    first_order: dict[int, tuple] = {}
+    seen: set[tuple[int, int]] = set()
+    c = {"orders": 0, "matched_by_tick_seq": 0, "coalesced_into_later_tick": 0, "unexpected_account": 0,
+         "reissued": 0, "before_expected_tick": 0, "undecodable": 0}
+    for f, tm, tr in zip(raw["frames"], raw["recv_mono"].tolist(), raw["recv_real"].tolist()):
+        m = decode(f)
+        if type(m) is Rejected or m.type != MsgType.LIQUIDATION_ORDER:
+            c["undecodable"] += 1
+            continue
+        c["orders"] += 1
+        o = m.fields
+        label = (o["tick_seq"] - 1) // 3            # burst whose 2nd message made the mark
+        st = book.stair(o["account"])
+        if st is None or not 0 <= label < n:
+            c["unexpected_account"] += 1
+            continue
+        side, t, _ = st
+        b = sched.expected_burst(label, side, t)
+        if b > label or b < 0 or b >= n or sched.kind[b] != side or sched.step[b] != t:
+            c["before_expected_tick"] += 1
+            continue
+        if (o["account"], b) in seen:
+            c["reissued"] += 1
+            continue
+        seen.add((o["account"], b))
+        if b == label:
+            c["matched_by_tick_seq"] += 1
+        else:
+            c["coalesced_into_later_tick"] += 1
+        count[b] += 1
+        last[b] = max(last[b], tm)
+        if tm < first[b]:
+            first[b] = tm
+            first_order[b] = (label, o, tr)
+    meas = _measured(sched)
+    complete = meas[count[meas] == k]
+    partial = meas[(count[meas] > 0) & (count[meas] < k)]
+    any_ = meas[count[meas] > 0]
+    it = raw["intended"]
+    lat_first = first[any_] - it[any_]
+    lat_last = last[complete] - it[complete]
+    bd = {"send2_to_markprice_recv": [], "markprice_recv_to_decided": [], "decided_to_sent": [],
+          "sent_to_load_recv": [], "intended_to_send2": []}
+    for b in any_.tolist():
+        label, o, tr = first_order[b]
+        if label != b:
+            continue
+        bd["intended_to_send2"].append(raw["sent2"][b] - it[b])
+        bd["send2_to_markprice_recv"].append(o["tick_recv_ns"] - raw["sent2_real"][b])
+        bd["markprice_recv_to_decided"].append(o["decided_ns"] - o["tick_recv_ns"])
+        bd["decided_to_sent"].append(o["sent_ns"] - o["decided_ns"])
+        bd["sent_to_load_recv"].append(tr - o["sent_ns"])
+    c.update(ticks=int(len(meas)), ticks_with_all_orders=int(len(complete)),
+             ticks_with_some_orders=int(len(partial)), ticks_without_orders=int(len(meas) - len(any_)),
+             expected_orders=int(len(meas) * k))
+    return {"first": _pcts(lat_first), "last": _pcts(lat_last), "counts": c,
+            "breakdown_us": {key: _pcts(v) for key, v in bd.items()},
+            "send_lag": _pcts(np.maximum(1, raw["sent1"][meas] - it[meas])),
+            "curve_first": _curve(lat_first), "curve_last": _curve(lat_last), "_lat": lat_first}
+
+
+# --------------------------------------------------------------------------- 5. engine
+
+def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...]) -> Config:
+    assets, instruments = kernel.make_universe()
+    base = Config(EngineSettings(), tuple(assets), tuple(instruments))
+    names = ("oracle", "fills", "checks", "orders", "events")
+    ports = dict(zip(names, _free_ports(len(names))))
+    return local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
+                        wait=wait, cpus=tuple(cpus))
+
+
+def _label(n: int) -> str:
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+# --------------------------------------------------------------------------- run
+
+def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 200.0,
+        json_out: str | os.PathLike | None = None, duration_s: float = 20.0, *,
+        per_tick: int = 2, positions: int = 2, wait: str = "blocking", cpus: tuple[int, ...] = (),
+        leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
+        sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
+        quiet: bool = False) -> dict:
+    """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
+    n, k = int(accounts), int(per_tick)
+    if not 1 <= k <= 16:
+        raise ValueError("per_tick: 1..16")
+    load_start = os.getloadavg()[0]
+    rates = [float(rate)] + ([float(r) for r in sweep_rates] if sweep else [])
+    d_max = max(leg_ticks(r, leg_s) for r in rates)
+    main_sched = make_schedule(rate, duration_s, leg_s)
+    root = tempfile.mkdtemp(prefix="me-lat-")
+    load = LoadProcess()
+    result: dict = {}
+    try:
+        # 4. floors first (the engine's processes not yet running)
+        _say(f"floor, 1 relay: {main_sched.n:,} bursts at {rate:g}/s", quiet=quiet)
+        floor1 = run_floor(load, main_sched, 1, root)
+        _say(f"floor, 2 relays: {main_sched.n:,} bursts at {rate:g}/s", quiet=quiet)
+        floor2 = run_floor(load, main_sched, 2, root)
+
+        # 1. book, 5. engine
+        config = bench_config(root, n, wait, cpus)
+        t_load = time.perf_counter()
+        checks: dict = {}
+        book_box: list[Book] = []
+
+        def setup(store: Store) -> None:
+            book_box.append(fill_book(store, n, holders_fraction, d_max, k, positions, seed, quiet))
+            checks.update(check_book(store, book_box[0], d_max))
+        le = LocalEngine(config, setup=setup, n_workers=1)
+        load_s = time.perf_counter() - t_load
+        book = book_box[0]
+        _say(f"loaded {n:,} accounts in {load_s:.1f} s; starting the engine", quiet=quiet)
+        t_start = time.perf_counter()
+        with le:
+            start_s = time.perf_counter() - t_start
+            ep = le.endpoints
+            _say(f"engine up in {start_s:.1f} s; {main_sched.n:,} bursts at {rate:g}/s", quiet=quiet)
+            eng = analyze_engine(load.run(ep.oracle, ep.orders, main_sched), main_sched, book)
+            sweep_rows = []
+            max_rate = None
+            if sweep:
+                for r in sweep_rates:
+                    time.sleep(CYCLE_S + 0.2)        # every staircase account healthy and not outstanding
+                    sc = make_schedule(r, sweep_duration_s, leg_s)
+                    _say(f"sweep: {r:g}/s ({sc.n:,} bursts)", quiet=quiet)
+                    res = analyze_engine(load.run(ep.oracle, ep.orders, sc), sc, book)
+                    cnt = res["counts"]
+                    ok = (res["first"]["p99"] is not None and res["first"]["p99"] <= SWEEP_P99_LIMIT_US
+                          and cnt["ticks_without_orders"] <= 0.01 * cnt["ticks"])
+                    sweep_rows.append({"rate": r, "ticks": cnt["ticks"], "first": res["first"],
+                                       "last": res["last"], "ticks_without_orders": cnt["ticks_without_orders"],
+                                       "coalesced": cnt["coalesced_into_later_tick"],
+                                       "send_lag_p99_us": res["send_lag"]["p99"], "p99_under_1ms": ok})
+                    if ok:
+                        max_rate = r
+                    else:
+                        break
+        exit_codes = le.exit_codes
+    finally:
+        load.close()
+        shutil.rmtree(root, ignore_errors=True)
+    _say("done", quiet=quiet)
+
+    # 7. output
+    f1, f2, ef, el = floor1["latency"], floor2["latency"], eng["first"], eng["last"]
+    flat = {}
+    for prefix, d in (("floor", f1), ("floor2", f2), ("engine", ef), ("engine_last", el)):
+        for key in ("p50", "p90", "p99", "p999", "max"):
+            flat[f"{prefix}_{key}_us"] = d[key]
+    ok = lambda a, b, lim: None if a is None or b is None else a <= b + lim
+    result = {
+        "accounts": n,
+        "holders": book.holders,
+        "rate": float(rate),
+        **flat,
+        "max_rate_p99_under_1ms": max_rate,
+        "targets": {
+            "engine_p50_le_floor_p50_plus_15us": ok(ef["p50"], f1["p50"], TARGET_P50_OVER_FLOOR_US),
+            "engine_p99_le_floor_p99_plus_60us": ok(ef["p99"], f1["p99"], TARGET_P99_OVER_FLOOR_US),
+            "engine_p50_minus_floor_p50_us": None if ef["p50"] is None else ef["p50"] - f1["p50"],
+            "engine_p99_minus_floor_p99_us": None if ef["p99"] is None else ef["p99"] - f1["p99"],
+        },
+        "floor": {k_: v for k_, v in floor1.items() if not k_.startswith("_") and k_ != "curve"},
+        "floor2": {k_: v for k_, v in floor2.items() if not k_.startswith("_") and k_ != "curve"},
+        "engine": {"first": ef, "last": el, "counts": eng["counts"], "send_lag": eng["send_lag"]},
+        "breakdown_us": eng["breakdown_us"],
+        "sweep": sweep_rows,
+        "curves": {"floor": floor1["curve"], "floor2": floor2["curve"], "engine_first": eng["curve_first"],
+                   "engine_last": eng["curve_last"]},
+        "book": {"background_accounts": book.n_background, "staircase_accounts": 2 * d_max * k,
+                 "positions_per_background_account": positions, "per_tick": k, "leg_ticks_max": d_max,
+                 "load_s": load_s, "engine_start_s": start_s, **checks},
+        "hardware": kernel.hardware(),
+        "settings": {
+            "duration_s": duration_s, "bursts": main_sched.n, "measured_ticks": int(len(_measured(main_sched))),
+            "leg_ticks": main_sched.d, "cycle_bursts": main_sched.cycle, "warmup_bursts": main_sched.warmup,
+            "step_rel": STEP, "gap_rel": GAP, "p0": P0, "workers": 1, "partitions": 1, "wait": wait,
+            "cpus": list(cpus), "venues": len(VENUES), "transport": "tcp://127.0.0.1 in and out; ipc inside",
+            "latency_start": "intended send time of the burst's FIRST message (t0 + i/R); the mark is "
+                             "made by its SECOND message (quorum 2, median of 3), whose seq is tick_seq",
+            "latency_end": "load process takes the frame off its PULL socket",
+            "clock": "CLOCK_MONOTONIC in the load process for every latency; CLOCK_REALTIME (same host) "
+                     "only for the breakdown against the engine's own timestamps",
+            "floor": "1 process: PULL bind tcp -> zmq.proxy -> PUSH bind tcp (decodes nothing)",
+            "floor2": "2 processes: PULL bind tcp -> zmq.proxy -> PUSH connect ipc -> PULL bind ipc -> "
+                      "zmq.proxy -> PUSH bind tcp",
+            "engine_first": "tick to first liquidation order of the tick's staircase accounts",
+            "engine_last": "tick to last of its k orders (ticks with all k orders)",
+            "sweep_duration_s": sweep_duration_s, "sweep_limit_p99_us": SWEEP_P99_LIMIT_US,
+            "reissue_after_s": worker_mod.REISSUE_AFTER_NS / 1e9, "seed": seed,
+            "load_average_1m": [load_start, os.getloadavg()[0]], "engine_exit_codes": exit_codes,
+            "shm_name": config.engine.name,
+        },
+    }
+    if not quiet:
+        print(summary(result))
+    if json_out is not None:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, allow_nan=False, default=_jsonable) + "\n")
+        png = Path(plot_out) if plot_out is not None else path.with_suffix(".png")
+        plot(result, png)
+        _say(f"wrote {path} and {png}", quiet=quiet)
+    elif plot_out is not None:
+        plot(result, Path(plot_out))
+    return json.loads(json.dumps(result, default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def summary(r: dict) -> str:
+    hw, s = r["hardware"], r["settings"]
+    fmt = lambda d: "  ".join(f"{k} {d[k]:9.1f}" if d[k] is not None else f"{k} -" for k in
+                              ("p50", "p90", "p99", "p999", "max"))
+    c = r["engine"]["counts"]
+    t = r["targets"]
+    lines = [
+        f"latency benchmark: {r['accounts']:,} accounts, {r['holders']:,} hold BTCUSDT; {r['rate']:g} ticks/s "
+        f"x 3 venues, {s['measured_ticks']:,} measured ticks, {r['book']['per_tick']} breaches per tick; "
+        f"1 worker, wait {s['wait']}",
+        f"hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gb']} GB; python {hw['python']}; "
+        f"load average {s['load_average_1m'][0]:.2f} -> {s['load_average_1m'][1]:.2f}",
+        "                      (us)   " + "        ".join(("p50", "p90", "p99", "p99.9", "max")),
+        f"  floor, 1 relay        {fmt(r['floor']['latency'])}",
+        f"  floor, 2 relays       {fmt(r['floor2']['latency'])}",
+        f"  engine, first order   {fmt(r['engine']['first'])}",
+        f"  engine, last order    {fmt(r['engine']['last'])}",
+        "  breakdown (first order of each tick):",
+    ]
+    for key, d in r["breakdown_us"].items():
+        lines.append(f"    {key:28s}{fmt(d)}")
+    lines.append(f"  orders {c['orders']:,} (expected {c['expected_orders']:,}): matched by tick_seq "
+                 f"{c['matched_by_tick_seq']:,}, coalesced into a later tick {c['coalesced_into_later_tick']:,}, "
+                 f"reissued {c['reissued']}, unexpected {c['unexpected_account']}; ticks without orders "
+                 f"{c['ticks_without_orders']}")
+    for row in r["sweep"]:
+        lines.append(f"  sweep {row['rate']:7g}/s: first p50 {row['first']['p50']}, p99 {row['first']['p99']} us "
+                     f"-> {'ok' if row['p99_under_1ms'] else 'over 1 ms'}")
+    okw = {True: "met", False: "MISSED", None: "n/a"}
+    lines.append(f"targets: engine p50 <= floor p50 + 15 us: {okw[t['engine_p50_le_floor_p50_plus_15us']]} "
+                 f"(+{t['engine_p50_minus_floor_p50_us']:.1f} us); engine p99 <= floor p99 + 60 us: "
+                 f"{okw[t['engine_p99_le_floor_p99_plus_60us']]} (+{t['engine_p99_minus_floor_p99_us']:.1f} us); "
+                 f"max rate with p99 < 1 ms: {r['max_rate_p99_under_1ms']}")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    """Left: latency by percentile (floors vs engine). Right: the sweep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    styles = (("floor", "floor, 1 relay", "#38a169"), ("floor2", "floor, 2 relays", "#2f855a"),
+              ("engine_first", "engine: first order", "#2b6cb0"), ("engine_last", "engine: last order", "#dd6b20"))
+    for key, label, color in styles:
+        pts = r["curves"].get(key) or []
+        if not pts:
+            continue
+        p = np.array(pts)
+        x = 1.0 / np.maximum(1e-5, 1 - p[:, 0] / 100)
+        a1.plot(x, p[:, 1], label=label, color=color, lw=1.6, ls="--" if key == "floor2" else "-")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    ticks = [1, 2, 10, 100, 1000, 10000]
+    a1.set_xticks(ticks)
+    a1.set_xticklabels(["0", "50", "90", "99", "99.9", "99.99"])
+    a1.set_xlabel("percentile")
+    a1.set_ylabel("tick -> order (us, log)")
+    a1.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    hw = r["hardware"]
+    a1.set_title(f"{r['accounts']:,} accounts ({r['holders']:,} hold BTCUSDT), {r['rate']:g} ticks/s\n"
+                 f"{hw['cpu']}, {hw['cores']} cores, 1 worker, wait {r['settings']['wait']}", fontsize=9)
+    sw = r["sweep"]
+    if sw:
+        rates = [x["rate"] for x in sw]
+        for key, label, color in (("p50", "first order p50", "#2b6cb0"), ("p99", "first order p99", "#c53030")):
+            a2.plot(rates, [x["first"][key] for x in sw], "o-", label=label, color=color)
+        a2.axhline(SWEEP_P99_LIMIT_US, color="grey", ls=":", label="1 ms")
+        a2.set_xscale("log")
+        a2.set_yscale("log")
+        a2.set_xlabel("oracle ticks per second (3 venue quotes each)")
+        a2.set_ylabel("us (log)")
+        a2.legend(fontsize=8)
+        a2.grid(True, which="both", alpha=0.3)
+        a2.set_title(f"sweep: highest rate with p99 < 1 ms: {r['max_rate_p99_under_1ms']}", fontsize=9)
+    else:
+        a2.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
+    ap.add_argument("--accounts", type=int, default=1_000_000)
+    ap.add_argument("--holders-fraction", type=float, default=0.1)
+    ap.add_argument("--rate", type=float, default=200.0, help="oracle ticks per second (3 venue quotes each)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per floor and engine run")
+    ap.add_argument("--json", default=None, help="default: bench/results/latency_<N>.json")
+    ap.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
+    ap.add_argument("--per-tick", type=int, default=2, help="accounts breached per tick (k)")
+    ap.add_argument("--positions", type=int, default=2, help="positions per background account")
+    ap.add_argument("--wait", default="blocking", choices=sorted(worker_mod.WAITS))
+    ap.add_argument("--cpus", default="", help="comma-separated CPUs to pin the worker to")
+    ap.add_argument("--leg-s", type=float, default=0.5)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-rates", default=",".join(str(r) for r in DEFAULT_SWEEP_RATES))
+    ap.add_argument("--sweep-duration", type=float, default=2.6)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args(argv)
+    if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0:
+        ap.error("need --accounts >= 100, 0 < --holders-fraction <= 1, --rate > 0, --duration > 0")
+    out = a.json or f"bench/results/latency_{_label(a.accounts)}.json"
+    run(a.accounts, a.holders_fraction, a.rate, out, a.duration, per_tick=a.per_tick, positions=a.positions,
+        wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
+        sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),
+        sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Smoke test of the end-to-end latency benchmark (bench/latency.py): a 2000-account book,
+floors and engine over real processes and tcp sockets, about 3 s of ticks per run; the
+JSON has its keys and the orders were matched to the ticks that caused them. No timing
+is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench import latency
+
+REQUIRED = ("floor_p50_us", "floor_p99_us", "engine_p50_us", "engine_p99_us", "engine_p999_us",
+            "accounts", "holders", "rate")
+EXTRAS = ("floor_p90_us", "floor_p999_us", "floor_max_us", "floor2_p50_us", "floor2_p99_us",
+          "engine_p90_us", "engine_max_us", "engine_last_p50_us", "engine_last_p99_us",
+          "max_rate_p99_under_1ms", "breakdown_us", "sweep", "hardware", "settings", "targets")
+
+
+@pytest.mark.timeout(120)
+def test_run_2000_accounts(tmp_path):
+    out = tmp_path / "latency.json"
+    result = latency.run(accounts=2000, holders_fraction=0.1, rate=100, json_out=out, duration_s=2.6,
+                         per_tick=2, leg_s=0.2, sweep=True, sweep_rates=(200,), sweep_duration_s=2.6,
+                         quiet=True)
+
+    doc = json.loads(out.read_text())
+    for key in REQUIRED + EXTRAS:
+        assert key in doc, key
+    assert doc == result
+    assert (doc["accounts"], doc["holders"], doc["rate"]) == (2000, 200, 100.0)
+    c = doc["engine"]["counts"]
+    # every measured tick breaches exactly per_tick staircase accounts; their orders came
+    # back carrying the tick's seq (or a later one when the worker coalesced ticks)
+    assert c["ticks"] >= 40
+    assert c["ticks_with_all_orders"] >= 0.95 * c["ticks"]
+    assert c["matched_by_tick_seq"] >= 0.9 * c["expected_orders"]
+    assert c["unexpected_account"] == 0 and c["reissued"] == 0 and c["before_expected_tick"] == 0
+    assert doc["floor"]["lost"] == 0 and doc["floor2"]["lost"] == 0
+    for key in ("send2_to_markprice_recv", "markprice_recv_to_decided", "decided_to_sent",
+                "sent_to_load_recv"):
+        assert doc["breakdown_us"][key]["count"] > 0, key
+    assert len(doc["sweep"]) == 1 and doc["sweep"][0]["rate"] == 200
+    assert doc["book"]["liq_price_max_rel_err"] <= 1e-7
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(doc["settings"]["shm_name"])]
