@@ -279,21 +279,30 @@ class HolderIndex:
         self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
         self.dirty[instrument] = False
 
-    def candidates(self, instrument: int, mark: float) -> np.ndarray:
+    def candidates(self, instrument: int, mark: float, prev_mark: float | None = None) -> np.ndarray:
         """Account rows whose trigger the mark has crossed, most breached first.
 
-        Two binary searches: cost independent of the number of holders. Exact while only
-        this instrument has moved since the triggers were refreshed; the incremental pass
-        that follows catches what stale triggers miss.
+        Binary searches only: the cost does not depend on the number of holders. With
+        ``prev_mark`` (the mark the last pass saw), only the triggers crossed on the way
+        from it to ``mark`` -- the accounts this move put in breach; without it, every
+        trigger at or beyond ``mark``. Exact while only this instrument has moved since
+        the triggers were refreshed; the incremental pass that follows catches what stale
+        triggers miss.
         """
         long_t, long_rows, short_t, short_rows = self.triggers[instrument]
-        k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
-        j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
-        if k == len(long_t):
-            return short_rows[:j]
-        if j == 0:
-            return long_rows[k:][::-1]
-        return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
+        if prev_mark is None:
+            k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
+            j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
+            return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
+        if mark < prev_mark:                                      # longs: mark <= t < prev
+            k0 = np.searchsorted(long_t, mark, side="left")
+            k1 = np.searchsorted(long_t, prev_mark, side="left")
+            return long_rows[k0:k1][::-1]
+        if mark > prev_mark:                                      # shorts: prev < t <= mark
+            j0 = np.searchsorted(short_t, prev_mark, side="right")
+            j1 = np.searchsorted(short_t, mark, side="right")
+            return short_rows[j0:j1]
+        return long_rows[:0]
 
     def refresh_dirty_triggers(self, snap: PriceSnapshot, limit: int | None = None) -> int:
         """Refresh up to ``limit`` stale trigger tables; return how many were refreshed."""
@@ -359,11 +368,13 @@ class HolderIndex:
                           st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
                           snap.asset_haircut, snap.asset_scale, self._scratch)
         self._load_agg(row, row + 1)
-        self.dirty[:] = True
+        for i in self._rows.get(row, ()):      # its other positions' triggers moved
+            self.dirty[i] = True
 
     def _remove(self, row: int, instrument: int) -> None:
         h = self.where.pop((row, instrument))
         self._rows[row].discard(instrument)
+        self.dirty[instrument] = True
         a = self.arrays[instrument]
         last = int(self.counts[instrument]) - 1
         if h != last:

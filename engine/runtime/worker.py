@@ -8,8 +8,9 @@ Loop (one iteration per doorbell ring, or per timeout)::
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
-    3. upkeep   -- every ``full_pass_interval_s``: full pass and cache refresh (collateral
-                   price moves, float drift), heartbeat
+    3. upkeep   -- every ``full_pass_interval_s``, in slices between wake-ups: full pass
+                   rewriting the shared rows, resync of the private aggregates when a
+                   collateral price moved, heartbeat; stale trigger tables re-sorted
 
 Started by the supervisor as ``python -m engine.runtime.worker`` with its partitions,
 CPU and wait strategy; pinned with ``os.sched_setaffinity``.
@@ -18,6 +19,7 @@ CPU and wait strategy; pinned with ``os.sched_setaffinity``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ import time
 import numpy as np
 import zmq
 
-from engine import _fills, _shm
+from engine import _fills, _margin, _shm
 from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import HolderIndex, full_pass, account_detail
@@ -38,6 +40,8 @@ from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
+UPKEEP_SLICE_ROWS = 65_536           # accounts per full-pass slice (a few ms at most)
+RESYNC_INTERVAL_S = 30.0             # rebuild the private aggregates at least this often
 
 
 class Worker:
@@ -76,6 +80,8 @@ class Worker:
         self.next_order_id = order_id_base or ((worker_id + 1) << 52 | (time.time_ns() // 1000) & ((1 << 52) - 1))
         self.breach = np.empty(65536, np.int64)
         self.outstanding_since: dict[int, int] = {}
+        self.pending_events: list[dict] = []
+        self.jobs: collections.deque = collections.deque()
         self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
 
     # ------------------------------------------------------------------ start-up
@@ -129,17 +135,78 @@ class Worker:
         self.last_seqs = self.snap.price_seqs.copy()
 
     def upkeep(self, snap) -> None:
-        """Full pass and cache refresh at one snapshot; clear stale outstanding flags."""
+        """Everything at once (start-up only): full pass, caches, aggregates, triggers."""
         self.snap = snap
         for p in self.partitions:
-            n, rows = full_pass(self.store, p, snap, max_listed=len(self.breach))
+            full_pass(self.store, p, snap, max_listed=len(self.breach))
             self.index[p].refresh(snap)
+            self.index[p].refresh_dirty_triggers(snap)
             self.store.partitions[p]["heartbeat_ns"] = time.time_ns()
-            liq = set(rows.tolist())
-            for row in [r for r in self.outstanding_since if r not in liq and self._in(p, r)]:
-                self._set_outstanding(row, False)
-        self.counters["full_passes"] += 1
+        self.last_seqs = snap.price_seqs.copy()
+        self.prev_marks = snap.marks.copy()
+        self.resync_px = snap.asset_px.copy()
+        self.last_resync = self.last_upkeep = time.monotonic()
+
+    def schedule_upkeep(self) -> None:
+        """Queue the periodic upkeep as short slices, run between wake-ups (stage 3).
+
+        - full pass over each partition in slices of ``UPKEEP_SLICE_ROWS`` rows: rewrites
+          the shared account rows (what ``status`` and the order checks read), clears the
+          outstanding flag of accounts back in health, re-sends orders still in breach
+          after ``REISSUE_AFTER_NS``;
+        - a resync of a partition's private aggregates and holder caches from scratch,
+          when a collateral asset price moved (the incremental pass follows instrument
+          marks only) or every ``RESYNC_INTERVAL_S`` (float drift); then the instruments
+          that moved meanwhile are re-ticked;
+        - heartbeats.
+        """
+        st = self.store
+        for p in self.partitions:
+            lo, hi = st.partition_rows(p)
+            for start in range(lo, hi, UPKEEP_SLICE_ROWS):
+                self.jobs.append((self._full_pass_slice, p, start, min(hi, start + UPKEEP_SLICE_ROWS)))
+        snap = st.price_snapshot()
+        if (not np.array_equal(snap.asset_px, self.resync_px)
+                or time.monotonic() - self.last_resync >= RESYNC_INTERVAL_S):
+            for p in self.partitions:
+                self.jobs.append((self._resync, p))
         self.last_upkeep = time.monotonic()
+
+    def _full_pass_slice(self, p: int, lo: int, hi: int) -> None:
+        st, snap = self.store, self.store.price_snapshot()
+        n = _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
+                              st.slots_per_account, lo, hi, snap.marks, snap.asset_px,
+                              snap.asset_haircut, snap.asset_scale, self.breach)
+        in_breach = set(self.breach[: min(n, len(self.breach))].tolist())
+        now = time.time_ns()
+        for row in [r for r in self.outstanding_since if lo <= r < hi]:
+            if row not in in_breach:
+                self._set_outstanding(row, False)
+            elif now - self.outstanding_since[row] >= REISSUE_AFTER_NS:
+                self.liquidate(np.array([row]), snap, 0, now, reissue=True)
+        self.flush_events()
+        if hi >= st.partition_rows(p)[1]:
+            st.partitions[p]["heartbeat_ns"] = now
+            self.counters["full_passes"] += 1
+
+    def _resync(self, p: int) -> None:
+        st = self.store
+        snap = st.price_snapshot()
+        lo, hi = st.partition_rows(p)
+        _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
+                          st.slots_per_account, lo, hi, snap.marks, snap.asset_px,
+                          snap.asset_haircut, snap.asset_scale, self.breach)
+        idx = self.index[p]
+        idx.refresh(snap)
+        self.resync_px = snap.asset_px.copy()
+        self.last_resync = time.monotonic()
+        # The aggregates are at ``snap`` now; bring them to the current marks.
+        now = st.price_snapshot()
+        for i in np.flatnonzero(now.price_seqs != snap.price_seqs).tolist():
+            n = idx.tick(i, now, self.breach)
+            if n:
+                self.liquidate(self.breach[: min(n, len(self.breach))], now, 0, time.time_ns())
+        self.flush_events()
 
     def _in(self, p: int, row: int) -> bool:
         lo = p * self.store.per_partition
@@ -157,28 +224,31 @@ class Worker:
             frozen = bool(snap.flags[i] & PRICE_FROZEN)
             pr = self.store.prices[i]
             tick_seq, tick_recv_ns = int(pr["tick_seq"]), int(pr["ts_ns"])
+            mark, prev = float(snap.marks[i]), float(self.prev_marks[i])
+            self.prev_marks[i] = mark
             for p in self.partitions:
                 idx = self.index[p]
                 if not frozen:          # a frozen price pauses liquidations on it
-                    # 1a. hot path: trigger prices crossed (two binary searches), verified
-                    #     and sent before anything else
-                    self.liquidate(idx.candidates(i, float(snap.marks[i])), snap, tick_seq, tick_recv_ns)
+                    # 1a. hot path: the triggers this move crossed (binary searches),
+                    #     verified and sent before anything else
+                    self.liquidate(idx.candidates(i, mark, prev), snap, tick_seq, tick_recv_ns)
                 # 1b. every holder's aggregates move; breaches the triggers missed (stale
                 #     ones, after other prices moved) are found and sent here
                 n = idx.tick(i, snap, self.breach)
                 if n and not frozen:
                     self.liquidate(self.breach[: min(n, len(self.breach))], snap, tick_seq, tick_recv_ns)
-                # Other instruments' triggers of these holders drift with this mark; they
-                # are recomputed with every upkeep (3.), the pass above covers the interval.
+                # Other instruments' triggers of these holders drift with this mark; the
+                # periodic resync refreshes them, the pass above covers the interval.
+        self.flush_events()
 
-    def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int) -> None:
-        now = time.time_ns()
+    def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int,
+                  reissue: bool = False) -> None:
+        """Decide and send the orders of each account in ``rows`` not already outstanding."""
+        outstanding = self.outstanding_since
         for row in rows.tolist():
-            since = self.outstanding_since.get(row)
-            if since is not None and now - since < REISSUE_AFTER_NS:
-                continue                     # first order for this breach still outstanding
+            if row in outstanding and not reissue:
+                continue                     # its first order for this breach is out
             orders = decide(self.store, row, snap)
-            sent = []
             for o in orders:
                 decided = time.time_ns()
                 self.next_order_id += 1
@@ -189,11 +259,15 @@ class Worker:
                           "decided_ns": decided, "sent_ns": time.time_ns()}
                 self.orders.send(self.seq_orders.encode(MsgType.LIQUIDATION_ORDER, fields))
                 self.counters["orders"] += 1
-                sent.append(fields)
-            for fields in sent:         # after every order of this account is out: tell operators
-                self.event(fields)
+                self.pending_events.append(fields)
             if orders:
                 self._set_outstanding(row, True)
+
+    def flush_events(self) -> None:
+        """Operator events for the orders sent, after the tick's orders are all out."""
+        for fields in self.pending_events:
+            self.event(fields)
+        self.pending_events.clear()
 
     def event(self, order: dict) -> None:
         """An ENGINE_EVENT per liquidation order (code = its reason), detail in JSON."""
@@ -299,18 +373,22 @@ class Worker:
         self.start()
         seen = _shm.doorbell_value(self.doorbell)
         while not self.ctl.shutdown:
-            seen = _shm.doorbell_wait(self.doorbell, seen, 100_000_000, self.wait)
+            busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
+            seen = _shm.doorbell_wait(self.doorbell, seen, 0 if busy else 100_000_000, self.wait)
             snap = self.store.price_snapshot()
             self.on_prices(snap)                                  # 1. hot path first
             for p in self.partitions:                             # 2. commands
                 self.drain(p, snap)
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
-                self.upkeep(self.store.price_snapshot())          # 3. upkeep
-                self.last_seqs = self.snap.price_seqs.copy()
-            if _shm.doorbell_value(self.doorbell) == seen:        # idle: one stale trigger table
-                for idx in self.index.values():
-                    if idx.refresh_dirty_triggers(self.snap, limit=1):
-                        break
+                self.schedule_upkeep()
+            if _shm.doorbell_value(self.doorbell) == seen:        # 3. idle: one upkeep slice
+                if self.jobs:
+                    job, *args = self.jobs.popleft()
+                    job(*args)
+                else:
+                    for idx in self.index.values():               # or one stale trigger table
+                        if idx.refresh_dirty_triggers(self.snap, limit=1):
+                            break
         for p in self.partitions:                                 # drain what is queued
             self.drain(p, self.store.price_snapshot())
         self.orders.close()
