@@ -51,6 +51,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ctypes
 import json
 import math
@@ -362,7 +363,11 @@ def _load_run(spec: dict) -> dict:
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.RCVHWM, 1_000_000)
     pull.setsockopt(zmq.RCVTIMEO, 100)
-    pull.connect(spec["pull"])
+    if spec.get("pull_bind"):        # orders_via_gateway off: the workers connect to us
+        pull.bind(spec["pull"])
+        time.sleep(0.3)               # let the workers' reconnect timers find us
+    else:
+        pull.connect(spec["pull"])
     sched = spec["schedule"]
     frames = _frames(sched, time.time_ns() + 1_000_000_000)
     n = sched.n
@@ -429,8 +434,8 @@ class LoadProcess:
         self.proc = ctx.Process(target=_load_main, args=(child,), daemon=True)
         self.proc.start()
 
-    def run(self, push: str, pull: str, sched: Schedule) -> dict:
-        self.conn.send({"push": push, "pull": pull, "schedule": sched})
+    def run(self, push: str, pull: str, sched: Schedule, pull_bind: bool = False) -> dict:
+        self.conn.send({"push": push, "pull": pull, "schedule": sched, "pull_bind": pull_bind})
         return self.conn.recv()
 
     def close(self) -> None:
@@ -618,13 +623,15 @@ def analyze_engine(raw: dict, sched: Schedule, book: Book) -> dict:
 
 # --------------------------------------------------------------------------- 5. engine
 
-def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...]) -> Config:
+def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False) -> Config:
     assets, instruments = kernel.make_universe()
     base = Config(EngineSettings(), tuple(assets), tuple(instruments))
     names = ("oracle", "fills", "checks", "orders", "events")
     ports = dict(zip(names, _free_ports(len(names))))
-    return local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
-                        wait=wait, cpus=tuple(cpus))
+    cfg = local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
+                       wait=wait, cpus=tuple(cpus))
+    return dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints,
+                                                                  orders_via_gateway=not orders_direct))
 
 
 def _label(n: int) -> str:
@@ -642,7 +649,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         per_tick: int = 2, positions: int = 2, wait: str = "blocking", cpus: tuple[int, ...] = (),
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, orders_direct: bool = False) -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
     if not 1 <= k <= 16:
@@ -662,7 +669,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         floor2 = run_floor(load, main_sched, 2, root)
 
         # 1. book, 5. engine
-        config = bench_config(root, n, wait, cpus)
+        config = bench_config(root, n, wait, cpus, orders_direct)
         t_load = time.perf_counter()
         checks: dict = {}
         book_box: list[Book] = []
@@ -679,7 +686,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
             start_s = time.perf_counter() - t_start
             ep = le.endpoints
             _say(f"engine up in {start_s:.1f} s; {main_sched.n:,} bursts at {rate:g}/s", quiet=quiet)
-            eng = analyze_engine(load.run(ep.oracle, ep.orders, main_sched), main_sched, book)
+            eng = analyze_engine(load.run(ep.oracle, ep.orders, main_sched, orders_direct), main_sched, book)
             sweep_rows = []
             max_rate = None
             if sweep:
@@ -687,7 +694,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
                     time.sleep(CYCLE_S + 0.2)        # every staircase account healthy and not outstanding
                     sc = make_schedule(r, sweep_duration_s, leg_s)
                     _say(f"sweep: {r:g}/s ({sc.n:,} bursts)", quiet=quiet)
-                    res = analyze_engine(load.run(ep.oracle, ep.orders, sc), sc, book)
+                    res = analyze_engine(load.run(ep.oracle, ep.orders, sc, orders_direct), sc, book)
                     cnt = res["counts"]
                     ok = (res["first"]["p99"] is not None and res["first"]["p99"] <= SWEEP_P99_LIMIT_US
                           and cnt["ticks_without_orders"] <= 0.01 * cnt["ticks"])
@@ -878,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-rates", default=",".join(str(r) for r in DEFAULT_SWEEP_RATES))
     ap.add_argument("--sweep-duration", type=float, default=2.6)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--orders-direct", action="store_true",
+                    help="workers send orders straight to the load process's PULL (no liquidation-gateway hop)")
     a = ap.parse_args(argv)
     if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0:
         ap.error("need --accounts >= 100, 0 < --holders-fraction <= 1, --rate > 0, --duration > 0")
@@ -885,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     run(a.accounts, a.holders_fraction, a.rate, out, a.duration, per_tick=a.per_tick, positions=a.positions,
         wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
         sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),
-        sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed)
+        sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed, orders_direct=a.orders_direct)
     return 0
 
 

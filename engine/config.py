@@ -44,6 +44,10 @@ class Endpoints:
     orders: str = "tcp://127.0.0.1:5704"     # PUSH: liquidation orders out
     events: str = "tcp://127.0.0.1:5705"     # PUB: engine events out
     runtime_dir: str = ""                    # default: /tmp/margin-engine-<name>
+    # Liquidation orders: through the liquidation gateway, which binds ``orders`` (one
+    # endpoint, one more hop), or straight from each worker's PUSH connected to
+    # ``orders``, which the matching engine binds (PULL): the shortest tick path.
+    orders_via_gateway: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,10 @@ def from_dict(doc: dict) -> Config:
     for key, val in ep.items():
         if key not in known:
             raise ConfigError(f"endpoints.{key}: unknown endpoint; known: {sorted(known)}")
+        if key == "orders_via_gateway":
+            if not isinstance(val, bool):
+                raise ConfigError(f"endpoints.{key}: must be true or false, got {val!r}")
+            continue
         if not isinstance(val, str) or (key != "runtime_dir" and "://" not in val):
             raise ConfigError(f"endpoints.{key}: a ZeroMQ endpoint like tcp://127.0.0.1:5701, got {val!r}")
     return Config(settings, tuple(assets), tuple(instruments), Endpoints(**ep))

@@ -633,6 +633,17 @@ class Sequencer:
         self.last += 1
         return frame
 
+    def encode_known(self, msg_type: MsgType, fields: dict, ts_ns: int | None = None) -> bytes:
+        """Encode with the next number WITHOUT validation: for the engine's own hot-path
+        messages, whose fields are built by the engine as plain ``int``/``float``/``str``
+        in schema order (the tests decode what it produces). Anything from outside goes
+        through ``encode``."""
+        self.last += 1
+        out = {"v": VERSION, "t": int(msg_type), "seq": self.last,
+               "ts_ns": time.time_ns() if ts_ns is None else ts_ns}
+        out.update(fields)
+        return _packb(out)
+
     def encode_batch(self, of: int, msgs: list[dict], ts_ns: int | None = None) -> bytes:
         """Encode a BATCH taking ``len(msgs)`` numbers."""
         frame = encode_batch(of, msgs, first_seq=self.last + 1,

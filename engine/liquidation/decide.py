@@ -33,6 +33,34 @@ DEFAULT_HEALTH_FACTOR = 1.25
 
 
 @dataclass(frozen=True)
+class _Params:
+    """An instrument's static parameters as plain Python numbers (read once per store)."""
+
+    inverse: bool
+    cs: float
+    qs: int
+    ps: int
+    settle: int
+    floors: tuple[float, ...]
+    mmrs: tuple[float, ...]
+    maints: tuple[float, ...]
+
+
+def _params(store: Store) -> list[_Params]:
+    cached = store.__dict__.get("_liq_params")
+    if cached is None:
+        cached = []
+        for r in store.instruments:
+            n = int(r["n_tiers"])
+            cached.append(_Params(Kind(int(r["kind"])).is_inverse, float(r["contract_size"]),
+                                  int(r["qty_scale"]), int(r["price_scale"]), int(r["settle_asset"]),
+                                  tuple(r["tier_floor"][:n].tolist()), tuple(r["tier_mmr"][:n].tolist()),
+                                  tuple(r["tier_maint_amount"][:n].tolist())))
+        store.__dict__["_liq_params"] = cached
+    return cached
+
+
+@dataclass(frozen=True)
 class LiquidationOrder:
     row: int
     account_id: int
@@ -43,22 +71,19 @@ class LiquidationOrder:
     reason: Code
 
 
-def _close_qty_contracts(ins, q: float, p: float, px_s: float, e_usd: float, m_other_usd: float,
-                         h: float) -> float:
+def _close_qty_contracts(ins: _Params, q: float, p: float, px_s: float, e_usd: float,
+                         m_other_usd: float, h: float) -> float:
     """Contracts to close so that ``e >= h * (m_other + MM_position(|q| - x))`` (see module doc)."""
-    n_tiers = int(ins["n_tiers"])
-    cs = float(ins["contract_size"])
-    inverse = Kind(int(ins["kind"])).is_inverse
+    n_tiers = len(ins.floors)
     budget = e_usd / h - m_other_usd
     n_keep = 0.0
     for k in range(n_tiers - 1, -1, -1):
-        mmr = float(ins["tier_mmr"][k])
-        nk = (budget + px_s * float(ins["tier_maint_amount"][k])) / (px_s * mmr)
-        if nk >= float(ins["tier_floor"][k]):
-            upper = float(ins["tier_floor"][k + 1]) if k + 1 < n_tiers else math.inf
+        nk = (budget + px_s * ins.maints[k]) / (px_s * ins.mmrs[k])
+        if nk >= ins.floors[k]:
+            upper = ins.floors[k + 1] if k + 1 < n_tiers else math.inf
             n_keep = max(0.0, min(nk, upper))
             break
-    keep = n_keep * p / cs if inverse else n_keep / (cs * p)
+    keep = n_keep * p / ins.cs if ins.inverse else n_keep / (ins.cs * p)
     return max(0.0, abs(q) - keep)
 
 
@@ -69,11 +94,11 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
     acct_id = int(store.accounts[row]["account_id"])
     orders: list[LiquidationOrder] = []
     slots = store.slots(row)
+    params = _params(store)
 
     def order(pos, qty_contracts: float, reason: Code, bankruptcy: float | None) -> None:
         i = pos.instrument
-        ins = store.instruments[i]
-        qs, ps = int(ins["qty_scale"]), int(ins["price_scale"])
+        qs, ps = params[i].qs, params[i].ps
         units = min(abs(pos.qty_units), max(1, math.ceil(qty_contracts * qs - 1e-9)))
         side = -1 if pos.qty_units > 0 else 1          # sell a long, buy back a short
         mark = float(snap.marks[i])
@@ -87,12 +112,12 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
     for pos in d.positions:
         if pos.mode != Mode.ISOLATED:
             continue
-        ins = store.instruments[pos.instrument]
-        iso = int(slots[pos.slot]["isolated_margin"]) / float(snap.asset_scale[int(ins["settle_asset"])])
+        ins = params[pos.instrument]
+        iso = int(slots[pos.slot]["isolated_margin"]) / float(snap.asset_scale[ins.settle])
         e = iso + pos.unrealized_pnl
-        if e >= pos.maintenance_margin:
+        if e >= pos.maintenance_margin or pos.maintenance_margin <= 0:
             continue
-        q = pos.qty_units / int(ins["qty_scale"])
+        q = pos.qty_units / ins.qs
         if e < 0:
             order(pos, abs(q), Code.LIQ_BELOW_BANKRUPTCY, pos.bankruptcy_price)
         else:
@@ -105,17 +130,17 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
     e = d.cross_equity_usd
     if e < 0:
         for pos in cross:
-            ins = store.instruments[pos.instrument]
-            order(pos, abs(pos.qty_units) / int(ins["qty_scale"]), Code.LIQ_BELOW_BANKRUPTCY, pos.bankruptcy_price)
+            order(pos, abs(pos.qty_units) / params[pos.instrument].qs, Code.LIQ_BELOW_BANKRUPTCY,
+                  pos.bankruptcy_price)
         return orders
     m_total = d.cross_mm_usd
-    for pos in sorted(cross, key=lambda p: -p.maintenance_margin * snap.asset_px[
-            int(store.instruments[p.instrument]["settle_asset"])]):
+    px = snap.asset_px.tolist()
+    for pos in sorted(cross, key=lambda p: -p.maintenance_margin * px[params[p.instrument].settle]):
         if e >= health_factor * m_total:
             break
-        ins = store.instruments[pos.instrument]
-        px_s = float(snap.asset_px[int(ins["settle_asset"])])
-        q = pos.qty_units / int(ins["qty_scale"])
+        ins = params[pos.instrument]
+        px_s = px[ins.settle]
+        q = pos.qty_units / ins.qs
         m_pos = pos.maintenance_margin * px_s
         x = _close_qty_contracts(ins, q, float(snap.marks[pos.instrument]), px_s, e, m_total - m_pos,
                                  health_factor)
@@ -123,17 +148,16 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
             continue
         order(pos, x, Code.LIQ_BELOW_MAINTENANCE, pos.bankruptcy_price)
         # Requirement left by this position after the close (at the mark).
-        kept = max(0.0, abs(q) - abs(orders[-1].qty_units) / int(ins["qty_scale"]))
+        kept = max(0.0, abs(q) - abs(orders[-1].qty_units) / ins.qs)
         m_total = m_total - m_pos + px_s * _mm_at(ins, kept, float(snap.marks[pos.instrument]))
     return orders
 
 
-def _mm_at(ins, q_abs: float, p: float) -> float:
+def _mm_at(ins: _Params, q_abs: float, p: float) -> float:
     """Tiered maintenance requirement of ``q_abs`` contracts at mark ``p`` (settle asset)."""
-    cs = float(ins["contract_size"])
-    n = q_abs * cs / p if Kind(int(ins["kind"])).is_inverse else q_abs * cs * p
+    n = q_abs * ins.cs / p if ins.inverse else q_abs * ins.cs * p
     k = 0
-    for t in range(1, int(ins["n_tiers"])):
-        if float(ins["tier_floor"][t]) <= n:
+    for t in range(1, len(ins.floors)):
+        if ins.floors[t] <= n:
             k = t
-    return n * float(ins["tier_mmr"][k]) - float(ins["tier_maint_amount"][k])
+    return n * ins.mmrs[k] - ins.maints[k]

@@ -1,7 +1,9 @@
 """Liquidation-order gateway: the engine's one outbound order stream, and its events.
 
 Workers PUSH liquidation orders to an internal ipc PULL; this process forwards them to
-the matching engine on the external PUSH endpoint, and forwards ENGINE_EVENTs from
+the matching engine on the external PUSH endpoint (unless ``orders_via_gateway`` is
+off: then the workers connect to the matching engine's PULL themselves, one hop less),
+and forwards ENGINE_EVENTs from
 every engine process (internal PULL) to the external PUB. Both forwards are libzmq's
 ``zmq.proxy`` loops (C, no Python per message), one thread each; a capture socket on
 the order stream counts what went out.
@@ -48,8 +50,8 @@ def _proxy(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int, stop_e
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engine.runtime.liqgw")
     ap.add_argument("--name", required=True)
-    ap.add_argument("--orders-in", required=True)
-    ap.add_argument("--orders-out", required=True)
+    ap.add_argument("--orders-in", default=None, help="omit when workers send orders directly")
+    ap.add_argument("--orders-out", default=None)
     ap.add_argument("--events-in", required=True)
     ap.add_argument("--events-out", required=True)
     ap.add_argument("--cpu", type=int, default=-1)
@@ -64,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_ep = f"inproc://stop-{a.name}"
     stop = ctx.socket(zmq.PUB)
     stop.bind(stop_ep)
-    threads = [_proxy(ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep),
-               _proxy(ctx, a.events_in, a.events_out, zmq.PUB, stop_ep)]
+    threads = [_proxy(ctx, a.events_in, a.events_out, zmq.PUB, stop_ep)]
+    if a.orders_in:
+        threads.append(_proxy(ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
     time.sleep(0.05)               # let the proxy threads bind
     ctl.mark_ready(Role.LIQGW)
     while not ctl.shutdown:

@@ -4,7 +4,9 @@
    rejected with its code and counted; nothing changes);
 2. fold it into the median-of-venues index (feeds/oracle/index.py);
 3. publish the instrument's mark through its price row's seqlock with the tick's
-   receive time and sequence number, and ring every worker's doorbell;
+   receive time and sequence number, and ring every worker's doorbell -- once per
+   instrument for all the ticks that were already waiting (a burst of venue quotes
+   wakes the workers once, stamped with its last tick);
 4. a timer re-evaluates staleness: a price that loses its quorum is published frozen
    (liquidations on it pause) and an ENGINE_EVENT says so.
 
@@ -30,6 +32,7 @@ from feeds.oracle.index import MarkPriceCalculator, OracleParams
 from feeds.protocol import MsgType, Rejected, Sequencer, decode
 
 NS = 1_000_000_000
+MAX_FOLD = 256          # ticks folded into one publication at most (bounds the delay)
 
 
 class MarkPriceProcess:
@@ -52,6 +55,7 @@ class MarkPriceProcess:
         self.seq_events = Sequencer()
         self.timer_ns = timer_ms * 1_000_000
         self.frozen: set[str] = set()
+        self.last_tick: dict[str, tuple[int, int]] = {}     # name -> (recv_ns, seq) of its last tick
         self.counters = collections.Counter()
 
     def set_asset_names(self, names: list[str]) -> None:
@@ -65,25 +69,32 @@ class MarkPriceProcess:
         except zmq.Again:
             self.counters["events_dropped"] += 1
 
-    def on_frame(self, frame: bytes, recv_ns: int) -> None:
+    def on_frame(self, frame: bytes, recv_ns: int, publish: bool = True) -> str | None:
+        """Fold one frame into the index; publish its mark unless ``publish`` is False.
+
+        Returns the name of the instrument (or asset) the accepted tick moved, else None.
+        """
         m = decode(frame)
         if type(m) is Rejected or m.type != MsgType.ORACLE_TICK:
             code = m.code if type(m) is Rejected else Code.WIRE_UNKNOWN_TYPE
             self.counters[f"reject_{int(code)}"] += 1
-            return
+            return None
         f = m.fields
         name = f["instrument"]
         if name not in self.instruments and name not in self.assets:
             self.counters[f"reject_{int(Code.ORACLE_UNKNOWN_INSTRUMENT)}"] += 1
-            return
+            return None
         code, events = self.calc.on_tick(name, f["venue"], f["price"], f["venue_ts_ns"], recv_ns)
         if code != Code.OK:
             self.counters[f"reject_{int(code)}"] += 1
-            return
+            return None
         self.counters["ticks"] += 1
-        self.publish(name, recv_ns, m.seq)
+        self.last_tick[name] = (recv_ns, m.seq)
+        if publish:
+            self.publish(name, recv_ns, m.seq)
         for e in events:
             self.emit(e.code, e.instrument, e.detail)
+        return name
 
     def publish(self, name: str, recv_ns: int, tick_seq: int) -> None:
         st = self.calc.state(name, recv_ns)
@@ -121,12 +132,19 @@ class MarkPriceProcess:
         while not self.ctl.shutdown:
             timeout_ms = max(0, (next_timer - time.time_ns()) // 1_000_000)
             if poller.poll(timeout_ms):
-                while True:
+                # Fold in every tick already waiting, then publish each moved mark once:
+                # one wake-up per burst of venue quotes instead of one per quote.
+                moved: dict[str, None] = {}
+                for _ in range(MAX_FOLD):
                     try:
                         frame = self.sock.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.on_frame(frame, time.time_ns())
+                    name = self.on_frame(frame, time.time_ns(), publish=False)
+                    if name is not None:
+                        moved[name] = None
+                for name in moved:
+                    self.publish(name, *self.last_tick[name])
             now = time.time_ns()
             if now >= next_timer:
                 self.on_timer(now)

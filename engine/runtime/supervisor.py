@@ -107,15 +107,18 @@ class Engine:
         assets = ",".join(a.name for a in self.config.assets)
         cpus = list(e.cpus)
         name = e.name
-        self.children = [Child("liqgw", ["engine.runtime.liqgw", "--name", name,
-                                         "--orders-in", self.internal["orders"], "--orders-out", ep.orders,
-                                         "--events-in", self.internal["events"], "--events-out", ep.events])]
+        liq_args = ["engine.runtime.liqgw", "--name", name,
+                    "--events-in", self.internal["events"], "--events-out", ep.events]
+        if ep.orders_via_gateway:
+            liq_args += ["--orders-in", self.internal["orders"], "--orders-out", ep.orders]
+        orders_for_workers = self.internal["orders"] if ep.orders_via_gateway else ep.orders
+        self.children = [Child("liqgw", liq_args)]
         for w in range(self.n_workers):
             parts = ",".join(str(p) for p in range(e.partitions) if self.owner[p] == w)
             cpu = cpus[w % len(cpus)] if cpus else -1
             self.children.append(Child(f"worker{w}", [
                 "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
-                "--cpu", str(cpu), "--wait", e.wait, "--orders", self.internal["orders"],
+                "--cpu", str(cpu), "--wait", e.wait, "--orders", orders_for_workers,
                 "--replies", self.internal["replies"], "--events", self.internal["events"]], cpu=cpu))
         self.children.append(Child("markprice", ["engine.runtime.markprice", "--name", name,
                                                  "--oracle", ep.oracle, "--events", self.internal["events"],

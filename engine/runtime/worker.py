@@ -2,9 +2,10 @@
 
 Loop (one iteration per doorbell ring, or per timeout)::
 
-    1. prices   -- marks whose sequence number moved: incremental pass over their
-                   holders; each account newly in breach gets its liquidation orders,
-                   sent at once (the hot path)
+    1. prices   -- 1a, the hot path: for each mark whose sequence number moved, the
+                   accounts whose trigger price it crossed get their liquidation orders
+                   at once; 1b, when no newer mark waits: the incremental pass over the
+                   instrument's holders (and the breaches stale triggers missed)
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
@@ -81,6 +82,7 @@ class Worker:
         self.breach = np.empty(65536, np.int64)
         self.outstanding_since: dict[int, int] = {}
         self.pending_events: list[dict] = []
+        self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
         self.jobs: collections.deque = collections.deque()
         self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
 
@@ -214,6 +216,9 @@ class Worker:
 
     # ------------------------------------------------------------------ 1. prices
     def on_prices(self, snap) -> None:
+        """1a. The hot path: for each mark that moved, the accounts whose trigger it
+        crossed (binary searches), verified and their orders sent; the holders' pass (1b)
+        is queued for when no newer mark waits."""
         changed = np.flatnonzero(snap.price_seqs != self.last_seqs)
         if not changed.size:
             return
@@ -221,24 +226,33 @@ class Worker:
         self.last_seqs = snap.price_seqs.copy()
         for i in changed.tolist():
             self.counters["ticks"] += 1
-            frozen = bool(snap.flags[i] & PRICE_FROZEN)
+            self.pending_pass[i] = None
+            if snap.flags[i] & PRICE_FROZEN:
+                continue                # a frozen price pauses liquidations on it
             pr = self.store.prices[i]
-            tick_seq, tick_recv_ns = int(pr["tick_seq"]), int(pr["ts_ns"])
             mark, prev = float(snap.marks[i]), float(self.prev_marks[i])
             self.prev_marks[i] = mark
             for p in self.partitions:
-                idx = self.index[p]
-                if not frozen:          # a frozen price pauses liquidations on it
-                    # 1a. hot path: the triggers this move crossed (binary searches),
-                    #     verified and sent before anything else
-                    self.liquidate(idx.candidates(i, mark, prev), snap, tick_seq, tick_recv_ns)
-                # 1b. every holder's aggregates move; breaches the triggers missed (stale
-                #     ones, after other prices moved) are found and sent here
-                n = idx.tick(i, snap, self.breach)
+                self.liquidate(self.index[p].candidates(i, mark, prev), snap, int(pr["tick_seq"]),
+                               int(pr["ts_ns"]))
+        self.flush_events()
+
+    def holders_pass(self) -> None:
+        """1b. Every holder's aggregates move to the latest marks; breaches the triggers
+        missed (stale after other prices moved) are sent. Skipped while newer marks
+        keep arriving: the pass at the latest mark subsumes the ones before it."""
+        snap = self.snap
+        for i in list(self.pending_pass):
+            frozen = bool(snap.flags[i] & PRICE_FROZEN)
+            pr = self.store.prices[i]
+            for p in self.partitions:
+                n = self.index[p].tick(i, snap, self.breach)
                 if n and not frozen:
-                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, tick_seq, tick_recv_ns)
-                # Other instruments' triggers of these holders drift with this mark; the
-                # periodic resync refreshes them, the pass above covers the interval.
+                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, int(pr["tick_seq"]),
+                                   int(pr["ts_ns"]))
+            # Other instruments' triggers of these holders drift with this mark; the
+            # periodic resync refreshes them, this pass covers the interval.
+        self.pending_pass.clear()
         self.flush_events()
 
     def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int,
@@ -257,7 +271,7 @@ class Worker:
                           "limit_price_units": o.limit_price_units, "reason": int(o.reason),
                           "tick_seq": tick_seq, "tick_recv_ns": tick_recv_ns,
                           "decided_ns": decided, "sent_ns": time.time_ns()}
-                self.orders.send(self.seq_orders.encode(MsgType.LIQUIDATION_ORDER, fields))
+                self.orders.send(self.seq_orders.encode_known(MsgType.LIQUIDATION_ORDER, fields))
                 self.counters["orders"] += 1
                 self.pending_events.append(fields)
             if orders:
@@ -374,9 +388,14 @@ class Worker:
         seen = _shm.doorbell_value(self.doorbell)
         while not self.ctl.shutdown:
             busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
-            seen = _shm.doorbell_wait(self.doorbell, seen, 0 if busy else 100_000_000, self.wait)
+            seen = _shm.doorbell_wait(self.doorbell, seen, 0 if busy or self.pending_pass else 100_000_000,
+                                      self.wait)
             snap = self.store.price_snapshot()
-            self.on_prices(snap)                                  # 1. hot path first
+            self.on_prices(snap)                                  # 1a. hot path first
+            if _shm.doorbell_value(self.doorbell) != seen:
+                continue                                          # a newer mark or record waits
+            if self.pending_pass:
+                self.holders_pass()                               # 1b. every holder
             for p in self.partitions:                             # 2. commands
                 self.drain(p, snap)
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:

@@ -324,16 +324,17 @@ def _tick_to(run, instrument: str, index: int, price: float, venues=("a", "b", "
     return seqs
 
 
-def _walk_down_to_crossing(run, above) -> tuple[dict, int]:
-    """Tick through ``above`` (no order), then to CROSSING; return its order and the seq of
-    the tick that crossed: the second venue's (median of a, b, c moves when b agrees with a)."""
+def _walk_down_to_crossing(run, above) -> tuple[dict, list[int]]:
+    """Tick through ``above`` (no order), then to CROSSING; return its order and the seqs
+    the order may name: the second venue's (the median of a, b, c moves when b agrees
+    with a), or the third's when the mark-price process folded it into the same mark."""
     c = run.client
     for p in above:
         _tick_to(run, "BTCUSDT", BTC, p)
         assert p > EVE_LIQ_PRICE
     assert c.orders_within(0.2) == [], "an order before the mark crossed the liquidation price"
     seqs = c.tick("BTCUSDT", CROSSING)
-    return c.order(), seqs[1]
+    return c.order(), seqs[1:]
 
 
 def test_price_path_gives_exactly_the_expected_liquidation(start_engine):
@@ -351,7 +352,7 @@ def test_price_path_gives_exactly_the_expected_liquidation(start_engine):
     assert order["qty_units"] == want.qty_units                      # < 0: a sell
     assert order["limit_price_units"] == want.limit_price_units
     assert order["reason"] == Code.LIQ_BELOW_MAINTENANCE == want.reason
-    assert order["tick_seq"] == crossing_seq
+    assert order["tick_seq"] in crossing_seq
     assert order["tick_recv_ns"] <= order["decided_ns"] <= order["sent_ns"]
     ev = c.event(Code.LIQ_BELOW_MAINTENANCE)
     assert ev["account"] == EVE and ev["instrument"] == "BTCUSDT"
