@@ -156,28 +156,32 @@ def pretrade_check(store: Store, row: int, instrument: int, qty_units: int, pric
                      instrument, qty_units, price, snap)
 
 
-def _check_order_args(store: Store, instrument: int, qty_units, price) -> CheckResult | None:
-    """The reject for a bad instrument, quantity or price, or None when they are fine."""
+def _check_order_args(store: Store, instrument: int, qty_units, price,
+                      snap: PriceSnapshot | None) -> tuple[CheckResult | None, PriceSnapshot | None]:
+    """``(reject, None)`` for a bad instrument, quantity or price or a frozen price;
+    ``(None, checked snapshot)`` when the order may be checked."""
+    def reject(code: Code):
+        return CheckResult(code, math.nan, math.nan), None
     if not 0 <= instrument < len(store.instruments):
-        return CheckResult(Code.CHECK_UNKNOWN_INSTRUMENT, math.nan, math.nan)
+        return reject(Code.CHECK_UNKNOWN_INSTRUMENT)
     if isinstance(qty_units, bool) or not isinstance(qty_units, (int, np.integer)) or qty_units == 0 \
             or abs(int(qty_units)) >= 2**62:
-        return CheckResult(Code.CHECK_BAD_QTY, math.nan, math.nan)
+        return reject(Code.CHECK_BAD_QTY)
     if isinstance(price, bool) or not isinstance(price, (int, float, np.floating)) \
             or not math.isfinite(price) or price <= 0:
-        return CheckResult(Code.CHECK_BAD_PRICE, math.nan, math.nan)
-    return None
+        return reject(Code.CHECK_BAD_PRICE)
+    snap = _checked_snapshot(store, snap)
+    if snap.flags[instrument] & 1:
+        return reject(Code.CHECK_PRICE_FROZEN)
+    return None, snap
 
 
 def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int, qty_units,
               price, snap: PriceSnapshot | None) -> CheckResult:
     """Checks then the kernel, on the account row ``acct[0]`` and its ``slots``."""
-    bad = _check_order_args(store, instrument, qty_units, price)
+    bad, snap = _check_order_args(store, instrument, qty_units, price, snap)
     if bad is not None:
         return bad
-    snap = _checked_snapshot(store, snap)
-    if snap.flags[instrument] & 1:
-        return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
     code, eq, im = _margin.pretrade_check(
         store.addr(store.instruments), acct.ctypes.data, slots.ctypes.data, store.slots_per_account,
         instrument, int(qty_units), float(price), snap.marks, snap.asset_px, snap.asset_haircut,
@@ -437,12 +441,9 @@ def pretrade_check_consistent(store: Store, row: int, instrument: int, qty_units
     buffer and runs the rule on the copy, in one call without the GIL."""
     if not 0 <= row < store.accounts_cap:
         return CheckResult(Code.CHECK_UNKNOWN_ACCOUNT, math.nan, math.nan)
-    bad = _check_order_args(store, instrument, qty_units, price)
+    bad, snap = _check_order_args(store, instrument, qty_units, price, snap)
     if bad is not None:
         return bad
-    snap = _checked_snapshot(store, snap)
-    if snap.flags[instrument] & 1:
-        return CheckResult(Code.CHECK_PRICE_FROZEN, math.nan, math.nan)
     scratch = store.__dict__.get("_check_scratch")
     if scratch is None:
         scratch = np.zeros(store.accounts.dtype.itemsize + store.positions.dtype.itemsize * store.slots_per_account,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import signal
 import sys
 import time
 
@@ -32,6 +31,7 @@ import zmq
 from engine import _shm
 from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
+from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
 from engine.runtime.journal import Journal
 from engine.store.shm import Store
@@ -253,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assets", default="")
     ap.add_argument("--cpu", type=int, default=-1)
     a = ap.parse_args(argv)
-    if a.cpu >= 0:
-        import os
-        os.sched_setaffinity(0, {a.cpu})
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    process.enter(a.cpu)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal,
                 [int(x) for x in a.owners.split(",")])
     if a.assets:

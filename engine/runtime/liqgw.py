@@ -12,13 +12,13 @@ the order stream counts what went out.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
 
 import zmq
 
+from engine.runtime import process
 from engine.runtime.ctl import Control, Role
 
 
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events-out", required=True)
     ap.add_argument("--cpu", type=int, default=-1)
     a = ap.parse_args(argv)
-    if a.cpu >= 0:
-        import os
-        os.sched_setaffinity(0, {a.cpu})
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    process.enter(a.cpu)
     ctl = Control.attach(a.name + "-ctl")
     ctx = zmq.Context.instance()
     stop_ep = f"inproc://stop-{a.name}"

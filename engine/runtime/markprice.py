@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import signal
 import sys
 import time
 
 import zmq
 
 from engine.codes import Code
+from engine.runtime import process
 from engine.runtime.ctl import Control, Role
 from engine.store.shm import Store
 from feeds.oracle.index import MarkPriceCalculator, OracleParams
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-deviation", type=float, default=0.05)
     ap.add_argument("--cpu", type=int, default=-1)
     a = ap.parse_args(argv)
-    if a.cpu >= 0:
-        import os
-        os.sched_setaffinity(0, {a.cpu})
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    process.enter(a.cpu)
     p = MarkPriceProcess(a.name, a.oracle, a.events,
                          OracleParams(staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum,
                                       max_deviation=a.max_deviation))

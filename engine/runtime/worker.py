@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import os
-import signal
 import sys
 import time
 
@@ -34,6 +33,7 @@ from engine import _fills, _margin, _shm
 from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import HolderIndex, full_pass, account_detail
+from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, UNDO_APPLYING, UNDO_IDLE
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import Store
@@ -428,10 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", default=None)
     ap.add_argument("--full-pass-interval", type=float, default=1.0)
     a = ap.parse_args(argv)
-    if a.cpu >= 0:
-        os.sched_setaffinity(0, {a.cpu})
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # the supervisor stops us via the ctl flag
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    process.enter(a.cpu)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval)
