@@ -111,6 +111,8 @@ class _Instrument:
     last_good_mark: float | None = None
     basis: float = 0.0           # smoothed basis, price units
     basis_ts_ns: int | None = None
+    committed: tuple | None = None   # (now_ns, _Evaluation) of the last commit: state() at that
+                                     # instant reuses it instead of evaluating again
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,8 @@ class MarkPriceCalculator:
         inst = self._instruments.get(instrument)
         if inst is None:
             return PriceState(None, None, 0, 0, True, frozenset(), None)
-        ev = self._evaluate(inst, now_ns)
+        c = inst.committed
+        ev = c[1] if c is not None and c[0] == now_ns else self._evaluate(inst, now_ns)
         frozen = ev.index is None
         return PriceState(
             index=ev.index,
@@ -331,6 +334,7 @@ class MarkPriceCalculator:
     def _commit(self, name: str, inst: _Instrument, now_ns: int) -> list[Event]:
         """Store the evaluation at ``now_ns`` and return one event per transition."""
         ev = self._evaluate(inst, now_ns)
+        inst.committed = (now_ns, ev)
         events: list[Event] = []
         for venue in sorted(ev.excluded - inst.excluded):
             price, reference = ev.deviations[venue]
