@@ -64,6 +64,7 @@ def _cmd_run(args) -> int:
 
     from engine.runtime.provision import provision
     from engine.runtime.supervisor import Engine
+    from engine.store.shm import StoreError
 
     cfg = _load_config(args.config)
     if cfg is None:
@@ -73,12 +74,22 @@ def _cmd_run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     eng = Engine(cfg, n_workers=args.workers)
     store = eng.create_state()
-    if args.demo_accounts:
-        provision(store, cfg, args.demo_accounts)
-    else:
-        for acct in range(1, args.accounts + 1):
-            store.add_account(acct)
-    eng.start()
+    try:
+        if args.demo_accounts:
+            provision(store, cfg, args.demo_accounts)
+        else:
+            for acct in range(1, args.accounts + 1):
+                store.add_account(acct)
+    except StoreError as e:                    # e.g. more accounts than the capacity
+        store.unlink()                         # nothing started yet: release the segments
+        eng.ctl.unlink()
+        print(f"margin-engine run: {e}", file=sys.stderr)
+        return 2
+    try:
+        eng.start()           # on failure it has stopped what it started and unlinked the memory
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"margin-engine run: the engine did not start: {e}", file=sys.stderr)
+        return 1
     print(f"margin-engine {cfg.engine.name}: running with {eng.n_workers} workers; "
           f"oracle {cfg.endpoints.oracle}, fills {cfg.endpoints.fills}, checks {cfg.endpoints.checks}, "
           f"orders {cfg.endpoints.orders}, events {cfg.endpoints.events}", file=sys.stderr)
@@ -98,7 +109,7 @@ def _cmd_status(args) -> int:
 
     try:
         store = Store.attach(args.name, readonly=True)
-    except StoreError as e:
+    except (StoreError, ValueError) as e:     # ValueError: not a valid segment name ("a/b")
         print(f"margin-engine status: {e}", file=sys.stderr)
         return 2
     s = snapshot(store)

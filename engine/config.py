@@ -163,8 +163,11 @@ def from_dict(doc: dict) -> Config:
     keep = e.get("keep_shm_on_exit", False)
     if not isinstance(keep, bool):
         raise ConfigError("engine.keep_shm_on_exit: must be true or false")
+    name = _str(e, "name", "engine", "margin-engine")
+    if "/" in name or len(name) > 200:
+        raise ConfigError(f"engine.name: one shared-memory name component without '/', got {name!r}")
     settings = EngineSettings(
-        name=_str(e, "name", "engine", "margin-engine"),
+        name=name,
         accounts_capacity=_int(e, "accounts_capacity", "engine", 20000, lo=1),
         partitions=_int(e, "partitions", "engine", 2, lo=1),
         slots_per_account=_int(e, "slots_per_account", "engine", 8, lo=1),

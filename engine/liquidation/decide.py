@@ -41,6 +41,7 @@ class _Params:
     qs: int
     ps: int
     settle: int
+    notional_of: int        # instrument whose mark prices the notional: the underlying for options
     floors: tuple[float, ...]
     mmrs: tuple[float, ...]
     maints: tuple[float, ...]
@@ -52,8 +53,10 @@ def _params(store: Store) -> list[_Params]:
         cached = []
         for r in store.instruments:
             n = int(r["n_tiers"])
+            i = len(cached)
+            under = int(r["underlying"]) if Kind(int(r["kind"])) == Kind.OPTION else i
             cached.append(_Params(Kind(int(r["kind"])).is_inverse, float(r["contract_size"]),
-                                  int(r["qty_scale"]), int(r["price_scale"]), int(r["settle_asset"]),
+                                  int(r["qty_scale"]), int(r["price_scale"]), int(r["settle_asset"]), under,
                                   tuple(r["tier_floor"][:n].tolist()), tuple(r["tier_mmr"][:n].tolist()),
                                   tuple(r["tier_maint_amount"][:n].tolist())))
         store.__dict__["_liq_params"] = cached
@@ -121,7 +124,7 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
         if e < 0:
             order(pos, abs(q), Code.LIQ_BELOW_BANKRUPTCY, pos.bankruptcy_price)
         else:
-            x = _close_qty_contracts(ins, q, float(snap.marks[pos.instrument]), 1.0, e, 0.0, health_factor)
+            x = _close_qty_contracts(ins, q, float(snap.marks[ins.notional_of]), 1.0, e, 0.0, health_factor)
             order(pos, x, Code.LIQ_ISOLATED_BELOW_MAINTENANCE, pos.bankruptcy_price)
 
     if not d.status & Status.LIQUIDATABLE:
@@ -142,14 +145,14 @@ def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float 
         px_s = px[ins.settle]
         q = pos.qty_units / ins.qs
         m_pos = pos.maintenance_margin * px_s
-        x = _close_qty_contracts(ins, q, float(snap.marks[pos.instrument]), px_s, e, m_total - m_pos,
+        x = _close_qty_contracts(ins, q, float(snap.marks[ins.notional_of]), px_s, e, m_total - m_pos,
                                  health_factor)
         if x <= 0:
             continue
         order(pos, x, Code.LIQ_BELOW_MAINTENANCE, pos.bankruptcy_price)
         # Requirement left by this position after the close (at the mark).
         kept = max(0.0, abs(q) - abs(orders[-1].qty_units) / ins.qs)
-        m_total = m_total - m_pos + px_s * _mm_at(ins, kept, float(snap.marks[pos.instrument]))
+        m_total = m_total - m_pos + px_s * _mm_at(ins, kept, float(snap.marks[ins.notional_of]))
     return orders
 
 

@@ -1,0 +1,388 @@
+"""Operating the engine: the ``margin-engine`` commands as an operator runs them, CPU
+pinning, the workers' wait strategies, and configuration errors.
+
+Every command runs as a real subprocess of the installed console script (in its own
+session, so teardown can stop the whole process tree) on private ipc endpoints under a
+short ``/tmp/me-ops-*`` directory and a unique shared-memory name; teardown stops what is
+still running and unlinks the segments whatever the test did (conftest).
+
+Default config: BTCUSDT is instrument 0 (qty_scale 1000: 1 unit = 0.001 BTC; price_scale
+10); USDT is asset 0 (1e6 units per USDT). Marks start at the configured 95,000 until
+ticks move them; a mark needs 2 fresh venues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from engine import _shm
+from engine.codes import Code
+from engine.config import load
+from engine.runtime.provision import HOUSE_ACCOUNT
+from engine.runtime.worker import WAITS
+from engine.store.shm import Store
+from feeds.protocol import Message, MsgType, Sequencer, decode
+
+# every test: real processes and sockets; a hang becomes a failure after 30 s
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+REPO = Path(__file__).resolve().parents[2]
+USDT = 10**6
+BTC = 0
+ENDPOINTS = ("oracle", "fills", "checks", "orders", "events")
+
+
+# --------------------------------------------------------------------------- helpers
+def cli(*args: str) -> list[str]:
+    """argv of the installed ``margin-engine`` script (``python -m engine.cli`` without it)."""
+    exe = shutil.which("margin-engine", path=os.path.dirname(sys.executable))
+    return [exe, *args] if exe else [sys.executable, "-m", "engine.cli", *args]
+
+
+def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.01):
+    """Poll ``pred`` until it returns a truthy value (returned); fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def shm_exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def assert_group_gone(pgid: int, within_s: float = 3.0) -> None:
+    """No process of the command's session is left (multiprocessing's helpers included)."""
+    wait_until(lambda: not group_alive(pgid), within_s, f"process group {pgid} to be empty", 0.05)
+
+
+def write_config(path: Path, name: str, *, engine: dict | None = None, endpoints: dict | None = None,
+                 extra: str = "") -> Path:
+    """The embedded default's assets and instruments under our own ``[engine]`` table
+    (``engine``: key -> raw TOML value, over ours) and ``[endpoints]`` table."""
+    default = resources.files("engine").joinpath("default.toml").read_text()
+    body = default[default.index("[[assets]]"):]
+    table = {"name": json.dumps(name), "accounts_capacity": "1000", "partitions": "2", **(engine or {})}
+    text = "[engine]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) + f"\n{body}\n"
+    if endpoints:
+        text += "[endpoints]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in endpoints.items())
+    path.write_text(text + extra)
+    return path
+
+
+def ipc_endpoints(root: str) -> dict:
+    return {**{k: f"ipc://{root}/{k}.sock" for k in ENDPOINTS}, "runtime_dir": f"{root}/run"}
+
+
+def unique_name() -> str:
+    return f"me-ops-{uuid.uuid4().hex[:8]}"
+
+
+def status(name: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli("status", "--name", name, *extra), capture_output=True, text=True,
+                          timeout=15, cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- 1. demo
+def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops_dir, spawn):
+    """6 s, 800 accounts, the default 12 % crash at 1.8 s: the crash breaches the most
+    leveraged accounts (up to 25x) well before the end, so there are liquidations."""
+    segments: list[str] = []                 # filled in once the demo names its segment
+    err_path = Path(ops_dir) / "demo.err"
+    with open(err_path, "w") as err_file:
+        proc = spawn(cli("demo", "--duration", "6", "--accounts", "800"), segments=segments,
+                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
+                     env={**os.environ, "TMPDIR": ops_dir})      # its mkdtemp lands in ops_dir
+    try:
+        out, _ = proc.communicate(timeout=25)
+    finally:                                  # also on a timeout: teardown unlinks these
+        err = err_path.read_text()
+        m = re.search(r"shared memory /(me-[0-9a-f]+)", err)
+        if m:
+            segments += [m.group(1), m.group(1) + "-ctl"]
+    assert m, err
+
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    progress = [ln for ln in lines if ln.startswith("t=")]
+    assert "\x1b[" not in out                                  # not a TTY: no screen redraws
+    assert len(progress) >= 6, out                             # one line per 0.5 s of ~7 s
+    final = lines[-1]
+    assert final.startswith("demo done:"), out
+    n_liq = int(re.match(r"demo done: (\d+) liquidation orders for (\d+) accounts", final).group(1))
+    assert n_liq > 0, final
+    assert final.endswith("engine processes exited [0]"), final
+
+    for seg in segments:
+        assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
+    assert not [d for d in os.listdir(ops_dir) if d.startswith("me-demo-")], "demo's temp dir left behind"
+    assert_group_gone(proc.pid)
+
+
+# --------------------------------------------------------------------------- 2. run + status
+def _wait_up(proc: subprocess.Popen, name: str, log: Path, timeout_s: float = 20.0) -> dict:
+    """Poll ``status --json`` until it attaches and every partition's worker has done a pass."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"margin-engine run exited with {proc.returncode}:\n{log.read_text()}")
+        r = status(name, "--json")
+        if r.returncode == 0:
+            s = json.loads(r.stdout)
+            if all(p["worker_pid"] and p["heartbeat_age_ms"] < 5_000 for p in s["partitions"]):
+                return s
+        if time.monotonic() > deadline:
+            pytest.fail(f"engine {name} not up after {timeout_s} s; last status: {r.returncode} "
+                        f"{r.stderr}\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def test_run_serves_status_and_exits_zero_on_sigterm_releasing_shm(spawn, ops_dir):
+    root = Path(ops_dir)
+    name = unique_name()
+    cfg = write_config(root / "engine.toml", name, endpoints=ipc_endpoints(ops_dir))
+    log = root / "run.err"
+    with open(log, "wb") as err:
+        proc = spawn(cli("run", "--config", str(cfg), "--demo-accounts", "300"),
+                     segments=[name, name + "-ctl"], stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+
+    s = _wait_up(proc, name, log)
+    assert s["engine"] == "/" + name
+    assert s["accounts"] == 301                                # 300 demo accounts + the house
+    assert sum(p["accounts"] for p in s["partitions"]) == 301
+    assert [p["instrument"] for p in s["prices"]] == [i.name for i in load(cfg).instruments]
+    assert all(p["mark"] > 0 for p in s["prices"])
+    for p in s["partitions"]:
+        assert p["worker_pid"] > 0 and 0 <= p["heartbeat_age_ms"] < 5_000, p
+    store = Store.attach(name, readonly=True)
+    try:
+        store.row_of(HOUSE_ACCOUNT)                             # KeyError if missing
+    finally:
+        store.detach()
+    text = status(name)
+    assert text.returncode == 0 and text.stdout.startswith(f"engine /{name}: 301 accounts"), text
+
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0, log.read_text()
+    assert time.monotonic() - t0 < 10
+    assert not shm_exists(name) and not shm_exists(name + "-ctl")
+    assert_group_gone(proc.pid)
+    err_text = log.read_text()
+    assert f"margin-engine {name}: running with" in err_text
+    assert "Traceback" not in err_text, err_text
+
+
+@pytest.mark.parametrize("name", ["does-not-exist", "a/b"], ids=["unknown", "not-a-segment-name"])
+def test_status_of_no_such_engine_exits_2_with_one_line(name):
+    r = status(name)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "Traceback" not in r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("margin-engine status: ") and name in line, line
+
+
+def test_run_with_more_accounts_than_capacity_exits_2_and_releases_shm(spawn, ops_dir):
+    """Capacity 100 over 2 partitions (50 each) cannot hold 300 demo accounts."""
+    name = unique_name()
+    cfg = write_config(Path(ops_dir) / "small.toml", name, engine={"accounts_capacity": "100"},
+                       endpoints=ipc_endpoints(ops_dir))
+    proc = spawn(cli("run", "--config", str(cfg), "--demo-accounts", "300"), segments=[name, name + "-ctl"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert "capacity" in err, err
+    assert not shm_exists(name) and not shm_exists(name + "-ctl")
+
+
+# --------------------------------------------------------------------------- 3. CPU pinning
+two_cpus = pytest.mark.skipif((os.cpu_count() or 1) < 2 or not {0, 1} <= os.sched_getaffinity(0),
+                              reason="needs CPUs 0 and 1")
+
+
+@two_cpus
+@pytest.mark.parametrize("cpus, n_workers, expected", [
+    ((1,), 1, [{1}]),
+    ((1, 0), 2, [{1}, {0}]),                                  # worker w -> cpus[w % len(cpus)]
+], ids=["one-worker-on-cpu1", "two-workers-on-cpus-1-0"])
+def test_workers_are_pinned_and_a_restarted_worker_keeps_its_cpu(local_engine, cpus, n_workers, expected):
+    le = local_engine(n_workers=n_workers, cpus=cpus)
+    eng, st = le.engine, le.store
+    for w, want in enumerate(expected):
+        assert os.sched_getaffinity(eng.worker_pid(w)) == want, f"worker{w}"
+
+    old_pid = eng.worker_pid(0)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: eng.watch_once() == ["worker0"], what="the supervisor restarting worker0")
+    new_pid = eng.worker_pid(0)
+    assert new_pid != old_pid
+    parts = [p for p in range(st.n_partitions) if eng.owner[p] == 0]
+    # the worker pins itself first thing, then takes its partitions: its pid in them means pinned
+    wait_until(lambda: all(int(st.partitions[p]["worker_pid"]) == new_pid for p in parts),
+               what="the new worker taking its partitions")
+    assert os.sched_getaffinity(new_pid) == expected[0]
+    for w in range(1, n_workers):                              # the others were left alone
+        assert os.sched_getaffinity(eng.worker_pid(w)) == expected[w]
+
+
+# --------------------------------------------------------------------------- 4. wait strategies
+@pytest.fixture
+def doorbell():
+    """A doorbell (counter, waiters) in private memory; futex works there too."""
+    return np.zeros(2, np.uint32)
+
+
+@pytest.mark.parametrize("strategy", sorted(WAITS))
+def test_doorbell_ring_wakes_a_waiter(doorbell, strategy):
+    addr, seen = doorbell.ctypes.data, int(doorbell[0])
+    got: dict = {}
+
+    def waiter():
+        got["value"] = _shm.doorbell_wait(addr, seen, 2_000_000_000, WAITS[strategy])
+        got["at"] = time.monotonic()
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    if strategy == "blocking":
+        wait_until(lambda: int(doorbell[1]) == 1, 1.0, "the waiter to block in futex_wait")
+    else:
+        time.sleep(0.05)
+    assert "value" not in got, "returned before the ring"
+    rung = time.monotonic()
+    _shm.doorbell_ring(addr)
+    t.join(2.5)
+    assert not t.is_alive()
+    assert got["value"] == seen + 1
+    assert got["at"] - rung < 0.25, f"woke {got['at'] - rung:.3f} s after the ring"
+    assert int(doorbell[1]) == 0                               # no waiter left registered
+
+
+@pytest.mark.parametrize("strategy", sorted(WAITS))
+def test_doorbell_wait_returns_after_its_timeout_when_nobody_rings(doorbell, strategy):
+    addr, seen = doorbell.ctypes.data, int(doorbell[0])
+    timeout_s = 0.3                                            # busy-spin burns a core meanwhile
+    t0 = time.monotonic()
+    value = _shm.doorbell_wait(addr, seen, int(timeout_s * 1e9), WAITS[strategy])
+    took = time.monotonic() - t0
+    assert value == seen
+    assert timeout_s <= took <= timeout_s + 0.5, f"{strategy}: returned after {took:.3f} s"
+
+
+EVE = 11           # 5,000 USDT, long 1 BTC entered at 95,000
+
+
+def eve_long_1btc_5k_usdt(store) -> None:
+    row = store.add_account(EVE)
+    store.set_balance(row, 0, 5_000 * USDT)
+    store.set_position(row, BTC, 1000, 95_000 * USDT)
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def test_yielding_engine_liquidates_a_breaching_tick(local_engine, zctx):
+    le = local_engine(eve_long_1btc_5k_usdt, n_workers=1, wait="yielding")
+    with open(f"/proc/{le.engine.worker_pid(0)}/cmdline", "rb") as f:
+        assert b"--wait\0yielding\0" in f.read()
+    ep, st = le.endpoints, le.store
+    oracle = zctx.socket(zmq.PUSH)
+    orders = zctx.socket(zmq.PULL)
+    for s, e in ((oracle, ep.oracle), (orders, ep.orders)):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(e)
+    seq = Sequencer()
+
+    def tick(price: float) -> None:
+        for v in ("a", "b", "c"):
+            oracle.send(seq.encode(MsgType.ORACLE_TICK, {"venue": v, "instrument": "BTCUSDT",
+                                                          "price": price, "venue_ts_ns": time.time_ns()}))
+
+    # Liquidatable when E < MM; in tier 1 (notional 50k..250k: mmr 0.5 %, maint 50):
+    #   5,000 + (p - 95,000) < 0.005 p - 50  <=>  p < 89,950 / 0.995 = 90,402.01
+    for p in (93_000.0, 91_500.0):                             # steps < 5 %: no venue excluded
+        tick(p)
+        wait_until(lambda: float(st.read(st.prices, BTC)["mark"]) == p, what=f"BTCUSDT mark {p}")
+    assert not orders.poll(200), "an order above the liquidation price"
+    tick(90_300.0)
+    assert orders.poll(5_000), "no liquidation order within 5 s of the breaching tick"
+    m = decode(orders.recv())
+    assert type(m) is Message and m.type == MsgType.LIQUIDATION_ORDER, m
+    o = m.fields
+    # At 90,300: E = 5,000 - 4,700 = 300; keep n with 300/1.25 >= 0.005 n - 50 -> n <= 58,000
+    # notional: keep 58,000/90,300 = 0.6423 BTC, sell ceil(357.7) = 358 units
+    assert (o["account"], o["instrument_id"], o["qty_units"], o["reason"]) == \
+        (EVE, BTC, -358, Code.LIQ_BELOW_MAINTENANCE)
+
+
+# --------------------------------------------------------------------------- 5. config errors
+@pytest.mark.parametrize("engine, extra, field", [
+    ({"wait": '"sleepy"'}, "", "engine.wait"),
+    ({"partitions": "0"}, "", "engine.partitions"),
+    ({"cpus": "[-1]"}, "", "engine.cpus"),
+    ({}, '[endpoints]\nfills = "nowhere"\n', "endpoints.fills"),
+    ({}, '[endpoints]\nbogus = "tcp://127.0.0.1:1"\n', "endpoints.bogus"),
+    ({}, "[surprise]\nx = 1\n", "surprise"),
+], ids=["wait", "partitions", "cpus", "endpoint-not-zmq", "unknown-endpoint", "unknown-section"])
+def test_run_with_an_invalid_config_exits_2_naming_the_field(spawn, ops_dir, engine, extra, field):
+    name = unique_name()
+    cfg = write_config(Path(ops_dir) / "bad.toml", name, engine=engine, extra=extra)
+    proc = spawn(cli("run", "--config", str(cfg)), segments=[name, name + "-ctl"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err, err
+    [line] = err.splitlines()
+    assert line.startswith(f"margin-engine: {cfg}: ") and field in line, line
+    assert out == ""
+    assert not shm_exists(name)
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "cannot read"),
+    ("[engine\nname = 1\n", "not valid TOML"),
+], ids=["missing-file", "not-toml"])
+def test_run_with_an_unreadable_config_exits_2(spawn, ops_dir, content, words):
+    path = Path(ops_dir) / "bad.toml"
+    if content is not None:
+        path.write_text(content)
+    proc = spawn(cli("run", "--config", str(path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, cwd=REPO)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and words in err, err
