@@ -32,7 +32,9 @@ from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionR
                      KIND_PERP, KIND_FUTURE, KIND_OPTION, KIND_INVERSE_PERP, KIND_INVERSE_FUTURE,
                      MODE_CROSS, MODE_ISOLATED, ACCOUNT_FLAG_ISOLATED_DEFAULT, STATUS_BELOW_IM, STATUS_LIQUIDATABLE,
                      STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
-from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw
+from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw,
+                       me_seqlock_read_begin, me_seqlock_read_retry)
+from libc.string cimport memcpy
 
 # Result codes (the numbers of engine.codes.Code).
 cdef enum:
@@ -393,6 +395,67 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
             r.status)
 
 
+ctypedef struct CheckOut:
+    int code
+    double post_equity_usd
+    double post_im_usd
+
+
+cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *acct,
+                            const PositionRow *slots, int slots_per_account, int instrument,
+                            int64_t dqty, double price, const double *marks, const double *asset_px,
+                            const double *asset_haircut, const double *asset_scale) noexcept nogil:
+    """The pre-trade rule (see ``pretrade_check``) on one account row and its slots."""
+    cdef const InstrumentRow *ins = &instruments[instrument]
+    cdef AcctValues r
+    cdef PosValues old, new
+    cdef CheckOut out
+    cdef int i, slot = -1, mode
+    cdef double q_old = 0.0, c_old = 0.0, dq, pnl, px_s, scale_s, iso = 0.0, lack
+    cdef double mark = marks[instrument], under = 0.0
+    cdef bint reducing, ok
+    r = account_values(instruments, acct, slots, marks, asset_px, asset_haircut, asset_scale)
+    for i in range(acct.n_positions):
+        if slots[i].instrument == instrument:
+            slot = i
+            break
+    scale_s = asset_scale[ins.settle_asset]
+    px_s = asset_px[ins.settle_asset]
+    if ins.kind == KIND_OPTION:
+        under = marks[ins.underlying]
+    if slot >= 0:
+        q_old = <double>slots[slot].qty / <double>ins.qty_scale
+        c_old = <double>slots[slot].cost / scale_s
+        mode = slots[slot].mode
+        iso = <double>slots[slot].isolated_margin / scale_s
+    else:
+        mode = MODE_ISOLATED if (acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT) else MODE_CROSS
+    out.post_equity_usd = r.cross_equity_usd
+    out.post_im_usd = r.cross_im_usd
+    if slot < 0 and acct.n_positions >= slots_per_account:
+        out.code = CODE_CHECK_POSITION_SLOTS_FULL
+        return out
+    dq = <double>dqty / <double>ins.qty_scale
+    if is_inverse(ins.kind):
+        pnl = dq * ins.contract_size * (1.0 / price - 1.0 / mark)
+    else:
+        pnl = dq * ins.contract_size * (mark - price)
+    old = holder_values(ins, q_old, c_old, mark, under)
+    new = holder_values(ins, q_old + dq, c_old, mark, under)
+    reducing = fabs(q_old + dq) <= fabs(q_old) and (q_old + dq) * q_old >= 0 and dq != 0
+    if mode == MODE_CROSS:
+        out.post_equity_usd = r.cross_equity_usd + pnl * px_s
+        out.post_im_usd = r.cross_im_usd + (new.im - old.im) * px_s
+        ok = out.post_equity_usd >= out.post_im_usd
+    else:
+        lack = new.im - (iso + old.upnl + pnl)
+        out.post_equity_usd = r.cross_equity_usd + (iso + old.upnl + pnl) * px_s
+        out.post_im_usd = r.cross_im_usd + new.im * px_s
+        ok = lack * px_s <= r.cross_equity_usd - r.cross_im_usd
+    out.code = CODE_OK if (ok or reducing) else CODE_CHECK_INSUFFICIENT_MARGIN
+    return out
+
+
 def pretrade_check(size_t instruments_addr, size_t account_addr, size_t slots_addr,
                    int slots_per_account, int instrument, int64_t dqty, double price,
                    const double[::1] marks, const double[::1] asset_px,
@@ -410,57 +473,51 @@ def pretrade_check(size_t instruments_addr, size_t account_addr, size_t slots_ad
 
     Returns ``(code, post_equity_usd, post_initial_margin_usd)``.
     """
-    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef CheckOut out
+    with nogil:
+        out = pretrade_core(<const InstrumentRow *>instruments_addr, <const AccountRow *>account_addr,
+                            <const PositionRow *>slots_addr, slots_per_account, instrument, dqty, price,
+                            &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+    return (out.code, out.post_equity_usd, out.post_im_usd)
+
+
+def pretrade_check_shared(size_t instruments_addr, size_t account_addr, size_t slots_addr,
+                          int slots_per_account, size_t scratch_addr, int instrument, int64_t dqty,
+                          double price, const double[::1] marks, const double[::1] asset_px,
+                          const double[::1] asset_haircut, const double[::1] asset_scale,
+                          int64_t max_tries=100000):
+    """``pretrade_check`` for a reader that is not the account's writer (the gateway).
+
+    Copies the account row and its slots into ``scratch`` (one AccountRow followed by
+    ``slots_per_account`` PositionRows) under the row's seqlock -- retrying while the
+    owner writes -- then runs the rule on the copy. Returns ``(code, equity, IM)``, code
+    -1 when no consistent copy was had in ``max_tries``.
+    """
     cdef const AccountRow *acct = <const AccountRow *>account_addr
-    cdef const PositionRow *slots = <const PositionRow *>slots_addr
-    cdef const InstrumentRow *ins = &instruments[instrument]
-    cdef AcctValues r
-    cdef PosValues old, new
-    cdef int i, slot = -1, mode
-    cdef double q_old = 0.0, c_old = 0.0, dq, pnl, px_s, scale_s, iso = 0.0, post_eq, post_im, lack
-    cdef double mark = marks[instrument], under = 0.0
-    cdef bint reducing, ok
+    cdef AccountRow *copy = <AccountRow *>scratch_addr
+    cdef PositionRow *slots_copy = <PositionRow *>(scratch_addr + sizeof(AccountRow))
+    cdef uint64_t s
+    cdef int64_t t
+    cdef bint got = False
+    cdef CheckOut out
+    out.code = -1
+    out.post_equity_usd = 0.0
+    out.post_im_usd = 0.0
     with nogil:
-        r = account_values(instruments, acct, slots, &marks[0], &asset_px[0],
-                           &asset_haircut[0], &asset_scale[0])
-        for i in range(acct.n_positions):
-            if slots[i].instrument == instrument:
-                slot = i
+        for t in range(max_tries):
+            s = me_seqlock_read_begin(&acct.seq)
+            if s & 1:
+                continue
+            memcpy(copy, acct, sizeof(AccountRow))
+            memcpy(slots_copy, <const void *>slots_addr, <size_t>slots_per_account * sizeof(PositionRow))
+            if not me_seqlock_read_retry(&acct.seq, s):
+                got = True
                 break
-        scale_s = asset_scale[ins.settle_asset]
-        px_s = asset_px[ins.settle_asset]
-        if ins.kind == KIND_OPTION:
-            under = marks[ins.underlying]
-        if slot >= 0:
-            q_old = <double>slots[slot].qty / <double>ins.qty_scale
-            c_old = <double>slots[slot].cost / scale_s
-            mode = slots[slot].mode
-            iso = <double>slots[slot].isolated_margin / scale_s
-        else:
-            mode = MODE_ISOLATED if (acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT) else MODE_CROSS
-        dq = <double>dqty / <double>ins.qty_scale
-    if slot < 0 and acct.n_positions >= slots_per_account:
-        return (CODE_CHECK_POSITION_SLOTS_FULL, r.cross_equity_usd, r.cross_im_usd)
-    with nogil:
-        if is_inverse(ins.kind):
-            pnl = dq * ins.contract_size * (1.0 / price - 1.0 / mark)
-        else:
-            pnl = dq * ins.contract_size * (mark - price)
-        old = holder_values(ins, q_old, c_old, mark, under)
-        new = holder_values(ins, q_old + dq, c_old, mark, under)
-        reducing = fabs(q_old + dq) <= fabs(q_old) and (q_old + dq) * q_old >= 0 and dq != 0
-        if mode == MODE_CROSS:
-            post_eq = r.cross_equity_usd + pnl * px_s
-            post_im = r.cross_im_usd + (new.im - old.im) * px_s
-            ok = post_eq >= post_im
-        else:
-            lack = new.im - (iso + old.upnl + pnl)
-            post_eq = r.cross_equity_usd + (iso + old.upnl + pnl) * px_s
-            post_im = r.cross_im_usd + new.im * px_s
-            ok = lack * px_s <= r.cross_equity_usd - r.cross_im_usd
-    if ok or reducing:
-        return (CODE_OK, post_eq, post_im)
-    return (CODE_CHECK_INSUFFICIENT_MARGIN, post_eq, post_im)
+        if got:
+            out = pretrade_core(<const InstrumentRow *>instruments_addr, copy, slots_copy,
+                                slots_per_account, instrument, dqty, price, &marks[0], &asset_px[0],
+                                &asset_haircut[0], &asset_scale[0])
+    return (out.code, out.post_equity_usd, out.post_im_usd)
 
 
 def holder_triggers(size_t instrument_addr, double px_settle,

@@ -11,7 +11,8 @@ and the position's tiered requirement ``MM(n) = px_s (n mmr_k - maint_k)`` at no
     n*  = min(n_k, floor_(k+1)) for the highest valid tier k
 
 and the quantity to close is ``|q| - n*/(cs p)`` (linear) or ``|q| - n* p / cs``
-(inverse), rounded up to a whole quantity unit. Positions are taken largest
+(inverse), rounded up to a whole quantity unit; ``p`` is the mark, the underlying's mark
+for an option (whose notional is priced at it). Positions are taken largest
 requirement first until the account is healthy. Below bankruptcy (``E < 0``) every
 position of the breached scope is closed in full. The order's limit price is the
 position's bankruptcy price (no worse for the insurance fund), rounded to the

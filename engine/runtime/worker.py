@@ -41,7 +41,7 @@ from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
-UPKEEP_SLICE_ROWS = 65_536           # accounts per full-pass slice (a few ms at most)
+UPKEEP_SLICE_ROWS = 8_192            # accounts per full-pass slice (well under a millisecond)
 RESYNC_INTERVAL_S = 30.0             # rebuild the private aggregates at least this often
 
 
