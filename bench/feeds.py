@@ -461,7 +461,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.feeds", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="margin-engine bench feeds", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default="bench/results/feeds.json")
     ap.add_argument("--plot", default="", help="PNG path (default: next to the JSON)")
     ap.add_argument("--accounts", type=int, default=10_000)

@@ -753,7 +753,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="margin-engine bench kernel", description=__doc__.splitlines()[0])
     ap.add_argument("--accounts", type=int, default=1_000_000)
     ap.add_argument("--positions", type=int, default=4)
     ap.add_argument("--reference-sample", type=int, default=2000)

@@ -872,7 +872,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="margin-engine bench latency", description=__doc__.splitlines()[0])
     ap.add_argument("--accounts", type=int, default=1_000_000)
     ap.add_argument("--holders-fraction", type=float, default=0.1)
     ap.add_argument("--rate", type=float, default=200.0, help="oracle ticks per second (3 venue quotes each)")

@@ -48,6 +48,9 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
+PASS_THROUGH_BENCHES = ("feeds", "latency")   # their options are bench/NAME.py's own
+
+
 def _load_config(path):
     from engine.config import ConfigError, load, load_default
 
@@ -165,10 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--reference-sample", type=int, default=2000)
     bk.add_argument("--json", default="bench/results/kernel.json")
     bk.set_defaults(func=_cmd_bench_kernel)
+    bsub.add_parser("feeds", help="order-check round trip vs a bare ZeroMQ echo; fills/s through the "
+                                  "gateway (options: margin-engine bench feeds --help)")
+    bsub.add_parser("latency", help="tick-to-decision vs a bare relay, HdrHistogram percentiles, rate "
+                                    "sweep (options: margin-engine bench latency --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in PASS_THROUGH_BENCHES:
+        import importlib
+
+        return importlib.import_module(f"bench.{argv[1]}").main(argv[2:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
