@@ -46,6 +46,7 @@ class Gateway:
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
         self.n_instruments = len(self.store.instruments)
+        self.price_scales = self.store.instruments["price_scale"].tolist()
         self.asset_index = {}
         self.zctx = zmq.Context.instance()
         self.fills = self._bind(zmq.PULL, fills_endpoint)
@@ -167,9 +168,11 @@ class Gateway:
                 res = pretrade_check_consistent(self.store, row, f["instrument_id"], f["qty_units"],
                                                 self._price(f["instrument_id"], f["price_units"]), self.snap)
                 res_code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
-            self._reply(ident, MsgType.ORDER_CHECK_REPLY, {
+            # The reply's fields are the engine's own (int, finite floats): unchecked encoder.
+            self.checks.send_multipart([ident, self.seq_out.encode_known(MsgType.ORDER_CHECK_REPLY, {
                 "request_id": f["request_id"], "code": int(res_code),
-                "post_equity_usd": eq if eq == eq else 0.0, "post_initial_margin_usd": im if im == im else 0.0})
+                "post_equity_usd": float(eq) if eq == eq else 0.0,
+                "post_initial_margin_usd": float(im) if im == im else 0.0})])
         elif m.type in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
             row = self.store.row_of(f["account"])
             asset = self.asset_index.get(f["asset"])
@@ -191,7 +194,7 @@ class Gateway:
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:
             return float("nan")
-        return price_units / int(self.store.instruments[instrument]["price_scale"])
+        return price_units / self.price_scales[instrument]
 
     def _reply(self, ident: bytes, mtype: MsgType, fields: dict) -> None:
         self.checks.send_multipart([ident, self.seq_out.encode(mtype, fields)])
@@ -209,25 +212,21 @@ class Gateway:
         poller = zmq.Poller()
         for s in (self.fills, self.checks, self.replies):
             poller.register(s, zmq.POLLIN)
+        checks, fills, POLLIN, EVENTS = self.checks, self.fills, zmq.POLLIN, zmq.EVENTS
         while not self.ctl.shutdown:
             ready = dict(poller.poll(100))
             now = time.time_ns()
-            if self.checks in ready:
-                for _ in range(1000):
-                    try:
-                        ident, frame = self.checks.recv_multipart(zmq.NOBLOCK)[-2:]
-                    except zmq.Again:
-                        break
-                    except ValueError:
-                        continue
-                    self.on_request(ident, frame, now)
-            if self.fills in ready:
-                for _ in range(1000):
-                    try:
-                        frame = self.fills.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.on_fills(frame, now)
+            # Drain while the socket says a message waits (no exception per empty read).
+            n = 0
+            while n < 1000 and checks.getsockopt(EVENTS) & POLLIN:
+                parts = checks.recv_multipart(zmq.NOBLOCK)
+                n += 1
+                if len(parts) >= 2:
+                    self.on_request(parts[-2], parts[-1], now)
+            n = 0
+            while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:
+                self.on_fills(fills.recv(zmq.NOBLOCK), now)
+                n += 1
             if self.replies in ready:
                 while True:
                     try:
