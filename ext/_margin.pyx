@@ -260,23 +260,50 @@ def tick_holders(size_t instrument_addr, double mark, double underlying_mark,
     cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
     cdef int64_t h, a, n_breach = 0, cap = out_rows.shape[0], ahead
     cdef PosValues v
-    cdef double up, im, mm
-    cdef bint breach
+    cdef double up, im, mm, q, x, notional, cs_mark, cs_inv_mark
+    cdef double *row_agg
+    cdef const double *floors = &ins.tier_floor[0]
+    cdef const double *imr = &ins.tier_imr[0]
+    cdef const double *mmr = &ins.tier_mmr[0]
+    cdef const double *init_amt = &ins.tier_init_amount[0]
+    cdef const double *maint_amt = &ins.tier_maint_amount[0]
+    cdef int k, t, n_tiers = ins.n_tiers
+    cdef bint breach, linear = not is_inverse(ins.kind) and ins.kind != KIND_OPTION
+    cdef bint inverse = is_inverse(ins.kind)
+    cs_mark = ins.contract_size * mark
+    cs_inv_mark = ins.contract_size / mark
     with nogil:
         for h in range(n):
             ahead = h + 16
             if ahead < n:
                 me_prefetch_rw(&agg[h_row[ahead] - row_base, 0])
-            v = holder_values(ins, h_qty[h], h_cost[h], mark, underlying_mark)
-            up = v.upnl * px_settle
-            im = v.im * px_settle
-            mm = v.mm * px_settle
+            q = h_qty[h]
+            if linear or inverse:
+                # Specialised: one multiply for the notional and the upnl, tiers inline.
+                if linear:
+                    x = q * cs_mark
+                    up = x - h_cost[h]
+                else:
+                    x = q * cs_inv_mark
+                    up = h_cost[h] - x
+                notional = fabs(x)
+                k = 0
+                for t in range(1, n_tiers):
+                    k += floors[t] <= notional
+                im = (notional * imr[k] - init_amt[k]) * px_settle
+                mm = (notional * mmr[k] - maint_amt[k]) * px_settle
+                up = up * px_settle
+            else:
+                v = holder_values(ins, q, h_cost[h], mark, underlying_mark)
+                up = v.upnl * px_settle
+                im = v.im * px_settle
+                mm = v.mm * px_settle
             if h_mode[h] == MODE_CROSS:
-                a = h_row[h] - row_base
-                agg[a, 0] += up - h_upnl_usd[h]
-                agg[a, 1] += im - h_im_usd[h]
-                agg[a, 2] += mm - h_mm_usd[h]
-                breach = agg[a, 0] < agg[a, 2] and agg[a, 2] > 0
+                row_agg = &agg[h_row[h] - row_base, 0]
+                row_agg[0] += up - h_upnl_usd[h]
+                row_agg[1] += im - h_im_usd[h]
+                row_agg[2] += mm - h_mm_usd[h]
+                breach = row_agg[0] < row_agg[2] and row_agg[2] > 0
             else:
                 breach = h_iso[h] * px_settle + up < mm and mm > 0
             h_upnl_usd[h] = up
