@@ -27,8 +27,12 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
     rows = np.concatenate([np.arange(*store.partition_rows(p)) for p in range(store.n_partitions)])
     acc = store.accounts[rows]       # a racy bulk copy for counting; the top list is re-read below
     eq, mm = acc["cross_equity_usd"], acc["cross_mm_usd"]
+    # margin ratio MM / equity: inf when equity <= 0 under a requirement; an account with
+    # no requirement has nothing to liquidate (0), and if its equity is negative that is
+    # bad debt, counted apart (the insurance fund's to cover).
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(eq > 0, mm / eq, np.inf)
+        ratio = np.where(mm <= 0, 0.0, np.where(eq > 0, mm / eq, np.inf))
+    bad_debt = (mm <= 0) & (eq < 0)
     st = acc["status"]
     worst = rows[np.argsort(-ratio)[:top]]
     near = []
@@ -48,6 +52,8 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
         "liquidatable": int(np.count_nonzero(st & (Status.LIQUIDATABLE | Status.ISOLATED_LIQUIDATABLE))),
         "below_initial_margin": int(np.count_nonzero(st & Status.BELOW_IM)),
         "near_liquidation": int(np.count_nonzero((ratio >= near_ratio) & (ratio < 1))),
+        "bad_debt_accounts": int(np.count_nonzero(bad_debt)),
+        "bad_debt_usd": round(float(-eq[bad_debt].sum()), 2),
         "prices": prices, "nearest_liquidation": near, "partitions": parts,
     }
 
@@ -55,7 +61,8 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
 def render(s: dict) -> str:
     lines = [f"engine {s['engine']}: {s['accounts']:,} accounts, {s['liquidatable']} liquidatable, "
              f"{s['near_liquidation']} near liquidation (margin ratio >= 0.8), "
-             f"{s['below_initial_margin']} below initial margin", "",
+             f"{s['below_initial_margin']} below initial margin, {s['bad_debt_accounts']} with bad debt "
+             f"({s['bad_debt_usd']:,.2f} USD: negative equity, nothing left to liquidate)", "",
              f"{'instrument':<24}{'mark':>14}{'index':>14}{'seq':>8}  state"]
     for p in s["prices"]:
         lines.append(f"{p['instrument']:<24}{p['mark']:>14.2f}{p['index']:>14.2f}{p['price_seq']:>8}  "
