@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import sys
@@ -41,7 +42,7 @@ from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
-UPKEEP_SLICE_ROWS = 8_192            # accounts per full-pass slice (well under a millisecond)
+UPKEEP_SLICE_ROWS = 2_048            # accounts per full-pass slice (~0.2 ms: a tick waits at most that)
 RESYNC_INTERVAL_S = 30.0             # rebuild the private aggregates at least this often
 
 
@@ -135,6 +136,11 @@ class Worker:
         self.index = {p: HolderIndex(self.store, p) for p in self.partitions}
         self.upkeep(self.store.price_snapshot())
         self.last_seqs = self.snap.price_seqs.copy()
+        # The holder index holds millions of long-lived Python objects (its dicts and
+        # tuples): move them out of the collector's reach, or every full collection walks
+        # them all (tens of ms with a tick waiting).
+        gc.collect()
+        gc.freeze()
 
     def upkeep(self, snap) -> None:
         """Everything at once (start-up only): full pass, caches, aggregates, triggers."""
