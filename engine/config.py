@@ -48,6 +48,9 @@ class Endpoints:
     # endpoint, one more hop), or straight from each worker's PUSH connected to
     # ``orders``, which the matching engine binds (PULL): the shortest tick path.
     orders_via_gateway: bool = True
+    # Fills: PULL (no replies) or, with acks, a ROUTER answering each frame with ACK
+    # (code 0, or 3001 for a duplicate) or REJECT; the matching engine then uses a DEALER.
+    fills_acks: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def from_dict(doc: dict) -> Config:
     for key, val in ep.items():
         if key not in known:
             raise ConfigError(f"endpoints.{key}: unknown endpoint; known: {sorted(known)}")
-        if key == "orders_via_gateway":
+        if key in ("orders_via_gateway", "fills_acks"):
             if not isinstance(val, bool):
                 raise ConfigError(f"endpoints.{key}: must be true or false, got {val!r}")
             continue

@@ -2,7 +2,8 @@
 
 Sockets::
 
-    fills    PULL   (external) FILL or BATCH of FILLs from the matching engine
+    fills    PULL   (external) FILL or BATCH of FILLs from the matching engine (or ROUTER
+                    with ``fills_acks``: every frame answered by ACK / REJECT)
     checks   ROUTER (external) ORDER_CHECK, DEPOSIT, WITHDRAWAL requests -> replies
     replies  PULL   (internal) COLLATERAL_REPLY from the workers
 
@@ -41,7 +42,8 @@ from feeds.protocol import (MsgType, Rejected, SeqStatus, Sequencer, SequenceTra
 
 class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
-                 events_endpoint: str, journal_path: str, partition_owner: list[int]):
+                 events_endpoint: str, journal_path: str, partition_owner: list[int],
+                 fills_acks: bool = False):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
@@ -49,7 +51,9 @@ class Gateway:
         self.price_scales = self.store.instruments["price_scale"].tolist()
         self.asset_index = {}
         self.zctx = zmq.Context.instance()
-        self.fills = self._bind(zmq.PULL, fills_endpoint)
+        # PULL by default; with acks a ROUTER answers every fills frame (ACK / REJECT).
+        self.fills_acks = fills_acks
+        self.fills = self._bind(zmq.ROUTER if fills_acks else zmq.PULL, fills_endpoint)
         self.checks = self._bind(zmq.ROUTER, checks_endpoint)
         self.replies = self._bind(zmq.PULL, replies_endpoint)
         self.events = self.zctx.socket(zmq.PUSH)
@@ -58,7 +62,8 @@ class Gateway:
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
         self.seq_out = Sequencer()
-        self.tracker = SequenceTracker()
+        self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
+        self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal = Journal(journal_path)
         self.pending: dict[int, bytes] = {}             # collateral request id -> ROUTER identity
         self.counters = collections.Counter()
@@ -89,15 +94,33 @@ class Gateway:
             self.counters["events_dropped"] += 1
 
     # ------------------------------------------------------------------ fills
-    def on_fills(self, frame: bytes, recv_ns: int) -> None:
+    def _ack(self, ident: bytes | None, mtype: MsgType, fields: dict) -> None:
+        if ident is not None:
+            seq = self.ack_seqs.setdefault(ident, Sequencer())
+            self.fills.send_multipart([ident, seq.encode_known(mtype, fields)])
+
+    def on_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
+        """One fills frame: decode, sequence, journal, legs to the rings (module doc).
+
+        ``ident``: the sender's DEALER identity when the socket answers (``fills_acks``):
+        ACK (code 0) for an accepted frame, ACK 3001 for a duplicate, REJECT for a
+        malformed one; fills rejected inside an accepted frame are reported as events.
+        """
         run = decode_fills(frame)
         if type(run) is Rejected:
             self.counters[f"reject_{int(run.code)}"] += 1
             self.emit(run.code, f"fills frame rejected: {run.detail}")
+            self._ack(ident, MsgType.REJECT, {"ref_seq": run.ref_seq if 0 <= run.ref_seq < 2**64 else 0,
+                                              "ref_type": run.ref_type if 0 <= run.ref_type <= 255 else 0,
+                                              "code": int(run.code), "detail": run.detail[:1000]})
             return
-        verdict = self.tracker.observe(run.first_seq, len(run.fills))
+        tracker = self.trackers.get(ident)
+        if tracker is None:
+            tracker = self.trackers[ident] = SequenceTracker()
+        verdict = tracker.observe(run.first_seq, len(run.fills))
         if verdict.status == SeqStatus.DUPLICATE:
             self.counters["duplicates"] += len(run.fills)
+            self._ack(ident, MsgType.ACK, {"ref_seq": run.first_seq, "code": int(Code.FILL_DUPLICATE)})
             return
         if verdict.status == SeqStatus.GAP:
             self.counters["gaps"] += 1
@@ -140,6 +163,7 @@ class Gateway:
             self.counters["fills"] += n_ok
         for w in rings:
             _shm.doorbell_ring(self._bell_addrs[w])
+        self._ack(ident, MsgType.ACK, {"ref_seq": run.first_seq, "code": 0})
 
     def _push(self, p: int, *rec) -> None:
         while not self.ctl.push(p, *rec):           # ring full: the worker is behind
@@ -225,7 +249,12 @@ class Gateway:
                     self.on_request(parts[-2], parts[-1], now)
             n = 0
             while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:
-                self.on_fills(fills.recv(zmq.NOBLOCK), now)
+                if self.fills_acks:
+                    parts = fills.recv_multipart(zmq.NOBLOCK)
+                    if len(parts) >= 2:
+                        self.on_fills(parts[-1], now, parts[0])
+                else:
+                    self.on_fills(fills.recv(zmq.NOBLOCK), now)
                 n += 1
             if self.replies in ready:
                 while True:
@@ -251,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--owners", required=True, help="worker of each partition, comma-separated")
     ap.add_argument("--assets", default="")
     ap.add_argument("--cpu", type=int, default=-1)
+    ap.add_argument("--fills-acks", action="store_true", help="ROUTER fills socket answering ACK/REJECT")
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal,
-                [int(x) for x in a.owners.split(",")])
+                [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks)
     if a.assets:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)

@@ -126,7 +126,8 @@ class Engine:
         self.children.append(Child("gateway", [
             "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
             "--replies", self.internal["replies"], "--events", self.internal["events"],
-            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets]))
+            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets]
+            + (["--fills-acks"] if ep.fills_acks else [])))
         t0 = time.time_ns()
         for c in self.children:
             self._spawn(c)
