@@ -257,6 +257,12 @@ class HolderIndex:
             self.counts[i] = n
             self.where.update(((int(r), i), h) for h, r in enumerate(arr["row"][:n].tolist()))
         self._rows: dict[int, set[int]] = {}        # row -> instruments it holds
+        # Collateral holders per asset (rows with a balance in it); rows that gain one later
+        # are appended by update_account. A row whose balance went back to zero may stay:
+        # its delta is then zero.
+        bal = st.accounts["balance"][lo:hi]
+        self.asset_rows = [lo + np.flatnonzero(bal[:, a]) for a in range(bal.shape[1])]
+        self._asset_extra: list[set[int]] = [set() for _ in range(bal.shape[1])]
         for (r, i) in self.where:
             self._rows.setdefault(r, set()).add(i)
 
@@ -315,6 +321,45 @@ class HolderIndex:
             self.refresh_triggers(i, snap)
         return len(todo)
 
+    def collateral_tick(self, snap: PriceSnapshot, out: np.ndarray) -> int:
+        """Bring the aggregates to ``snap``'s collateral prices; return breaches (rows in ``out``).
+
+        For each asset whose price moved since the aggregates were last consistent
+        (``asset_px``): every holder's cross equity moves by
+        ``bal * (1 - haircut if bal > 0 else 1) * (px' - px)`` (the collateral rule of the
+        full pass), and the instruments settled in that asset are re-ticked (their upnl
+        and requirements are valued in USD at the settle price). Call before applying
+        fills at ``snap`` (their re-margin is at ``snap``'s prices).
+        """
+        st = self.store
+        moved = np.flatnonzero(snap.asset_px != self.asset_px).tolist()
+        if not moved:
+            return 0
+        base = self.row_base
+        touched = []
+        for a in moved:
+            if self._asset_extra[a]:
+                self.asset_rows[a] = np.union1d(self.asset_rows[a], np.fromiter(self._asset_extra[a], np.int64))
+                self._asset_extra[a].clear()
+            rows = self.asset_rows[a]
+            if len(rows):
+                bal = st.accounts["balance"][rows, a] / float(snap.asset_scale[a])
+                keep = np.where(bal > 0, 1.0 - float(snap.asset_haircut[a]), 1.0)
+                self.agg[rows - base, 0] += bal * keep * (float(snap.asset_px[a]) - float(self.asset_px[a]))
+                touched.append(rows)
+            self.asset_px[a] = snap.asset_px[a]
+        n = 0
+        for i in np.flatnonzero(np.isin(st.instruments["settle_asset"], moved)).tolist():
+            n += self._tick_one(i, snap, out[min(n, len(out)):])
+        if touched:
+            rows = np.unique(np.concatenate(touched))
+            ag = self.agg[rows - base]
+            hit = rows[(ag[:, 0] < ag[:, 2]) & (ag[:, 2] > 0)]
+            k = min(len(hit), max(0, len(out) - n))
+            out[n:n + k] = hit[:k]
+            n += len(hit)
+        return n
+
     def _load_agg(self, lo: int, hi: int) -> None:
         acc = self.store.accounts[lo:hi]
         b = self.row_base
@@ -372,6 +417,8 @@ class HolderIndex:
                           st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
                           snap.asset_haircut, snap.asset_scale, self._scratch)
         self._load_agg(row, row + 1)
+        for a in np.flatnonzero(acct["balance"]).tolist():
+            self._asset_extra[a].add(row)
         for i in self._rows.get(row, ()):      # its other positions' triggers moved
             self.dirty[i] = True
 
@@ -396,6 +443,7 @@ class HolderIndex:
         st = self.store
         lo, hi = st.partition_rows(self.partition)
         self._load_agg(lo, hi)
+        self.asset_px = snap.asset_px.copy()      # the collateral prices ``agg`` reflects
         self.dirty[:] = True
         for i, arr in enumerate(self.arrays):
             ins = st.instruments[i]

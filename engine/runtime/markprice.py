@@ -103,6 +103,7 @@ class MarkPriceProcess:
         if name in self.assets:
             if not st.frozen:
                 self.store.publish_asset_price(self.assets[name], st.mark, recv_ns)
+                self.ctl.ring_all()          # workers revalue collateral incrementally
             return
         i = self.instruments[name]
         pr = self.store.prices[i]

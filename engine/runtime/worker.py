@@ -84,6 +84,7 @@ class Worker:
         self.outstanding_since: dict[int, int] = {}
         self.pending_events: list[dict] = []
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
+        self.pending_collateral = False              # collateral prices moved; 1b revalues
         self.jobs: collections.deque = collections.deque()
         self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
 
@@ -152,7 +153,7 @@ class Worker:
             self.store.partitions[p]["heartbeat_ns"] = time.time_ns()
         self.last_seqs = snap.price_seqs.copy()
         self.prev_marks = snap.marks.copy()
-        self.resync_px = snap.asset_px.copy()
+        self.asset_px_seen = snap.asset_px.copy()
         self.last_resync = self.last_upkeep = time.monotonic()
 
     def schedule_upkeep(self) -> None:
@@ -162,10 +163,9 @@ class Worker:
           the shared account rows (what ``status`` and the order checks read), clears the
           outstanding flag of accounts back in health, re-sends orders still in breach
           after ``REISSUE_AFTER_NS``;
-        - a resync of a partition's private aggregates and holder caches from scratch,
-          when a collateral asset price moved (the incremental pass follows instrument
-          marks only) or every ``RESYNC_INTERVAL_S`` (float drift); then the instruments
-          that moved meanwhile are re-ticked;
+        - every ``RESYNC_INTERVAL_S``, a resync of a partition's private aggregates and
+          holder caches from scratch (float drift); then the prices that moved meanwhile
+          are applied incrementally;
         - heartbeats.
         """
         st = self.store
@@ -173,9 +173,7 @@ class Worker:
             lo, hi = st.partition_rows(p)
             for start in range(lo, hi, UPKEEP_SLICE_ROWS):
                 self.jobs.append((self._full_pass_slice, p, start, min(hi, start + UPKEEP_SLICE_ROWS)))
-        snap = st.price_snapshot()
-        if (not np.array_equal(snap.asset_px, self.resync_px)
-                or time.monotonic() - self.last_resync >= RESYNC_INTERVAL_S):
+        if time.monotonic() - self.last_resync >= RESYNC_INTERVAL_S:
             for p in self.partitions:
                 self.jobs.append((self._resync, p))
         self.last_upkeep = time.monotonic()
@@ -206,10 +204,12 @@ class Worker:
                           snap.asset_haircut, snap.asset_scale, self.breach)
         idx = self.index[p]
         idx.refresh(snap)
-        self.resync_px = snap.asset_px.copy()
         self.last_resync = time.monotonic()
-        # The aggregates are at ``snap`` now; bring them to the current marks.
+        # The aggregates are at ``snap`` now; bring them to the current prices.
         now = st.price_snapshot()
+        n = idx.collateral_tick(now, self.breach)
+        if n:
+            self.liquidate(self.breach[: min(n, len(self.breach))], now, 0, time.time_ns())
         for i in np.flatnonzero(now.price_seqs != snap.price_seqs).tolist():
             n = idx.tick(i, now, self.breach)
             if n:
@@ -225,6 +225,10 @@ class Worker:
         """1a. The hot path: for each mark that moved, the accounts whose trigger it
         crossed (binary searches), verified and their orders sent; the holders' pass (1b)
         is queued for when no newer mark waits."""
+        if not np.array_equal(snap.asset_px, self.asset_px_seen):
+            self.asset_px_seen = snap.asset_px.copy()
+            self.pending_collateral = True       # collateral prices moved: 1b revalues
+            self.snap = snap
         changed = np.flatnonzero(snap.price_seqs != self.last_seqs)
         if not changed.size:
             return
@@ -248,6 +252,13 @@ class Worker:
         missed (stale after other prices moved) are sent. Skipped while newer marks
         keep arriving: the pass at the latest mark subsumes the ones before it."""
         snap = self.snap
+        if self.pending_collateral:              # collateral prices first: equity moves
+            self.pending_collateral = False
+            now = time.time_ns()
+            for p in self.partitions:
+                n = self.index[p].collateral_tick(snap, self.breach)
+                if n:
+                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, 0, now)
         for i in list(self.pending_pass):
             frozen = bool(snap.flags[i] & PRICE_FROZEN)
             pr = self.store.prices[i]
@@ -394,13 +405,14 @@ class Worker:
         seen = _shm.doorbell_value(self.doorbell)
         while not self.ctl.shutdown:
             busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
-            seen = _shm.doorbell_wait(self.doorbell, seen, 0 if busy or self.pending_pass else 100_000_000,
+            seen = _shm.doorbell_wait(self.doorbell, seen,
+                                      0 if busy or self.pending_pass or self.pending_collateral else 100_000_000,
                                       self.wait)
             snap = self.store.price_snapshot()
             self.on_prices(snap)                                  # 1a. hot path first
             if _shm.doorbell_value(self.doorbell) != seen:
                 continue                                          # a newer mark or record waits
-            if self.pending_pass:
+            if self.pending_pass or self.pending_collateral:
                 self.holders_pass()                               # 1b. every holder
             for p in self.partitions:                             # 2. commands
                 self.drain(p, snap)
