@@ -96,11 +96,16 @@ def _cmd_run(args) -> int:
     print(f"margin-engine {cfg.engine.name}: running with {eng.n_workers} workers; "
           f"oracle {cfg.endpoints.oracle}, fills {cfg.endpoints.fills}, checks {cfg.endpoints.checks}, "
           f"orders {cfg.endpoints.orders}, events {cfg.endpoints.events}", file=sys.stderr)
+    from engine.runtime.supervisor import EngineFailure
+
     try:
         while not stop:
             for role in eng.watch_once():
                 print(f"margin-engine: restarted {role}", file=sys.stderr)
             time.sleep(0.1)
+    except EngineFailure as e:
+        print(f"margin-engine run: {e}; stopping", file=sys.stderr)
+        return 1
     finally:
         eng.stop()
     return 0

@@ -46,6 +46,10 @@ def sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+class EngineFailure(RuntimeError):
+    """A process the engine cannot run without has died."""
+
+
 @dataclass
 class Child:
     role: str
@@ -150,15 +154,22 @@ class Engine:
         return bool(np.all(self.store.partitions["heartbeat_ns"] >= since_ns))
 
     def _check_alive(self, starting: bool = False) -> list[str]:
-        """Restart dead workers (same CPU, same partitions); return what was restarted."""
+        """Restart dead workers (same CPU, same partitions); return what was restarted.
+
+        A dead gateway, mark-price process or liquidation gateway is an engine failure
+        (``EngineFailure``): the caller stops everything and exits non-zero, and systemd
+        (``Restart=on-failure``) starts the engine again. Those processes hold sockets and
+        in-flight state a lone restart could not recover in order.
+        """
         restarted = []
         for c in self.children:
             if c.proc is not None and c.proc.poll() is not None:
-                if starting or not c.role.startswith("worker"):
-                    if starting:
-                        raise RuntimeError(f"{c.role} exited with {c.proc.returncode} during start-up; "
-                                           f"see {self.runtime_dir}/{c.role}.log")
-                    continue
+                if starting:
+                    raise EngineFailure(f"{c.role} exited with {c.proc.returncode} during start-up; "
+                                        f"see {self.runtime_dir}/{c.role}.log")
+                if not c.role.startswith("worker"):
+                    raise EngineFailure(f"{c.role} exited with {c.proc.returncode}; "
+                                        f"see {self.runtime_dir}/{c.role}.log")
                 c.restarts += 1
                 self._spawn(c)
                 restarted.append(c.role)

@@ -1,0 +1,36 @@
+"""Supervision: a dead worker is restarted; a dead singleton process stops the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from engine.runtime.supervisor import EngineFailure
+from runtime_support import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def test_dead_mark_price_process_is_an_engine_failure(start_engine):
+    run = start_engine()
+    eng = run.engine
+    mark = next(c for c in eng.children if c.role == "markprice")
+    os.kill(mark.proc.pid, signal.SIGKILL)
+    mark.proc.wait(10)
+    # Not restarted alone: its sockets and index state go with it, so the supervisor
+    # reports a failure (``margin-engine run`` then stops and exits 1 for systemd).
+    with pytest.raises(EngineFailure, match="markprice exited with -9"):
+        eng.watch_once()
+
+
+def test_dead_worker_is_restarted_not_a_failure(start_engine):
+    run = start_engine()
+    eng = run.engine
+    old = eng.worker_pid(0)
+    os.kill(old, signal.SIGKILL)
+    worker = next(c for c in eng.children if c.role == "worker0")
+    wait_until(lambda: worker.proc.poll() is not None, 10.0, "the worker to die")
+    assert eng.watch_once() == ["worker0"]
+    assert eng.worker_pid(0) != old
