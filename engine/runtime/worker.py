@@ -4,14 +4,16 @@ Loop (one iteration per doorbell ring, or per timeout)::
 
     1. prices   -- 1a, the hot path: for each mark whose sequence number moved, the
                    accounts whose trigger price it crossed get their liquidation orders
-                   at once; 1b, when no newer mark waits: the incremental pass over the
-                   instrument's holders (and the breaches stale triggers missed)
+                   at once; 1b, when no newer mark waits: collateral prices that moved,
+                   then the incremental pass over the instrument's holders (and the
+                   breaches stale triggers missed)
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
     3. upkeep   -- every ``full_pass_interval_s``, in slices between wake-ups: full pass
-                   rewriting the shared rows, resync of the private aggregates when a
-                   collateral price moved, heartbeat; stale trigger tables re-sorted
+                   rewriting the shared rows, re-sending orders still in breach,
+                   heartbeat; every 30 s a resync of the private aggregates (float
+                   drift); stale trigger tables re-sorted
 
 Started by the supervisor as ``python -m engine.runtime.worker`` with its partitions,
 CPU and wait strategy; pinned with ``os.sched_setaffinity``.
