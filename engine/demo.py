@@ -49,12 +49,16 @@ CRASH_INSTRUMENTS = ("BTCUSDT", "ETHUSDT")
 
 
 def _exchange(cfg, n_accounts: int, duration_s: float, crash_at_s: float, crash_pct: float,
-              seed: int, out: mp.Queue) -> None:
-    """Simulated venues and matching engine, in their own process (protocol only)."""
+              seed: int, out: mp.Queue, done) -> None:
+    """Simulated venues and matching engine, in their own process (protocol only).
+
+    ``done``: the receiving end of a pipe; anything on it ends the run early.
+    """
     from feeds.sim.matching import MatchingSim
     from feeds.sim.venues import VenueSim, run_venues
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)         # the demo stops us
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)                 # the demo stops us (a pipe message)
     ep = cfg.endpoints
     vsim = VenueSim.from_config(cfg, seed=seed)
     t0 = time.monotonic()
@@ -75,8 +79,9 @@ def _exchange(cfg, n_accounts: int, duration_s: float, crash_at_s: float, crash_
     sim = MatchingSim(ep.fills, ep.checks, ep.orders, names, n_accounts, seed, config=cfg,
                       price_fn=vsim.price, rate_hz=300, backstop_account=HOUSE_ACCOUNT,
                       max_order_usd=2000)
+    sim.start(duration_s)
     try:
-        sim.run(duration_s)
+        done.poll(duration_s)               # the run's length, or until the demo ends early
     finally:
         stop.set()
         sim.stop(linger_ms=500)
@@ -114,7 +119,10 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
     print(f"margin-engine demo: loading {accounts:,} accounts (leveraged 2x-25x on BTC, ETH, SOL "
           f"perps and the BTC future) into shared memory /{cfg.engine.name} ...", file=sys.stderr)
     stop = []
-    old = signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    # Ctrl-C, a closed terminal or a kill all end the run the same way: cleanly, with the
+    # engine stopped and its shared memory and sockets removed.
+    old = {sig: signal.signal(sig, lambda *_: stop.append(1))
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     engine = LocalEngine(cfg, setup=lambda st: provision(st, cfg, accounts, seed=seed), n_workers=workers)
     store = engine.store
     names = [bytes(r["name"]).rstrip(b"\0").decode() for r in store.instruments]
@@ -123,13 +131,15 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
     events = ctx.socket(zmq.SUB)
     events.setsockopt(zmq.LINGER, 0)
     events.setsockopt(zmq.SUBSCRIBE, b"")
-    q: mp.Queue = mp.get_context("spawn").Queue()
+    mpc = mp.get_context("spawn")
+    q: mp.Queue = mpc.Queue()
+    done, stop_exchange = mpc.Pipe(duplex=False)     # a message on it ends the exchange early
     with engine:
         events.connect(cfg.endpoints.events)
         print(f"engine up: {workers} workers, blocking waits; starting venues and matching engine; "
               f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s", file=sys.stderr)
-        exch = mp.get_context("spawn").Process(
-            target=_exchange, args=(cfg, accounts, duration_s, duration_s * 0.3, crash_pct, seed, q), daemon=True)
+        exch = mpc.Process(target=_exchange, daemon=True,
+                           args=(cfg, accounts, duration_s, duration_s * 0.3, crash_pct, seed, q, done))
         exch.start()
         screen = Screen(tty)
         start_marks = store.prices["mark"].copy()
@@ -188,15 +198,20 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
             lines += ["", "latest liquidations:"] + (list(liqs) or ["  (none yet: prices have not moved far enough)"])
             lines += ["", "other engine events:"] + (list(other_events) or ["  (none)"])
             screen.show(lines)
+        try:
+            stop_exchange.send(True)        # early end (Ctrl-C): the exchange stops and reports
+        except OSError:
+            pass                            # it is gone already
+        try:
+            summary["exchange"] = q.get(timeout=8)
+        except Exception:
+            summary["exchange"] = None
         exch.join(timeout=5)
         if exch.is_alive():
             exch.terminate()
-        try:
-            summary["exchange"] = q.get(timeout=2)
-        except Exception:
-            summary["exchange"] = None
     events.close()
-    signal.signal(signal.SIGINT, old)
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
     shutil.rmtree(root, ignore_errors=True)
     summary.update({"accounts": accounts, "liquidation_orders": n_liq,
                     "accounts_liquidated": len(n_accounts_liquidated),
