@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import uuid
 
 from engine.config import Config, Endpoints, load_default
@@ -50,3 +51,16 @@ class LocalEngine:
     @property
     def endpoints(self) -> Endpoints:
         return self.config.endpoints
+
+
+def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.005):
+    """Poll ``pred`` until it returns a truthy value (returned); ``TimeoutError`` naming
+    ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)

@@ -22,6 +22,7 @@ import posix_ipc
 import pytest
 
 from engine.runtime.harness import LocalEngine, local_config
+from ops_support import group_alive
 
 ACCOUNTS_CAPACITY = 64        # small books: start-up and the full passes stay fast
 
@@ -31,16 +32,6 @@ def unlink_segment(name: str) -> None:
         posix_ipc.unlink_shared_memory("/" + name.lstrip("/"))
     except posix_ipc.ExistentialError:
         pass
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -33,10 +33,12 @@ import zmq
 from engine import _shm
 from engine.codes import Code
 from engine.config import load
+from engine.runtime.harness import wait_until
 from engine.runtime.provision import HOUSE_ACCOUNT
 from engine.runtime.worker import WAITS
 from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode
+from ops_support import group_alive
 
 # every test: real processes and sockets; a hang becomes a failure after 30 s
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -54,30 +56,8 @@ def cli(*args: str) -> list[str]:
     return [exe, *args] if exe else [sys.executable, "-m", "engine.cli", *args]
 
 
-def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.01):
-    """Poll ``pred`` until it returns a truthy value (returned); fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
-
-
 def shm_exists(name: str) -> bool:
     return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def assert_group_gone(pgid: int, within_s: float = 3.0) -> None:

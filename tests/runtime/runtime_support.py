@@ -20,25 +20,13 @@ from engine.accounting.fills import apply_fill_leg
 from engine.codes import Code
 from engine.config import Config
 from engine.instruments import Kind
-from engine.runtime.harness import LocalEngine
+from engine.runtime.harness import LocalEngine, wait_until  # noqa: F401 (wait_until: for the tests)
 from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Rejected, Sequencer, decode
 
 USDT = 10**6                  # USDT units per USDT (asset scale)
 ACCOUNTS_CAPACITY = 64        # small books: start-up and the full passes stay fast
 MALFORMED = b"\xc1"           # 0xc1 is never used in msgpack: WIRE_MALFORMED (1001)
-
-
-def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.005):
-    """Poll ``pred`` until it returns a truthy value (returned); fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def fill(trade_id: int, taker: int, maker: int, qty_units: int, price_units: int, *,
