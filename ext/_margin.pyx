@@ -28,13 +28,14 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
 from libc.math cimport fabs, NAN, INFINITY, isnan
 from libc.stdint cimport int32_t, int64_t, uint64_t
 
-from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS,
+from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
                      KIND_PERP, KIND_FUTURE, KIND_OPTION, KIND_INVERSE_PERP, KIND_INVERSE_FUTURE,
                      MODE_CROSS, MODE_ISOLATED, ACCOUNT_FLAG_ISOLATED_DEFAULT, STATUS_BELOW_IM, STATUS_LIQUIDATABLE,
                      STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw,
                        me_seqlock_read_begin, me_seqlock_read_retry)
 from libc.string cimport memcpy
+from libc.stdlib cimport malloc, free
 
 # Result codes (the numbers of engine.codes.Code).
 cdef enum:
@@ -57,58 +58,132 @@ cdef inline int tier_index(const InstrumentRow *ins, double notional) noexcept n
     return k
 
 
-cdef PosValues position_values(const InstrumentRow *ins, const PositionRow *pos,
-                               const double *marks) noexcept nogil:
-    """Notional, upnl, IM and MM of one position at ``marks``, in its settle asset."""
+ctypedef struct TierRates:               # one tier's rates and amounts, together on half a line
+    double imr
+    double init_amount
+    double mmr
+    double maint_amount
+
+ctypedef struct InsPass:                # one instrument at one price snapshot, for a pass
+    const InstrumentRow *ins
+    double x_per_unit                   # upnl before cost, per qty unit (settle asset):
+                                        #   linear, option: cs p / qs;  inverse: -cs / (p qs)
+    double notional_per_unit            # linear: cs p / qs; inverse: cs / (p qs); option: cs S / qs
+    double upnl_per_cost                # per cost unit: -1 / scale_s (linear, option), +1 / scale_s (inverse)
+    double per_settle_unit              # 1 / scale_s (isolated margin units to settle asset)
+    double px_settle                    # USD per settle asset
+    int long_free                       # option: a long holds no requirement
+    double floor[MAX_TIERS]             # tier floors, unused tiers +inf (a branch-free search)
+    TierRates tier[MAX_TIERS]           # copies of the instrument's tier columns, by tier
+
+ctypedef struct AssetPass:              # collateral weights at one price snapshot
+    double w_long[MAX_ASSETS]           # USD per balance unit when positive: px (1 - h) / scale
+    double w_short[MAX_ASSETS]          # USD per balance unit when negative (borrowed): px / scale
+    int n_assets                        # assets in the table (balances beyond are zero)
+
+
+cdef inline void ins_pass_fill(InsPass *e, const InstrumentRow *ins, const double *marks,
+                               const double *asset_px, const double *asset_scale) noexcept nogil:
+    """Fold the per-instrument constants of the position rule (module docstring) at ``marks``:
+    the pass then needs multiplies only, no division per position."""
+    cdef double p = marks[0]
+    cdef double per_qty = ins.contract_size / <double>ins.qty_scale
+    cdef double inv_scale = 1.0 / asset_scale[ins.settle_asset]
+    cdef int t
+    e.ins = ins
+    e.per_settle_unit = inv_scale
+    e.px_settle = asset_px[ins.settle_asset]
+    e.long_free = ins.kind == KIND_OPTION
+    for t in range(MAX_TIERS):
+        e.floor[t] = ins.tier_floor[t] if t < ins.n_tiers else INFINITY
+        e.tier[t].imr = ins.tier_imr[t]
+        e.tier[t].init_amount = ins.tier_init_amount[t]
+        e.tier[t].mmr = ins.tier_mmr[t]
+        e.tier[t].maint_amount = ins.tier_maint_amount[t]
+    if is_inverse(ins.kind):
+        e.notional_per_unit = per_qty / p
+        e.x_per_unit = -e.notional_per_unit
+        e.upnl_per_cost = inv_scale
+    else:
+        e.x_per_unit = per_qty * p
+        e.notional_per_unit = e.x_per_unit
+        e.upnl_per_cost = -inv_scale
+
+
+cdef inline void ins_pass_one(InsPass *table, const InstrumentRow *instruments, int i,
+                              const double *marks, const double *asset_px,
+                              const double *asset_scale) noexcept nogil:
+    cdef const InstrumentRow *ins = &instruments[i]
+    ins_pass_fill(&table[i], ins, &marks[i], asset_px, asset_scale)
+    if ins.kind == KIND_OPTION:          # requirement on the underlying's notional
+        table[i].notional_per_unit = ins.contract_size / <double>ins.qty_scale * marks[ins.underlying]
+
+
+cdef void ins_pass_all(InsPass *table, const InstrumentRow *instruments, int n_instruments,
+                       const double *marks, const double *asset_px, const double *asset_scale) noexcept nogil:
+    cdef int i
+    for i in range(n_instruments):
+        ins_pass_one(table, instruments, i, marks, asset_px, asset_scale)
+
+
+cdef void ins_pass_held(InsPass *table, const InstrumentRow *instruments, const AccountRow *acct,
+                        const PositionRow *slots, const double *marks, const double *asset_px,
+                        const double *asset_scale) noexcept nogil:
+    """Fill only the entries of the instruments one account holds (single-account callers)."""
+    cdef int i
+    for i in range(acct.n_positions):
+        ins_pass_one(table, instruments, slots[i].instrument, marks, asset_px, asset_scale)
+
+
+cdef void asset_pass_fill(AssetPass *w, int n_assets, const double *asset_px,
+                          const double *asset_haircut, const double *asset_scale) noexcept nogil:
+    cdef int a
+    w.n_assets = min(n_assets, <int>MAX_ASSETS)
+    for a in range(MAX_ASSETS):
+        if a < n_assets:
+            w.w_long[a] = asset_px[a] * (1.0 - asset_haircut[a]) / asset_scale[a]
+            w.w_short[a] = asset_px[a] / asset_scale[a]
+        else:
+            w.w_long[a] = 0.0
+            w.w_short[a] = 0.0
+
+
+cdef inline int tier_search(const double *floor, double notional) noexcept nogil:
+    """Last tier k with floor_k <= notional over MAX_TIERS (16) floors padded with +inf:
+    four branch-free halving steps, so no mispredicted loop exit whatever the tier count."""
+    cdef int k = 0
+    k += 8 * (floor[k + 8] <= notional)
+    k += 4 * (floor[k + 4] <= notional)
+    k += 2 * (floor[k + 2] <= notional)
+    k += floor[k + 1] <= notional
+    return k
+
+
+cdef inline PosValues position_values(const InsPass *e, const PositionRow *pos) noexcept nogil:
+    """Notional, upnl, IM and MM of one position, in its settle asset (module docstring):
+    ``upnl = qty x_per_unit + cost upnl_per_cost``, ``notional = |qty| notional_per_unit``."""
     cdef PosValues v
-    cdef double q = <double>pos.qty / <double>ins.qty_scale
-    cdef double cs = ins.contract_size
-    cdef double p = marks[pos.instrument]
+    cdef double qty = <double>pos.qty
     cdef int k
-    v.notional = 0.0
-    v.upnl = 0.0
+    v.upnl = qty * e.x_per_unit + <double>pos.cost * e.upnl_per_cost
+    v.notional = fabs(qty) * e.notional_per_unit
     v.im = 0.0
     v.mm = 0.0
-    if pos.qty == 0 and pos.cost == 0:
-        return v
-    if is_inverse(ins.kind):
-        v.notional = fabs(q) * cs / p
-        v.upnl = -q * cs / p          # + cost, added by the caller in settle units
-    elif ins.kind == KIND_OPTION:
-        v.notional = fabs(q) * cs * marks[ins.underlying]
-        v.upnl = q * cs * p
-    else:
-        v.notional = fabs(q) * cs * p
-        v.upnl = q * cs * p
-    if ins.kind == KIND_OPTION and q >= 0:
-        return v                      # a long option's premium is paid: no requirement
-    k = tier_index(ins, v.notional)
-    v.im = v.notional * ins.tier_imr[k] - ins.tier_init_amount[k]
-    v.mm = v.notional * ins.tier_mmr[k] - ins.tier_maint_amount[k]
+    if (e.long_free and qty >= 0) or (pos.qty == 0 and pos.cost == 0):
+        return v                      # a long option's premium is paid; an empty slot
+    k = tier_search(e.floor, v.notional)
+    v.im = v.notional * e.tier[k].imr - e.tier[k].init_amount
+    v.mm = v.notional * e.tier[k].mmr - e.tier[k].maint_amount
     return v
 
 
-cdef inline PosValues position_values_settled(const InstrumentRow *ins, const PositionRow *pos,
-                                              const double *marks, double settle_scale) noexcept nogil:
-    """``position_values`` with the cost basis applied: upnl = q cs p - c (linear), c - q cs / p (inverse)."""
-    cdef PosValues v = position_values(ins, pos, marks)
-    cdef double c = <double>pos.cost / settle_scale
-    if is_inverse(ins.kind):
-        v.upnl = v.upnl + c
-    else:
-        v.upnl = v.upnl - c
-    return v
-
-
-cdef AcctValues account_values(const InstrumentRow *instruments, const AccountRow *acct,
-                               const PositionRow *slots, const double *marks,
-                               const double *asset_px, const double *asset_haircut,
-                               const double *asset_scale) noexcept nogil:
-    """All account figures at the given prices (see the module docstring)."""
+cdef AcctValues account_values(const InsPass *table, const AssetPass *w, const AccountRow *acct,
+                               const PositionRow *slots) noexcept nogil:
+    """All account figures at the prices ``table`` and ``w`` were filled at (module docstring)."""
     cdef AcctValues r
     cdef int a, i
     cdef double bal, px_s, iso
-    cdef const InstrumentRow *ins
+    cdef const InsPass *e
     cdef const PositionRow *pos
     cdef PosValues v
     r.collateral_usd = 0.0
@@ -120,20 +195,16 @@ cdef AcctValues account_values(const InstrumentRow *instruments, const AccountRo
     r.iso_im_usd = 0.0
     r.iso_mm_usd = 0.0
     r.status = 0
-    for a in range(MAX_ASSETS):
-        if acct.balance[a] != 0:
-            bal = <double>acct.balance[a] / asset_scale[a]
-            if bal > 0:
-                r.collateral_usd += bal * asset_px[a] * (1.0 - asset_haircut[a])
-            else:
-                r.collateral_usd += bal * asset_px[a]     # borrowed: full value
+    for a in range(w.n_assets):        # branch-free select of the weight
+        bal = <double>acct.balance[a]
+        r.collateral_usd += bal * (w.w_long[a] if bal > 0 else w.w_short[a])
     for i in range(acct.n_positions):
         pos = &slots[i]
-        ins = &instruments[pos.instrument]
-        v = position_values_settled(ins, pos, marks, asset_scale[ins.settle_asset])
-        px_s = asset_px[ins.settle_asset]
+        e = &table[pos.instrument]
+        v = position_values(e, pos)
+        px_s = e.px_settle
         if pos.mode == MODE_ISOLATED:
-            iso = <double>pos.isolated_margin / asset_scale[ins.settle_asset]
+            iso = <double>pos.isolated_margin * e.per_settle_unit
             r.iso_margin_usd += iso * px_s
             r.iso_upnl_usd += v.upnl * px_s
             r.iso_im_usd += v.im * px_s
@@ -185,15 +256,26 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
     cdef const PositionRow *positions = <const PositionRow *>positions_addr
     cdef int64_t r, n_liq = 0, cap = out_rows.shape[0]
     cdef AcctValues v
+    cdef AssetPass w
+    cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
     with nogil:
+        ins_pass_all(table, instruments, <int>marks.shape[0], &marks[0], &asset_px[0], &asset_scale[0])
+        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
         for r in range(row_start, row_end):
-            v = account_values(instruments, &accounts[r], &positions[r * slots_per_account],
-                               &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+            if r + 8 < row_end:       # the row and slots 8 accounts ahead: hides the memory
+                me_prefetch_rw(&accounts[r + 8])          # wait behind the compute (4 KiB pages
+                me_prefetch_rw(<const char *>&accounts[r + 8] + 64)     # stop the hardware
+                me_prefetch_rw(&positions[(r + 8) * slots_per_account])      # prefetcher)
+                me_prefetch_rw(&positions[(r + 8) * slots_per_account + 2])
+            v = account_values(table, &w, &accounts[r], &positions[r * slots_per_account])
             store_results(&accounts[r], &v)
             if v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE):
                 if n_liq < cap:
                     out_rows[n_liq] = r
                 n_liq += 1
+    free(table)
     return n_liq
 
 
@@ -394,15 +476,20 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
     cdef PosValues v
     cdef int i
     cdef double q, c, px_s, scale_s, e0, m0
+    cdef AssetPass w
+    cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
     with nogil:
-        r = account_values(instruments, acct, slots, &marks[0], &asset_px[0],
-                           &asset_haircut[0], &asset_scale[0])
+        ins_pass_held(table, instruments, acct, slots, &marks[0], &asset_px[0], &asset_scale[0])
+        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+        r = account_values(table, &w, acct, slots)
         for i in range(acct.n_positions):
             pos = &slots[i]
             ins = &instruments[pos.instrument]
             scale_s = asset_scale[ins.settle_asset]
             px_s = asset_px[ins.settle_asset]
-            v = position_values_settled(ins, pos, &marks[0], scale_s)
+            v = position_values(&table[pos.instrument], pos)
             q = <double>pos.qty / <double>ins.qty_scale
             c = <double>pos.cost / scale_s
             if pos.mode == MODE_ISOLATED:
@@ -417,6 +504,7 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
             out_positions[i, 3] = v.mm
             out_positions[i, 4] = liquidation_price(ins, q, c, px_s, e0, m0)
             out_positions[i, 5] = bankruptcy_price(ins, q, c, px_s, e0)
+    free(table)
     return (r.collateral_usd, r.cross_upnl_usd, r.cross_equity_usd, r.cross_im_usd,
             r.cross_mm_usd, r.iso_margin_usd, r.iso_upnl_usd, r.iso_im_usd, r.iso_mm_usd,
             r.status)
@@ -431,8 +519,10 @@ ctypedef struct CheckOut:
 cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *acct,
                             const PositionRow *slots, int slots_per_account, int instrument,
                             int64_t dqty, double price, const double *marks, const double *asset_px,
-                            const double *asset_haircut, const double *asset_scale) noexcept nogil:
-    """The pre-trade rule (see ``pretrade_check``) on one account row and its slots."""
+                            const double *asset_haircut, const double *asset_scale,
+                            int n_assets, InsPass *table) noexcept nogil:
+    """The pre-trade rule (see ``pretrade_check``) on one account row and its slots;
+    ``table``: scratch of one InsPass per instrument."""
     cdef const InstrumentRow *ins = &instruments[instrument]
     cdef AcctValues r
     cdef PosValues old, new
@@ -441,7 +531,10 @@ cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *
     cdef double q_old = 0.0, c_old = 0.0, dq, pnl, px_s, scale_s, iso = 0.0, lack
     cdef double mark = marks[instrument], under = 0.0
     cdef bint reducing, ok
-    r = account_values(instruments, acct, slots, marks, asset_px, asset_haircut, asset_scale)
+    cdef AssetPass w
+    ins_pass_held(table, instruments, acct, slots, marks, asset_px, asset_scale)
+    asset_pass_fill(&w, n_assets, asset_px, asset_haircut, asset_scale)
+    r = account_values(table, &w, acct, slots)
     for i in range(acct.n_positions):
         if slots[i].instrument == instrument:
             slot = i
@@ -501,10 +594,15 @@ def pretrade_check(size_t instruments_addr, size_t account_addr, size_t slots_ad
     Returns ``(code, post_equity_usd, post_initial_margin_usd)``.
     """
     cdef CheckOut out
+    cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
     with nogil:
         out = pretrade_core(<const InstrumentRow *>instruments_addr, <const AccountRow *>account_addr,
                             <const PositionRow *>slots_addr, slots_per_account, instrument, dqty, price,
-                            &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+                            &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0],
+                            <int>asset_px.shape[0], table)
+    free(table)
     return (out.code, out.post_equity_usd, out.post_im_usd)
 
 
@@ -527,6 +625,9 @@ def pretrade_check_shared(size_t instruments_addr, size_t account_addr, size_t s
     cdef int64_t t
     cdef bint got = False
     cdef CheckOut out
+    cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
     out.code = -1
     out.post_equity_usd = 0.0
     out.post_im_usd = 0.0
@@ -543,7 +644,8 @@ def pretrade_check_shared(size_t instruments_addr, size_t account_addr, size_t s
         if got:
             out = pretrade_core(<const InstrumentRow *>instruments_addr, copy, slots_copy,
                                 slots_per_account, instrument, dqty, price, &marks[0], &asset_px[0],
-                                &asset_haircut[0], &asset_scale[0])
+                                &asset_haircut[0], &asset_scale[0], <int>asset_px.shape[0], table)
+    free(table)
     return (out.code, out.post_equity_usd, out.post_im_usd)
 
 
