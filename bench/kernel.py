@@ -254,11 +254,13 @@ class _Tables:
 def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = True) -> dict:
     """The full-pass rule with whole-array numpy operations over the partition's rows.
 
-    Same formulas, same operation order and same summation order (slot 0, 1, ...) as the
-    kernel, so results agree to the last bit or nearly:
+    Same formulas, same folded constants, same operation order and same summation order
+    (slot 0, 1, ...) as the kernel, so results agree to the last bit or nearly:
 
-        collateral = sum_a bal_a/scale_a * px_a * (1 - h_a if > 0 else 1)
-        upnl = q cs p - c (linear), c - q cs / p (inverse); notional |q| cs p, |q| cs / p
+        collateral = sum_a bal_a * (px_a (1 - h_a) / scale_a if bal_a > 0 else px_a / scale_a)
+        upnl = qty x + cost u, notional = |qty| nu, with per instrument x = cs p / qs,
+        u = -1 / scale_s (linear); x = -cs / (p qs), u = 1 / scale_s (inverse);
+        nu = |x| (option: cs S / qs)
         tier k by searchsorted on the floor keys; IM/MM = notional * rate_k - amount_k
         cross equity = collateral + sum_cross upnl px_s; IM, MM = sum_cross (.) px_s
 
@@ -272,15 +274,26 @@ def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = 
     acct = store.accounts[lo:hi]
     npos = acct["n_positions"]
 
-    # 1. collateral, asset by asset in the kernel's order
+    # 1. collateral, asset by asset in the kernel's order, with the kernel's folded weights
     bal = acct["balance"]
     collateral = np.zeros(n)
     for a in range(len(store.assets)):
-        b = bal[:, a] / snap.asset_scale[a]
-        px = snap.asset_px[a]
-        collateral += np.where(b > 0, b * px * (1.0 - snap.asset_haircut[a]), b * px)
+        b = bal[:, a].astype(np.float64)
+        px, scale = snap.asset_px[a], snap.asset_scale[a]
+        w_long = px * (1.0 - snap.asset_haircut[a]) / scale
+        w_short = px / scale
+        collateral += b * np.where(b > 0, w_long, w_short)
 
-    # 2. per position (n x kmax slots, unused ones masked)
+    # 2. per instrument, the kernel's pass constants (ins_pass_at), then per position
+    #    (n x kmax slots, unused ones masked): upnl = qty x + cost u, notional = |qty| nu
+    per_qty = t.cs / t.qscale
+    marks = snap.marks
+    inv_scale = 1.0 / snap.asset_scale[t.settle]
+    nu = np.where(t.inverse, per_qty / marks, per_qty * marks)
+    x = np.where(t.inverse, -nu, nu)
+    u = np.where(t.inverse, inv_scale, -inv_scale)
+    if t.has_options:
+        nu = np.where(t.kind == int(Kind.OPTION), per_qty * marks[np.maximum(t.underlying, 0)], nu)
     kmax = int(npos.max()) if n else 0
     pos = store.positions[lo * s: hi * s].reshape(n, s)[:, :kmax]
     inst = pos["instrument"]
@@ -288,21 +301,14 @@ def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = 
     valid = (qty != 0) | (cost != 0)
     if np.any(npos != kmax):
         valid &= np.arange(kmax) < npos[:, None]
-    q = qty / t.qscale[inst]
-    cs = t.cs[inst]
-    p = snap.marks[inst]
-    inv = t.inverse[inst]
-    qcs = q * cs
-    notional = np.where(inv, np.abs(q) * cs / p, np.abs(q) * cs * p)
-    upnl = np.where(inv, -qcs / p, qcs * p)
+    qf = qty.astype(np.float64)
+    upnl = qf * x[inst] + cost.astype(np.float64) * u[inst]
+    notional = np.abs(qf) * nu[inst]
     settle = t.settle[inst]
-    c = cost / snap.asset_scale[settle]
-    upnl = np.where(inv, upnl + c, upnl - c)
     charged = valid
     if t.has_options:
         opt = t.kind[inst] == int(Kind.OPTION)
-        notional = np.where(opt, np.abs(q) * cs * snap.marks[t.underlying[inst]], notional)
-        charged = valid & ~(opt & (q >= 0))      # long options carry no requirement
+        charged = valid & ~(opt & (qf >= 0))      # long options carry no requirement
     g = np.searchsorted(t.keys, inst + notional / (notional + _Tables.SQUASH), side="right") - 1
     im = np.where(charged, notional * t.imr[g] - t.init_amount[g], 0.0)
     mm = np.where(charged, notional * t.mmr[g] - t.maint_amount[g], 0.0)
@@ -320,7 +326,7 @@ def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = 
         cross_mm += cm[:, j]
     status = np.zeros(n, np.int32)
     if np.any(isolated & valid):
-        iso = pos["isolated_margin"] / snap.asset_scale[settle]
+        iso = pos["isolated_margin"].astype(np.float64) * inv_scale[inst]
         breach = (isolated & valid & (iso + upnl < mm)).any(axis=1)
         status |= np.where(breach, int(L.Status.ISOLATED_LIQUIDATABLE), 0).astype(np.int32)
     equity = collateral + cross_upnl
@@ -499,18 +505,13 @@ def incremental_tick(store: Store, snap: PriceSnapshot, ticks: int) -> dict:
     rel = max(_max_rel(got[:, k], want[f]) for k, f in
               ((0, "cross_equity_usd"), (1, "cross_im_usd"), (2, "cross_mm_usd")))
 
-    # Scaling: the kernel alone over the first h holders (ns per holder), no wrapper.
-    arr, ins = index.arrays[TICK_INSTRUMENT], store.instruments[TICK_INSTRUMENT]
-    settle = int(ins["settle_asset"])
+    # Scaling: the pass over the first h holders only (ns per holder), through the thin
+    # wrapper (about 2 us of argument checks per call).
     scaling = {}
     n_h = index.holders(TICK_INSTRUMENT)
     for h in sorted({min(n_h, x) for x in (1_000, 10_000, 100_000, n_h)}):
         def call(sn):
-            _margin.tick_holders(store.addr(store.instruments, TICK_INSTRUMENT),
-                                 float(sn.marks[TICK_INSTRUMENT]), 0.0, float(sn.asset_px[settle]),
-                                 arr["row"], arr["mode"], arr["qty"], arr["cost"], arr["iso"],
-                                 arr["upnl_usd"], arr["im_usd"], arr["mm_usd"], h, index.agg,
-                                 index.row_base, out)
+            index._tick_one(TICK_INSTRUMENT, sn, out, holders=h)
         ts = []
         for t in range(40):
             sn = up if t % 2 == 0 else down

@@ -25,7 +25,7 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
                       debt, flagged BANKRUPT)
 """
 
-from libc.math cimport fabs, NAN, INFINITY, isnan
+from libc.math cimport fabs, fmin, NAN, INFINITY, isnan
 from libc.stdint cimport int32_t, int64_t, uint64_t
 
 from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
@@ -82,17 +82,10 @@ ctypedef struct AssetPass:              # collateral weights at one price snapsh
     int n_assets                        # assets in the table (balances beyond are zero)
 
 
-cdef inline void ins_pass_fill(InsPass *e, const InstrumentRow *ins, const double *marks,
-                               const double *asset_px, const double *asset_scale) noexcept nogil:
-    """Fold the per-instrument constants of the position rule (module docstring) at ``marks``:
-    the pass then needs multiplies only, no division per position."""
-    cdef double p = marks[0]
-    cdef double per_qty = ins.contract_size / <double>ins.qty_scale
-    cdef double inv_scale = 1.0 / asset_scale[ins.settle_asset]
+cdef inline void ins_pass_tiers(InsPass *e, const InstrumentRow *ins) noexcept nogil:
+    """The price-free part of an InsPass: the instrument, its option flag, its tiers."""
     cdef int t
     e.ins = ins
-    e.per_settle_unit = inv_scale
-    e.px_settle = asset_px[ins.settle_asset]
     e.long_free = ins.kind == KIND_OPTION
     for t in range(MAX_TIERS):
         e.floor[t] = ins.tier_floor[t] if t < ins.n_tiers else INFINITY
@@ -100,6 +93,20 @@ cdef inline void ins_pass_fill(InsPass *e, const InstrumentRow *ins, const doubl
         e.tier[t].init_amount = ins.tier_init_amount[t]
         e.tier[t].mmr = ins.tier_mmr[t]
         e.tier[t].maint_amount = ins.tier_maint_amount[t]
+
+
+cdef inline void ins_pass_at(InsPass *e, const InstrumentRow *instruments, int i,
+                             const double *marks, const double *asset_px,
+                             const double *asset_scale) noexcept nogil:
+    """Fold the per-instrument constants of the position rule (module docstring) at ``marks``:
+    a pass then needs multiplies only, no division per position."""
+    cdef const InstrumentRow *ins = &instruments[i]
+    cdef double p = marks[i]
+    cdef double per_qty = ins.contract_size / <double>ins.qty_scale
+    cdef double inv_scale = 1.0 / asset_scale[ins.settle_asset]
+    ins_pass_tiers(e, ins)
+    e.per_settle_unit = inv_scale
+    e.px_settle = asset_px[ins.settle_asset]
     if is_inverse(ins.kind):
         e.notional_per_unit = per_qty / p
         e.x_per_unit = -e.notional_per_unit
@@ -108,15 +115,14 @@ cdef inline void ins_pass_fill(InsPass *e, const InstrumentRow *ins, const doubl
         e.x_per_unit = per_qty * p
         e.notional_per_unit = e.x_per_unit
         e.upnl_per_cost = -inv_scale
+    if ins.kind == KIND_OPTION:          # requirement on the underlying's notional
+        e.notional_per_unit = per_qty * marks[ins.underlying]
 
 
 cdef inline void ins_pass_one(InsPass *table, const InstrumentRow *instruments, int i,
                               const double *marks, const double *asset_px,
                               const double *asset_scale) noexcept nogil:
-    cdef const InstrumentRow *ins = &instruments[i]
-    ins_pass_fill(&table[i], ins, &marks[i], asset_px, asset_scale)
-    if ins.kind == KIND_OPTION:          # requirement on the underlying's notional
-        table[i].notional_per_unit = ins.contract_size / <double>ins.qty_scale * marks[ins.underlying]
+    ins_pass_at(&table[i], instruments, i, marks, asset_px, asset_scale)
 
 
 cdef void ins_pass_all(InsPass *table, const InstrumentRow *instruments, int n_instruments,
@@ -254,7 +260,8 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
     cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
     cdef AccountRow *accounts = <AccountRow *>accounts_addr
     cdef const PositionRow *positions = <const PositionRow *>positions_addr
-    cdef int64_t r, n_liq = 0, cap = out_rows.shape[0]
+    cdef int64_t r, n_liq = 0, cap = out_rows.shape[0], sink = 0
+    cdef int64_t *dst
     cdef AcctValues v
     cdef AssetPass w
     cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
@@ -271,31 +278,11 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
                 me_prefetch_rw(&positions[(r + 8) * slots_per_account + 2])
             v = account_values(table, &w, &accounts[r], &positions[r * slots_per_account])
             store_results(&accounts[r], &v)
-            if v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE):
-                if n_liq < cap:
-                    out_rows[n_liq] = r
-                n_liq += 1
+            dst = &out_rows[n_liq] if n_liq < cap else &sink     # branch-free listing
+            dst[0] = r
+            n_liq += (v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE)) != 0
     free(table)
     return n_liq
-
-
-def refresh_holders(size_t instrument_addr, double mark, double underlying_mark, double px_settle,
-                    double settle_scale, const double[::1] h_qty, const double[::1] h_cost,
-                    double[::1] h_upnl_usd, double[::1] h_im_usd, double[::1] h_mm_usd, int64_t n):
-    """Recompute the cached per-holder upnl, IM and MM (USD) of one instrument at ``mark``.
-
-    ``h_qty`` in contracts, ``h_cost`` in the settle asset. Called with the same price
-    snapshot as the full pass, so the caches match the account aggregates exactly.
-    """
-    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
-    cdef int64_t h
-    cdef PosValues v
-    with nogil:
-        for h in range(n):
-            v = holder_values(ins, h_qty[h], h_cost[h], mark, underlying_mark)
-            h_upnl_usd[h] = v.upnl * px_settle
-            h_im_usd[h] = v.im * px_settle
-            h_mm_usd[h] = v.mm * px_settle
 
 
 cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c, double p,
@@ -323,78 +310,183 @@ cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c
     return v
 
 
-def tick_holders(size_t instrument_addr, double mark, double underlying_mark,
-                 double px_settle, const int64_t[::1] h_row, const int32_t[::1] h_mode,
-                 const double[::1] h_qty, const double[::1] h_cost, const double[::1] h_iso,
-                 double[::1] h_upnl_usd, double[::1] h_im_usd, double[::1] h_mm_usd,
-                 int64_t n, double[:, ::1] agg, int64_t row_base, int64_t[::1] out_rows):
-    """Incremental pass for one instrument's new mark: touch only its holders.
+ctypedef struct HolderRec:              # 16 bytes: one holder of one instrument (HolderIndex.HOT)
+    int32_t row                         # account row minus the partition's first row
+    int32_t mode                        # Mode
+    double qty                          # quantity units, signed (exact below 2**53)
 
-    ``agg[row - row_base]`` holds each account's ``(cross equity, cross IM, cross MM)``
-    in USD: the owning worker's private, compact copy of the account aggregates
-    (32 bytes a row, so one cache line per holder; the shared-memory rows are refreshed
-    by every full pass and every fill). For a cross holder the aggregates move by the
-    change of this position's cached values: ``equity += upnl' - upnl``,
-    ``IM += IM' - IM``, ``MM += MM' - MM``; breach is ``equity < MM``. For an isolated
-    holder, ``iso px_s + upnl' < MM'``. Returns the number of breaching holders; their
-    rows go to ``out_rows`` (first ``len`` of them).
+cdef enum:
+    BASIS_X = 0                         # columns of a basis row: the InsPass scalars
+    BASIS_NOTIONAL = 1
+    BASIS_UPNL_PER_COST = 2
+    BASIS_PER_SETTLE = 3
+    BASIS_PX_SETTLE = 4
+    BASIS_COLS = 8
+
+
+cdef inline void basis_store(double *row, const InsPass *e) noexcept nogil:
+    row[BASIS_X] = e.x_per_unit
+    row[BASIS_NOTIONAL] = e.notional_per_unit
+    row[BASIS_UPNL_PER_COST] = e.upnl_per_cost
+    row[BASIS_PER_SETTLE] = e.per_settle_unit
+    row[BASIS_PX_SETTLE] = e.px_settle
+
+
+cdef inline void basis_load(InsPass *e, const InstrumentRow *ins, const double *row) noexcept nogil:
+    ins_pass_tiers(e, ins)
+    e.x_per_unit = row[BASIS_X]
+    e.notional_per_unit = row[BASIS_NOTIONAL]
+    e.upnl_per_cost = row[BASIS_UPNL_PER_COST]
+    e.per_settle_unit = row[BASIS_PER_SETTLE]
+    e.px_settle = row[BASIS_PX_SETTLE]
+
+
+def instrument_basis(size_t instruments_addr, const double[::1] marks, const double[::1] asset_px,
+                     const double[::1] asset_scale, double[:, ::1] out):
+    """Row ``i`` of ``out``: instrument ``i``'s pass constants at these prices (the InsPass
+    scalars ``x_per_unit, notional_per_unit, upnl_per_cost, per_settle_unit, px_settle``).
+
+    The holder index keeps one such row per instrument: the prices its aggregates are at.
     """
-    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
-    cdef int64_t h, a, n_breach = 0, cap = out_rows.shape[0], ahead
-    cdef PosValues v
-    cdef double up, im, mm, q, x, notional, cs_mark, cs_inv_mark
-    cdef double *row_agg
-    cdef const double *floors = &ins.tier_floor[0]
-    cdef const double *imr = &ins.tier_imr[0]
-    cdef const double *mmr = &ins.tier_mmr[0]
-    cdef const double *init_amt = &ins.tier_init_amount[0]
-    cdef const double *maint_amt = &ins.tier_maint_amount[0]
-    cdef int k, t, n_tiers = ins.n_tiers
-    cdef bint breach, linear = not is_inverse(ins.kind) and ins.kind != KIND_OPTION
-    cdef bint inverse = is_inverse(ins.kind)
-    cs_mark = ins.contract_size * mark
-    cs_inv_mark = ins.contract_size / mark
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef InsPass e
+    cdef int i
     with nogil:
+        for i in range(<int>marks.shape[0]):
+            ins_pass_at(&e, instruments, i, &marks[0], &asset_px[0], &asset_scale[0])
+            basis_store(&out[i, 0], &e)
+
+
+def account_cross_at_basis(size_t instruments_addr, size_t account_addr, size_t slots_addr,
+                           const double[:, ::1] basis, const double[::1] asset_px,
+                           const double[::1] asset_haircut, const double[::1] asset_scale):
+    """``(cross equity, cross IM, cross MM)`` in USD of one account with each instrument at
+    its basis row and collateral at ``asset_px``: the account's aggregates as the holder
+    index holds them (``account_values``, same rule as the full pass)."""
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef const AccountRow *acct = <const AccountRow *>account_addr
+    cdef const PositionRow *slots = <const PositionRow *>slots_addr
+    cdef AssetPass w
+    cdef AcctValues r
+    cdef int i, k
+    cdef InsPass *table = <InsPass *>malloc(basis.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
+    with nogil:
+        for i in range(acct.n_positions):
+            k = slots[i].instrument
+            basis_load(&table[k], &instruments[k], &basis[k, 0])
+        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+        r = account_values(table, &w, acct, slots)
+    free(table)
+    return (r.cross_equity_usd, r.cross_im_usd, r.cross_mm_usd)
+
+
+cdef inline void tier_amounts(const InsPass *e, double notional, double *im, double *mm) noexcept nogil:
+    cdef int k = tier_search(e.floor, notional)
+    im[0] = notional * e.tier[k].imr - e.tier[k].init_amount
+    mm[0] = notional * e.tier[k].mmr - e.tier[k].maint_amount
+
+
+def tick_holders(size_t instruments_addr, int instrument, const double[::1] marks,
+                 const double[::1] asset_px, const double[::1] asset_scale, double[:, ::1] basis,
+                 size_t holders_addr, const double[::1] h_cost, const double[::1] h_iso, int64_t n,
+                 double[:, ::1] agg, int64_t[::1] out_rows):
+    """Incremental pass for one instrument's new prices: touch only its holders.
+
+    Each holder is 16 bytes (row, mode, qty units); ``agg[row]`` is the owning worker's
+    private ``(cross equity, cross IM, cross MM, spare)`` in USD (32 bytes, one line per
+    holder). The aggregates hold every position at its instrument's basis row ``b``
+    (``basis[instrument]``); the pass moves them to ``b'`` at the new prices, with
+    ``x = x_per_unit``, ``n = notional_per_unit``, ``px`` the settle price:
+
+        equity += qty (x' px' - x px) + cost upnl_per_cost (px' - px)   (cost read only when px moved)
+        IM     += IM(|qty| n') px' - IM(|qty| n) px,   MM likewise      (tiers at both notionals)
+
+    then ``b = b'``. Breach: cross ``equity < MM and MM > 0``; isolated (aggregates
+    untouched) ``iso + upnl' < MM'`` in the settle asset. Returns the number of breaching
+    holders; their rows (absolute, ``row_base`` added by the caller's offset) go to
+    ``out_rows``, the first ``len`` of them.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef const HolderRec *hold = <const HolderRec *>holders_addr
+    cdef InsPass e0, e1
+    cdef int64_t h, n_breach = 0, cap = out_rows.shape[0]
+    cdef double q, aq, du_per_qty, du_cost, im0, mm0, im1, mm1, px0, px1, up1, tier1_qty, c_im, k_im, c_mm, k_mm, d_im, d_mm, n0, n1
+    cdef int k0 = 0, k1 = 0
+    cdef double *row_agg
+    cdef int64_t *dst
+    cdef int64_t sink = 0
+    cdef int breach
+    cdef bint px_moved, free_long, long_free
+    cdef double *agg_p = &agg[0, 0]
+    if agg.shape[1] != 4:
+        raise ValueError("agg: 4 columns")
+    with nogil:
+        ins_pass_at(&e1, instruments, instrument, &marks[0], &asset_px[0], &asset_scale[0])
+        basis_load(&e0, &instruments[instrument], &basis[instrument, 0])
+        px0 = e0.px_settle
+        px1 = e1.px_settle
+        px_moved = px1 != px0
+        long_free = e1.long_free
+        du_per_qty = e1.x_per_unit * px1 - e0.x_per_unit * px0
+        du_cost = e1.upnl_per_cost * (px1 - px0)
+        # |qty| below which both notionals are under the second tier's floor: tier 0 at
+        # both prices without a search (the same amounts the search would pick).
+        tier1_qty = fmin(e0.floor[1] / e0.notional_per_unit, e1.floor[1] / e1.notional_per_unit)
+        tier1_qty = tier1_qty * (1.0 - 1e-12)     # margin: the product may round up
+        # Tier 0 at both prices: IM' px' - IM px = |qty| c_im + k_im (and MM likewise), two
+        # constants per tick, so most holders cost one multiply-add per figure.
+        c_im = e1.notional_per_unit * e1.tier[0].imr * px1 - e0.notional_per_unit * e0.tier[0].imr * px0
+        k_im = e0.tier[0].init_amount * px0 - e1.tier[0].init_amount * px1
+        c_mm = e1.notional_per_unit * e1.tier[0].mmr * px1 - e0.notional_per_unit * e0.tier[0].mmr * px0
+        k_mm = e0.tier[0].maint_amount * px0 - e1.tier[0].maint_amount * px1
         for h in range(n):
-            ahead = h + 16
-            if ahead < n:
-                me_prefetch_rw(&agg[h_row[ahead] - row_base, 0])
-            q = h_qty[h]
-            if linear or inverse:
-                # Specialised: one multiply for the notional and the upnl, tiers inline.
-                if linear:
-                    x = q * cs_mark
-                    up = x - h_cost[h]
+            me_prefetch_rw(&agg_p[<int64_t>hold[h + 16 if h + 16 < n else h].row * 4])
+            q = hold[h].qty
+            aq = fabs(q)
+            free_long = long_free and q >= 0
+            if hold[h].mode == MODE_CROSS:
+                if free_long:
+                    d_im = 0.0
+                    d_mm = 0.0
+                elif aq < tier1_qty:
+                    d_im = aq * c_im + k_im
+                    d_mm = aq * c_mm + k_mm
                 else:
-                    x = q * cs_inv_mark
-                    up = h_cost[h] - x
-                notional = fabs(x)
-                k = 0
-                for t in range(1, n_tiers):
-                    k += floors[t] <= notional
-                im = (notional * imr[k] - init_amt[k]) * px_settle
-                mm = (notional * mmr[k] - maint_amt[k]) * px_settle
-                up = up * px_settle
+                    # Tier cursors: the holders are sorted by |qty| (HolderIndex), so the
+                    # tier only steps up along the pass; the loops stay correct in any order.
+                    n0 = aq * e0.notional_per_unit
+                    n1 = aq * e1.notional_per_unit
+                    while k0 + 1 < MAX_TIERS and n0 >= e0.floor[k0 + 1]:
+                        k0 += 1
+                    while k0 > 0 and n0 < e0.floor[k0]:
+                        k0 -= 1
+                    while k1 + 1 < MAX_TIERS and n1 >= e1.floor[k1 + 1]:
+                        k1 += 1
+                    while k1 > 0 and n1 < e1.floor[k1]:
+                        k1 -= 1
+                    d_im = ((n1 * e1.tier[k1].imr - e1.tier[k1].init_amount) * px1
+                            - (n0 * e0.tier[k0].imr - e0.tier[k0].init_amount) * px0)
+                    d_mm = ((n1 * e1.tier[k1].mmr - e1.tier[k1].maint_amount) * px1
+                            - (n0 * e0.tier[k0].mmr - e0.tier[k0].maint_amount) * px0)
+                row_agg = &agg_p[<int64_t>hold[h].row * 4]
+                row_agg[0] += q * du_per_qty + (h_cost[h] * du_cost if px_moved else 0.0)
+                row_agg[1] += d_im
+                row_agg[2] += d_mm
+                breach = (row_agg[0] < row_agg[2]) & (row_agg[2] > 0)
             else:
-                v = holder_values(ins, q, h_cost[h], mark, underlying_mark)
-                up = v.upnl * px_settle
-                im = v.im * px_settle
-                mm = v.mm * px_settle
-            if h_mode[h] == MODE_CROSS:
-                row_agg = &agg[h_row[h] - row_base, 0]
-                row_agg[0] += up - h_upnl_usd[h]
-                row_agg[1] += im - h_im_usd[h]
-                row_agg[2] += mm - h_mm_usd[h]
-                breach = row_agg[0] < row_agg[2] and row_agg[2] > 0
-            else:
-                breach = h_iso[h] * px_settle + up < mm and mm > 0
-            h_upnl_usd[h] = up
-            h_im_usd[h] = im
-            h_mm_usd[h] = mm
-            if breach:
-                if n_breach < cap:
-                    out_rows[n_breach] = h_row[h]
-                n_breach += 1
+                mm1 = 0.0
+                if not free_long:
+                    tier_amounts(&e1, aq * e1.notional_per_unit, &im1, &mm1)
+                up1 = q * e1.x_per_unit + h_cost[h] * e1.upnl_per_cost
+                breach = (h_iso[h] * e1.per_settle_unit + up1 < mm1) & (mm1 > 0)
+            # Branch-free listing (a breach is data, not a predictable branch): the row is
+            # written at the next free slot either way and counted only when it breaches.
+            dst = &out_rows[n_breach] if n_breach < cap else &sink
+            dst[0] = hold[h].row
+            n_breach += breach
+        basis_store(&basis[instrument, 0], &e1)
     return n_breach
 
 
@@ -649,40 +741,50 @@ def pretrade_check_shared(size_t instruments_addr, size_t account_addr, size_t s
     return (out.code, out.post_equity_usd, out.post_im_usd)
 
 
-def holder_triggers(size_t instrument_addr, double px_settle,
-                    const int64_t[::1] h_row, const int32_t[::1] h_mode, const double[::1] h_qty,
-                    const double[::1] h_cost, const double[::1] h_iso, const double[::1] h_upnl_usd,
-                    const double[::1] h_mm_usd, int64_t n, const double[:, ::1] agg, int64_t row_base,
-                    double[::1] out_trigger):
+def holder_triggers(size_t instruments_addr, int instrument, const double[:, ::1] basis,
+                    size_t holders_addr, const double[::1] h_cost, const double[::1] h_iso, int64_t n,
+                    const double[:, ::1] agg, double[::1] out_trigger):
     """Trigger price of every holder of one instrument: the mark at which it breaches.
 
-    Cross: ``liquidation_price`` with the rest of the account held at its current
-    aggregates (``agg``, as in ``tick_holders``), ``e0 = equity - upnl``, ``m0 = MM - mm`` (both unchanged by this
-    instrument's own moves, so the trigger stays exact while only this mark moves).
-    Isolated: ``e0 = iso px_s``, ``m0 = 0``. A long breaches at ``mark <= trigger``, a
-    short at ``mark >= trigger``; no trigger is written as -inf (long) / +inf (short),
-    an account already in breach as +inf (long) / -inf (short) so any tick finds it.
+    At the instrument's basis row (the prices the aggregates are at). Cross:
+    ``liquidation_price`` with the rest of the account held at its aggregates,
+    ``e0 = equity - upnl``, ``m0 = MM - mm`` in USD (both unchanged by this instrument's
+    own moves, so the trigger stays exact while only this mark moves). Isolated:
+    ``e0 = iso px_s``, ``m0 = 0``. A long breaches at ``mark <= trigger``, a short at
+    ``mark >= trigger``; no trigger is written as -inf (long) / +inf (short), an account
+    already in breach as +inf (long) / -inf (short) so any tick finds it.
     """
-    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
+    cdef const InstrumentRow *ins = &(<const InstrumentRow *>instruments_addr)[instrument]
+    cdef const HolderRec *hold = <const HolderRec *>holders_addr
+    cdef InsPass e
     cdef int64_t h, a
-    cdef double e0, m0, t, q
+    cdef double e0, m0, t, q, px, up, im, mm, c
     with nogil:
+        basis_load(&e, ins, &basis[instrument, 0])
+        px = e.px_settle
         for h in range(n):
-            q = h_qty[h]
-            a = h_row[h] - row_base
-            if h_mode[h] == MODE_CROSS:
-                e0 = agg[a, 0] - h_upnl_usd[h]
-                m0 = agg[a, 2] - h_mm_usd[h]
+            q = hold[h].qty
+            a = hold[h].row
+            up = (q * e.x_per_unit + h_cost[h] * e.upnl_per_cost) * px
+            if e.long_free and q >= 0:
+                mm = 0.0
+            else:
+                tier_amounts(&e, fabs(q) * e.notional_per_unit, &im, &mm)
+                mm = mm * px
+            if hold[h].mode == MODE_CROSS:
+                e0 = agg[a, 0] - up
+                m0 = agg[a, 2] - mm
                 if agg[a, 0] < agg[a, 2] and agg[a, 2] > 0:
                     out_trigger[h] = INFINITY if q > 0 else -INFINITY
                     continue
             else:
-                e0 = h_iso[h] * px_settle
+                e0 = h_iso[h] * e.per_settle_unit * px
                 m0 = 0.0
-                if e0 + h_upnl_usd[h] < h_mm_usd[h] and h_mm_usd[h] > 0:
+                if e0 + up < mm and mm > 0:
                     out_trigger[h] = INFINITY if q > 0 else -INFINITY
                     continue
-            t = liquidation_price(ins, q, h_cost[h], px_settle, e0, m0)
+            c = h_cost[h] * e.per_settle_unit
+            t = liquidation_price(ins, q / <double>ins.qty_scale, c, px, e0, m0)
             if isnan(t):
                 t = -INFINITY if q > 0 else INFINITY
             out_trigger[h] = t

@@ -192,29 +192,34 @@ def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int
 class HolderIndex:
     """Per-partition instrument -> holders index, compact for the incremental tick.
 
-    For each instrument, parallel arrays over its holders (structure of arrays, sorted by
-    account row so the pass walks the aggregates forward): account row, margin mode,
-    quantity (contracts), cost and isolated margin (settle asset), and the position's
-    cached upnl / IM / MM in USD as last added into the account's aggregates. A tick on
-    instrument ``i`` reads only ``i``'s arrays and the private aggregate rows (``agg``,
-    32 bytes per account) they point to; the shared-memory account rows are rewritten by
-    the full pass and after fills.
+    For each instrument, its holders as 16-byte records (``HOT``: account row relative to
+    the partition's first row, margin mode, quantity units), ordered at build cross
+    holders first, each group by ``|qty|``, so the pass's branches (mode, first tier or
+    not) switch once instead of at random and its tier cursor only steps up (holders that
+    fills add later go at the end; order never affects the result), plus two cold
+    columns read only for isolated holders and settle-price moves: cost and isolated
+    margin (settle units). The
+    aggregates (``agg``: cross equity, IM, MM, spare in USD; 32 bytes a row) hold every
+    position at its instrument's *basis* (``basis[i]``: the pass constants of the last
+    prices the instrument's holders were moved to, see ``_margin.instrument_basis``) and
+    collateral at ``asset_px``; a tick moves them by the change from the old basis to
+    the new one, so nothing per holder is cached but its quantity.
 
     The index is derived state: built from the positions in shared memory, owned by the
     partition's worker (the only writer of those positions), rebuilt on restart.
     """
 
-    FIELDS = (("row", np.int64), ("mode", np.int32), ("qty", np.float64), ("cost", np.float64),
-              ("iso", np.float64), ("upnl_usd", np.float64), ("im_usd", np.float64),
-              ("mm_usd", np.float64))
+    HOT = np.dtype([("row", np.int32), ("mode", np.int32), ("qty", np.float64)])
 
     def __init__(self, store: Store, partition: int):
         self.store = store
         self.partition = partition
-        self.arrays: list[dict[str, np.ndarray]] = []
-        self.counts = np.zeros(len(store.instruments), np.int64)
+        n_i = len(store.instruments)
+        self.counts = np.zeros(n_i, np.int64)
         self._scratch = np.empty(1, np.int64)
         self.row_base = partition * store.per_partition
+        if store.per_partition >= 2 ** 31:
+            raise ValueError("partition too large for 32-bit holder rows")
         self.dependents: dict[int, list[int]] = {}     # underlying -> options written on it
         for j, r in enumerate(store.instruments):
             if int(r["underlying"]) >= 0:
@@ -222,9 +227,11 @@ class HolderIndex:
         # Private, compact account aggregates (cross equity, IM, MM, spare) in USD: what the
         # incremental pass moves tick by tick (see _margin.tick_holders).
         self.agg = np.zeros((store.per_partition, 4))
+        self.basis = np.zeros((n_i, 8))          # per instrument: the prices agg is at
+        self.asset_px = np.ones(len(store.assets))  # the collateral prices agg is at
         empty = (np.empty(0), np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
-        self.triggers = [empty] * len(store.instruments)
-        self.dirty = np.ones(len(store.instruments), bool)
+        self.triggers = [empty] * n_i
+        self.dirty = np.ones(n_i, bool)
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -239,23 +246,28 @@ class HolderIndex:
             used = (np.arange(s)[None, :] < npos[:, None]).ravel()
         rows = np.repeat(np.arange(lo, hi, dtype=np.int64), s)[used]
         p = pos[used]
-        self.arrays = []
+        self.hot: list[np.ndarray] = []
+        self.cost: list[np.ndarray] = []
+        self.iso: list[np.ndarray] = []
         self.where: dict[tuple[int, int], int] = {}    # (row, instrument) -> holder index
         for i in range(len(st.instruments)):
-            ins = st.instruments[i]
-            scale_settle = float(st.assets[int(ins["settle_asset"])]["scale"])
-            m = p["instrument"] == i
-            n = int(m.sum())
+            m = np.flatnonzero(p["instrument"] == i)
+            m = m[np.lexsort((np.abs(p["qty"][m]), p["mode"][m]))]   # cross first, by |qty|
+            n = len(m)
             cap = max(16, 2 * n)
-            arr = {k: np.zeros(cap, dt) for k, dt in self.FIELDS}
-            arr["row"][:n] = rows[m]
-            arr["mode"][:n] = p["mode"][m]
-            arr["qty"][:n] = p["qty"][m] / float(ins["qty_scale"])
-            arr["cost"][:n] = p["cost"][m] / scale_settle
-            arr["iso"][:n] = p["isolated_margin"][m] / scale_settle
-            self.arrays.append(arr)
+            hot = np.zeros(cap, self.HOT)
+            hot["row"][:n] = rows[m] - self.row_base
+            hot["mode"][:n] = p["mode"][m]
+            hot["qty"][:n] = p["qty"][m]
+            cost = np.zeros(cap)
+            cost[:n] = p["cost"][m]
+            iso = np.zeros(cap)
+            iso[:n] = p["isolated_margin"][m]
+            self.hot.append(hot)
+            self.cost.append(cost)
+            self.iso.append(iso)
             self.counts[i] = n
-            self.where.update(((int(r), i), h) for h, r in enumerate(arr["row"][:n].tolist()))
+            self.where.update(((int(r), i), h) for h, r in enumerate(rows[m].tolist()))
         self._rows: dict[int, set[int]] = {}        # row -> instruments it holds
         # Collateral holders per asset (rows with a balance in it); rows that gain one later
         # are appended by update_account. A row whose balance went back to zero may stay:
@@ -266,26 +278,30 @@ class HolderIndex:
         for (r, i) in self.where:
             self._rows.setdefault(r, set()).add(i)
 
+    def holder_rows(self, instrument: int) -> np.ndarray:
+        """Absolute account rows of ``instrument``'s holders, in holder order."""
+        n = int(self.counts[instrument])
+        return self.hot[instrument]["row"][:n].astype(np.int64) + self.row_base
+
     # ------------------------------------------------------------------ trigger prices
-    def refresh_triggers(self, instrument: int, snap: PriceSnapshot) -> None:
-        """Recompute and sort one instrument's trigger prices (off the hot path).
+    def refresh_triggers(self, instrument: int, snap: PriceSnapshot | None = None) -> None:
+        """Recompute and sort one instrument's trigger prices (off the hot path), at the
+        prices the aggregates are at (``snap`` is accepted for the callers' symmetry).
 
         Longs sorted ascending by trigger (they breach when ``mark <= trigger``), shorts
         likewise (breach when ``mark >= trigger``); each with its account rows.
         """
         st = self.store
-        a = self.arrays[instrument]
         n = int(self.counts[instrument])
         trig = np.empty(n)
-        settle = int(st.instruments[instrument]["settle_asset"])
-        _margin.holder_triggers(st.addr(st.instruments, instrument), float(snap.asset_px[settle]),
-                                a["row"], a["mode"], a["qty"], a["cost"], a["iso"], a["upnl_usd"],
-                                a["mm_usd"], n, self.agg, self.row_base, trig)
-        q = a["qty"][:n]
+        hot = self.hot[instrument]
+        _margin.holder_triggers(st.addr(st.instruments), instrument, self.basis, hot.ctypes.data,
+                                self.cost[instrument], self.iso[instrument], n, self.agg, trig)
+        q = hot["qty"][:n]
         longs, shorts = np.flatnonzero(q > 0), np.flatnonzero(q < 0)
         lo = longs[np.argsort(trig[longs], kind="stable")]
         so = shorts[np.argsort(trig[shorts], kind="stable")]
-        rows = a["row"][:n]
+        rows = self.holder_rows(instrument)
         self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
         self.dirty[instrument] = False
 
@@ -367,21 +383,20 @@ class HolderIndex:
         self.agg[lo - b:hi - b, 1] = acc["cross_im_usd"]
         self.agg[lo - b:hi - b, 2] = acc["cross_mm_usd"]
 
-    def _grow(self, instrument: int) -> dict[str, np.ndarray]:
-        arr = self.arrays[instrument]
-        cap = 2 * len(arr["row"])
-        for k, dt in self.FIELDS:
-            bigger = np.zeros(cap, dt)
-            bigger[: len(arr[k])] = arr[k]
-            arr[k] = bigger
-        return arr
+    def _grow(self, instrument: int) -> None:
+        cap = 2 * len(self.hot[instrument])
+        for cols in (self.hot, self.cost, self.iso):
+            bigger = np.zeros(cap, cols[instrument].dtype)
+            bigger[: len(cols[instrument])] = cols[instrument]
+            cols[instrument] = bigger
 
     def update_account(self, row: int, snap: PriceSnapshot) -> None:
         """Re-read one account's positions after its fills; re-margin it from scratch.
 
-        Upserts or removes its holder entries, recomputes the account's aggregates with
-        the full-pass kernel on that one row, and sets the entries' caches at ``snap``
-        so they match those aggregates.
+        Upserts or removes its holder entries; re-margins the row in shared memory at
+        ``snap`` (full-pass kernel on that one row) and sets its aggregates to the same
+        rule at the index's basis (each instrument at the prices its holders were last
+        moved to), so the next tick of any instrument moves it with the others.
         """
         st = self.store
         acct = st.accounts[row]
@@ -391,32 +406,23 @@ class HolderIndex:
             if i not in held:
                 self._remove(row, i)
         for i, pos in held.items():
-            ins = st.instruments[i]
-            scale_settle = float(st.assets[int(ins["settle_asset"])]["scale"])
             h = self.where.get((row, i))
             if h is None:
                 h = int(self.counts[i])
-                if h == len(self.arrays[i]["row"]):
+                if h == len(self.hot[i]):
                     self._grow(i)
                 self.counts[i] = h + 1
                 self.where[(row, i)] = h
                 self._rows.setdefault(row, set()).add(i)
-            a = self.arrays[i]
-            a["row"][h] = row
-            a["mode"][h] = int(pos["mode"])
-            a["qty"][h] = int(pos["qty"]) / float(ins["qty_scale"])
-            a["cost"][h] = int(pos["cost"]) / scale_settle
-            a["iso"][h] = int(pos["isolated_margin"]) / scale_settle
-            settle = int(ins["settle_asset"])
-            under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
-            _margin.refresh_holders(st.addr(st.instruments, i), float(snap.marks[i]), float(under),
-                                    float(snap.asset_px[settle]), float(snap.asset_scale[settle]),
-                                    a["qty"][h:h + 1], a["cost"][h:h + 1], a["upnl_usd"][h:h + 1],
-                                    a["im_usd"][h:h + 1], a["mm_usd"][h:h + 1], 1)
+            self.hot[i][h] = (row - self.row_base, int(pos["mode"]), float(int(pos["qty"])))
+            self.cost[i][h] = float(int(pos["cost"]))
+            self.iso[i][h] = float(int(pos["isolated_margin"]))
         _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
                           st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
                           snap.asset_haircut, snap.asset_scale, self._scratch)
-        self._load_agg(row, row + 1)
+        self.agg[row - self.row_base, :3] = _margin.account_cross_at_basis(
+            st.addr(st.instruments), st.addr(st.accounts, row), st.addr(st.positions, row * st.slots_per_account),
+            self.basis, self.asset_px, snap.asset_haircut, snap.asset_scale)
         for a in np.flatnonzero(acct["balance"]).tolist():
             self._asset_extra[a].add(row)
         for i in self._rows.get(row, ()):      # its other positions' triggers moved
@@ -426,40 +432,33 @@ class HolderIndex:
         h = self.where.pop((row, instrument))
         self._rows[row].discard(instrument)
         self.dirty[instrument] = True
-        a = self.arrays[instrument]
         last = int(self.counts[instrument]) - 1
         if h != last:
-            for k, _ in self.FIELDS:
-                a[k][h] = a[k][last]
-            self.where[(int(a["row"][h]), instrument)] = h
+            for cols in (self.hot, self.cost, self.iso):
+                cols[instrument][h] = cols[instrument][last]
+            self.where[(int(self.hot[instrument]["row"][h]) + self.row_base, instrument)] = h
         self.counts[instrument] = last
 
     def holders(self, instrument: int) -> int:
         return int(self.counts[instrument])
 
     def refresh(self, snap: PriceSnapshot) -> None:
-        """Recompute every cached upnl / IM / MM at ``snap`` and reload the aggregates from
-        the account rows (call right after the full pass, with its snapshot)."""
+        """Set the basis to ``snap`` and reload the aggregates from the account rows (call
+        right after the full pass, with its snapshot)."""
         st = self.store
         lo, hi = st.partition_rows(self.partition)
         self._load_agg(lo, hi)
         self.asset_px = snap.asset_px.copy()      # the collateral prices ``agg`` reflects
+        _margin.instrument_basis(st.addr(st.instruments), snap.marks, snap.asset_px,
+                                 snap.asset_scale, self.basis)
         self.dirty[:] = True
-        for i, arr in enumerate(self.arrays):
-            ins = st.instruments[i]
-            settle = int(ins["settle_asset"])
-            under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
-            _margin.refresh_holders(st.addr(st.instruments, i), float(snap.marks[i]), float(under),
-                                    float(snap.asset_px[settle]), float(snap.asset_scale[settle]),
-                                    arr["qty"], arr["cost"], arr["upnl_usd"], arr["im_usd"],
-                                    arr["mm_usd"], int(self.counts[i]))
 
     def tick(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
         """Incremental pass for ``instrument`` at ``snap``, then for the options written on
         it (their requirement is on the underlying's notional): returns the number of
         breaching holders, their rows in ``out`` (the first ``len(out)``)."""
-        if not 0 <= instrument < len(self.arrays):
-            raise ValueError(f"instrument {instrument} outside 0..{len(self.arrays) - 1}")
+        if not 0 <= instrument < len(self.hot):
+            raise ValueError(f"instrument {instrument} outside 0..{len(self.hot) - 1}")
         if out.dtype != np.int64 or not out.flags.c_contiguous:
             raise ValueError("out: a C-contiguous int64 array")
         n = self._tick_one(instrument, snap, out)
@@ -467,19 +466,19 @@ class HolderIndex:
             n += self._tick_one(j, snap, out[min(n, len(out)):])
         return n
 
-    def _tick_one(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
+    def _tick_one(self, instrument: int, snap: PriceSnapshot, out: np.ndarray,
+                  holders: int | None = None) -> int:
         st = self.store
         mark = float(snap.marks[instrument])
         if not (math.isfinite(mark) and mark > 0):
             raise ValueError(f"mark of instrument {instrument} is {mark!r}")
-        ins = st.instruments[instrument]
-        settle = int(ins["settle_asset"])
-        under = snap.marks[int(ins["underlying"])] if int(ins["underlying"]) >= 0 else 0.0
-        a = self.arrays[instrument]
-        return _margin.tick_holders(st.addr(st.instruments, instrument), mark, float(under),
-                                    float(snap.asset_px[settle]), a["row"], a["mode"], a["qty"],
-                                    a["cost"], a["iso"], a["upnl_usd"], a["im_usd"], a["mm_usd"],
-                                    int(self.counts[instrument]), self.agg, self.row_base, out)
+        n_h = int(self.counts[instrument]) if holders is None else holders
+        n = _margin.tick_holders(st.addr(st.instruments), instrument, snap.marks, snap.asset_px,
+                                 snap.asset_scale, self.basis, self.hot[instrument].ctypes.data,
+                                 self.cost[instrument], self.iso[instrument], n_h, self.agg, out)
+        if n and self.row_base:
+            out[: min(n, len(out))] += self.row_base
+        return n
 
 
 def pretrade_check_consistent(store: Store, row: int, instrument: int, qty_units: int, price: float,

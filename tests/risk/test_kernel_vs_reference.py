@@ -413,6 +413,43 @@ def test_holder_index_ticks_equal_full_pass(plan):
 
 
 @SETTINGS
+@given(tick_plans(), st.integers(-3, 3))
+def test_holder_index_update_between_move_and_tick(plan, change):
+    # A fill re-margins its account (update_account) while other instruments' marks have
+    # moved but their incremental passes are still pending. The index keeps every
+    # aggregate at its instruments' basis (the prices last ticked), so after the pending
+    # ticks the aggregates equal a fresh full pass at the new prices, to rounding (TOL
+    # relative to the magnitudes), whatever the fill changed.
+    (assets, instruments, accounts, slots), order, moves = plan
+    store = build(assets, instruments, accounts, slots)
+    snap0 = store.price_snapshot()
+    margin.full_pass(store, 0, snap0)
+    idx = margin.HolderIndex(store, 0)
+    idx.refresh(snap0)
+    for i, m in moves.items():
+        store.publish_mark(i, float(snap0.marks[i]) * m)
+    snap = store.price_snapshot()
+    for r in range(len(accounts)):                  # a "fill": slot 0's qty moves by change lots
+        if int(store.accounts[r]["n_positions"]) and change:
+            slot = store.slots(r)[0]
+            slot["qty"] = int(slot["qty"]) + change * 1000
+        idx.update_account(r, snap)
+    out = np.empty(64, np.int64)
+    for i in _dependents_last(order, instruments):
+        idx.tick(i, snap, out)
+    market = market_at(store, assets, instruments, snap)
+    margin.full_pass(store, 0, snap)
+    for r in range(len(accounts)):
+        acct = ref.account_from_store(store, r)
+        mag = acct_magnitude(market, acct)
+        a = store.accounts[r]
+        eq, im, mm, _ = idx.agg[r - idx.row_base]
+        assert close(eq, Fraction(float(a["cross_equity_usd"])), mag)
+        assert close(im, Fraction(float(a["cross_im_usd"])), mag)
+        assert close(mm, Fraction(float(a["cross_mm_usd"])), mag)
+
+
+@SETTINGS
 @given(worlds(n_accounts=st.integers(1, 6)), st.sampled_from(sorted(set(SPEC) - {BTC_CALL})),
        dec(0.5, 1.5, 4))
 def test_trigger_candidates_equal_breaches_after_one_move(world, i, move):
