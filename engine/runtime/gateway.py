@@ -12,9 +12,13 @@ reported and accepted), (2) validated fill by fill (unknown account or instrumen
 quantity or price: rejected with its code, counted and reported; the frame's other
 fills go on), (3) appended to the journal, (4) split into one leg per account and
 pushed onto the owning partition's ring, (5) the owning workers' doorbells rung.
+Steps 1, 2 and 4 run in C (``engine._wire``, ext/_wire.pyx) for a well-formed frame;
+anything else goes through the reference decoder and router in Python, which decide
+the exact reject (the tests hold the two paths to each other).
 
 An ORDER_CHECK is answered here, from a consistent copy of the account (seqlock read)
-through the kernel's pre-trade entry point: no hop to a worker. Collateral requests
+through the kernel's pre-trade entry point: no hop to a worker. A well-formed request
+is parsed and its reply encoded in C. Collateral requests
 go to the owning worker (the account's only writer) and its reply is routed back.
 """
 
@@ -29,15 +33,20 @@ import time
 import numpy as np
 import zmq
 
-from engine import _shm
+from engine import _shm, _wire
 from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
 from engine.runtime.journal import Journal
 from engine.store.shm import Store
-from feeds.protocol import (MsgType, Rejected, SeqStatus, Sequencer, SequenceTracker, decode,
-                            decode_fills)
+from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
+                            SequenceTracker, decode, decode_fills)
+
+#: One parsed fill of the C path (``_wire.FillOut``), in the wire's field order.
+FILL_DTYPE = np.dtype([(f, np.int64) for f in (
+    "trade_id", "instrument_id", "maker_account", "taker_account", "qty_units", "price_units",
+    "maker_fee_units", "taker_fee_units")])
 
 
 class Gateway:
@@ -74,6 +83,15 @@ class Gateway:
         self._per_partition = self.store.per_partition
         self._ring_addrs = [self.ctl.ring_addrs(p) for p in range(self.ctl.n_partitions)]
         self._bell_addrs = [self.ctl.doorbell_addr(w) for w in range(self.ctl.n_workers)]
+        # The C fill path's tables (engine/_wire: parse_fills, route_fills).
+        if self.ctl.n_workers > 64:
+            raise ValueError("the fills router marks workers in a 64-bit mask: at most 64 workers")
+        self._parsed = np.zeros(MAX_BATCH_MSGS, FILL_DTYPE)
+        self._rejects = np.zeros((MAX_BATCH_MSGS, 2), np.int64)
+        self._ring_table = np.array(self._ring_addrs, dtype=np.uint64).reshape(-1, 2)
+        self._owner_arr = np.array(partition_owner, dtype=np.int64)
+        self._ids: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.zctx.socket(kind)
@@ -102,36 +120,94 @@ class Gateway:
     def on_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
         """One fills frame: decode, sequence, journal, legs to the rings (module doc).
 
-        ``ident``: the sender's DEALER identity when the socket answers (``fills_acks``):
-        ACK (code 0) for an accepted frame, ACK 3001 for a duplicate, REJECT for a
-        malformed one; fills rejected inside an accepted frame are reported as events.
+        A well-formed frame takes the C path (``_wire.parse_fills``, ``_wire.route_fills``);
+        anything else the reference decoder, which decides the exact reject. ``ident``:
+        the sender's DEALER identity when the socket answers (``fills_acks``): ACK
+        (code 0) for an accepted frame, ACK 3001 for a duplicate, REJECT for a malformed
+        one; fills rejected inside an accepted frame are reported as events.
         """
-        run = decode_fills(frame)
-        if type(run) is Rejected:
-            self.counters[f"reject_{int(run.code)}"] += 1
-            self.emit(run.code, f"fills frame rejected: {run.detail}")
-            self._ack(ident, MsgType.REJECT, {"ref_seq": run.ref_seq if 0 <= run.ref_seq < 2**64 else 0,
-                                              "ref_type": run.ref_type if 0 <= run.ref_type <= 255 else 0,
-                                              "code": int(run.code), "detail": run.detail[:1000]})
-            return
+        status, first_seq, _ts, n = _wire.parse_fills(frame, MAX_FRAME_BYTES, self._parsed)
+        fills = None
+        if status != _wire.OK:
+            run = decode_fills(frame)
+            if type(run) is Rejected:
+                self.counters[f"reject_{int(run.code)}"] += 1
+                self.emit(run.code, f"fills frame rejected: {run.detail}")
+                self._ack(ident, MsgType.REJECT, {"ref_seq": run.ref_seq if 0 <= run.ref_seq < 2**64 else 0,
+                                                  "ref_type": run.ref_type if 0 <= run.ref_type <= 255 else 0,
+                                                  "code": int(run.code), "detail": run.detail[:1000]})
+                return
+            first_seq, fills, n = run.first_seq, run.fills, len(run.fills)
         tracker = self.trackers.get(ident)
         if tracker is None:
             tracker = self.trackers[ident] = SequenceTracker()
-        verdict = tracker.observe(run.first_seq, len(run.fills))
+        verdict = tracker.observe(first_seq, n)
         if verdict.status == SeqStatus.DUPLICATE:
-            self.counters["duplicates"] += len(run.fills)
-            self._ack(ident, MsgType.ACK, {"ref_seq": run.first_seq, "code": int(Code.FILL_DUPLICATE)})
+            self.counters["duplicates"] += n
+            self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": int(Code.FILL_DUPLICATE)})
             return
         if verdict.status == SeqStatus.GAP:
             self.counters["gaps"] += 1
             self.emit(Code.FILL_GAP, f"fills {verdict.gap_first}..{verdict.gap_last} missing")
-        fills = run.fills[verdict.skip:]
-        self.journal.append(run.first_seq + verdict.skip, recv_ns, frame)    # before applying
+        self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
+        if fills is None:
+            self._route_fast(first_seq, verdict.skip, n, recv_ns)
+        else:
+            self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
+        self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
+
+    def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted account ids and their rows, for the C router (built on first use, like
+        ``Store.row_of``: accounts are provisioned before the engine starts)."""
+        if self._ids is None:
+            st = self.store
+            rows = np.concatenate([np.arange(*st.partition_rows(p), dtype=np.int64)
+                                   for p in range(st.n_partitions)])
+            ids = st.accounts["account_id"][rows].astype(np.int64)
+            order = np.argsort(ids, kind="stable")
+            self._ids, self._rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
+        return self._ids, self._rows
+
+    def _route_fast(self, first_seq: int, skip: int, n: int, recv_ns: int) -> None:
+        """Fills ``skip <= k < n`` of ``self._parsed`` through ``_wire.route_fills`` (same
+        rules as ``_route_reference``), waiting while a ring is full."""
+        ids, rows = self._account_map()
+        k, leg, workers, n_ok = skip, 0, 0, 0
+        while True:
+            status, k, leg, ok, n_rej, w = _wire.route_fills(
+                self._parsed, k, leg, n, first_seq, recv_ns, ids, rows, self.n_instruments,
+                self._per_partition, self._ring_table, self._owner_arr, self._rejects)
+            n_ok += ok
+            workers |= w
+            for idx, code in self._rejects[:min(n_rej, len(self._rejects))].tolist():
+                self.counters[f"reject_{code}"] += 1
+                self.emit(code, f"fill {int(self._parsed[idx]['trade_id'])} rejected")
+            if status == _wire.OK:
+                break
+            self.counters["ring_full_waits"] += 1        # the worker is behind: wake it, wait
+            self._ring_workers(workers)
+            time.sleep(0.0001)
+        if n_ok:
+            self.counters["fills"] += n_ok
+        self._ring_workers(workers)
+
+    def _ring_workers(self, mask: int) -> None:
+        w = 0
+        while mask:
+            if mask & 1:
+                _shm.doorbell_ring(self._bell_addrs[w])
+            mask >>= 1
+            w += 1
+
+    def _route_reference(self, fills: list[dict], seq0: int, recv_ns: int) -> None:
+        """The routing rules in Python, for frames the C parser leaves to the reference
+        decoder: per fill, instrument known (3003), both accounts known and different
+        (3004), quantity nonzero and on the side's sign (3005), price > 0 (3006); then
+        one leg per account onto its partition's ring."""
         rings = set()
         row_of = self.store.row_of
         per, owner, addrs, n_ins = self._per_partition, self.owner, self._ring_addrs, self.n_instruments
         ring_push, leg = _shm.ring_push, int(RecordKind.FILL_LEG)
-        seq0 = run.first_seq + verdict.skip
         n_ok = 0
         for k, f in enumerate(fills):
             ins = f["instrument_id"]
@@ -163,7 +239,6 @@ class Gateway:
             self.counters["fills"] += n_ok
         for w in rings:
             _shm.doorbell_ring(self._bell_addrs[w])
-        self._ack(ident, MsgType.ACK, {"ref_seq": run.first_seq, "code": 0})
 
     def _push(self, p: int, *rec) -> None:
         while not self.ctl.push(p, *rec):           # ring full: the worker is behind
@@ -173,7 +248,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
     def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
-        m = decode(frame)
+        c = _wire.parse_order_check(frame, MAX_FRAME_BYTES)     # C path: a well-formed check
+        if c is not None:
+            self._answer_check(ident, c[1], c[2], c[3], c[4], c[5], recv_ns)
+            return
+        m = decode(frame)                                        # reference path
         if type(m) is Rejected:
             self.counters[f"reject_{int(m.code)}"] += 1
             self._reply(ident, MsgType.REJECT, {"ref_seq": m.ref_seq, "ref_type": m.ref_type,
@@ -181,22 +260,8 @@ class Gateway:
             return
         f = m.fields
         if m.type == MsgType.ORDER_CHECK:
-            self.counters["checks"] += 1
-            if recv_ns - self._snap_ns > 200_000:        # prices change per tick; re-read at most every 200 us
-                self.snap = self.store.price_snapshot()
-                self._snap_ns = recv_ns
-            row = self.store.row_of(f["account"])
-            if row is None:
-                res_code, eq, im = Code.CHECK_UNKNOWN_ACCOUNT, 0.0, 0.0
-            else:
-                res = pretrade_check_consistent(self.store, row, f["instrument_id"], f["qty_units"],
-                                                self._price(f["instrument_id"], f["price_units"]), self.snap)
-                res_code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
-            # The reply's fields are the engine's own (int, finite floats): unchecked encoder.
-            self.checks.send_multipart([ident, self.seq_out.encode_known(MsgType.ORDER_CHECK_REPLY, {
-                "request_id": f["request_id"], "code": int(res_code),
-                "post_equity_usd": float(eq) if eq == eq else 0.0,
-                "post_initial_margin_usd": float(im) if im == im else 0.0})])
+            self._answer_check(ident, f["request_id"], f["account"], f["instrument_id"], f["qty_units"],
+                               f["price_units"], recv_ns)
         elif m.type in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
             row = self.store.row_of(f["account"])
             asset = self.asset_index.get(f["asset"])
@@ -214,6 +279,26 @@ class Gateway:
             self._reply(ident, MsgType.REJECT, {"ref_seq": m.seq, "ref_type": int(m.type),
                                                 "code": int(Code.WIRE_UNKNOWN_TYPE),
                                                 "detail": "this socket takes ORDER_CHECK, DEPOSIT, WITHDRAWAL"})
+
+    def _answer_check(self, ident: bytes, request_id: int, account: int, instrument: int, qty_units: int,
+                      price_units: int, recv_ns: int) -> None:
+        """ORDER_CHECK: the kernel's pre-trade rule on a consistent copy of the account
+        (seqlock read), at a price snapshot at most 200 us old; the reply encoded in C."""
+        self.counters["checks"] += 1
+        if recv_ns - self._snap_ns > 200_000:        # prices change per tick; re-read at most every 200 us
+            self.snap = self.store.price_snapshot()
+            self._snap_ns = recv_ns
+        row = self.store.row_of(account)
+        if row is None:
+            code, eq, im = Code.CHECK_UNKNOWN_ACCOUNT, 0.0, 0.0
+        else:
+            res = pretrade_check_consistent(self.store, row, instrument, qty_units,
+                                            self._price(instrument, price_units), self.snap)
+            code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
+        self.seq_out.last += 1
+        self.checks.send_multipart([ident, _wire.encode_check_reply(
+            self.seq_out.last, time.time_ns(), request_id, int(code),
+            float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)])
 
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:
