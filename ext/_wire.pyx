@@ -59,6 +59,7 @@ ctypedef struct FillOut:              # one parsed fill (FILL_DTYPE in engine/ru
     int64_t price_units
     int64_t maker_fee_units
     int64_t taker_fee_units
+    uint64_t seq                       # this fill's sequence number (the frame's first + index)
 
 
 ctypedef struct Reader:
@@ -341,68 +342,67 @@ cdef int read_fill_fields(Reader *r, int64_t n_pairs, FillOut *f) noexcept nogil
     return 1
 
 
-def parse_fills(const uint8_t[::1] frame, int64_t max_size, FillOut[::1] out):
-    """Parse a well-formed FILL or BATCH of FILLs into ``out`` (at least 4096 rows).
-
-    Returns ``(status, first_seq, ts_ns, n)``: status OK with the fills in ``out[:n]``
-    (fill ``i`` has sequence number ``first_seq + i``), or FALLBACK (use the reference
-    decoder). Never raises for any bytes.
-    """
+cdef int parse_fills_c(const uint8_t *data, Py_ssize_t size, int64_t max_size, FillOut *out,
+                       uint64_t *first_seq, int64_t *ts_ns, int64_t *n_out) noexcept nogil:
+    """Parse a well-formed FILL or BATCH of FILLs into ``out`` (room for 4096): ST_OK with
+    ``n_out`` fills (sequence numbers set), or ST_FALLBACK (use the reference decoder)."""
     cdef Reader r
     cdef int64_t n_pairs, i, j, n_msgs = 0, t = -1, ts = 0, of = -1
     cdef uint64_t seq = 0
     cdef int seen = 0, fseen = 0, side = 0, got_msgs = 0, got_of = 0
     cdef Py_ssize_t kl = 0
     cdef const uint8_t *k
-    cdef const uint8_t *msgs_at = NULL
     cdef FillOut single
-    cdef Reader inner
-    if frame.shape[0] == 0 or frame.shape[0] > max_size or out.shape[0] < MAX_BATCH:
-        return (ST_FALLBACK, 0, 0, 0)
-    r.p = &frame[0]
-    r.end = r.p + frame.shape[0]
+    if size == 0 or size > max_size:
+        return ST_FALLBACK
+    r.p = data
+    r.end = data + size
     r.bad = 0
-    with nogil:
-        n_pairs = read_map(&r)
-        for i in range(n_pairs):
-            if r.bad:
+    n_pairs = read_map(&r)
+    for i in range(n_pairs):
+        if r.bad:
+            break
+        k = read_str(&r, &kl)
+        if r.bad:
+            break
+        if header_key(&r, k, kl, &seen, &t, &seq, &ts):
+            continue
+        if key_is(k, kl, b"of", 2):
+            of = read_i64(&r, 0)
+            got_of += 1
+        elif key_is(k, kl, b"msgs", 4):
+            got_msgs += 1
+            n_msgs = read_array(&r)
+            if r.bad or n_msgs < 1 or n_msgs > MAX_BATCH:
+                r.bad = 1
                 break
-            k = read_str(&r, &kl)
-            if r.bad:
-                break
-            if header_key(&r, k, kl, &seen, &t, &seq, &ts):
-                continue
-            if key_is(k, kl, b"of", 2):
-                of = read_i64(&r, 0)
-                got_of += 1
-            elif key_is(k, kl, b"msgs", 4):
-                got_msgs += 1
-                n_msgs = read_array(&r)
-                if r.bad or n_msgs < 1 or n_msgs > MAX_BATCH:
-                    r.bad = 1
+            for j in range(n_msgs):
+                if not read_fill_fields(&r, read_map(&r), &out[j]):
                     break
-                for j in range(n_msgs):
-                    if not read_fill_fields(&r, read_map(&r), &out[j]):
-                        break
-            elif not fill_key(&r, k, kl, &single, &fseen, &side):
-                r.bad = 1
-        if not r.bad and r.p != r.end:
-            r.bad = 1                  # trailing bytes
-        if not r.bad and seen == H_ALL:
-            if t == T_FILL and fseen == F_ALL and got_of == 0 and got_msgs == 0 \
-                    and side_agrees(single.qty_units, side) and n_pairs == 13:
-                out[0] = single
-                n_msgs = 1
-            elif t == T_BATCH and fseen == 0 and got_of == 1 and got_msgs == 1 and of == T_FILL \
-                    and n_pairs == 6:
-                pass
-            else:
-                r.bad = 1
+        elif not fill_key(&r, k, kl, &single, &fseen, &side):
+            r.bad = 1
+    if not r.bad and r.p != r.end:
+        r.bad = 1                      # trailing bytes
+    if not r.bad and seen == H_ALL:
+        if t == T_FILL and fseen == F_ALL and got_of == 0 and got_msgs == 0 \
+                and side_agrees(single.qty_units, side) and n_pairs == 13:
+            out[0] = single
+            n_msgs = 1
+        elif t == T_BATCH and fseen == 0 and got_of == 1 and got_msgs == 1 and of == T_FILL \
+                and n_pairs == 6 and seq <= <uint64_t>0xffffffffffffffff - <uint64_t>(n_msgs - 1):
+            pass
         else:
             r.bad = 1
+    else:
+        r.bad = 1
     if r.bad:
-        return (ST_FALLBACK, 0, 0, 0)
-    return (ST_OK, seq, ts, n_msgs)
+        return ST_FALLBACK
+    for j in range(n_msgs):
+        out[j].seq = seq + <uint64_t>j
+    first_seq[0] = seq
+    ts_ns[0] = ts
+    n_out[0] = n_msgs
+    return ST_OK
 
 
 cdef inline int64_t row_of(const int64_t *ids, const int64_t *rows, int64_t n, int64_t account) noexcept nogil:
@@ -440,70 +440,173 @@ cdef inline bint push(RingHeader *h, RingRecord *recs, int instrument, int64_t r
     return True
 
 
-def route_fills(const FillOut[::1] fills, int64_t start, int64_t leg, int64_t n, uint64_t seq0,
-                int64_t recv_ns, const int64_t[::1] ids, const int64_t[::1] rows, int64_t n_instruments,
-                int64_t per_partition, const uint64_t[:, ::1] ring_addrs, const int64_t[::1] owner,
-                int64_t[:, ::1] rejects):
-    """Validate fills ``start <= k < n`` and push their legs (taker, then maker).
+cdef class FillIntake:
+    """The fills gateway's C path: parse frames into a buffer, route the buffer to the rings.
 
-    Rules, in order (engine/runtime/gateway.py): instrument known (else 3003); both
-    accounts known and different (3004); quantity nonzero (3005; the wire already tied
-    its sign to the side); price > 0 (3006). Fill ``k`` has sequence number
-    ``seq0 + k``; its legs carry ``(instrument, row, +-qty, price, fee, seq, recv_ns,
-    trade_id)``. ``leg`` (0 or 1): the first leg of fill ``start`` still to push (a resumed
-    call after a full ring).
+    ``parse(frame)`` parses one frame's fills after those already buffered, without
+    taking them; ``take(skip)`` keeps them but the first ``skip`` (duplicates by sequence
+    number); ``route(recv_ns)`` validates every buffered fill and pushes its two legs
+    (taker, then maker) onto the owning partitions' rings, in order. Rules, in order
+    (engine/runtime/gateway.py): instrument known (else 3003); both accounts known and
+    different (3004); quantity nonzero (3005; the wire already tied its sign to the
+    side); price > 0 (3006). A leg carries ``(instrument, row, +-qty, price, fee, seq,
+    recv_ns, trade_id)``. When a ring is full, ``route`` returns RING_FULL and resumes
+    where it stopped on the next call.
 
-    Returns ``(status, k, leg, n_ok, n_rejects, workers)``: OK when all are done, or
-    RING_FULL with the position to resume from; ``rejects[:n_rejects]`` = (index, code);
-    ``workers``: bit w set when worker w's ring got a record.
+    The tables (``ids`` sorted with their ``rows``; ``ring_table`` of (header, records)
+    addresses per partition; ``owner``: worker per partition) are the caller's arrays,
+    kept referenced here.
     """
-    cdef int64_t k = start, row, p, taker, maker, n_ok = 0, n_rej = 0, cap = rejects.shape[0]
-    cdef int64_t n_ids = ids.shape[0], code
-    cdef uint64_t workers = 0
-    cdef const FillOut *f
-    cdef int status = ST_OK
-    with nogil:
-        while k < n:
-            f = &fills[k]
-            taker = row_of(&ids[0], &rows[0], n_ids, f.taker_account)
-            maker = row_of(&ids[0], &rows[0], n_ids, f.maker_account)
-            code = 0
-            if f.instrument_id >= n_instruments:
-                code = CODE_UNKNOWN_INSTRUMENT
-            elif taker < 0 or maker < 0 or taker == maker:
-                code = CODE_UNKNOWN_ACCOUNT
-            elif f.qty_units == 0:
-                code = CODE_BAD_QTY
-            elif f.price_units <= 0:
-                code = CODE_BAD_PRICE
-            if code != 0:
-                if n_rej < cap:
-                    rejects[n_rej, 0] = k
-                    rejects[n_rej, 1] = code
-                n_rej += 1
-                k += 1
-                leg = 0
-                continue
-            if leg == 0:
-                p = taker // per_partition
-                if not push(<RingHeader *>ring_addrs[p, 0], <RingRecord *>ring_addrs[p, 1],
-                            <int>f.instrument_id, taker, f.qty_units, f.price_units,
-                            f.taker_fee_units, seq0 + <uint64_t>k, recv_ns, f.trade_id):
+    cdef object _buf, _ids, _rows, _rings, _owner, _rejects
+    cdef FillOut *buf
+    cdef int64_t cap, n, pending, k, leg
+    cdef const int64_t *ids
+    cdef const int64_t *rows
+    cdef int64_t n_ids
+    cdef const uint64_t *rings
+    cdef const int64_t *owner
+    cdef int64_t *rejects
+    cdef int64_t rejects_cap
+    cdef int64_t n_instruments, per_partition, max_size
+    cdef public object buffer
+
+    def __init__(self, buffer, ids, rows, ring_table, owner, rejects, int64_t n_instruments,
+                 int64_t per_partition, int64_t max_size):
+        cdef FillOut[::1] b = buffer
+        cdef const int64_t[::1] i = ids
+        cdef const int64_t[::1] r = rows
+        cdef const uint64_t[:, ::1] t = ring_table
+        cdef const int64_t[::1] o = owner
+        cdef int64_t[:, ::1] rj = rejects
+        if b.shape[0] < MAX_BATCH or i.shape[0] != r.shape[0] or t.shape[1] != 2 or rj.shape[1] != 2:
+            raise ValueError("FillIntake: buffer of >= 4096 fills, ids/rows of one length, "
+                             "ring_table (n, 2), rejects (n, 2)")
+        if o.shape[0] != t.shape[0] or (o.shape[0] and (min(owner) < 0 or max(owner) > 63)):
+            raise ValueError("FillIntake: one owner per partition, workers 0..63")
+        self.buffer = buffer
+        self._buf, self._ids, self._rows, self._rings, self._owner, self._rejects = \
+            buffer, ids, rows, ring_table, owner, rejects
+        self.buf = &b[0]
+        self.cap = b.shape[0]
+        self.ids = &i[0] if i.shape[0] else NULL
+        self.rows = &r[0] if r.shape[0] else NULL
+        self.n_ids = i.shape[0]
+        self.rings = &t[0, 0] if t.shape[0] else NULL
+        self.owner = &o[0] if o.shape[0] else NULL
+        self.rejects = &rj[0, 0]
+        self.rejects_cap = rj.shape[0]
+        self.n_instruments = n_instruments
+        self.per_partition = per_partition
+        self.max_size = max_size
+        self.n = 0
+        self.pending = 0
+        self.k = 0
+        self.leg = 0
+
+    @property
+    def buffered(self):
+        """Fills taken and not yet routed."""
+        return self.n
+
+    def room(self):
+        """True when a frame of the largest batch still fits after the buffered fills."""
+        return self.cap - self.n >= MAX_BATCH
+
+    def parse(self, frame):
+        """``(status, first_seq, n)``: OK with ``n`` fills parsed (not yet taken), or
+        FALLBACK. ``frame``: bytes (or any contiguous buffer)."""
+        cdef const uint8_t[::1] mv
+        cdef const uint8_t *data
+        cdef Py_ssize_t size
+        cdef uint64_t first = 0
+        cdef int64_t ts = 0, n = 0
+        cdef int status
+        if self.cap - self.n < MAX_BATCH:
+            raise ValueError("FillIntake.parse: buffer full, route first")
+        if type(frame) is bytes:
+            data = <const uint8_t *><const char *>frame
+            size = len(<bytes>frame)
+        else:
+            mv = frame
+            size = mv.shape[0]
+            data = &mv[0] if size else NULL
+        with nogil:
+            status = parse_fills_c(data, size, self.max_size, self.buf + self.n, &first, &ts, &n)
+        self.pending = n if status == ST_OK else 0
+        return (status, first, n)
+
+    def take(self, int64_t skip):
+        """Keep the fills of the last ``parse`` but the first ``skip``."""
+        cdef int64_t n = self.pending
+        if skip < 0 or skip > n:
+            raise ValueError("FillIntake.take: skip outside 0..n")
+        if skip:
+            memcpy(self.buf + self.n, self.buf + self.n + skip, <size_t>(n - skip) * sizeof(FillOut))
+        self.n += n - skip
+        self.pending = 0
+
+    def route(self, int64_t recv_ns):
+        """Route the buffered fills (class doc). Returns ``(status, n_ok, n_rejects,
+        workers)``: OK (buffer now empty) or RING_FULL (call again); ``n_rejects`` rows
+        of (buffer index, code) in ``rejects`` (indices into this call's buffer);
+        ``workers``: bit w set when worker w's ring got a record."""
+        cdef int64_t k = self.k, leg = self.leg, n = self.n, row, p, taker, maker, n_ok = 0, n_rej = 0
+        cdef int64_t code
+        cdef uint64_t workers = 0
+        cdef const FillOut *f
+        cdef int status = ST_OK
+        cdef const uint64_t *ring
+        with nogil:
+            while k < n:
+                f = &self.buf[k]
+                taker = row_of(self.ids, self.rows, self.n_ids, f.taker_account)
+                maker = row_of(self.ids, self.rows, self.n_ids, f.maker_account)
+                code = 0
+                if f.instrument_id >= self.n_instruments:
+                    code = CODE_UNKNOWN_INSTRUMENT
+                elif taker < 0 or maker < 0 or taker == maker:
+                    code = CODE_UNKNOWN_ACCOUNT
+                elif f.qty_units == 0:
+                    code = CODE_BAD_QTY
+                elif f.price_units <= 0:
+                    code = CODE_BAD_PRICE
+                if code != 0:
+                    if n_rej < self.rejects_cap:
+                        self.rejects[2 * n_rej] = k
+                        self.rejects[2 * n_rej + 1] = code
+                    n_rej += 1
+                    k += 1
+                    leg = 0
+                    continue
+                if leg == 0:
+                    p = taker // self.per_partition
+                    ring = &self.rings[2 * p]
+                    if not push(<RingHeader *>ring[0], <RingRecord *>ring[1], <int>f.instrument_id,
+                                taker, f.qty_units, f.price_units, f.taker_fee_units, f.seq, recv_ns,
+                                f.trade_id):
+                        status = ST_RING_FULL
+                        break
+                    workers |= (<uint64_t>1) << self.owner[p]
+                    leg = 1
+                p = maker // self.per_partition
+                ring = &self.rings[2 * p]
+                if not push(<RingHeader *>ring[0], <RingRecord *>ring[1], <int>f.instrument_id,
+                            maker, -f.qty_units, f.price_units, f.maker_fee_units, f.seq, recv_ns,
+                            f.trade_id):
                     status = ST_RING_FULL
                     break
-                workers |= (<uint64_t>1) << owner[p]
-                leg = 1
-            p = maker // per_partition
-            if not push(<RingHeader *>ring_addrs[p, 0], <RingRecord *>ring_addrs[p, 1],
-                        <int>f.instrument_id, maker, -f.qty_units, f.price_units,
-                        f.maker_fee_units, seq0 + <uint64_t>k, recv_ns, f.trade_id):
-                status = ST_RING_FULL
-                break
-            workers |= (<uint64_t>1) << owner[p]
-            leg = 0
-            n_ok += 1
-            k += 1
-    return (status, k, leg, n_ok, n_rej, workers)
+                workers |= (<uint64_t>1) << self.owner[p]
+                leg = 0
+                n_ok += 1
+                k += 1
+        if status == ST_OK:
+            self.k = 0
+            self.leg = 0
+            self.n = 0
+        else:
+            self.k = k
+            self.leg = leg
+        return (status, n_ok, n_rej, workers)
 
 
 # ------------------------------------------------------------------ order checks

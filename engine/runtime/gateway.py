@@ -38,15 +38,17 @@ from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
-from engine.runtime.journal import Journal
+from engine.runtime.journal import Journal, journal_record
 from engine.store.shm import Store
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
                             SequenceTracker, decode, decode_fills)
 
-#: One parsed fill of the C path (``_wire.FillOut``), in the wire's field order.
+#: One parsed fill of the C path (``_wire.FillOut``): the wire's fields, then its seq.
 FILL_DTYPE = np.dtype([(f, np.int64) for f in (
     "trade_id", "instrument_id", "maker_account", "taker_account", "qty_units", "price_units",
-    "maker_fee_units", "taker_fee_units")])
+    "maker_fee_units", "taker_fee_units")] + [("seq", np.uint64)])
+#: Fills a burst may buffer before it is journaled and routed (16 full batches).
+FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 
 class Gateway:
@@ -86,12 +88,14 @@ class Gateway:
         # The C fill path's tables (engine/_wire: parse_fills, route_fills).
         if self.ctl.n_workers > 64:
             raise ValueError("the fills router marks workers in a 64-bit mask: at most 64 workers")
-        self._parsed = np.zeros(MAX_BATCH_MSGS, FILL_DTYPE)
-        self._rejects = np.zeros((MAX_BATCH_MSGS, 2), np.int64)
+        self._fill_buf = np.zeros(FILL_BUFFER, FILL_DTYPE)
+        self._rejects = np.zeros((FILL_BUFFER, 2), np.int64)
         self._ring_table = np.array(self._ring_addrs, dtype=np.uint64).reshape(-1, 2)
         self._owner_arr = np.array(partition_owner, dtype=np.int64)
-        self._ids: np.ndarray | None = None
-        self._rows: np.ndarray | None = None
+        self._intake: _wire.FillIntake | None = None
+        self._jbuf = bytearray()                         # the burst's journal records
+        self._jrecs = 0
+        self._acks: list[tuple[bytes, int]] = []         # (DEALER identity, first seq) to ACK
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.zctx.socket(kind)
@@ -118,17 +122,29 @@ class Gateway:
             self.fills.send_multipart([ident, seq.encode_known(mtype, fields)])
 
     def on_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
-        """One fills frame: decode, sequence, journal, legs to the rings (module doc).
+        """One fills frame, taken and flushed at once (``take_fills`` + ``flush_fills``)."""
+        self.take_fills(frame, recv_ns, ident)
+        self.flush_fills(recv_ns)
 
-        A well-formed frame takes the C path (``_wire.parse_fills``, ``_wire.route_fills``);
-        anything else the reference decoder, which decides the exact reject. ``ident``:
-        the sender's DEALER identity when the socket answers (``fills_acks``): ACK
-        (code 0) for an accepted frame, ACK 3001 for a duplicate, REJECT for a malformed
-        one; fills rejected inside an accepted frame are reported as events.
+    def take_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
+        """One fills frame of a burst: decode, sequence, buffer (module doc).
+
+        A well-formed frame is parsed in C into the intake buffer and its journal record
+        buffered; ``flush_fills`` then writes the burst's records with one ``write(2)``
+        and only then routes its fills (journal before apply). Anything else flushes the
+        burst and takes the reference decoder, which decides the exact reject.
+        ``ident``: the sender's DEALER identity when the socket answers (``fills_acks``):
+        ACK (code 0) once the frame is journaled and routed, ACK 3001 for a duplicate,
+        REJECT for a malformed one; fills rejected inside an accepted frame are reported
+        as events.
         """
-        status, first_seq, _ts, n = _wire.parse_fills(frame, MAX_FRAME_BYTES, self._parsed)
+        intake = self._fill_intake()
+        if not intake.room():
+            self.flush_fills(recv_ns)
+        status, first_seq, n = intake.parse(frame)
         fills = None
         if status != _wire.OK:
+            self.flush_fills(recv_ns)                 # keep the stream's order
             run = decode_fills(frame)
             if type(run) is Rejected:
                 self.counters[f"reject_{int(run.code)}"] += 1
@@ -144,44 +160,58 @@ class Gateway:
         verdict = tracker.observe(first_seq, n)
         if verdict.status == SeqStatus.DUPLICATE:
             self.counters["duplicates"] += n
+            if ident is not None:
+                self.flush_fills(recv_ns)             # its earlier frames' ACKs go first
             self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": int(Code.FILL_DUPLICATE)})
             return
         if verdict.status == SeqStatus.GAP:
             self.counters["gaps"] += 1
             self.emit(Code.FILL_GAP, f"fills {verdict.gap_first}..{verdict.gap_last} missing")
-        self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
         if fills is None:
-            self._route_fast(first_seq, verdict.skip, n, recv_ns)
-        else:
-            self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
+            intake.take(verdict.skip)
+            self._jbuf += journal_record(first_seq + verdict.skip, recv_ns, frame)
+            self._jrecs += 1
+            if ident is not None:
+                self._acks.append((ident, first_seq))
+            return
+        self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
+        self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
 
-    def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted account ids and their rows, for the C router (built on first use, like
-        ``Store.row_of``: accounts are provisioned before the engine starts)."""
-        if self._ids is None:
+    def _fill_intake(self) -> _wire.FillIntake:
+        """The C intake, built on first use with the account map (sorted ids and their
+        rows; like ``Store.row_of``: accounts are provisioned before the engine starts)."""
+        if self._intake is None:
             st = self.store
             rows = np.concatenate([np.arange(*st.partition_rows(p), dtype=np.int64)
                                    for p in range(st.n_partitions)])
             ids = st.accounts["account_id"][rows].astype(np.int64)
             order = np.argsort(ids, kind="stable")
-            self._ids, self._rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
-        return self._ids, self._rows
+            self._intake = _wire.FillIntake(
+                self._fill_buf, np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order]),
+                self._ring_table, self._owner_arr, self._rejects, self.n_instruments,
+                self._per_partition, MAX_FRAME_BYTES)
+        return self._intake
 
-    def _route_fast(self, first_seq: int, skip: int, n: int, recv_ns: int) -> None:
-        """Fills ``skip <= k < n`` of ``self._parsed`` through ``_wire.route_fills`` (same
-        rules as ``_route_reference``), waiting while a ring is full."""
-        ids, rows = self._account_map()
-        k, leg, workers, n_ok = skip, 0, 0, 0
-        while True:
-            status, k, leg, ok, n_rej, w = _wire.route_fills(
-                self._parsed, k, leg, n, first_seq, recv_ns, ids, rows, self.n_instruments,
-                self._per_partition, self._ring_table, self._owner_arr, self._rejects)
+    def flush_fills(self, recv_ns: int) -> None:
+        """Journal the burst's frames (one write), then route their fills to the rings,
+        waiting while a ring is full; ring the workers; ACK the frames (acks mode)."""
+        intake = self._intake
+        if intake is None or (not intake.buffered and not self._jrecs):
+            return
+        if self._jrecs:
+            self.journal.append_records(self._jbuf, self._jrecs)
+            self._jbuf.clear()
+            self._jrecs = 0
+        workers, n_ok = 0, 0
+        buf = self._fill_buf
+        while intake.buffered:
+            status, ok, n_rej, w = intake.route(recv_ns)
             n_ok += ok
             workers |= w
             for idx, code in self._rejects[:min(n_rej, len(self._rejects))].tolist():
                 self.counters[f"reject_{code}"] += 1
-                self.emit(code, f"fill {int(self._parsed[idx]['trade_id'])} rejected")
+                self.emit(code, f"fill {int(buf[idx]['trade_id'])} rejected")
             if status == _wire.OK:
                 break
             self.counters["ring_full_waits"] += 1        # the worker is behind: wake it, wait
@@ -190,6 +220,9 @@ class Gateway:
         if n_ok:
             self.counters["fills"] += n_ok
         self._ring_workers(workers)
+        for ident, first_seq in self._acks:
+            self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
+        self._acks.clear()
 
     def _ring_workers(self, mask: int) -> None:
         w = 0
@@ -333,14 +366,15 @@ class Gateway:
                 if len(parts) >= 2:
                     self.on_request(parts[-2], parts[-1], now)
             n = 0
-            while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:
+            while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:   # a burst: taken, then flushed
                 if self.fills_acks:
                     parts = fills.recv_multipart(zmq.NOBLOCK)
                     if len(parts) >= 2:
-                        self.on_fills(parts[-1], now, parts[0])
+                        self.take_fills(parts[-1], now, parts[0])
                 else:
-                    self.on_fills(fills.recv(zmq.NOBLOCK), now)
+                    self.take_fills(fills.recv(zmq.NOBLOCK), now)
                 n += 1
+            self.flush_fills(now)
             if self.replies in ready:
                 while True:
                     try:
@@ -349,6 +383,7 @@ class Gateway:
                         break
             self.journal.maybe_sync()
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
+        self.flush_fills(time.time_ns())
         self.journal.close()
         for s in (self.fills, self.checks, self.replies, self.events):
             s.close()

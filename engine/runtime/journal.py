@@ -23,6 +23,11 @@ MAGIC = b"MEJRNL01"
 _REC = struct.Struct("<IQq")
 
 
+def journal_record(first_seq: int, recv_ns: int, frame: bytes) -> bytes:
+    """One record: header (frame length, first sequence number, receive time) + frame."""
+    return _REC.pack(len(frame), first_seq, recv_ns) + frame
+
+
 class JournalRecord(NamedTuple):
     first_seq: int
     recv_ns: int
@@ -41,8 +46,14 @@ class Journal:
         self.records = 0
 
     def append(self, first_seq: int, recv_ns: int, frame: bytes) -> None:
-        os.write(self.fd, _REC.pack(len(frame), first_seq, recv_ns) + frame)
-        self.records += 1
+        self.append_records(journal_record(first_seq, recv_ns, frame), 1)
+
+    def append_records(self, records: bytes | bytearray, n: int) -> None:
+        """``n`` whole records (``journal_record`` each, concatenated) in one ``write(2)``."""
+        view = memoryview(records)
+        while view:                          # a regular file takes it whole; be safe anyway
+            view = view[os.write(self.fd, view):]
+        self.records += n
 
     def maybe_sync(self) -> None:
         if self.fsync_interval_s and time.monotonic() - self._last_sync >= self.fsync_interval_s:
