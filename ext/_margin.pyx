@@ -382,6 +382,55 @@ def account_cross_at_basis(size_t instruments_addr, size_t account_addr, size_t 
     return (r.cross_equity_usd, r.cross_im_usd, r.cross_mm_usd)
 
 
+def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t positions_addr,
+                  int slots_per_account, const int64_t[::1] rows, const double[::1] marks,
+                  const double[::1] asset_px, const double[::1] asset_haircut,
+                  const double[::1] asset_scale, const double[:, ::1] basis,
+                  const double[::1] basis_asset_px, double[:, ::1] agg, int64_t row_base):
+    """Re-margin the accounts in ``rows`` after their fills, in one call.
+
+    Each row's shared-memory figures at the current prices (the full pass's rule and
+    seqlock write), and its private aggregates ``agg[row - row_base]`` = (cross equity,
+    IM, MM) at the holder index's basis (every instrument at its basis row, collateral
+    at ``basis_asset_px``: ``account_cross_at_basis``), so the pending incremental passes
+    move it with the other holders.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef AccountRow *accounts = <AccountRow *>accounts_addr
+    cdef const PositionRow *positions = <const PositionRow *>positions_addr
+    cdef int n_ins = <int>marks.shape[0], i
+    cdef int64_t j, r
+    cdef AcctValues v
+    cdef AssetPass w_now, w_basis
+    cdef InsPass *now = <InsPass *>malloc(n_ins * sizeof(InsPass))
+    cdef InsPass *then = <InsPass *>malloc(n_ins * sizeof(InsPass))
+    if now == NULL or then == NULL:
+        free(now)
+        free(then)
+        raise MemoryError()
+    if basis.shape[0] != n_ins or agg.shape[1] < 3:
+        free(now)
+        free(then)
+        raise ValueError("basis: one row per instrument; agg: 3+ columns")
+    with nogil:
+        ins_pass_all(now, instruments, n_ins, &marks[0], &asset_px[0], &asset_scale[0])
+        for i in range(n_ins):
+            basis_load(&then[i], &instruments[i], &basis[i, 0])
+        asset_pass_fill(&w_now, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+        asset_pass_fill(&w_basis, <int>basis_asset_px.shape[0], &basis_asset_px[0], &asset_haircut[0],
+                        &asset_scale[0])
+        for j in range(rows.shape[0]):
+            r = rows[j]
+            v = account_values(now, &w_now, &accounts[r], &positions[r * slots_per_account])
+            store_results(&accounts[r], &v)
+            v = account_values(then, &w_basis, &accounts[r], &positions[r * slots_per_account])
+            agg[r - row_base, 0] = v.cross_equity_usd
+            agg[r - row_base, 1] = v.cross_im_usd
+            agg[r - row_base, 2] = v.cross_mm_usd
+    free(now)
+    free(then)
+
+
 cdef inline void tier_amounts(const InsPass *e, double notional, double *im, double *mm) noexcept nogil:
     cdef int k = tier_search(e.floor, notional)
     im[0] = notional * e.tier[k].imr - e.tier[k].init_amount

@@ -391,42 +391,66 @@ class HolderIndex:
             cols[instrument] = bigger
 
     def update_account(self, row: int, snap: PriceSnapshot) -> None:
-        """Re-read one account's positions after its fills; re-margin it from scratch.
+        """``update_accounts`` for one row."""
+        self.update_accounts(np.array([row], np.int64), snap)
 
-        Upserts or removes its holder entries; re-margins the row in shared memory at
-        ``snap`` (full-pass kernel on that one row) and sets its aggregates to the same
-        rule at the index's basis (each instrument at the prices its holders were last
-        moved to), so the next tick of any instrument moves it with the others.
+    def update_accounts(self, rows: np.ndarray, snap: PriceSnapshot) -> None:
+        """Re-read the positions of ``rows`` (distinct, this partition's) after their fills.
+
+        Upserts or removes their holder entries; re-margins each row in shared memory at
+        ``snap`` and sets its aggregates to the same rule at the index's basis (each
+        instrument at the prices its holders were last moved to), so the next tick of any
+        instrument moves it with the others (``_margin.remargin_rows``, one call).
         """
         st = self.store
-        acct = st.accounts[row]
-        slots = st.slots(row)[: int(acct["n_positions"])]
-        held = {int(x["instrument"]): x for x in slots}
-        for i in list(self._rows.get(row, ())):
-            if i not in held:
-                self._remove(row, i)
-        for i, pos in held.items():
-            h = self.where.get((row, i))
-            if h is None:
-                h = int(self.counts[i])
-                if h == len(self.hot[i]):
-                    self._grow(i)
-                self.counts[i] = h + 1
-                self.where[(row, i)] = h
-                self._rows.setdefault(row, set()).add(i)
-            self.hot[i][h] = (row - self.row_base, int(pos["mode"]), float(int(pos["qty"])))
-            self.cost[i][h] = float(int(pos["cost"]))
-            self.iso[i][h] = float(int(pos["isolated_margin"]))
-        _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
-                          st.slots_per_account, row, row + 1, snap.marks, snap.asset_px,
-                          snap.asset_haircut, snap.asset_scale, self._scratch)
-        self.agg[row - self.row_base, :3] = _margin.account_cross_at_basis(
-            st.addr(st.instruments), st.addr(st.accounts, row), st.addr(st.positions, row * st.slots_per_account),
-            self.basis, self.asset_px, snap.asset_haircut, snap.asset_scale)
-        for a in np.flatnonzero(acct["balance"]).tolist():
-            self._asset_extra[a].add(row)
-        for i in self._rows.get(row, ()):      # its other positions' triggers moved
-            self.dirty[i] = True
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        s = st.slots_per_account
+        npos = st.accounts["n_positions"][rows].tolist()
+        pos = st.positions.reshape(-1, s)[rows]
+        ins_l = pos["instrument"].tolist()
+        base, where, counts = self.row_base, self.where, self.counts
+        upd: dict[int, tuple[list, list]] = {}           # instrument -> (holder indices, (row, slot))
+        touched_ins: set[int] = set()
+        for j, row in enumerate(rows.tolist()):
+            held = ins_l[j][: npos[j]]
+            before = self._rows.get(row)
+            if before:
+                for i in before.difference(held):
+                    self._remove(row, i)
+            for t, i in enumerate(held):
+                h = where.get((row, i))
+                if h is None:
+                    h = int(counts[i])
+                    if h == len(self.hot[i]):
+                        self._grow(i)
+                    counts[i] = h + 1
+                    where[(row, i)] = h
+                    self._rows.setdefault(row, set()).add(i)
+                    self.hot[i]["row"][h] = row - base
+                hs, src = upd.setdefault(i, ([], []))
+                hs.append(h)
+                src.append((j, t))
+            touched_ins.update(held)
+            if before:
+                touched_ins.update(before)
+        for i, (hs, src) in upd.items():               # the entries' values, per instrument
+            jj, tt = np.array(src).T
+            p = pos[jj, tt]
+            hot = self.hot[i]
+            hot["mode"][hs] = p["mode"]
+            hot["qty"][hs] = p["qty"]
+            self.cost[i][hs] = p["cost"]
+            self.iso[i][hs] = p["isolated_margin"]
+        _margin.remargin_rows(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions), s, rows,
+                              snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale,
+                              self.basis, self.asset_px, self.agg, base)
+        bal = st.accounts["balance"][rows]
+        for a in np.flatnonzero(bal.any(axis=0)).tolist():
+            self._asset_extra[a].update(rows[bal[:, a] != 0].tolist())
+        if touched_ins:                                 # their other positions' triggers moved
+            self.dirty[list(touched_ins)] = True
 
     def _remove(self, row: int, instrument: int) -> None:
         h = self.where.pop((row, instrument))

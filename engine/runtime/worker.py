@@ -376,10 +376,11 @@ class Worker:
             with st.writing(st.partitions, p) as prow:
                 prow["fills_applied"] += n
                 prow["last_fill_seq"] = last_ref
-        idx = self.index[p]
-        for row in touched:
-            idx.update_account(row, snap)
-            if row in self.outstanding_since:
+        if touched:
+            rows = np.fromiter(touched, np.int64, len(touched))
+            rows.sort()                                # the aggregates walked forward
+            self.index[p].update_accounts(rows, snap)
+            for row in touched.intersection(self.outstanding_since):
                 self._set_outstanding(row, False)
         self.counters["records"] += done
         return done

@@ -413,8 +413,8 @@ def test_holder_index_ticks_equal_full_pass(plan):
 
 
 @SETTINGS
-@given(tick_plans(), st.integers(-3, 3))
-def test_holder_index_update_between_move_and_tick(plan, change):
+@given(tick_plans(), st.integers(-3, 3), st.booleans())
+def test_holder_index_update_between_move_and_tick(plan, change, batched):
     # A fill re-margins its account (update_account) while other instruments' marks have
     # moved but their incremental passes are still pending. The index keeps every
     # aggregate at its instruments' basis (the prices last ticked), so after the pending
@@ -433,7 +433,10 @@ def test_holder_index_update_between_move_and_tick(plan, change):
         if int(store.accounts[r]["n_positions"]) and change:
             slot = store.slots(r)[0]
             slot["qty"] = int(slot["qty"]) + change * 1000
-        idx.update_account(r, snap)
+        if not batched:
+            idx.update_account(r, snap)
+    if batched:                                     # the worker's way: all touched rows at once
+        idx.update_accounts(np.arange(len(accounts)), snap)
     out = np.empty(64, np.int64)
     for i in _dependents_last(order, instruments):
         idx.tick(i, snap, out)
