@@ -33,9 +33,15 @@ from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionR
                      MODE_CROSS, MODE_ISOLATED, ACCOUNT_FLAG_ISOLATED_DEFAULT, STATUS_BELOW_IM, STATUS_LIQUIDATABLE,
                      STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw,
-                       me_seqlock_read_begin, me_seqlock_read_retry)
+                       me_seqlock_read_begin, me_seqlock_read_retry, me_seqlock_copy)
 from libc.string cimport memcpy
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, free, calloc
+from libc.math cimport isfinite
+from libc.stdint cimport uint8_t, uint32_t
+
+from _types cimport PriceRow, AssetRow
+
+include "_msgpack.pxi"
 
 # Result codes (the numbers of engine.codes.Code).
 cdef enum:
@@ -837,3 +843,182 @@ def holder_triggers(size_t instruments_addr, int instrument, const double[:, ::1
             if isnan(t):
                 t = -INFINITY if q > 0 else INFINITY
             out_trigger[h] = t
+
+
+# ------------------------------------------------------------------ the order-check desk
+
+cdef enum:
+    CODE_CHECK_ACCOUNT_BUSY = 4008
+    CHECK_COPY_TRIES = 100000
+
+
+cdef class CheckDesk:
+    """An ORDER_CHECK answered in one C call: the order-check gateway's hot path.
+
+    ``answer(frame, seq, ts_ns)``: (1) parse a well-formed ORDER_CHECK (the strict reader
+    of ext/_msgpack.pxi); (2) its account's row (sorted ids, binary search); (3) the
+    instrument known, quantity nonzero and below 2**62, price units in 1..2**53 (so the
+    price ``units / price_scale`` is the same double Python's true division gives);
+    (4) every mark and asset price copied under its seqlock, all finite and > 0, the
+    instrument not frozen; (5) the account row and its slots copied under the row's
+    seqlock; (6) ``pretrade_core`` on the copy; (7) the ORDER_CHECK_REPLY encoded with
+    sequence number ``seq``. Returns the reply's bytes, or None whenever any step does
+    not go the common way: the caller then answers through the reference path
+    (feeds.protocol decode, engine.risk.margin.pretrade_check_consistent), which gives
+    the exact reject. Tests hold the two paths to the same replies.
+    """
+    cdef object _keep
+    cdef const InstrumentRow *instruments
+    cdef const AccountRow *accounts
+    cdef const PositionRow *positions
+    cdef const PriceRow *prices
+    cdef const AssetRow *assets
+    cdef int slots, n_ins, n_assets
+    cdef const int64_t *ids
+    cdef const int64_t *rows
+    cdef const int64_t *price_scale
+    cdef int64_t n_ids, max_size
+    cdef double *marks
+    cdef uint32_t *flags
+    cdef double *asset_px
+    cdef double *asset_haircut
+    cdef double *asset_scale
+    cdef InsPass *table
+    cdef uint8_t *scratch
+
+    def __init__(self, size_t instruments_addr, size_t accounts_addr, size_t positions_addr,
+                 size_t prices_addr, size_t assets_addr, int slots_per_account, int n_instruments,
+                 int n_assets, ids, rows, price_scale, int64_t max_size):
+        cdef const int64_t[::1] i = ids
+        cdef const int64_t[::1] r = rows
+        cdef const int64_t[::1] ps = price_scale
+        if i.shape[0] != r.shape[0] or ps.shape[0] != n_instruments or n_instruments < 1 \
+                or not 0 <= n_assets <= MAX_ASSETS:
+            raise ValueError("CheckDesk: ids/rows of one length, one price scale per instrument")
+        self._keep = (ids, rows, price_scale)
+        self.instruments = <const InstrumentRow *>instruments_addr
+        self.accounts = <const AccountRow *>accounts_addr
+        self.positions = <const PositionRow *>positions_addr
+        self.prices = <const PriceRow *>prices_addr
+        self.assets = <const AssetRow *>assets_addr
+        self.slots = slots_per_account
+        self.n_ins = n_instruments
+        self.n_assets = n_assets
+        self.ids = &i[0] if i.shape[0] else NULL
+        self.rows = &r[0] if r.shape[0] else NULL
+        self.n_ids = i.shape[0]
+        self.price_scale = &ps[0]
+        self.max_size = max_size
+        self.marks = <double *>calloc(n_instruments, sizeof(double))
+        self.flags = <uint32_t *>calloc(n_instruments, sizeof(uint32_t))
+        self.asset_px = <double *>calloc(MAX_ASSETS, sizeof(double))
+        self.asset_haircut = <double *>calloc(MAX_ASSETS, sizeof(double))
+        self.asset_scale = <double *>calloc(MAX_ASSETS, sizeof(double))
+        self.table = <InsPass *>calloc(n_instruments, sizeof(InsPass))
+        self.scratch = <uint8_t *>calloc(1, sizeof(AccountRow) + slots_per_account * sizeof(PositionRow))
+        if not (self.marks and self.flags and self.asset_px and self.asset_haircut and self.asset_scale and self.table
+                and self.scratch):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.marks)
+        free(self.flags)
+        free(self.asset_px)
+        free(self.asset_haircut)
+        free(self.asset_scale)
+        free(self.table)
+        free(self.scratch)
+
+    cdef int _prices(self) noexcept nogil:
+        """Step 4: 1 when every price is readable, finite and > 0."""
+        cdef PriceRow pr
+        cdef AssetRow ar
+        cdef int i
+        for i in range(self.n_ins):
+            if me_seqlock_copy(&self.prices[i], &pr, sizeof(PriceRow), CHECK_COPY_TRIES) < 0:
+                return 0
+            if not (isfinite(pr.mark) and pr.mark > 0):
+                return 0
+            self.marks[i] = pr.mark
+            self.flags[i] = pr.flags
+        for i in range(MAX_ASSETS):
+            if i >= self.n_assets:
+                self.asset_px[i] = 0.0
+                self.asset_haircut[i] = 0.0
+                self.asset_scale[i] = 1.0
+                continue
+            if me_seqlock_copy(&self.assets[i], &ar, sizeof(AssetRow), CHECK_COPY_TRIES) < 0:
+                return 0
+            if not (isfinite(ar.price_usd) and ar.price_usd > 0):
+                return 0
+            self.asset_px[i] = ar.price_usd
+            self.asset_haircut[i] = ar.haircut
+            self.asset_scale[i] = <double>ar.scale
+        return 1
+
+    def answer(self, frame, uint64_t seq, int64_t ts_ns):
+        """The reply's bytes, or None: answer through the reference path (class doc)."""
+        cdef const uint8_t[::1] mv
+        cdef const uint8_t *data
+        cdef Py_ssize_t size, n_out = 0
+        cdef CheckIn c
+        cdef CheckOut out
+        cdef int64_t row, lo, hi, mid, t
+        cdef uint64_t s
+        cdef bint ok = False
+        cdef uint8_t buf[160]
+        cdef AccountRow *copy = <AccountRow *>self.scratch
+        cdef PositionRow *slots_copy = <PositionRow *>(self.scratch + sizeof(AccountRow))
+        cdef const AccountRow *acct
+        cdef double price, eq, im
+        if type(frame) is bytes:
+            data = <const uint8_t *><const char *>frame
+            size = len(<bytes>frame)
+        else:
+            mv = frame
+            size = mv.shape[0]
+            data = &mv[0] if size else NULL
+        with nogil:
+            while True:                                            # once; break = fall back
+                if size == 0 or not parse_order_check_c(data, size, self.max_size, &c):
+                    break
+                lo, hi = 0, self.n_ids                              # 2. the account
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if self.ids[mid] < c.account:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo >= self.n_ids or self.ids[lo] != c.account:
+                    break
+                row = self.rows[lo]
+                if not (0 <= c.instrument_id < self.n_ins) or c.qty_units == 0 \
+                        or c.qty_units >= (<int64_t>1 << 62) or c.qty_units <= -(<int64_t>1 << 62) \
+                        or not (0 < c.price_units <= (<int64_t>1 << 53)):
+                    break
+                price = <double>c.price_units / <double>self.price_scale[c.instrument_id]
+                if not self._prices() or (self.flags[c.instrument_id] & 1):     # frozen
+                    break
+                acct = &self.accounts[row]                          # 5. consistent copy
+                for t in range(CHECK_COPY_TRIES):
+                    s = me_seqlock_read_begin(&acct.seq)
+                    if s & 1:
+                        continue
+                    memcpy(copy, acct, sizeof(AccountRow))
+                    memcpy(slots_copy, &self.positions[row * self.slots],
+                           <size_t>self.slots * sizeof(PositionRow))
+                    if not me_seqlock_read_retry(&acct.seq, s):
+                        ok = True
+                        break
+                if not ok:
+                    break
+                out = pretrade_core(self.instruments, copy, slots_copy, self.slots, <int>c.instrument_id,
+                                    c.qty_units, price, self.marks, self.asset_px, self.asset_haircut,
+                                    self.asset_scale, MAX_ASSETS, self.table)
+                eq = out.post_equity_usd if out.post_equity_usd == out.post_equity_usd else 0.0
+                im = out.post_im_usd if out.post_im_usd == out.post_im_usd else 0.0
+                n_out = encode_check_reply_c(buf, seq, ts_ns, c.request_id, out.code, eq, im)
+                break
+        if n_out == 0:
+            return None
+        return (<char *>buf)[:n_out]

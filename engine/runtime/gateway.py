@@ -33,7 +33,7 @@ import time
 import numpy as np
 import zmq
 
-from engine import _shm, _wire
+from engine import _margin, _shm, _wire
 from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
@@ -93,6 +93,9 @@ class Gateway:
         self._ring_table = np.array(self._ring_addrs, dtype=np.uint64).reshape(-1, 2)
         self._owner_arr = np.array(partition_owner, dtype=np.int64)
         self._intake: _wire.FillIntake | None = None
+        self._desk: _margin.CheckDesk | None = None
+        self._ids: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
         self._jbuf = bytearray()                         # the burst's journal records
         self._jrecs = 0
         self._acks: list[tuple[bytes, int]] = []         # (DEALER identity, first seq) to ACK
@@ -178,20 +181,37 @@ class Gateway:
         self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
 
-    def _fill_intake(self) -> _wire.FillIntake:
-        """The C intake, built on first use with the account map (sorted ids and their
-        rows; like ``Store.row_of``: accounts are provisioned before the engine starts)."""
-        if self._intake is None:
+    def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted account ids and their rows, for the C paths (built on first use, like
+        ``Store.row_of``: accounts are provisioned before the engine starts)."""
+        if self._ids is None:
             st = self.store
             rows = np.concatenate([np.arange(*st.partition_rows(p), dtype=np.int64)
                                    for p in range(st.n_partitions)])
             ids = st.accounts["account_id"][rows].astype(np.int64)
             order = np.argsort(ids, kind="stable")
-            self._intake = _wire.FillIntake(
-                self._fill_buf, np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order]),
-                self._ring_table, self._owner_arr, self._rejects, self.n_instruments,
-                self._per_partition, MAX_FRAME_BYTES)
+            self._ids, self._rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
+        return self._ids, self._rows
+
+    def _fill_intake(self) -> _wire.FillIntake:
+        """The C fills intake (built on first use)."""
+        if self._intake is None:
+            ids, rows = self._account_map()
+            self._intake = _wire.FillIntake(self._fill_buf, ids, rows, self._ring_table, self._owner_arr,
+                                            self._rejects, self.n_instruments, self._per_partition,
+                                            MAX_FRAME_BYTES)
         return self._intake
+
+    def _check_desk(self) -> _margin.CheckDesk:
+        """The C order-check path (built on first use)."""
+        if self._desk is None:
+            st = self.store
+            ids, rows = self._account_map()
+            self._desk = _margin.CheckDesk(
+                st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions), st.addr(st.prices),
+                st.addr(st.assets), st.slots_per_account, self.n_instruments, len(st.assets), ids, rows,
+                np.ascontiguousarray(st.instruments["price_scale"], dtype=np.int64), MAX_FRAME_BYTES)
+        return self._desk
 
     def flush_fills(self, recv_ns: int) -> None:
         """Journal the burst's frames (one write), then route their fills to the rings,
@@ -281,7 +301,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
     def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
-        c = _wire.parse_order_check(frame, MAX_FRAME_BYTES)     # C path: a well-formed check
+        reply = self._check_desk().answer(frame, self.seq_out.last + 1, time.time_ns())
+        if reply is not None:                                    # C path: the whole check
+            self.seq_out.last += 1
+            self.counters["checks"] += 1
+            self.checks.send_multipart([ident, reply])
+            return
+        c = _wire.parse_order_check(frame, MAX_FRAME_BYTES)     # a check the C path left
         if c is not None:
             self._answer_check(ident, c[1], c[2], c[3], c[4], c[5], recv_ns)
             return
