@@ -72,8 +72,11 @@ def _free_port() -> int:
 
 # --------------------------------------------------------------------------- 1. floor
 
-def _echo_server(endpoint: str, ready) -> None:
-    """ROUTER echo: unpack the body (as any msgpack server would), send the frame back."""
+def _echo_server(endpoint: str, ready, cpu: int = -1) -> None:
+    """ROUTER echo: unpack the body (as any msgpack server would), send the frame back.
+    ``cpu``: pinned there, as the engine's gateway is in the same run."""
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})
     ctx = zmq.Context()
     s = ctx.socket(zmq.ROUTER)
     s.setsockopt(zmq.LINGER, 0)
@@ -302,16 +305,25 @@ def run(json_out: str | os.PathLike | None = "bench/results/feeds.json", *, acco
         checks: int = 50_000, warmup: int = 5_000, throughput_checks: int = 50_000, inflight: int = 64,
         fills: int = 400_000, batch: int = 100, workers: int = 1, transport: str = "ipc",
         plot_out: str | os.PathLike | None = "", seed: int = 11, timeout_s: float = 600.0,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, pin: bool | None = None) -> dict:
     """Run the whole benchmark; write ``json_out`` (and the PNG next to it unless
-    ``plot_out`` is None); return the result dict."""
+    ``plot_out`` is None); return the result dict.
+
+    ``pin`` (default: when there are 2+ CPUs): the round trips run with the client on CPU 0
+    and the server on CPU 1 -- the bare echo for the floor, the engine's gateway
+    (``engine.gateway_cpu``) for the order checks -- so both see the same placement
+    instead of whatever the scheduler picked that run.
+    """
+    if pin is None:
+        pin = (os.cpu_count() or 1) >= 2
+    client_cpu, server_cpu = (0, 1) if pin else (-1, -1)
     if transport not in ("ipc", "tcp"):
         raise ValueError("transport: ipc or tcp")
     ctx = mp.get_context("spawn")
     root = tempfile.mkdtemp(prefix="me-bench-feeds-")
     tcp = {"checks": _free_port(), "fills": _free_port()} if transport == "tcp" else None
     config = local_config(root, tcp_ports=tcp, accounts_capacity=max(20_000, 2 * accounts + 16),
-                          partitions=2)
+                          partitions=2, gateway_cpu=server_cpu)
     ep = config.endpoints
     floor_ep = f"tcp://127.0.0.1:{_free_port()}" if transport == "tcp" else f"ipc://{root}/floor.sock"
     instruments = [{"index": i.index, "price_units": int(round(i.mark_price * i.price_scale))}
@@ -323,18 +335,26 @@ def run(json_out: str | os.PathLike | None = "bench/results/feeds.json", *, acco
         "throughput_checks": throughput_checks, "inflight": inflight, "fills": fills, "batch": batch,
         "workers": workers, "partitions": config.engine.partitions, "wait": config.engine.wait,
         "journal": True, "journal_fsync_interval_s": 1.0, "check_frame_bytes": len(frames[0]),
-        "ring_capacity_per_partition": 1 << 16, "seed": seed}}
+        "ring_capacity_per_partition": 1 << 16, "seed": seed,
+        "pinned": {"client_cpu": client_cpu, "server_cpu": server_cpu} if pin else None}}
+    own_cpus = os.sched_getaffinity(0)
+
+    def client_pinned(on: bool) -> None:
+        if pin:
+            os.sched_setaffinity(0, {client_cpu} if on else own_cpus)
 
     # 1. floor
     _log(quiet, f"floor: bare DEALER->ROUTER echo on {transport}, {checks:,} samples")
     parent, child = ctx.Pipe()
-    echo = ctx.Process(target=_echo_server, args=(floor_ep, child), daemon=True)
+    echo = ctx.Process(target=_echo_server, args=(floor_ep, child, server_cpu), daemon=True)
     echo.start()
     parent.recv()
     c = _client(zctx, floor_ep)
+    client_pinned(True)
     floor_hist, replies = rtt_closed_loop(c, frames, checks, warmup)
     assert replies[0] == frames[0]
     floor_tp, floor_tp_hist = throughput_inflight(c, frames, throughput_checks, inflight)
+    client_pinned(False)
     c.send(b"stop")
     c.close()
     echo.join(5)
@@ -351,10 +371,12 @@ def run(json_out: str | os.PathLike | None = "bench/results/feeds.json", *, acco
         # 3. order check
         _log(quiet, f"order check: {checks:,} samples, then {inflight} in flight")
         c = _client(zctx, ep.checks)
+        client_pinned(True)
         chk_hist, replies = rtt_closed_loop(c, frames, checks, warmup)
         codes = [decode(r).fields["code"] for r in replies]
         assert all(decode(r).type == MsgType.ORDER_CHECK_REPLY for r in replies), replies[:1]
         chk_tp, chk_tp_hist = throughput_inflight(c, frames, throughput_checks, inflight)
+        client_pinned(False)
         c.close()
         result["order_check"] = {"rtt_us": _pct_us(chk_hist), "throughput_per_s": chk_tp,
                                  "inflight_rtt_us": _pct_us(chk_tp_hist), "sample_codes": codes}
@@ -474,10 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave client and servers to the scheduler (default: client CPU 0, server CPU 1)")
     a = ap.parse_args(argv)
     run(a.json, accounts=a.accounts, checks=a.checks, warmup=a.warmup, throughput_checks=a.throughput_checks,
         inflight=a.inflight, fills=a.fills, batch=a.batch, workers=a.workers, transport=a.transport,
-        plot_out=a.plot, seed=a.seed)
+        plot_out=a.plot, seed=a.seed, pin=False if a.no_pin else None)
     return 0
 
 

@@ -31,6 +31,9 @@ class EngineSettings:
     cpus: tuple[int, ...] = ()
     wait: str = "blocking"
     keep_shm_on_exit: bool = False
+    gateway_cpu: int = -1              # CPU for the fills/order-check gateway; -1: not pinned
+    markprice_cpu: int = -1            # CPU for the mark-price process; -1: not pinned
+    liqgw_cpu: int = -1                # CPU for the liquidation gateway; -1: not pinned
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ def from_dict(doc: dict) -> Config:
         partitions=_int(e, "partitions", "engine", 2, lo=1),
         slots_per_account=_int(e, "slots_per_account", "engine", 8, lo=1),
         cpus=tuple(cpus), wait=wait, keep_shm_on_exit=keep,
+        gateway_cpu=_int(e, "gateway_cpu", "engine", -1, lo=-1),
+        markprice_cpu=_int(e, "markprice_cpu", "engine", -1, lo=-1),
+        liqgw_cpu=_int(e, "liqgw_cpu", "engine", -1, lo=-1),
     )
 
     raw_assets = doc.get("assets")

@@ -116,7 +116,7 @@ class Engine:
         if ep.orders_via_gateway:
             liq_args += ["--orders-in", self.internal["orders"], "--orders-out", ep.orders]
         orders_for_workers = self.internal["orders"] if ep.orders_via_gateway else ep.orders
-        self.children = [Child("liqgw", liq_args)]
+        self.children = [Child("liqgw", liq_args + ["--cpu", str(e.liqgw_cpu)], cpu=e.liqgw_cpu)]
         for w in range(self.n_workers):
             parts = ",".join(str(p) for p in range(e.partitions) if self.owner[p] == w)
             cpu = cpus[w % len(cpus)] if cpus else -1
@@ -126,12 +126,14 @@ class Engine:
                 "--replies", self.internal["replies"], "--events", self.internal["events"]], cpu=cpu))
         self.children.append(Child("markprice", ["engine.runtime.markprice", "--name", name,
                                                  "--oracle", ep.oracle, "--events", self.internal["events"],
-                                                 "--assets", assets]))
+                                                 "--assets", assets, "--cpu", str(e.markprice_cpu)],
+                                   cpu=e.markprice_cpu))
         self.children.append(Child("gateway", [
             "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
             "--replies", self.internal["replies"], "--events", self.internal["events"],
-            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets]
-            + (["--fills-acks"] if ep.fills_acks else [])))
+            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets,
+            "--cpu", str(e.gateway_cpu)]
+            + (["--fills-acks"] if ep.fills_acks else []), cpu=e.gateway_cpu))
         t0 = time.time_ns()
         for c in self.children:
             self._spawn(c)
