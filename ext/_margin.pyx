@@ -958,9 +958,9 @@ cdef class CheckDesk:
 
     def answer(self, frame, uint64_t seq, int64_t ts_ns):
         """The reply's bytes, or None: answer through the reference path (class doc)."""
-        cdef const uint8_t[::1] mv
-        cdef const uint8_t *data
-        cdef Py_ssize_t size, n_out = 0
+        cdef bytes raw = frame_bytes(frame)
+        cdef const uint8_t *data = <const uint8_t *><const char *>raw
+        cdef Py_ssize_t size = len(raw), n_out = 0
         cdef CheckIn c
         cdef CheckOut out
         cdef int64_t row, lo, hi, mid, t
@@ -971,13 +971,6 @@ cdef class CheckDesk:
         cdef PositionRow *slots_copy = <PositionRow *>(self.scratch + sizeof(AccountRow))
         cdef const AccountRow *acct
         cdef double price, eq, im
-        if type(frame) is bytes:
-            data = <const uint8_t *><const char *>frame
-            size = len(<bytes>frame)
-        else:
-            mv = frame
-            size = mv.shape[0]
-            data = &mv[0] if size else NULL
         with nogil:
             while True:                                            # once; break = fall back
                 if size == 0 or not parse_order_check_c(data, size, self.max_size, &c):

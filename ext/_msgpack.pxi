@@ -7,6 +7,12 @@ from libc.string cimport memcmp, memcpy
 
 cdef int64_t INT64_MAX_ = 0x7fffffffffffffff
 
+
+cdef inline bytes frame_bytes(object frame):
+    """A frame as bytes: itself when it is bytes (zmq's recv), else one copy (memoryview,
+    zmq.Frame, bytearray)."""
+    return <bytes>frame if type(frame) is bytes else bytes(frame)
+
 cdef enum:
     T_ORDER_CHECK = 20
     T_ORDER_CHECK_REPLY = 21

@@ -209,29 +209,14 @@ def monotonic_ns():
 
 
 # ---------------------------------------------------------------- SPSC rings
-from _types cimport RingRecord, RingHeader
+include "_ring.pxi"
 
 
 def ring_push(size_t header_addr, size_t records_addr, int kind, int instrument, int64_t row,
               int64_t delta, int64_t price, int64_t fee, uint64_t ref, int64_t ts_ns, int64_t aux):
     """Append one record (single producer). Returns False, writing nothing, when full."""
-    cdef RingHeader *h = <RingHeader *>header_addr
-    cdef RingRecord *rec
-    cdef uint64_t w = h.write_idx
-    if w - me_atomic_load_u64(&h.read_idx) >= <uint64_t>h.capacity:
-        return False
-    rec = &(<RingRecord *>records_addr)[w & <uint64_t>(h.capacity - 1)]
-    rec.kind = kind
-    rec.instrument = instrument
-    rec.row = row
-    rec.delta = delta
-    rec.price = price
-    rec.fee = fee
-    rec.ref = ref
-    rec.ts_ns = ts_ns
-    rec.aux = aux
-    me_atomic_store_u64(&h.write_idx, w + 1)     # release: the record is visible first
-    return True
+    return ring_push_c(<RingHeader *>header_addr, <RingRecord *>records_addr, kind, instrument, row,
+                       delta, price, fee, ref, ts_ns, aux)
 
 
 def ring_pending(size_t header_addr):

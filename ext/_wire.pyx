@@ -19,8 +19,7 @@ from libc.string cimport memcmp, memcpy
 
 include "_msgpack.pxi"
 
-from _types cimport RingHeader, RingRecord
-from _seqlock cimport me_atomic_load_u64, me_atomic_store_u64
+include "_ring.pxi"
 
 # Statuses (module-level ints for Python callers).
 OK = 0
@@ -229,27 +228,6 @@ cdef inline int64_t row_of(const int64_t *ids, const int64_t *rows, int64_t n, i
     return -1
 
 
-cdef inline bint push(RingHeader *h, RingRecord *recs, int instrument, int64_t row, int64_t delta,
-                      int64_t price, int64_t fee, uint64_t ref, int64_t ts_ns, int64_t aux) noexcept nogil:
-    """``_shm.ring_push``: one record, single producer; False when the ring is full."""
-    cdef uint64_t w = h.write_idx
-    cdef RingRecord *rec
-    if w - me_atomic_load_u64(&h.read_idx) >= <uint64_t>h.capacity:
-        return False
-    rec = &recs[w & <uint64_t>(h.capacity - 1)]
-    rec.kind = LEG_KIND
-    rec.instrument = instrument
-    rec.row = row
-    rec.delta = delta
-    rec.price = price
-    rec.fee = fee
-    rec.ref = ref
-    rec.ts_ns = ts_ns
-    rec.aux = aux
-    me_atomic_store_u64(&h.write_idx, w + 1)
-    return True
-
-
 cdef class FillIntake:
     """The fills gateway's C path: parse frames into a buffer, route the buffer to the rings.
 
@@ -325,21 +303,14 @@ cdef class FillIntake:
     def parse(self, frame):
         """``(status, first_seq, n)``: OK with ``n`` fills parsed (not yet taken), or
         FALLBACK. ``frame``: bytes (or any contiguous buffer)."""
-        cdef const uint8_t[::1] mv
-        cdef const uint8_t *data
-        cdef Py_ssize_t size
+        cdef bytes raw = frame_bytes(frame)
+        cdef const uint8_t *data = <const uint8_t *><const char *>raw
+        cdef Py_ssize_t size = len(raw)
         cdef uint64_t first = 0
         cdef int64_t ts = 0, n = 0
         cdef int status
         if self.cap - self.n < MAX_BATCH:
             raise ValueError("FillIntake.parse: buffer full, route first")
-        if type(frame) is bytes:
-            data = <const uint8_t *><const char *>frame
-            size = len(<bytes>frame)
-        else:
-            mv = frame
-            size = mv.shape[0]
-            data = &mv[0] if size else NULL
         with nogil:
             status = parse_fills_c(data, size, self.max_size, self.buf + self.n, &first, &ts, &n)
         self.pending = n if status == ST_OK else 0
@@ -391,18 +362,18 @@ cdef class FillIntake:
                 if leg == 0:
                     p = taker // self.per_partition
                     ring = &self.rings[2 * p]
-                    if not push(<RingHeader *>ring[0], <RingRecord *>ring[1], <int>f.instrument_id,
-                                taker, f.qty_units, f.price_units, f.taker_fee_units, f.seq, recv_ns,
-                                f.trade_id):
+                    if not ring_push_c(<RingHeader *>ring[0], <RingRecord *>ring[1], LEG_KIND,
+                                       <int>f.instrument_id, taker, f.qty_units, f.price_units,
+                                       f.taker_fee_units, f.seq, recv_ns, f.trade_id):
                         status = ST_RING_FULL
                         break
                     workers |= (<uint64_t>1) << self.owner[p]
                     leg = 1
                 p = maker // self.per_partition
                 ring = &self.rings[2 * p]
-                if not push(<RingHeader *>ring[0], <RingRecord *>ring[1], <int>f.instrument_id,
-                            maker, -f.qty_units, f.price_units, f.maker_fee_units, f.seq, recv_ns,
-                            f.trade_id):
+                if not ring_push_c(<RingHeader *>ring[0], <RingRecord *>ring[1], LEG_KIND,
+                                   <int>f.instrument_id, maker, -f.qty_units, f.price_units,
+                                   f.maker_fee_units, f.seq, recv_ns, f.trade_id):
                     status = ST_RING_FULL
                     break
                 workers |= (<uint64_t>1) << self.owner[p]

@@ -370,6 +370,21 @@ def _dependents_last(order: list[int], instruments) -> list[int]:
     return out
 
 
+def aggregates_equal_full_pass(store: Store, idx, market, n_accounts: int, snap):
+    """Run a fresh full pass at ``snap``; assert the index's aggregates equal its rows (TOL
+    relative to each account's magnitudes); yield ``(row, account, magnitude, (eq, im, mm))``."""
+    margin.full_pass(store, 0, snap)
+    for r in range(n_accounts):
+        acct = ref.account_from_store(store, r)
+        mag = acct_magnitude(market, acct)
+        a = store.accounts[r]
+        eq, im, mm, _ = idx.agg[r - idx.row_base]
+        assert close(eq, Fraction(float(a["cross_equity_usd"])), mag)
+        assert close(im, Fraction(float(a["cross_im_usd"])), mag)
+        assert close(mm, Fraction(float(a["cross_mm_usd"])), mag)
+        yield r, acct, mag, (eq, im, mm)
+
+
 @SETTINGS
 @given(tick_plans())
 def test_holder_index_ticks_equal_full_pass(plan):
@@ -394,15 +409,8 @@ def test_holder_index_ticks_equal_full_pass(plan):
     reported = set(out[:n_reported].tolist())       # by the last tick, of ``sequence[-1]``
     snap = store.price_snapshot()
     market = market_at(store, assets, instruments, snap)
-    margin.full_pass(store, 0, snap)
-    for r in range(len(accounts)):
-        acct = ref.account_from_store(store, r)
-        mag = acct_magnitude(market, acct)
+    for r, acct, mag, (eq, im, mm) in aggregates_equal_full_pass(store, idx, market, len(accounts), snap):
         a = store.accounts[r]
-        eq, im, mm, _ = idx.agg[r - idx.row_base]
-        assert close(eq, Fraction(float(a["cross_equity_usd"])), mag)
-        assert close(im, Fraction(float(a["cross_im_usd"])), mag)
-        assert close(mm, Fraction(float(a["cross_mm_usd"])), mag)
         e = ref.account_figures(market, acct, prices=False)
         if abs(e.cross_equity_usd - e.cross_mm_usd) > Fraction(TOL) * max(1, mag):
             # the breach set: cross breach in the aggregates == the full pass's, == exact
@@ -441,15 +449,7 @@ def test_holder_index_update_between_move_and_tick(plan, change, batched):
     for i in _dependents_last(order, instruments):
         idx.tick(i, snap, out)
     market = market_at(store, assets, instruments, snap)
-    margin.full_pass(store, 0, snap)
-    for r in range(len(accounts)):
-        acct = ref.account_from_store(store, r)
-        mag = acct_magnitude(market, acct)
-        a = store.accounts[r]
-        eq, im, mm, _ = idx.agg[r - idx.row_base]
-        assert close(eq, Fraction(float(a["cross_equity_usd"])), mag)
-        assert close(im, Fraction(float(a["cross_im_usd"])), mag)
-        assert close(mm, Fraction(float(a["cross_mm_usd"])), mag)
+    list(aggregates_equal_full_pass(store, idx, market, len(accounts), snap))
 
 
 @SETTINGS
