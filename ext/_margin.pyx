@@ -443,6 +443,17 @@ cdef inline void tier_amounts(const InsPass *e, double notional, double *im, dou
     mm[0] = notional * e.tier[k].mmr - e.tier[k].maint_amount
 
 
+cdef inline int tier0_move(double *row_agg, double q, double du_per_qty, double c_im, double k_im,
+                           double c_mm, double k_mm) noexcept nogil:
+    """One cross holder in the first tier at both prices: move its account's aggregates
+    (equity by ``q du``, IM and MM by ``|q| c + k``); 1 when the account now breaches."""
+    cdef double aq = fabs(q)
+    row_agg[0] += q * du_per_qty
+    row_agg[1] += aq * c_im + k_im
+    row_agg[2] += aq * c_mm + k_mm
+    return (row_agg[0] < row_agg[2]) & (row_agg[2] > 0)
+
+
 def tick_holders(size_t instruments_addr, int instrument, const double[::1] marks,
                  const double[::1] asset_px, const double[::1] asset_scale, double[:, ::1] basis,
                  size_t holders_addr, const double[::1] h_cost, const double[::1] h_iso, int64_t n,
@@ -466,7 +477,7 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
     cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
     cdef const HolderRec *hold = <const HolderRec *>holders_addr
     cdef InsPass e0, e1
-    cdef int64_t h, n_breach = 0, cap = out_rows.shape[0]
+    cdef int64_t h, r, lim, n_breach = 0, cap = out_rows.shape[0]
     cdef double q, aq, du_per_qty, du_cost, im0, mm0, im1, mm1, px0, px1, up1, tier1_qty, c_im, k_im, c_mm, k_mm, d_im, d_mm, n0, n1
     cdef int k0 = 0, k1 = 0
     cdef double *row_agg
@@ -496,8 +507,39 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
         k_im = e0.tier[0].init_amount * px0 - e1.tier[0].init_amount * px1
         c_mm = e1.notional_per_unit * e1.tier[0].mmr * px1 - e0.notional_per_unit * e0.tier[0].mmr * px0
         k_mm = e0.tier[0].maint_amount * px0 - e1.tier[0].maint_amount * px1
-        for h in range(n):
-            me_prefetch_rw(&agg_p[<int64_t>hold[h + 16 if h + 16 < n else h].row * 4])
+        if long_free or px_moved:
+            tier1_qty = -1.0                      # options, settle price moved: the general path
+        h = 0
+        while h < n:
+            # (a) the run of cross holders in the first tier at both prices: the common
+            # case, one small loop (holders are ordered cross first by |qty|, so it is
+            # long). The listing is branch-free (a breach is data, not a predictable
+            # branch): the row is written at the next free slot either way and counted
+            # only on a breach; a run stops before ``out_rows`` could overflow, and once it
+            # is full the runs only count.
+            if n_breach < cap:
+                lim = min(n, h + (cap - n_breach))
+                while h < lim and hold[h].mode == MODE_CROSS and fabs(hold[h].qty) < tier1_qty:
+                    # (the holder arrays carry 16 spare records: hold[h + 16] is readable)
+                    me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
+                    r = hold[h].row
+                    out_rows[n_breach] = r
+                    n_breach += tier0_move(&agg_p[r * 4], hold[h].qty, du_per_qty, c_im, k_im, c_mm, k_mm)
+                    h += 1
+                if h >= n:
+                    break
+                if h == lim:
+                    continue                      # the run used up out_rows' room
+            else:
+                while h < n and hold[h].mode == MODE_CROSS and fabs(hold[h].qty) < tier1_qty:
+                    me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
+                    n_breach += tier0_move(&agg_p[<int64_t>hold[h].row * 4], hold[h].qty, du_per_qty,
+                                           c_im, k_im, c_mm, k_mm)
+                    h += 1
+                if h >= n:
+                    break
+            # (b) any other holder: tiers searched, options, isolated
+            me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
             q = hold[h].qty
             aq = fabs(q)
             free_long = long_free and q >= 0
@@ -505,9 +547,6 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                 if free_long:
                     d_im = 0.0
                     d_mm = 0.0
-                elif aq < tier1_qty:
-                    d_im = aq * c_im + k_im
-                    d_mm = aq * c_mm + k_mm
                 else:
                     # Tier cursors: the holders are sorted by |qty| (HolderIndex), so the
                     # tier only steps up along the pass; the loops stay correct in any order.
@@ -536,11 +575,10 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                     tier_amounts(&e1, aq * e1.notional_per_unit, &im1, &mm1)
                 up1 = q * e1.x_per_unit + h_cost[h] * e1.upnl_per_cost
                 breach = (h_iso[h] * e1.per_settle_unit + up1 < mm1) & (mm1 > 0)
-            # Branch-free listing (a breach is data, not a predictable branch): the row is
-            # written at the next free slot either way and counted only when it breaches.
             dst = &out_rows[n_breach] if n_breach < cap else &sink
             dst[0] = hold[h].row
             n_breach += breach
+            h += 1
         basis_store(&basis[instrument, 0], &e1)
     return n_breach
 

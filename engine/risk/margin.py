@@ -210,6 +210,7 @@ class HolderIndex:
     """
 
     HOT = np.dtype([("row", np.int32), ("mode", np.int32), ("qty", np.float64)])
+    PAD = 16        # spare records after the last holder: the pass prefetches 16 ahead unchecked
 
     def __init__(self, store: Store, partition: int):
         self.store = store
@@ -254,7 +255,7 @@ class HolderIndex:
             m = np.flatnonzero(p["instrument"] == i)
             m = m[np.lexsort((np.abs(p["qty"][m]), p["mode"][m]))]   # cross first, by |qty|
             n = len(m)
-            cap = max(16, 2 * n)
+            cap = max(16, 2 * n) + self.PAD
             hot = np.zeros(cap, self.HOT)
             hot["row"][:n] = rows[m] - self.row_base
             hot["mode"][:n] = p["mode"][m]
@@ -423,7 +424,7 @@ class HolderIndex:
                 h = where.get((row, i))
                 if h is None:
                     h = int(counts[i])
-                    if h == len(self.hot[i]):
+                    if h + self.PAD >= len(self.hot[i]):
                         self._grow(i)
                     counts[i] = h + 1
                     where[(row, i)] = h
@@ -497,6 +498,8 @@ class HolderIndex:
         if not (math.isfinite(mark) and mark > 0):
             raise ValueError(f"mark of instrument {instrument} is {mark!r}")
         n_h = int(self.counts[instrument]) if holders is None else holders
+        if not 0 <= n_h <= len(self.hot[instrument]) - self.PAD:
+            raise ValueError(f"holders: {n_h} outside 0..{len(self.hot[instrument]) - self.PAD}")
         n = _margin.tick_holders(st.addr(st.instruments), instrument, snap.marks, snap.asset_px,
                                  snap.asset_scale, self.basis, self.hot[instrument].ctypes.data,
                                  self.cost[instrument], self.iso[instrument], n_h, self.agg, out)
