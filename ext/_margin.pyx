@@ -25,7 +25,7 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
                       debt, flagged BANKRUPT)
 """
 
-from libc.math cimport fabs, fmin, NAN, INFINITY, isnan
+from libc.math cimport fabs, fmin, NAN, INFINITY, isnan, isinf
 from libc.stdint cimport int32_t, int64_t, uint64_t
 
 from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
@@ -318,7 +318,7 @@ cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c
 
 ctypedef struct HolderRec:              # 16 bytes: one holder of one instrument (HolderIndex.HOT)
     int32_t row                         # account row minus the partition's first row
-    int32_t mode                        # Mode
+    float key                           # cross: |qty| rounded up to float32; isolated: +inf
     double qty                          # quantity units, signed (exact below 2**53)
 
 cdef enum:
@@ -460,7 +460,8 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                  double[:, ::1] agg, int64_t[::1] out_rows):
     """Incremental pass for one instrument's new prices: touch only its holders.
 
-    Each holder is 16 bytes (row, mode, qty units); ``agg[row]`` is the owning worker's
+    Each holder is 16 bytes (row, key, qty units; the key is ``|qty|`` rounded up to float32
+    for a cross holder, +inf for an isolated one, so one compare picks the common case); ``agg[row]`` is the owning worker's
     private ``(cross equity, cross IM, cross MM, spare)`` in USD (32 bytes, one line per
     holder). The aggregates hold every position at its instrument's basis row ``b``
     (``basis[instrument]``); the pass moves them to ``b'`` at the new prices, with
@@ -519,7 +520,7 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
             # is full the runs only count.
             if n_breach < cap:
                 lim = min(n, h + (cap - n_breach))
-                while h < lim and hold[h].mode == MODE_CROSS and fabs(hold[h].qty) < tier1_qty:
+                while h < lim and hold[h].key < tier1_qty:
                     # (the holder arrays carry 16 spare records: hold[h + 16] is readable)
                     me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
                     r = hold[h].row
@@ -531,7 +532,7 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                 if h == lim:
                     continue                      # the run used up out_rows' room
             else:
-                while h < n and hold[h].mode == MODE_CROSS and fabs(hold[h].qty) < tier1_qty:
+                while h < n and hold[h].key < tier1_qty:
                     me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
                     n_breach += tier0_move(&agg_p[<int64_t>hold[h].row * 4], hold[h].qty, du_per_qty,
                                            c_im, k_im, c_mm, k_mm)
@@ -543,7 +544,7 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
             q = hold[h].qty
             aq = fabs(q)
             free_long = long_free and q >= 0
-            if hold[h].mode == MODE_CROSS:
+            if not isinf(hold[h].key):           # cross
                 if free_long:
                     d_im = 0.0
                     d_mm = 0.0
@@ -864,7 +865,7 @@ def holder_triggers(size_t instruments_addr, int instrument, const double[:, ::1
             else:
                 tier_amounts(&e, fabs(q) * e.notional_per_unit, &im, &mm)
                 mm = mm * px
-            if hold[h].mode == MODE_CROSS:
+            if not isinf(hold[h].key):           # cross
                 e0 = agg[a, 0] - up
                 m0 = agg[a, 2] - mm
                 if agg[a, 0] < agg[a, 2] and agg[a, 2] > 0:

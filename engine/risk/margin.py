@@ -189,11 +189,21 @@ def _pretrade(store: Store, acct: np.ndarray, slots: np.ndarray, instrument: int
     return CheckResult(Code(code), eq, im)
 
 
+def holder_keys(mode: np.ndarray, qty: np.ndarray) -> np.ndarray:
+    """A holder record's key: ``|qty|`` rounded *up* to float32 for a cross holder (so
+    ``key < t`` implies ``|qty| < t``), +inf for an isolated one."""
+    aq = np.abs(np.asarray(qty, np.float64))
+    key = aq.astype(np.float32)
+    key = np.where(key < aq, np.nextafter(key, np.float32(np.inf)), key)
+    return np.where(np.asarray(mode) == int(Mode.ISOLATED), np.float32(np.inf), key).astype(np.float32)
+
+
 class HolderIndex:
     """Per-partition instrument -> holders index, compact for the incremental tick.
 
     For each instrument, its holders as 16-byte records (``HOT``: account row relative to
-    the partition's first row, margin mode, quantity units), ordered at build cross
+    the partition's first row, a key -- ``|qty|`` rounded up to float32 when cross, +inf
+    when isolated, see ``holder_keys`` -- and the quantity units), ordered at build cross
     holders first, each group by ``|qty|``, so the pass's branches (mode, first tier or
     not) switch once instead of at random and its tier cursor only steps up (holders that
     fills add later go at the end; order never affects the result), plus two cold
@@ -209,7 +219,7 @@ class HolderIndex:
     partition's worker (the only writer of those positions), rebuilt on restart.
     """
 
-    HOT = np.dtype([("row", np.int32), ("mode", np.int32), ("qty", np.float64)])
+    HOT = np.dtype([("row", np.int32), ("key", np.float32), ("qty", np.float64)])
     PAD = 16        # spare records after the last holder: the pass prefetches 16 ahead unchecked
 
     def __init__(self, store: Store, partition: int):
@@ -253,12 +263,14 @@ class HolderIndex:
         self.where: dict[tuple[int, int], int] = {}    # (row, instrument) -> holder index
         for i in range(len(st.instruments)):
             m = np.flatnonzero(p["instrument"] == i)
-            m = m[np.lexsort((np.abs(p["qty"][m]), p["mode"][m]))]   # cross first, by |qty|
+            key = holder_keys(p["mode"][m], p["qty"][m])
+            m = m[np.argsort(key, kind="stable")]          # cross first (by |qty|), isolated last
+            key = np.sort(key, kind="stable")
             n = len(m)
             cap = max(16, 2 * n) + self.PAD
             hot = np.zeros(cap, self.HOT)
             hot["row"][:n] = rows[m] - self.row_base
-            hot["mode"][:n] = p["mode"][m]
+            hot["key"][:n] = key
             hot["qty"][:n] = p["qty"][m]
             cost = np.zeros(cap)
             cost[:n] = p["cost"][m]
@@ -440,7 +452,7 @@ class HolderIndex:
             jj, tt = np.array(src).T
             p = pos[jj, tt]
             hot = self.hot[i]
-            hot["mode"][hs] = p["mode"]
+            hot["key"][hs] = holder_keys(p["mode"], p["qty"])
             hot["qty"][hs] = p["qty"]
             self.cost[i][hs] = p["cost"]
             self.iso[i][hs] = p["isolated_margin"]

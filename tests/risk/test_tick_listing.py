@@ -48,6 +48,6 @@ def test_listing_is_the_same_prefix_for_any_room(world, factor):
     eq, mm = agg0[:, 0], agg0[:, 2]
     holders = set(idx.holder_rows(kernel.TICK_INSTRUMENT).tolist())
     hot = idx.hot[kernel.TICK_INSTRUMENT][: idx.holders(kernel.TICK_INSTRUMENT)]
-    cross = {int(r) for r, m in zip(hot["row"], hot["mode"]) if m == 0}
+    cross = {int(r) for r, k in zip(hot["row"], hot["key"]) if not np.isinf(k)}
     breaching = {r for r in cross if eq[r] < mm[r] and mm[r] > 0}
     assert breaching <= set(rows0) <= holders
