@@ -392,20 +392,24 @@ def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t position
                   int slots_per_account, const int64_t[::1] rows, const double[::1] marks,
                   const double[::1] asset_px, const double[::1] asset_haircut,
                   const double[::1] asset_scale, const double[:, ::1] basis,
-                  const double[::1] basis_asset_px, double[:, ::1] agg, int64_t row_base):
-    """Re-margin the accounts in ``rows`` after their fills, in one call.
+                  const double[::1] basis_asset_px, double[:, ::1] agg, int64_t row_base,
+                  int64_t[::1] out_rows):
+    """Re-margin the accounts in ``rows`` (after their fills, or a slice of the periodic
+    pass), in one call.
 
     Each row's shared-memory figures at the current prices (the full pass's rule and
     seqlock write), and its private aggregates ``agg[row - row_base]`` = (cross equity,
     IM, MM) at the holder index's basis (every instrument at its basis row, collateral
     at ``basis_asset_px``: ``account_cross_at_basis``), so the pending incremental passes
-    move it with the other holders.
+    move it with the other holders -- and whatever float drift the incremental sums had
+    is gone. Returns the number of rows in breach at the current prices; the first
+    ``len(out_rows)`` of them are listed.
     """
     cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
     cdef AccountRow *accounts = <AccountRow *>accounts_addr
     cdef const PositionRow *positions = <const PositionRow *>positions_addr
     cdef int n_ins = <int>marks.shape[0], i
-    cdef int64_t j, r
+    cdef int64_t j, r, n_liq = 0, cap = out_rows.shape[0]
     cdef AcctValues v
     cdef AssetPass w_now, w_basis
     cdef InsPass *now = <InsPass *>malloc(n_ins * sizeof(InsPass))
@@ -429,12 +433,17 @@ def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t position
             r = rows[j]
             v = account_values(now, &w_now, &accounts[r], &positions[r * slots_per_account])
             store_results(&accounts[r], &v)
+            if v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE):
+                if n_liq < cap:
+                    out_rows[n_liq] = r
+                n_liq += 1
             v = account_values(then, &w_basis, &accounts[r], &positions[r * slots_per_account])
             agg[r - row_base, 0] = v.cross_equity_usd
             agg[r - row_base, 1] = v.cross_im_usd
             agg[r - row_base, 2] = v.cross_mm_usd
     free(now)
     free(then)
+    return n_liq
 
 
 cdef inline void tier_amounts(const InsPass *e, double notional, double *im, double *mm) noexcept nogil:

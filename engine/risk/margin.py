@@ -458,12 +458,26 @@ class HolderIndex:
             self.iso[i][hs] = p["isolated_margin"]
         _margin.remargin_rows(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions), s, rows,
                               snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale,
-                              self.basis, self.asset_px, self.agg, base)
+                              self.basis, self.asset_px, self.agg, base, self._scratch)
         bal = st.accounts["balance"][rows]
         for a in np.flatnonzero(bal.any(axis=0)).tolist():
             self._asset_extra[a].update(rows[bal[:, a] != 0].tolist())
         if touched_ins:                                 # their other positions' triggers moved
             self.dirty[list(touched_ins)] = True
+
+    def remargin_range(self, lo: int, hi: int, snap: PriceSnapshot, out: np.ndarray) -> int:
+        """The periodic pass over rows ``lo <= r < hi`` of this partition: their shared rows
+        at ``snap`` and their aggregates recomputed at the basis (no drift left); returns
+        the number in breach at ``snap``, their rows in ``out`` (the first ``len(out)``)."""
+        st = self.store
+        p_lo, p_hi = st.partition_rows(self.partition)
+        if not p_lo <= lo <= hi <= p_hi:
+            raise ValueError(f"rows {lo}..{hi} outside partition {self.partition} ({p_lo}..{p_hi})")
+        snap = _checked_snapshot(st, snap)
+        return _margin.remargin_rows(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
+                                     st.slots_per_account, np.arange(lo, hi, dtype=np.int64), snap.marks,
+                                     snap.asset_px, snap.asset_haircut, snap.asset_scale, self.basis,
+                                     self.asset_px, self.agg, self.row_base, out)
 
     def _remove(self, row: int, instrument: int) -> None:
         h = self.where.pop((row, instrument))

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import zmq
 
-from engine import _fills, _margin, _shm
+from engine import _fills, _shm
 from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import HolderIndex, full_pass, account_detail
@@ -45,7 +45,7 @@ from feeds.protocol import MsgType, Sequencer
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 2_048            # accounts per full-pass slice (~0.2 ms: a tick waits at most that)
-RESYNC_INTERVAL_S = 30.0             # rebuild the private aggregates at least this often
+RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
 
 
 class Worker:
@@ -162,12 +162,12 @@ class Worker:
         """Queue the periodic upkeep as short slices, run between wake-ups (stage 3).
 
         - full pass over each partition in slices of ``UPKEEP_SLICE_ROWS`` rows: rewrites
-          the shared account rows (what ``status`` and the order checks read), clears the
-          outstanding flag of accounts back in health, re-sends orders still in breach
-          after ``REISSUE_AFTER_NS``;
-        - every ``RESYNC_INTERVAL_S``, a resync of a partition's private aggregates and
-          holder caches from scratch (float drift); then the prices that moved meanwhile
-          are applied incrementally;
+          the shared account rows (what ``status`` and the order checks read) and resets
+          the slice's private aggregates at the index's basis (no float drift survives a
+          cycle), clears the outstanding flag of accounts back in health, re-sends orders
+          still in breach after ``REISSUE_AFTER_NS``;
+        - every ``RESYNC_INTERVAL_S``, every trigger table marked stale (idle time
+          re-sorts them one at a time);
         - heartbeats.
         """
         st = self.store
@@ -177,14 +177,12 @@ class Worker:
                 self.jobs.append((self._full_pass_slice, p, start, min(hi, start + UPKEEP_SLICE_ROWS)))
         if time.monotonic() - self.last_resync >= RESYNC_INTERVAL_S:
             for p in self.partitions:
-                self.jobs.append((self._resync, p))
+                self.jobs.append((self._stale_triggers, p))
         self.last_upkeep = time.monotonic()
 
     def _full_pass_slice(self, p: int, lo: int, hi: int) -> None:
         st, snap = self.store, self.store.price_snapshot()
-        n = _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
-                              st.slots_per_account, lo, hi, snap.marks, snap.asset_px,
-                              snap.asset_haircut, snap.asset_scale, self.breach)
+        n = self.index[p].remargin_range(lo, hi, snap, self.breach)
         in_breach = set(self.breach[: min(n, len(self.breach))].tolist())
         now = time.time_ns()
         for row in [r for r in self.outstanding_since if lo <= r < hi]:
@@ -197,26 +195,11 @@ class Worker:
             st.partitions[p]["heartbeat_ns"] = now
             self.counters["full_passes"] += 1
 
-    def _resync(self, p: int) -> None:
-        st = self.store
-        snap = st.price_snapshot()
-        lo, hi = st.partition_rows(p)
-        _margin.full_pass(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
-                          st.slots_per_account, lo, hi, snap.marks, snap.asset_px,
-                          snap.asset_haircut, snap.asset_scale, self.breach)
-        idx = self.index[p]
-        idx.refresh(snap)
+    def _stale_triggers(self, p: int) -> None:
+        """Mark partition ``p``'s trigger tables for a refresh (they drift as other
+        instruments' marks move); idle time re-sorts them one at a time."""
+        self.index[p].dirty[:] = True
         self.last_resync = time.monotonic()
-        # The aggregates are at ``snap`` now; bring them to the current prices.
-        now = st.price_snapshot()
-        n = idx.collateral_tick(now, self.breach)
-        if n:
-            self.liquidate(self.breach[: min(n, len(self.breach))], now, 0, time.time_ns())
-        for i in np.flatnonzero(now.price_seqs != snap.price_seqs).tolist():
-            n = idx.tick(i, now, self.breach)
-            if n:
-                self.liquidate(self.breach[: min(n, len(self.breach))], now, 0, time.time_ns())
-        self.flush_events()
 
     def _in(self, p: int, row: int) -> bool:
         lo = p * self.store.per_partition

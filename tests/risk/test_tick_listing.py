@@ -51,3 +51,31 @@ def test_listing_is_the_same_prefix_for_any_room(world, factor):
     cross = {int(r) for r, k in zip(hot["row"], hot["key"]) if not np.isinf(k)}
     breaching = {r for r in cross if eq[r] < mm[r] and mm[r] > 0}
     assert breaching <= set(rows0) <= holders
+
+
+def test_periodic_slices_reset_the_aggregates_to_the_full_pass(world):
+    # Ticks move the aggregates by float deltas; the periodic pass (remargin_range, in
+    # slices as the worker runs it) recomputes each slice at the index's basis. Once every
+    # moved instrument is ticked the basis is the snapshot, so the aggregates become
+    # exactly the full pass's figures (same kernel, same constants), and each slice
+    # reports the full pass's breaches.
+    store, snap = world
+    idx = margin.HolderIndex(store, 0)
+    idx.refresh(snap)
+    out = np.empty(4096, np.int64)
+    for factor in (1.02, 0.97, 1.01):
+        now = kernel._snapshot_with_mark(snap, kernel.TICK_INSTRUMENT, factor)
+        idx.tick(kernel.TICK_INSTRUMENT, now, out)
+    lo, hi = store.partition_rows(0)
+    listed = []
+    for start in range(lo, hi, 700):
+        n = idx.remargin_range(start, min(hi, start + 700), now, out)
+        listed += out[:n].tolist()
+    want_n, want_rows = margin.full_pass(store, 0, now)
+    assert listed == want_rows.tolist() and len(listed) == want_n
+    acc = store.accounts[lo:hi]
+    assert np.array_equal(idx.agg[:hi - lo, 0], acc["cross_equity_usd"])
+    assert np.array_equal(idx.agg[:hi - lo, 1], acc["cross_im_usd"])
+    assert np.array_equal(idx.agg[:hi - lo, 2], acc["cross_mm_usd"])
+    with pytest.raises(ValueError):
+        idx.remargin_range(lo, hi + 1, now, out)
