@@ -17,9 +17,11 @@ anything else goes through the reference decoder and router in Python, which dec
 the exact reject (the tests hold the two paths to each other).
 
 An ORDER_CHECK is answered here, from a consistent copy of the account (seqlock read)
-through the kernel's pre-trade entry point: no hop to a worker. A well-formed request
-is parsed and its reply encoded in C. Collateral requests
-go to the owning worker (the account's only writer) and its reply is routed back.
+through the kernel's pre-trade entry point: no hop to a worker. The common case is one
+C call (``_margin.CheckDesk``: parse, copy, rule, reply); anything else takes the
+reference path (``feeds.protocol.decode``, ``pretrade_check_consistent``). Collateral
+requests go to the owning worker (the account's only writer) and its reply is routed
+back.
 """
 
 from __future__ import annotations

@@ -108,3 +108,19 @@ def test_desk_takes_the_common_case_and_declines_malformed_frames(world):
     frozen = dict(good, instrument_id=FROZEN)
     assert desk.answer(encode(MsgType.ORDER_CHECK, frozen, seq=1, ts_ns=1), 5, 6) is None
     assert reference(store, 1, FROZEN, 10, 950_000)[0] == Code.CHECK_PRICE_FROZEN
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=160), st.integers(0, 159), st.integers(0, 255))
+def test_desk_survives_any_bytes_and_mutations(world, raw, at, byte):
+    # Random bytes, and a valid request with one byte changed: the desk never raises; when
+    # it answers, the frame is a valid ORDER_CHECK by the reference decoder.
+    store, desk = world
+    good = bytearray(encode(MsgType.ORDER_CHECK, {"request_id": 9, "account": 2, "instrument_id": 1,
+                                                  "qty_units": -40, "price_units": 34_000}, seq=3, ts_ns=4))
+    good[at % len(good)] = byte
+    for frame in (raw, bytes(good), memoryview(bytes(good))):
+        got = desk.answer(frame, 1, 2)
+        if got is not None:
+            m = decode(bytes(frame))
+            assert type(m) is Message and m.type == MsgType.ORDER_CHECK
