@@ -21,6 +21,7 @@ def test_default_engine_settings(default):
     e = default.engine
     assert (e.name, e.accounts_capacity, e.partitions, e.slots_per_account) == ("margin-engine", 20000, 2, 8)
     assert (e.cpus, e.wait, e.keep_shm_on_exit) == ((), "blocking", False)
+    assert (e.gateway_cpu, e.markprice_cpu, e.liqgw_cpu) == (-1, -1, -1)      # not pinned
 
 
 def test_default_assets(default):
@@ -233,6 +234,9 @@ BAD = [
     ("capacity-bool", "[engine]\naccounts_capacity = true\n" + VALID, "engine.accounts_capacity: must be an integer"),
     ("cpus-negative", "[engine]\ncpus = [0, -1]\n" + VALID, "engine.cpus"),
     ("keep-shm-string", "[engine]\nkeep_shm_on_exit = \"yes\"\n" + VALID, "engine.keep_shm_on_exit"),
+    ("gateway-cpu-below-minus-one", "[engine]\ngateway_cpu = -2\n" + VALID, "engine.gateway_cpu"),
+    ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),
+    ("liqgw-cpu-bool", "[engine]\nliqgw_cpu = true\n" + VALID, "engine.liqgw_cpu"),
     ("duplicate-asset", VALID + ASSET_BTC, "assets[2].name: duplicate asset 'BTC'"),
     ("duplicate-instrument", VALID + PERP, "instruments[0].name: duplicate instrument 'BTCUSDT'"),
     ("nine-assets", "".join(ASSET_USDT.replace('"USDT"', f'"A{k}"') for k in range(9)) + PERP.replace('"USDT"', '"A0"'),

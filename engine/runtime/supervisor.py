@@ -184,7 +184,11 @@ class Engine:
         return restarted
 
     def worker_pid(self, w: int) -> int:
-        return next(c.proc.pid for c in self.children if c.role == f"worker{w}")
+        return self.pid_of(f"worker{w}")
+
+    def pid_of(self, role: str) -> int:
+        """Process id of a child: ``worker<N>``, ``gateway``, ``markprice`` or ``liqgw``."""
+        return next(c.proc.pid for c in self.children if c.role == role)
 
     def stop(self, timeout_s: float = 10.0) -> dict:
         """Stop intake, let workers drain, flush the journal, release the shared memory."""
