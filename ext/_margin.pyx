@@ -469,20 +469,23 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                  double[:, ::1] agg, int64_t[::1] out_rows):
     """Incremental pass for one instrument's new prices: touch only its holders.
 
-    Each holder is 16 bytes (row, key, qty units; the key is ``|qty|`` rounded up to float32
-    for a cross holder, +inf for an isolated one, so one compare picks the common case); ``agg[row]`` is the owning worker's
-    private ``(cross equity, cross IM, cross MM, spare)`` in USD (32 bytes, one line per
-    holder). The aggregates hold every position at its instrument's basis row ``b``
+    Each holder is 16 bytes (row, key, qty units; the key is ``|qty|`` rounded up to
+    float32 for a cross holder, +inf for an isolated one, so one compare picks the common
+    case), and the array has 16 spare records after the last (the prefetch reads ahead
+    unchecked); ``agg[row]`` is the owning worker's private ``(cross equity, cross IM,
+    cross MM, spare)`` in USD (32 bytes, one line per holder). The aggregates hold every position at its instrument's basis row ``b``
     (``basis[instrument]``); the pass moves them to ``b'`` at the new prices, with
     ``x = x_per_unit``, ``n = notional_per_unit``, ``px`` the settle price:
 
         equity += qty (x' px' - x px) + cost upnl_per_cost (px' - px)   (cost read only when px moved)
         IM     += IM(|qty| n') px' - IM(|qty| n) px,   MM likewise      (tiers at both notionals)
 
-    then ``b = b'``. Breach: cross ``equity < MM and MM > 0``; isolated (aggregates
-    untouched) ``iso + upnl' < MM'`` in the settle asset. Returns the number of breaching
-    holders; their rows (absolute, ``row_base`` added by the caller's offset) go to
-    ``out_rows``, the first ``len`` of them.
+    then ``b = b'``. A cross holder in the first tier at both prices (``key`` below the
+    second tier's floor in quantity at both prices) moves IM and MM by ``|qty| c + k``
+    with ``c``, ``k`` computed once per tick. Breach: cross ``equity < MM and MM > 0``;
+    isolated (aggregates untouched) ``iso + upnl' < MM'`` in the settle asset. Returns
+    the number of breaching holders; their rows (relative to the partition's first row;
+    the caller adds it) go to ``out_rows``, the first ``len`` of them, in holder order.
     """
     cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
     cdef const HolderRec *hold = <const HolderRec *>holders_addr
