@@ -25,7 +25,7 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
                       debt, flagged BANKRUPT)
 """
 
-from libc.math cimport fabs, fmin, NAN, INFINITY, isnan, isinf
+from libc.math cimport fabs, fmin, fmax, ceil, floor, NAN, INFINITY, isnan, isinf
 from libc.stdint cimport int32_t, int64_t, uint64_t
 
 from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
@@ -45,6 +45,7 @@ include "_msgpack.pxi"
 
 # Result codes (the numbers of engine.codes.Code).
 cdef enum:
+    MAX_SLOTS_DECIDE = 64               # position slots decide_orders works on at most
     CODE_OK = 0
     CODE_CHECK_INSUFFICIENT_MARGIN = 4001
     CODE_CHECK_POSITION_SLOTS_FULL = 4007
@@ -706,6 +707,202 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
     return (r.collateral_usd, r.cross_upnl_usd, r.cross_equity_usd, r.cross_im_usd,
             r.cross_mm_usd, r.iso_margin_usd, r.iso_upnl_usd, r.iso_im_usd, r.iso_mm_usd,
             r.status)
+
+
+# ------------------------------------------------------------------ partial liquidation
+
+cdef enum:
+    CODE_LIQ_BELOW_MAINTENANCE = 6001          # engine.codes.Code (held equal by a test)
+    CODE_LIQ_ISOLATED_BELOW_MAINTENANCE = 6002
+    CODE_LIQ_BELOW_BANKRUPTCY = 6003
+
+#: Reason codes compiled into ``decide_orders``, for the test that holds them to engine.codes.
+LIQ_CODES = {"LIQ_BELOW_MAINTENANCE": CODE_LIQ_BELOW_MAINTENANCE,
+             "LIQ_ISOLATED_BELOW_MAINTENANCE": CODE_LIQ_ISOLATED_BELOW_MAINTENANCE,
+             "LIQ_BELOW_BANKRUPTCY": CODE_LIQ_BELOW_BANKRUPTCY}
+
+
+cdef double close_qty(const InstrumentRow *ins, double q, double p, double px_s, double e_usd,
+                      double m_other_usd, double h) noexcept nogil:
+    """Contracts to close so that ``e >= h (m_other + MM_position(|q| - x))``: the largest
+    notional kept, tier by tier from the top (engine/liquidation/decide.py)."""
+    cdef int k, n_t = ins.n_tiers
+    cdef double budget = e_usd / h - m_other_usd, nk, upper, n_keep = 0.0, keep
+    for k in range(n_t - 1, -1, -1):
+        nk = (budget + px_s * ins.tier_maint_amount[k]) / (px_s * ins.tier_mmr[k])
+        if nk >= ins.tier_floor[k]:
+            upper = ins.tier_floor[k + 1] if k + 1 < n_t else INFINITY
+            n_keep = fmax(0.0, fmin(nk, upper))
+            break
+    if is_inverse(ins.kind):
+        keep = n_keep * p / ins.contract_size
+    else:
+        keep = n_keep / (ins.contract_size * p)
+    return fmax(0.0, fabs(q) - keep)
+
+
+cdef double mm_at(const InstrumentRow *ins, double q_abs, double p) noexcept nogil:
+    """Tiered maintenance requirement of ``q_abs`` contracts at mark ``p`` (settle asset)."""
+    cdef double n
+    cdef int t, k = 0
+    if is_inverse(ins.kind):
+        n = q_abs * ins.contract_size / p
+    else:
+        n = q_abs * ins.contract_size * p
+    for t in range(1, ins.n_tiers):
+        if ins.tier_floor[t] <= n:
+            k = t
+    return n * ins.tier_mmr[k] - ins.tier_maint_amount[k]
+
+
+cdef int put_order(int64_t *o, const InstrumentRow *ins, int instrument, int64_t qty_units,
+                   double qty_contracts, double bankruptcy, double mark, int reason) noexcept nogil:
+    """One order row ``(instrument, signed qty units, limit price units, reason)``: the
+    quantity rounded up to a unit (at most the position), the limit the bankruptcy price
+    (else the mark) rounded away from the account's favour. 0 when a number would not fit
+    an int64 (the caller falls back to the reference)."""
+    cdef double want = qty_contracts * <double>ins.qty_scale - 1e-9
+    cdef double limit = mark if isnan(bankruptcy) else bankruptcy
+    cdef double lu
+    cdef int64_t units, aq = qty_units if qty_units >= 0 else -qty_units
+    cdef int side = -1 if qty_units > 0 else 1           # sell a long, buy back a short
+    if not (want < 4.0e18) or not (fabs(limit) * <double>ins.price_scale < 4.0e18):
+        return 0
+    units = <int64_t>ceil(want)
+    units = min(aq, max(<int64_t>1, units))
+    if side < 0:
+        lu = ceil(limit * <double>ins.price_scale - 1e-9)
+    else:
+        lu = floor(limit * <double>ins.price_scale + 1e-9)
+    o[0] = instrument
+    o[1] = side * units
+    o[2] = max(<int64_t>1, <int64_t>lu)
+    o[3] = reason
+    return 1
+
+
+def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_addr,
+                  const double[::1] marks, const double[::1] asset_px, const double[::1] asset_haircut,
+                  const double[::1] asset_scale, double health_factor, int64_t[:, ::1] out):
+    """Partial liquidation of one account (the rule of engine/liquidation/decide.py, which
+    is its reference): rows of ``out`` = ``(instrument, signed qty units, limit price
+    units, reason)``. Returns the number of orders, or -1 when a number leaves the range
+    this kernel handles (the caller then runs the reference).
+
+    Steps: (1) every figure of the account at the prices (``account_values``, per position
+    its values and bankruptcy price); (2) isolated positions in breach, each its own
+    scope: all of it below bankruptcy, else the least that restores ``iso + upnl >= h MM``;
+    (3) when the cross scope is liquidatable: everything below bankruptcy (``E < 0``), else
+    positions by cross requirement, largest first (stable), each closed by the least that
+    restores ``E >= h MM``, until it holds.
+    """
+    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
+    cdef const AccountRow *acct = <const AccountRow *>account_addr
+    cdef const PositionRow *slots = <const PositionRow *>slots_addr
+    cdef const PositionRow *pos
+    cdef const InstrumentRow *ins
+    cdef AssetPass w
+    cdef AcctValues r
+    cdef PosValues v[MAX_SLOTS_DECIDE]
+    cdef double bp[MAX_SLOTS_DECIDE]
+    cdef double key[MAX_SLOTS_DECIDE]
+    cdef int order_of[MAX_SLOTS_DECIDE]
+    cdef int n_pos = acct.n_positions, i, j, t, n_cross = 0, n_out = 0, cap = <int>out.shape[0]
+    cdef int ok = 1
+    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, h = health_factor, mark_n, e0
+    cdef int notional_of
+    cdef InsPass *table
+    if n_pos > MAX_SLOTS_DECIDE or out.shape[1] != 4 or cap < n_pos:
+        return -1
+    if n_pos == 0:
+        return 0
+    table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
+    with nogil:
+        ins_pass_held(table, instruments, acct, slots, &marks[0], &asset_px[0], &asset_scale[0])
+        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+        r = account_values(table, &w, acct, slots)
+        for i in range(n_pos):                              # (1) per position, as account_detail
+            pos = &slots[i]
+            ins = &instruments[pos.instrument]
+            px_s = asset_px[ins.settle_asset]
+            v[i] = position_values(&table[pos.instrument], pos)
+            if pos.mode == MODE_ISOLATED:
+                e0 = <double>pos.isolated_margin / asset_scale[ins.settle_asset] * px_s
+            else:
+                e0 = r.cross_equity_usd - v[i].upnl * px_s
+            bp[i] = bankruptcy_price(ins, <double>pos.qty / <double>ins.qty_scale,
+                                     <double>pos.cost / asset_scale[ins.settle_asset], px_s, e0)
+        for i in range(n_pos):                              # (2) isolated scopes
+            pos = &slots[i]
+            if pos.mode != MODE_ISOLATED or not ok:
+                continue
+            ins = &instruments[pos.instrument]
+            iso = <double>pos.isolated_margin / asset_scale[ins.settle_asset]
+            e = iso + v[i].upnl
+            if e >= v[i].mm or v[i].mm <= 0:
+                continue
+            q = <double>pos.qty / <double>ins.qty_scale
+            if e < 0:
+                ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, fabs(q), bp[i],
+                               marks[pos.instrument], CODE_LIQ_BELOW_BANKRUPTCY)
+            else:
+                notional_of = ins.underlying if ins.kind == KIND_OPTION else pos.instrument
+                x = close_qty(ins, q, marks[notional_of], 1.0, e, 0.0, h)
+                ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, x, bp[i],
+                               marks[pos.instrument], CODE_LIQ_ISOLATED_BELOW_MAINTENANCE)
+            n_out += ok
+        if ok and (r.status & STATUS_LIQUIDATABLE):         # (3) the cross scope
+            for i in range(n_pos):
+                if slots[i].mode == MODE_CROSS and slots[i].qty != 0:
+                    order_of[n_cross] = i
+                    key[n_cross] = -v[i].mm * asset_px[instruments[slots[i].instrument].settle_asset]
+                    n_cross += 1
+            e = r.cross_equity_usd
+            if e < 0:
+                for j in range(n_cross):
+                    i = order_of[j]
+                    pos = &slots[i]
+                    ins = &instruments[pos.instrument]
+                    q = <double>(pos.qty if pos.qty >= 0 else -pos.qty) / <double>ins.qty_scale
+                    ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, q, bp[i],
+                                   marks[pos.instrument], CODE_LIQ_BELOW_BANKRUPTCY)
+                    if not ok:
+                        break
+                    n_out += 1
+            else:
+                for j in range(1, n_cross):                 # stable insertion sort, key ascending
+                    t = j
+                    while t > 0 and key[t - 1] > key[t]:
+                        key[t - 1], key[t] = key[t], key[t - 1]
+                        order_of[t - 1], order_of[t] = order_of[t], order_of[t - 1]
+                        t -= 1
+                m_total = r.cross_mm_usd
+                for j in range(n_cross):
+                    if e >= h * m_total:
+                        break
+                    i = order_of[j]
+                    pos = &slots[i]
+                    ins = &instruments[pos.instrument]
+                    px_s = asset_px[ins.settle_asset]
+                    q = <double>pos.qty / <double>ins.qty_scale
+                    m_pos = v[i].mm * px_s
+                    notional_of = ins.underlying if ins.kind == KIND_OPTION else pos.instrument
+                    mark_n = marks[notional_of]
+                    x = close_qty(ins, q, mark_n, px_s, e, m_total - m_pos, h)
+                    if x <= 0:
+                        continue
+                    ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, x, bp[i],
+                                   marks[pos.instrument], CODE_LIQ_BELOW_MAINTENANCE)
+                    if not ok:
+                        break
+                    kept = fmax(0.0, fabs(q) - <double>(out[n_out, 1] if out[n_out, 1] >= 0 else -out[n_out, 1])
+                                / <double>ins.qty_scale)
+                    n_out += 1
+                    m_total = m_total - m_pos + px_s * mm_at(ins, kept, mark_n)
+    free(table)
+    return n_out if ok else -1
 
 
 ctypedef struct CheckOut:

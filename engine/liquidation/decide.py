@@ -24,9 +24,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from engine import _margin
 from engine.codes import Code
 from engine.instruments import Kind
-from engine.risk.margin import AccountDetail, account_detail
+from engine.risk.margin import AccountDetail, _checked_snapshot, account_detail
 from engine.store.layout import Mode, Status
 from engine.store.shm import PriceSnapshot, Store
 
@@ -93,7 +96,34 @@ def _close_qty_contracts(ins: _Params, q: float, p: float, px_s: float, e_usd: f
 
 def decide(store: Store, row: int, snap: PriceSnapshot, *, health_factor: float = DEFAULT_HEALTH_FACTOR,
            detail: AccountDetail | None = None) -> list[LiquidationOrder]:
-    """The orders that bring account ``row`` back to health at ``snap`` (empty when healthy)."""
+    """The orders that bring account ``row`` back to health at ``snap`` (empty when healthy).
+
+    Runs the rule in C (``_margin.decide_orders``, one call); ``decide_reference`` is the
+    same rule in Python, used when the kernel declines (a number out of its range) or a
+    precomputed ``detail`` is given. The tests hold the two to the same orders.
+    """
+    if detail is None:
+        if not 0 <= row < store.accounts_cap:
+            raise ValueError(f"account row {row} outside 0..{store.accounts_cap - 1}")
+        snap = _checked_snapshot(store, snap)
+        out = store.__dict__.get("_liq_out")
+        if out is None:
+            out = store.__dict__["_liq_out"] = np.zeros((store.slots_per_account, 4), np.int64)
+        n = _margin.decide_orders(store.addr(store.instruments), store.addr(store.accounts, row),
+                                  store.addr(store.positions, row * store.slots_per_account), snap.marks,
+                                  snap.asset_px, snap.asset_haircut, snap.asset_scale, float(health_factor), out)
+        if n >= 0:
+            acct_id = int(store.accounts[row]["account_id"])
+            ps = _params(store)
+            return [LiquidationOrder(row, acct_id, i, q, lu / ps[i].ps, lu, Code(reason))
+                    for i, q, lu, reason in out[:n].tolist()]
+    return decide_reference(store, row, snap, health_factor=health_factor, detail=detail)
+
+
+def decide_reference(store: Store, row: int, snap: PriceSnapshot, *,
+                     health_factor: float = DEFAULT_HEALTH_FACTOR,
+                     detail: AccountDetail | None = None) -> list[LiquidationOrder]:
+    """``decide`` in Python: the reference of ``_margin.decide_orders`` (module doc)."""
     d = detail or account_detail(store, row, snap)
     acct_id = int(store.accounts[row]["account_id"])
     orders: list[LiquidationOrder] = []

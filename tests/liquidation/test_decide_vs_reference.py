@@ -36,13 +36,15 @@ import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
+from engine import _margin
 from engine.codes import Code
 from engine.instruments import Asset, Instrument, Kind, derive_tiers
-from engine.liquidation.decide import decide
+from engine.liquidation.decide import decide, decide_reference
 from engine.risk import margin
 from engine.risk import reference as ref
 from engine.store.layout import Mode
@@ -491,6 +493,14 @@ def run_case(assets, instruments, balances, rows, moved: int | None = None, mark
     acct = ref.account_from_store(store, 0)
     d = margin.account_detail(store, 0, snap)
     got = decide(store, 0, snap)
+    # The C kernel (decide) and its Python reference give the same orders, field by field.
+    assert got == decide_reference(store, 0, snap)
+    assert got == decide(store, 0, snap, detail=d)          # a given detail: the Python path
+    out = np.zeros((store.slots_per_account, 4), np.int64)
+    n = _margin.decide_orders(store.addr(store.instruments), store.addr(store.accounts, 0),
+                              store.addr(store.positions, 0), snap.marks, snap.asset_px, snap.asset_haircut,
+                              snap.asset_scale, 1.25, out)
+    assert n == len(got)                                    # the kernel decided (no fallback)
     return store, market, acct, d, got
 
 
@@ -667,3 +677,9 @@ def test_known_values(fixture, marks, expected):
     exp = reference_orders(market, acct, ps)        # the exact search agrees, without following
     assert [(r.instrument, r.qty_units, r.reason, r.limit_units) for r in exp] == expected
     check_after(market, acct, got)
+
+
+def test_compiled_reason_codes_are_the_engines():
+    assert _margin.LIQ_CODES == {c.name: int(c) for c in (Code.LIQ_BELOW_MAINTENANCE,
+                                                           Code.LIQ_ISOLATED_BELOW_MAINTENANCE,
+                                                           Code.LIQ_BELOW_BANKRUPTCY)}
