@@ -656,6 +656,26 @@ cdef double bankruptcy_price(const InstrumentRow *ins, double q, double c, doubl
     return root if root > 0 else NAN
 
 
+cdef void position_prices(const InstrumentRow *ins, const PositionRow *pos, const PosValues *v,
+                          const AcctValues *r, double px_s, double scale_s, double *liq,
+                          double *bankrupt) noexcept nogil:
+    """A position's liquidation price (into ``liq`` unless NULL) and bankruptcy price, with
+    what backs it held fixed: its isolated margin (``e0 = iso px_s``, ``m0 = 0``), or the
+    rest of the cross account (``e0 = E - upnl px_s``, ``m0 = MM - mm px_s``). NaN: none."""
+    cdef double q = <double>pos.qty / <double>ins.qty_scale
+    cdef double c = <double>pos.cost / scale_s
+    cdef double e0, m0
+    if pos.mode == MODE_ISOLATED:
+        e0 = <double>pos.isolated_margin / scale_s * px_s
+        m0 = 0.0
+    else:
+        e0 = r.cross_equity_usd - v.upnl * px_s
+        m0 = r.cross_mm_usd - v.mm * px_s
+    if liq != NULL:
+        liq[0] = liquidation_price(ins, q, c, px_s, e0, m0)
+    bankrupt[0] = bankruptcy_price(ins, q, c, px_s, e0)
+
+
 def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_addr,
                    const double[::1] marks, const double[::1] asset_px,
                    const double[::1] asset_haircut, const double[::1] asset_scale,
@@ -674,7 +694,7 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
     cdef AcctValues r
     cdef PosValues v
     cdef int i
-    cdef double q, c, px_s, scale_s, e0, m0
+    cdef double px_s, scale_s
     cdef AssetPass w
     cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
     if table == NULL:
@@ -689,20 +709,11 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
             scale_s = asset_scale[ins.settle_asset]
             px_s = asset_px[ins.settle_asset]
             v = position_values(&table[pos.instrument], pos)
-            q = <double>pos.qty / <double>ins.qty_scale
-            c = <double>pos.cost / scale_s
-            if pos.mode == MODE_ISOLATED:
-                e0 = <double>pos.isolated_margin / scale_s * px_s
-                m0 = 0.0
-            else:
-                e0 = r.cross_equity_usd - v.upnl * px_s
-                m0 = r.cross_mm_usd - v.mm * px_s
             out_positions[i, 0] = v.notional
             out_positions[i, 1] = v.upnl
             out_positions[i, 2] = v.im
             out_positions[i, 3] = v.mm
-            out_positions[i, 4] = liquidation_price(ins, q, c, px_s, e0, m0)
-            out_positions[i, 5] = bankruptcy_price(ins, q, c, px_s, e0)
+            position_prices(ins, pos, &v, &r, px_s, scale_s, &out_positions[i, 4], &out_positions[i, 5])
     free(table)
     return (r.collateral_usd, r.cross_upnl_usd, r.cross_equity_usd, r.cross_im_usd,
             r.cross_mm_usd, r.iso_margin_usd, r.iso_upnl_usd, r.iso_im_usd, r.iso_mm_usd,
@@ -809,7 +820,7 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
     cdef int order_of[MAX_SLOTS_DECIDE]
     cdef int n_pos = acct.n_positions, i, j, t, n_cross = 0, n_out = 0, cap = <int>out.shape[0]
     cdef int ok = 1
-    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, h = health_factor, mark_n, e0
+    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, h = health_factor, mark_n
     cdef int notional_of
     cdef InsPass *table
     if n_pos > MAX_SLOTS_DECIDE or out.shape[1] != 4 or cap < n_pos:
@@ -828,12 +839,7 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
             ins = &instruments[pos.instrument]
             px_s = asset_px[ins.settle_asset]
             v[i] = position_values(&table[pos.instrument], pos)
-            if pos.mode == MODE_ISOLATED:
-                e0 = <double>pos.isolated_margin / asset_scale[ins.settle_asset] * px_s
-            else:
-                e0 = r.cross_equity_usd - v[i].upnl * px_s
-            bp[i] = bankruptcy_price(ins, <double>pos.qty / <double>ins.qty_scale,
-                                     <double>pos.cost / asset_scale[ins.settle_asset], px_s, e0)
+            position_prices(ins, pos, &v[i], &r, px_s, asset_scale[ins.settle_asset], NULL, &bp[i])
         for i in range(n_pos):                              # (2) isolated scopes
             pos = &slots[i]
             if pos.mode != MODE_ISOLATED or not ok:
