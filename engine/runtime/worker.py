@@ -11,9 +11,10 @@ Loop (one iteration per doorbell ring, or per timeout)::
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
     3. upkeep   -- every ``full_pass_interval_s``, in slices between wake-ups: full pass
-                   rewriting the shared rows, re-sending orders still in breach,
-                   heartbeat; every 30 s a resync of the private aggregates (float
-                   drift); stale trigger tables re-sorted
+                   rewriting the shared rows and resetting the private aggregates at
+                   the basis (float drift), re-sending orders still in breach,
+                   heartbeat; every 30 s all trigger tables marked stale; stale ones
+                   re-sorted when idle
 
 Started by the supervisor as ``python -m engine.runtime.worker`` with its partitions,
 CPU and wait strategy; pinned with ``os.sched_setaffinity``.
@@ -156,7 +157,7 @@ class Worker:
         self.last_seqs = snap.price_seqs.copy()
         self.prev_marks = snap.marks.copy()
         self.asset_px_seen = snap.asset_px.copy()
-        self.last_resync = self.last_upkeep = time.monotonic()
+        self.last_resync = self.last_upkeep = time.monotonic()     # last stale-marking of the triggers
 
     def schedule_upkeep(self) -> None:
         """Queue the periodic upkeep as short slices, run between wake-ups (stage 3).
@@ -253,7 +254,7 @@ class Worker:
                     self.liquidate(self.breach[: min(n, len(self.breach))], snap, int(pr["tick_seq"]),
                                    int(pr["ts_ns"]))
             # Other instruments' triggers of these holders drift with this mark; the
-            # periodic resync refreshes them, this pass covers the interval.
+            # periodic re-sort refreshes them, this pass covers the interval.
         self.pending_pass.clear()
         self.flush_events()
 
