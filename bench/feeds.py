@@ -309,14 +309,17 @@ def run(json_out: str | os.PathLike | None = "bench/results/feeds.json", *, acco
     """Run the whole benchmark; write ``json_out`` (and the PNG next to it unless
     ``plot_out`` is None); return the result dict.
 
-    ``pin`` (default: when there are 2+ CPUs): the round trips run with the client on CPU 0
-    and the server on CPU 1 -- the bare echo for the floor, the engine's gateway
-    (``engine.gateway_cpu``) for the order checks -- so both see the same placement
-    instead of whatever the scheduler picked that run.
+    ``pin`` (default: when this process may run on 2+ CPUs): the round trips run with the
+    client on the first allowed CPU and the server on the second -- the bare echo for the
+    floor, the engine's gateway (``engine.gateway_cpu``) for the order checks -- so both
+    see the same placement instead of whatever the scheduler picked that run.
     """
+    allowed = sorted(os.sched_getaffinity(0))
     if pin is None:
-        pin = (os.cpu_count() or 1) >= 2
-    client_cpu, server_cpu = (0, 1) if pin else (-1, -1)
+        pin = len(allowed) >= 2
+    if pin and len(allowed) < 2:
+        raise ValueError("pinning needs 2 CPUs this process may run on")
+    client_cpu, server_cpu = (allowed[0], allowed[1]) if pin else (-1, -1)
     if transport not in ("ipc", "tcp"):
         raise ValueError("transport: ipc or tcp")
     ctx = mp.get_context("spawn")
@@ -497,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--no-pin", action="store_true",
-                    help="leave client and servers to the scheduler (default: client CPU 0, server CPU 1)")
+                    help="leave client and servers to the scheduler (default: the client on the first "
+                         "allowed CPU, the server on the second)")
     a = ap.parse_args(argv)
     run(a.json, accounts=a.accounts, checks=a.checks, warmup=a.warmup, throughput_checks=a.throughput_checks,
         inflight=a.inflight, fills=a.fills, batch=a.batch, workers=a.workers, transport=a.transport,
