@@ -126,17 +126,11 @@ cdef inline void ins_pass_at(InsPass *e, const InstrumentRow *instruments, int i
         e.notional_per_unit = per_qty * marks[ins.underlying]
 
 
-cdef inline void ins_pass_one(InsPass *table, const InstrumentRow *instruments, int i,
-                              const double *marks, const double *asset_px,
-                              const double *asset_scale) noexcept nogil:
-    ins_pass_at(&table[i], instruments, i, marks, asset_px, asset_scale)
-
-
 cdef void ins_pass_all(InsPass *table, const InstrumentRow *instruments, int n_instruments,
                        const double *marks, const double *asset_px, const double *asset_scale) noexcept nogil:
     cdef int i
     for i in range(n_instruments):
-        ins_pass_one(table, instruments, i, marks, asset_px, asset_scale)
+        ins_pass_at(&table[i], instruments, i, marks, asset_px, asset_scale)
 
 
 cdef void ins_pass_held(InsPass *table, const InstrumentRow *instruments, const AccountRow *acct,
@@ -145,7 +139,8 @@ cdef void ins_pass_held(InsPass *table, const InstrumentRow *instruments, const 
     """Fill only the entries of the instruments one account holds (single-account callers)."""
     cdef int i
     for i in range(acct.n_positions):
-        ins_pass_one(table, instruments, slots[i].instrument, marks, asset_px, asset_scale)
+        ins_pass_at(&table[slots[i].instrument], instruments, slots[i].instrument, marks, asset_px,
+                    asset_scale)
 
 
 cdef void asset_pass_fill(AssetPass *w, int n_assets, const double *asset_px,
@@ -364,31 +359,6 @@ def instrument_basis(size_t instruments_addr, const double[::1] marks, const dou
             basis_store(&out[i, 0], &e)
 
 
-def account_cross_at_basis(size_t instruments_addr, size_t account_addr, size_t slots_addr,
-                           const double[:, ::1] basis, const double[::1] asset_px,
-                           const double[::1] asset_haircut, const double[::1] asset_scale):
-    """``(cross equity, cross IM, cross MM)`` in USD of one account with each instrument at
-    its basis row and collateral at ``asset_px``: the account's aggregates as the holder
-    index holds them (``account_values``, same rule as the full pass)."""
-    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
-    cdef const AccountRow *acct = <const AccountRow *>account_addr
-    cdef const PositionRow *slots = <const PositionRow *>slots_addr
-    cdef AssetPass w
-    cdef AcctValues r
-    cdef int i, k
-    cdef InsPass *table = <InsPass *>malloc(basis.shape[0] * sizeof(InsPass))
-    if table == NULL:
-        raise MemoryError()
-    with nogil:
-        for i in range(acct.n_positions):
-            k = slots[i].instrument
-            basis_load(&table[k], &instruments[k], &basis[k, 0])
-        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
-        r = account_values(table, &w, acct, slots)
-    free(table)
-    return (r.cross_equity_usd, r.cross_im_usd, r.cross_mm_usd)
-
-
 def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t positions_addr,
                   int slots_per_account, const int64_t[::1] rows, const double[::1] marks,
                   const double[::1] asset_px, const double[::1] asset_haircut,
@@ -401,7 +371,7 @@ def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t position
     Each row's shared-memory figures at the current prices (the full pass's rule and
     seqlock write), and its private aggregates ``agg[row - row_base]`` = (cross equity,
     IM, MM) at the holder index's basis (every instrument at its basis row, collateral
-    at ``basis_asset_px``: ``account_cross_at_basis``), so the pending incremental passes
+    at ``basis_asset_px``), so the pending incremental passes
     move it with the other holders -- and whatever float drift the incremental sums had
     is gone. Returns the number of rows in breach at the current prices; the first
     ``len(out_rows)`` of them are listed.

@@ -370,6 +370,16 @@ def _dependents_last(order: list[int], instruments) -> list[int]:
     return out
 
 
+def indexed_store(assets, instruments, accounts, slots):
+    """The world's store after a full pass, its snapshot, and a holder index refreshed at it."""
+    store = build(assets, instruments, accounts, slots)
+    snap0 = store.price_snapshot()
+    margin.full_pass(store, 0, snap0)
+    idx = margin.HolderIndex(store, 0)
+    idx.refresh(snap0)
+    return store, snap0, idx
+
+
 def aggregates_equal_full_pass(store: Store, idx, market, n_accounts: int, snap):
     """Run a fresh full pass at ``snap``; assert the index's aggregates equal its rows (TOL
     relative to each account's magnitudes); yield ``(row, account, magnitude, (eq, im, mm))``."""
@@ -392,11 +402,7 @@ def test_holder_index_ticks_equal_full_pass(plan):
     # IM, MM per account) by float deltas, so after the ticks they differ from a fresh
     # full pass at the final prices by rounding only: TOL relative to the magnitudes.
     (assets, instruments, accounts, slots), order, moves = plan
-    store = build(assets, instruments, accounts, slots)
-    snap0 = store.price_snapshot()
-    margin.full_pass(store, 0, snap0)
-    idx = margin.HolderIndex(store, 0)
-    idx.refresh(snap0)
+    store, snap0, idx = indexed_store(assets, instruments, accounts, slots)
     out = np.empty(64, np.int64)
     # A tick revalues the ticked instrument's holders and those of the options written on
     # it (test_tick_of_underlying_updates_short_option_requirement); ticking an option
@@ -429,11 +435,7 @@ def test_holder_index_update_between_move_and_tick(plan, change, batched):
     # ticks the aggregates equal a fresh full pass at the new prices, to rounding (TOL
     # relative to the magnitudes), whatever the fill changed.
     (assets, instruments, accounts, slots), order, moves = plan
-    store = build(assets, instruments, accounts, slots)
-    snap0 = store.price_snapshot()
-    margin.full_pass(store, 0, snap0)
-    idx = margin.HolderIndex(store, 0)
-    idx.refresh(snap0)
+    store, snap0, idx = indexed_store(assets, instruments, accounts, slots)
     for i, m in moves.items():
         store.publish_mark(i, float(snap0.marks[i]) * m)
     snap = store.price_snapshot()
