@@ -312,6 +312,12 @@ cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c
     return v
 
 
+cdef enum:
+    HOLD_AHEAD = 48                     # the tick prefetches this many holders ahead
+
+HOLDER_PAD = HOLD_AHEAD                 # spare records a holder array carries (HolderIndex.PAD)
+
+
 ctypedef struct HolderRec:              # 16 bytes: one holder of one instrument (HolderIndex.HOT)
     int32_t row                         # account row minus the partition's first row
     float key                           # cross: |qty| rounded up to float32; isolated: +inf
@@ -504,8 +510,8 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
             if n_breach < cap:
                 lim = min(n, h + (cap - n_breach))
                 while h < lim and hold[h].key < tier1_qty:
-                    # (the holder arrays carry 16 spare records: hold[h + 16] is readable)
-                    me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
+                    # (the holder arrays carry HOLD_AHEAD spare records: hold[h + HOLD_AHEAD] is readable)
+                    me_prefetch_rw(&agg_p[<int64_t>hold[h + HOLD_AHEAD].row * 4])
                     r = hold[h].row
                     out_rows[n_breach] = r
                     n_breach += tier0_move(&agg_p[r * 4], hold[h].qty, du_per_qty, c_im, k_im, c_mm, k_mm)
@@ -516,14 +522,14 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
                     continue                      # the run used up out_rows' room
             else:
                 while h < n and hold[h].key < tier1_qty:
-                    me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
+                    me_prefetch_rw(&agg_p[<int64_t>hold[h + HOLD_AHEAD].row * 4])
                     n_breach += tier0_move(&agg_p[<int64_t>hold[h].row * 4], hold[h].qty, du_per_qty,
                                            c_im, k_im, c_mm, k_mm)
                     h += 1
                 if h >= n:
                     break
             # (b) any other holder: tiers searched, options, isolated
-            me_prefetch_rw(&agg_p[<int64_t>hold[h + 16].row * 4])
+            me_prefetch_rw(&agg_p[<int64_t>hold[h + HOLD_AHEAD].row * 4])
             q = hold[h].qty
             aq = fabs(q)
             free_long = long_free and q >= 0

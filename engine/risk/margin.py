@@ -204,9 +204,11 @@ class HolderIndex:
     For each instrument, its holders as 16-byte records (``HOT``: account row relative to
     the partition's first row, a key -- ``|qty|`` rounded up to float32 when cross, +inf
     when isolated, see ``holder_keys`` -- and the quantity units), ordered at build cross
-    holders first, each group by ``|qty|``, so the pass's branches (mode, first tier or
-    not) switch once instead of at random and its tier cursor only steps up (holders that
-    fills add later go at the end; order never affects the result), plus two cold
+    holders first, in two groups: A, those well inside the first tier (``_first_tier_keys``)
+    by account row, so the pass's one hot loop walks the aggregates in address order;
+    B, the rest by ``|qty|``, isolated last, so the pass's branches (mode, tier) switch
+    once instead of at random and its tier cursor only steps up (holders that fills add
+    later go at the end; order never affects the result), plus two cold
     columns read only for isolated holders and settle-price moves: cost and isolated
     margin (settle units). The
     aggregates (``agg``: cross equity, IM, MM, spare in USD; 32 bytes a row) hold every
@@ -220,7 +222,7 @@ class HolderIndex:
     """
 
     HOT = np.dtype([("row", np.int32), ("key", np.float32), ("qty", np.float64)])
-    PAD = 16        # spare records after the last holder: the pass prefetches 16 ahead unchecked
+    PAD = _margin.HOLDER_PAD    # spare records after the last holder: the pass prefetches this far ahead unchecked
 
     def __init__(self, store: Store, partition: int):
         self.store = store
@@ -261,11 +263,15 @@ class HolderIndex:
         self.cost: list[np.ndarray] = []
         self.iso: list[np.ndarray] = []
         self.where: dict[tuple[int, int], int] = {}    # (row, instrument) -> holder index
+        small = self._first_tier_keys()
         for i in range(len(st.instruments)):
             m = np.flatnonzero(p["instrument"] == i)
             key = holder_keys(p["mode"][m], p["qty"][m])
-            m = m[np.argsort(key, kind="stable")]          # cross first (by |qty|), isolated last
-            key = np.sort(key, kind="stable")
+            # Group A (by row): cross holders well inside the first tier; group B (by key):
+            # the rest, cross by |qty|, isolated last.
+            in_a = key < small[i]
+            o = np.lexsort((np.where(in_a, rows[m], 0), np.where(in_a, 0, key), ~in_a))
+            m, key = m[o], key[o]
             n = len(m)
             cap = max(16, 2 * n) + self.PAD
             hot = np.zeros(cap, self.HOT)
@@ -290,6 +296,30 @@ class HolderIndex:
         self._asset_extra: list[set[int]] = [set() for _ in range(bal.shape[1])]
         for (r, i) in self.where:
             self._rows.setdefault(r, set()).add(i)
+
+    FIRST_TIER_SHARE = 0.8   # group A: |qty| under this share of the first tier's limit at build
+
+    def _first_tier_keys(self) -> np.ndarray:
+        """Per instrument, the key below which a cross holder goes in group A: 0.8 x the
+        |qty| at which its notional reaches the second tier's floor at the current marks
+        (``floor_1 / notional_per_unit``), so a tick finds it in the first tier unless the
+        mark moved by a quarter since the build; 0 (no group A) without a usable mark."""
+        st = self.store
+        n_i = len(st.instruments)
+        out = np.zeros(n_i, np.float32)
+        snap = st.price_snapshot()
+        marks = np.where(np.isfinite(snap.marks) & (snap.marks > 0), snap.marks, 0.0)
+        basis = np.zeros((n_i, 8))
+        _margin.instrument_basis(st.addr(st.instruments), np.where(marks > 0, marks, 1.0), snap.asset_px,
+                                 snap.asset_scale, basis)
+        per_unit = basis[:, 1]
+        n_tiers = st.instruments["n_tiers"]
+        floor1 = st.instruments["tier_floor"][:, 1]
+        ok = (marks > 0) & (n_tiers > 1) & (per_unit > 0) & np.isfinite(per_unit) \
+            & (st.instruments["underlying"] < 0)
+        out[ok] = (self.FIRST_TIER_SHARE * floor1[ok] / per_unit[ok]).astype(np.float32)
+        out[(marks > 0) & (n_tiers <= 1)] = np.inf     # one tier: every cross holder is in it
+        return out
 
     def holder_rows(self, instrument: int) -> np.ndarray:
         """Absolute account rows of ``instrument``'s holders, in holder order."""

@@ -96,3 +96,28 @@ def test_decision_kernel_equals_its_reference_on_the_benchmark_book(world):
         assert got == decide_reference(store, row, snap), row
         orders += len(got)
     assert orders >= n               # every breached account gets at least one order
+
+
+def test_holder_order_groups_first_tier_by_row_then_the_rest_by_key(world):
+    # Build order (HolderIndex.rebuild): group A = cross holders with |qty| under 0.8 of
+    # the first tier's limit at the current mark, by account row (the hot loop walks the
+    # aggregates in address order); group B = the others, cross by |qty|, isolated (key
+    # +inf) last. The benchmark's BTCUSDT (contract 1 BTC, qty scale 1,000) has its second
+    # tier at 50,000 USD of notional; at a mark of 95,000 that is 0.526 BTC = 526 qty
+    # units, so group A is |qty| < 0.8 x 526.3 = 421 units.
+    store, _ = world
+    idx = margin.HolderIndex(store, 0)
+    i = kernel.TICK_INSTRUMENT
+    hot = idx.hot[i][: idx.holders(i)]
+    limit = idx._first_tier_keys()[i]
+    ins = store.instruments[i]
+    mark = float(store.prices[i]["mark"])
+    per_unit = float(ins["contract_size"]) / float(ins["qty_scale"]) * mark
+    assert limit == pytest.approx(0.8 * float(ins["tier_floor"][1]) / per_unit, rel=1e-6)
+    assert mark != 95_000.0 or limit == pytest.approx(421.05, abs=0.01)
+    in_a = hot["key"] < limit
+    n_a = int(in_a.sum())
+    assert 0 < n_a < len(hot) and in_a[:n_a].all()          # A is a prefix
+    assert (np.diff(hot["row"][:n_a]) > 0).all()             # A by row
+    rest = hot["key"][n_a:]
+    assert (np.diff(rest) >= 0).all()                        # B by key, +inf (isolated) last
