@@ -624,13 +624,14 @@ def analyze_engine(raw: dict, sched: Schedule, book: Book) -> dict:
 
 # --------------------------------------------------------------------------- 5. engine
 
-def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False) -> Config:
+def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False,
+                 price_stage: str = "process") -> Config:
     assets, instruments = kernel.make_universe()
     base = Config(EngineSettings(), tuple(assets), tuple(instruments))
     names = ("oracle", "fills", "checks", "orders", "events")
     ports = dict(zip(names, _free_ports(len(names))))
     cfg = local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
-                       wait=wait, cpus=tuple(cpus))
+                       wait=wait, cpus=tuple(cpus), price_stage=price_stage)
     return dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints,
                                                                   orders_via_gateway=not orders_direct))
 
@@ -650,7 +651,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         per_tick: int = 2, positions: int = 2, wait: str = "blocking", cpus: tuple[int, ...] = (),
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
-        quiet: bool = False, orders_direct: bool = False) -> dict:
+        quiet: bool = False, orders_direct: bool = False, price_stage: str = "process") -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
     if not 1 <= k <= 16:
@@ -670,7 +671,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         floor2 = run_floor(load, main_sched, 2, root)
 
         # 1. book, 5. engine
-        config = bench_config(root, n, wait, cpus, orders_direct)
+        config = bench_config(root, n, wait, cpus, orders_direct, price_stage)
         t_load = time.perf_counter()
         checks: dict = {}
         book_box: list[Book] = []
@@ -749,7 +750,8 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
             "duration_s": duration_s, "bursts": main_sched.n, "measured_ticks": int(len(_measured(main_sched))),
             "leg_ticks": main_sched.d, "cycle_bursts": main_sched.cycle, "warmup_bursts": main_sched.warmup,
             "step_rel": STEP, "gap_rel": GAP, "p0": P0, "workers": 1, "partitions": 1, "wait": wait,
-            "cpus": list(cpus), "venues": len(VENUES), "transport": "tcp://127.0.0.1 in and out; ipc inside",
+            "cpus": list(cpus), "orders_direct": orders_direct, "price_stage": price_stage,
+            "venues": len(VENUES), "transport": "tcp://127.0.0.1 in and out; ipc inside",
             "latency_start": "intended send time of the burst's FIRST message (t0 + i/R); the mark is "
                              "made by its SECOND message (quorum 2, median of 3), whose seq is tick_seq",
             "latency_end": "load process takes the frame off its PULL socket",
@@ -890,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--orders-direct", action="store_true",
                     help="workers send orders straight to the load process's PULL (no liquidation-gateway hop)")
+    ap.add_argument("--price-stage", default="process", choices=("process", "worker"),
+                    help="worker: the mark-price stage runs in the worker (engine.price_stage), one hop less")
     a = ap.parse_args(argv)
     if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0:
         ap.error("need --accounts >= 100, 0 < --holders-fraction <= 1, --rate > 0, --duration > 0")
@@ -897,7 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     run(a.accounts, a.holders_fraction, a.rate, out, a.duration, per_tick=a.per_tick, positions=a.positions,
         wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
         sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),
-        sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed, orders_direct=a.orders_direct)
+        sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed, orders_direct=a.orders_direct,
+        price_stage=a.price_stage)
     return 0
 
 

@@ -16,6 +16,7 @@ from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_nu
                                 power_of_ten)
 
 WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
+PRICE_STAGES = ("process", "worker")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,10 @@ class EngineSettings:
     gateway_cpu: int = -1              # CPU for the fills/order-check gateway; -1: not pinned
     markprice_cpu: int = -1            # CPU for the mark-price process; -1: not pinned
     liqgw_cpu: int = -1                # CPU for the liquidation gateway; -1: not pinned
+    # Where the mark-price stage runs: "process" (its own process, waking the workers
+    # through their doorbells) or "worker" (inside worker 0, which binds the oracle
+    # socket and re-margins its partitions on the same wake-up: one hop less per tick).
+    price_stage: str = "process"
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,9 @@ def from_dict(doc: dict) -> Config:
     keep = e.get("keep_shm_on_exit", False)
     if not isinstance(keep, bool):
         raise ConfigError("engine.keep_shm_on_exit: must be true or false")
+    price_stage = _str(e, "price_stage", "engine", "process")
+    if price_stage not in PRICE_STAGES:
+        raise ConfigError(f"engine.price_stage: one of {PRICE_STAGES}, got {price_stage!r}")
     name = _str(e, "name", "engine", "margin-engine")
     if "/" in name or len(name) > 200:
         raise ConfigError(f"engine.name: one shared-memory name component without '/', got {name!r}")
@@ -181,6 +189,7 @@ def from_dict(doc: dict) -> Config:
         gateway_cpu=_int(e, "gateway_cpu", "engine", -1, lo=-1),
         markprice_cpu=_int(e, "markprice_cpu", "engine", -1, lo=-1),
         liqgw_cpu=_int(e, "liqgw_cpu", "engine", -1, lo=-1),
+        price_stage=price_stage,
     )
 
     raw_assets = doc.get("assets")

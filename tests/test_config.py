@@ -22,6 +22,7 @@ def test_default_engine_settings(default):
     assert (e.name, e.accounts_capacity, e.partitions, e.slots_per_account) == ("margin-engine", 20000, 2, 8)
     assert (e.cpus, e.wait, e.keep_shm_on_exit) == ((), "blocking", False)
     assert (e.gateway_cpu, e.markprice_cpu, e.liqgw_cpu) == (-1, -1, -1)      # not pinned
+    assert e.price_stage == "process"             # its own process unless configured
 
 
 def test_default_assets(default):
@@ -237,6 +238,7 @@ BAD = [
     ("gateway-cpu-below-minus-one", "[engine]\ngateway_cpu = -2\n" + VALID, "engine.gateway_cpu"),
     ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),
     ("liqgw-cpu-bool", "[engine]\nliqgw_cpu = true\n" + VALID, "engine.liqgw_cpu"),
+    ("price-stage-unknown", "[engine]\nprice_stage = \"gateway\"\n" + VALID, "engine.price_stage"),
     ("duplicate-asset", VALID + ASSET_BTC, "assets[2].name: duplicate asset 'BTC'"),
     ("duplicate-instrument", VALID + PERP, "instruments[0].name: duplicate instrument 'BTCUSDT'"),
     ("nine-assets", "".join(ASSET_USDT.replace('"USDT"', f'"A{k}"') for k in range(9)) + PERP.replace('"USDT"', '"A0"'),

@@ -24,6 +24,7 @@ import time
 
 import zmq
 
+from engine import _shm
 from engine.codes import Code
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
@@ -37,9 +38,14 @@ MAX_FOLD = 256          # ticks folded into one publication at most (bounds the 
 
 class MarkPriceProcess:
     def __init__(self, name: str, oracle_endpoint: str, events_endpoint: str,
-                 params: OracleParams | None = None, timer_ms: int = 200):
-        self.store = Store.attach(name, readonly=False)
-        self.ctl = Control.attach(name + "-ctl")
+                 params: OracleParams | None = None, timer_ms: int = 200, *,
+                 store: Store | None = None, ctl: Control | None = None, skip_worker: int = -1):
+        """``store``/``ctl``: segments already attached (worker 0 running this stage, see
+        ``engine.price_stage``); ``skip_worker``: a doorbell not to ring (that worker's
+        own: it re-margins right after publishing)."""
+        self.store = store if store is not None else Store.attach(name, readonly=False)
+        self.ctl = ctl if ctl is not None else Control.attach(name + "-ctl")
+        self.skip_worker = skip_worker
         self.instruments = {bytes(r["name"]).rstrip(b"\0").decode(): i
                             for i, r in enumerate(self.store.instruments)}
         self.assets: dict[str, int] = {}
@@ -96,28 +102,63 @@ class MarkPriceProcess:
             self.emit(e.code, e.instrument, e.detail)
         return name
 
-    def publish(self, name: str, recv_ns: int, tick_seq: int) -> None:
+    def publish(self, name: str, recv_ns: int, tick_seq: int) -> bool:
+        """Publish ``name``'s current state; True when a new price went out."""
         st = self.calc.state(name, recv_ns)
         if st.mark is None:
-            return
+            return False
         if name in self.assets:
             if not st.frozen:
                 self.store.publish_asset_price(self.assets[name], st.mark, recv_ns)
-                self.ctl.ring_all()          # workers revalue collateral incrementally
-            return
+                self.ring()                  # workers revalue collateral incrementally
+                return True
+            return False
         i = self.instruments[name]
         pr = self.store.prices[i]
         if st.frozen and name in self.frozen:
-            return                               # already published frozen
+            return False                         # already published frozen
         if st.frozen:
             self.frozen.add(name)
         else:
             self.frozen.discard(name)
             if float(pr["mark"]) == st.mark and not (int(pr["flags"]) & 1):
-                return                           # unchanged: no wake-up
+                return False                     # unchanged: no wake-up
         self.store.publish_mark(i, st.mark, st.index if st.index is not None else st.mark,
                                 ts_ns=recv_ns, frozen=st.frozen, tick_seq=tick_seq)
-        self.ctl.ring_all()
+        self.ring()
+        return True
+
+    def ring(self) -> None:
+        """Wake the workers (all but ``skip_worker``) to a new price."""
+        for w in range(self.ctl.n_workers):
+            if w != self.skip_worker:
+                _shm.doorbell_ring(self.ctl.doorbell_addr(w))
+
+    def fold(self, first_mark: bool = False) -> int:
+        """Take every tick already waiting (up to MAX_FOLD), then publish each moved mark
+        once: one wake-up per burst of venue quotes instead of one per quote. With
+        ``first_mark`` (the stage running inside a worker) stop right after the first
+        quote that publishes a new price instead, so the worker re-margins at once and
+        the rest of the burst waits its turn. Returns the number of frames taken."""
+        moved: dict[str, None] = {}
+        n = 0
+        while n < MAX_FOLD:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            name = self.on_frame(frame, time.time_ns(), publish=False)
+            if name is None:
+                continue
+            if first_mark:
+                if self.publish(name, *self.last_tick[name]):
+                    return n
+            else:
+                moved[name] = None
+        for name in moved:
+            self.publish(name, *self.last_tick[name])
+        return n
 
     def on_timer(self, now_ns: int) -> None:
         for e in self.calc.on_timer(now_ns):
@@ -133,19 +174,7 @@ class MarkPriceProcess:
         while not self.ctl.shutdown:
             timeout_ms = max(0, (next_timer - time.time_ns()) // 1_000_000)
             if poller.poll(timeout_ms):
-                # Fold in every tick already waiting, then publish each moved mark once:
-                # one wake-up per burst of venue quotes instead of one per quote.
-                moved: dict[str, None] = {}
-                for _ in range(MAX_FOLD):
-                    try:
-                        frame = self.sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    name = self.on_frame(frame, time.time_ns(), publish=False)
-                    if name is not None:
-                        moved[name] = None
-                for name in moved:
-                    self.publish(name, *self.last_tick[name])
+                self.fold()
             now = time.time_ns()
             if now >= next_timer:
                 self.on_timer(now)

@@ -2,7 +2,8 @@
 
 Processes (``docs/architecture.md`` draws them)::
 
-    markprice  oracle ticks -> marks in shared memory, workers' doorbells rung
+    markprice  oracle ticks -> marks in shared memory, workers' doorbells rung (or, with
+               ``engine.price_stage = "worker"``, the same stage inside worker 0)
     gateway    fills, deposits/withdrawals -> journal -> partition rings; order checks answered
     worker N   pinned to a CPU, sole writer of its partitions; liquidation orders out
     liqgw      worker orders -> matching engine; every process's events -> PUB
@@ -117,17 +118,19 @@ class Engine:
             liq_args += ["--orders-in", self.internal["orders"], "--orders-out", ep.orders]
         orders_for_workers = self.internal["orders"] if ep.orders_via_gateway else ep.orders
         self.children = [Child("liqgw", liq_args + ["--cpu", str(e.liqgw_cpu)], cpu=e.liqgw_cpu)]
+        price_args = ["--oracle", ep.oracle, "--assets", assets]     # the mark-price stage's
         for w in range(self.n_workers):
             parts = ",".join(str(p) for p in range(e.partitions) if self.owner[p] == w)
             cpu = cpus[w % len(cpus)] if cpus else -1
             self.children.append(Child(f"worker{w}", [
                 "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
                 "--cpu", str(cpu), "--wait", e.wait, "--orders", orders_for_workers,
-                "--replies", self.internal["replies"], "--events", self.internal["events"]], cpu=cpu))
-        self.children.append(Child("markprice", ["engine.runtime.markprice", "--name", name,
-                                                 "--oracle", ep.oracle, "--events", self.internal["events"],
-                                                 "--assets", assets, "--cpu", str(e.markprice_cpu)],
-                                   cpu=e.markprice_cpu))
+                "--replies", self.internal["replies"], "--events", self.internal["events"]]
+                + (price_args if w == 0 and e.price_stage == "worker" else []), cpu=cpu))
+        if e.price_stage == "process":
+            self.children.append(Child("markprice", [
+                "engine.runtime.markprice", "--name", name, *price_args, "--events", self.internal["events"],
+                "--cpu", str(e.markprice_cpu)], cpu=e.markprice_cpu))
         self.children.append(Child("gateway", [
             "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
             "--replies", self.internal["replies"], "--events", self.internal["events"],

@@ -1,6 +1,8 @@
 """Margin worker: the only writer of its partitions' accounts.
 
-Loop (one iteration per doorbell ring, or per timeout)::
+Loop (one iteration per doorbell ring, or per timeout; with ``engine.price_stage =
+"worker"`` worker 0 also runs the mark-price stage and wakes on the oracle socket too,
+see ``TickWake``)::
 
     1. prices   -- 1a, the hot path: for each mark whose sequence number moved, the
                    accounts whose trigger price it crossed get their liquidation orders
@@ -28,6 +30,7 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -38,15 +41,18 @@ from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import HolderIndex, full_pass, account_detail
 from engine.runtime import process
-from engine.runtime.ctl import Control, RecordKind, UNDO_APPLYING, UNDO_IDLE
+from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
+from engine.runtime.markprice import MarkPriceProcess
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import Store
+from feeds.oracle.index import OracleParams
 from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 2_048            # accounts per full-pass slice (~0.2 ms: a tick waits at most that)
-RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
+RESYNC_INTERVAL_S = 30.0
+POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds             # re-sort every trigger table at least this often
 
 
 class Worker:
@@ -90,6 +96,7 @@ class Worker:
         self.pending_collateral = False              # collateral prices moved; 1b revalues
         self.jobs: collections.deque = collections.deque()
         self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
+        self.prices: MarkPriceProcess | None = None  # the price stage, when it runs here
 
     # ------------------------------------------------------------------ start-up
     def recover(self, p: int) -> None:
@@ -389,15 +396,15 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         self.start()
-        seen = _shm.doorbell_value(self.doorbell)
+        wake = DoorbellWake(self.doorbell, self.wait) if self.prices is None else TickWake(self)
+        if self.prices is not None:
+            self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
             busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
-            seen = _shm.doorbell_wait(self.doorbell, seen,
-                                      0 if busy or self.pending_pass or self.pending_collateral else 100_000_000,
-                                      self.wait)
+            wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             snap = self.store.price_snapshot()
             self.on_prices(snap)                                  # 1a. hot path first
-            if _shm.doorbell_value(self.doorbell) != seen:
+            if wake.more():
                 continue                                          # a newer mark or record waits
             if self.pending_pass or self.pending_collateral:
                 self.holders_pass()                               # 1b. every holder
@@ -405,7 +412,7 @@ class Worker:
                 self.drain(p, snap)
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
                 self.schedule_upkeep()
-            if _shm.doorbell_value(self.doorbell) == seen:        # 3. idle: one upkeep slice
+            if not wake.more():                                   # 3. idle: one upkeep slice
                 if self.jobs:
                     job, *args = self.jobs.popleft()
                     job(*args)
@@ -415,10 +422,125 @@ class Worker:
                             break
         for p in self.partitions:                                 # drain what is queued
             self.drain(p, self.store.price_snapshot())
+        wake.close()
         self.orders.close()
         self.replies.close()
         if self.events is not None:
             self.events.close()
+
+    def run_price_stage(self, oracle_endpoint: str, events_endpoint: str, params: OracleParams,
+                        assets: list[str]) -> None:
+        """Run the mark-price stage in this worker (``engine.price_stage = "worker"``):
+        bind the oracle socket here; each wake-up folds the waiting ticks into the index,
+        publishes the marks (ringing the other workers) and re-margins this worker's
+        partitions at once -- the tick's path is one process, as in the floor."""
+        self.prices = MarkPriceProcess(self.name, oracle_endpoint, events_endpoint, params,
+                                       store=self.store, ctl=self.ctl, skip_worker=self.worker_id)
+        if assets:
+            self.prices.set_asset_names(assets)
+
+
+class DoorbellWake:
+    """Waits on the worker's doorbell (the mark-price process, the gateway and shutdown
+    ring it) with the configured strategy."""
+
+    def __init__(self, addr: int, strategy: int):
+        self.addr, self.strategy = addr, strategy
+        self.seen = _shm.doorbell_value(addr)
+
+    def wait(self, timeout_ns: int) -> None:
+        self.seen = _shm.doorbell_wait(self.addr, self.seen, timeout_ns, self.strategy)
+
+    def more(self) -> bool:
+        """Something rang since the last wait: a newer mark or a record waits."""
+        return _shm.doorbell_value(self.addr) != self.seen
+
+    def close(self) -> None:
+        pass
+
+
+class TickWake:
+    """Worker 0 running the price stage: waits on the oracle socket and, for fills and
+    shutdown, on its doorbell. Blocking: one ``zmq_poll`` over the oracle socket and an
+    inproc socket that a helper thread pokes when the doorbell rings (the thread sleeps
+    in futex(2) without the GIL). Yielding and busy-spin poll both without sleeping.
+    Each wait ends by folding the waiting ticks (``MarkPriceProcess.fold``) and, every
+    ``timer_ns``, the staleness timer."""
+
+    def __init__(self, worker: "Worker"):
+        self.w = worker
+        self.prices = worker.prices
+        self.addr = worker.doorbell
+        self.seen = _shm.doorbell_value(self.addr)
+        self.next_timer = time.time_ns() + self.prices.timer_ns
+        self.poller = zmq.Poller()
+        self.poller.register(self.prices.sock, zmq.POLLIN)
+        self.poke_in = self.thread = None
+        if worker.wait == _shm.WAIT_BLOCKING:
+            endpoint = f"inproc://doorbell-{worker.worker_id}"
+            self.poke_in = worker.zctx.socket(zmq.PULL)
+            self.poke_in.setsockopt(zmq.LINGER, 0)
+            self.poke_in.bind(endpoint)
+            self.poller.register(self.poke_in, zmq.POLLIN)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._doorbell_thread, args=(endpoint,), daemon=True,
+                                           name="doorbell")
+            self.thread.start()
+
+    def _doorbell_thread(self, endpoint: str) -> None:
+        poke = self.w.zctx.socket(zmq.PUSH)
+        poke.setsockopt(zmq.LINGER, 0)
+        poke.setsockopt(zmq.SNDHWM, 4)
+        poke.connect(endpoint)
+        seen = _shm.doorbell_value(self.addr)
+        while not self.stop.is_set():
+            now = _shm.doorbell_wait(self.addr, seen, 100_000_000, _shm.WAIT_BLOCKING)
+            if now != seen:
+                seen = now
+                try:
+                    poke.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass                    # a poke is already waiting: one is enough
+        poke.close()
+
+    def wait(self, timeout_ns: int) -> None:
+        v = _shm.doorbell_value(self.addr)
+        if v != self.seen:
+            timeout_ns = 0                  # rung since the last wait
+        self.seen = v
+        sock = self.prices.sock
+        if self.thread is not None:
+            if self.poller.poll(timeout_ns // 1_000_000):
+                while True:
+                    try:
+                        self.poke_in.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+        else:
+            deadline = time.monotonic_ns() + timeout_ns
+            while not (sock.get(zmq.EVENTS) & POLLIN) and _shm.doorbell_value(self.addr) == v \
+                    and time.monotonic_ns() < deadline:
+                if self.w.wait == _shm.WAIT_YIELDING:
+                    os.sched_yield()
+        self.prices.fold(first_mark=True)
+        now = time.time_ns()
+        if now >= self.next_timer:
+            self.prices.on_timer(now)
+            self.next_timer = now + self.prices.timer_ns
+
+    def more(self) -> bool:
+        """A tick waits on the oracle socket, or the doorbell rang since the last wait."""
+        return bool(self.prices.sock.get(zmq.EVENTS) & POLLIN) or \
+            _shm.doorbell_value(self.addr) != self.seen
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            _shm.doorbell_ring(self.addr)
+            self.thread.join(2)
+            self.poke_in.close()
+        self.prices.sock.close()
+        self.prices.events.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,13 +554,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replies", required=True)
     ap.add_argument("--events", default=None)
     ap.add_argument("--full-pass-interval", type=float, default=1.0)
+    ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
+    ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
+    ap.add_argument("--staleness-ms", type=int, default=5000)
+    ap.add_argument("--quorum", type=int, default=2)
+    ap.add_argument("--max-deviation", type=float, default=0.05)
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval)
+    if a.oracle and not a.events:
+        ap.error("--oracle needs --events (the price stage's freeze and venue events)")
+    if a.oracle:
+        w.run_price_stage(a.oracle, a.events, OracleParams(
+            staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum, max_deviation=a.max_deviation),
+            a.assets.split(",") if a.assets else [])
     w.run()
-    print(json.dumps({"worker": a.worker, **w.counters}), file=sys.stderr)
+    print(json.dumps({"worker": a.worker, **w.counters,
+                      **({"markprice": dict(w.prices.counters)} if w.prices is not None else {})}), file=sys.stderr)
     return 0
 
 

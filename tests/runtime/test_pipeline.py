@@ -337,8 +337,14 @@ def _walk_down_to_crossing(run, above) -> tuple[dict, list[int]]:
     return c.order(), seqs[1:]
 
 
-def test_price_path_gives_exactly_the_expected_liquidation(start_engine):
-    run = start_engine(eve_long_1btc_5k_usdt, n_workers=2)
+# Both places the mark-price stage can run (engine.price_stage): its own process, or inside
+# worker 0 (which then hears the ticks itself and rings the other worker).
+STAGES = pytest.mark.parametrize("price_stage", ["process", "worker"])
+
+
+@STAGES
+def test_price_path_gives_exactly_the_expected_liquidation(start_engine, price_stage):
+    run = start_engine(eve_long_1btc_5k_usdt, n_workers=2, price_stage=price_stage)
     c = run.client
     pos = account_detail(run.store, run.row(EVE)).positions[0]
     assert pos.liquidation_price == pytest.approx(EVE_LIQ_PRICE, rel=1e-9)   # 90,402.01
@@ -371,13 +377,14 @@ def frank_long_1eth_200_usdt(store) -> None:
     store.set_position(row, ETH, 1000, 3_400 * USDT)
 
 
-def test_frozen_price_produces_no_liquidation(start_engine):
+@STAGES
+def test_frozen_price_produces_no_liquidation(start_engine, price_stage):
     """Only two venues quote ETHUSDT. When one alone drops 5.3% below the other, both are
     excluded (two that disagree cannot be told apart), the quorum of 2 is lost and the mark
     freezes at its last good value (7001): no liquidation although the lone venue's price
     is far below FRANK's liquidation price. Once both agree again the mark resumes (7002)
     and the crossing liquidates."""
-    run = start_engine(frank_long_1eth_200_usdt)
+    run = start_engine(frank_long_1eth_200_usdt, price_stage=price_stage)
     st, c = run.store, run.client
     # 200 + (p - 3,400) < 0.005 p  <=>  p < 3,200 / 0.995 = 3,216.08
     assert account_detail(st, run.row(FRANK)).positions[0].liquidation_price == \
@@ -499,20 +506,25 @@ def test_restarted_worker_finishes_a_killed_writers_seqlock_writes(start_engine)
     assert run.client.reply().fields["code"] == Code.OK
 
 
-def test_restarted_worker_makes_the_same_liquidation_decision(start_engine):
-    run = start_engine(eve_long_1btc_5k_usdt, n_workers=2)
+@pytest.mark.parametrize("price_stage, kill", [("process", "owner"), ("worker", "owner"), ("worker", "stage")])
+def test_restarted_worker_makes_the_same_liquidation_decision(start_engine, price_stage, kill):
+    # kill="owner": EVE's worker (partition 1: worker 1). kill="stage": worker 0, which
+    # runs the price stage; its replacement binds the oracle socket again and needs a
+    # quorum of fresh venues before it publishes (every step below ticks all three), and
+    # worker 1 must still hear the marks it publishes (its doorbell).
+    run = start_engine(eve_long_1btc_5k_usdt, n_workers=2, price_stage=price_stage)
     eng, st = run.engine, run.store
     before, _ = _walk_down_to_crossing(run, ABOVE)
     for p in (92_000.0, 94_000.0):           # healthy again: E = 4,000 > MM 420 at 94,000
         _tick_to(run, "BTCUSDT", BTC, p)
 
-    w = eng.owner[st.partition_of(EVE)]
+    w = eng.owner[st.partition_of(EVE)] if kill == "owner" else 0
     old_pid = eng.worker_pid(w)
     t_kill = time.time_ns()
     os.kill(old_pid, signal.SIGKILL)
     wait_until(lambda: eng.watch_once() == [f"worker{w}"], what="the supervisor restarting the worker")
     new_pid = eng.worker_pid(w)
-    p = st.partition_of(EVE)
+    p = next(q for q in range(len(st.partitions)) if eng.owner[q] == w)
     wait_until(lambda: int(st.partitions[p]["worker_pid"]) == new_pid
                and int(st.partitions[p]["heartbeat_ns"]) > t_kill, what="the new worker's first pass")
 
