@@ -50,7 +50,7 @@ from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
-UPKEEP_SLICE_ROWS = 2_048            # accounts per full-pass slice (~0.2 ms: a tick waits at most that)
+UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~0.1 ms: a tick waits at most that)
 RESYNC_INTERVAL_S = 30.0
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds             # re-sort every trigger table at least this often
 
@@ -403,7 +403,12 @@ class Worker:
             busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             snap = self.store.price_snapshot()
+            sent = self.counters["orders"]
             self.on_prices(snap)                                  # 1a. hot path first
+            if self.counters["orders"] != sent:
+                # Let this process's ZeroMQ I/O thread put the orders on the wire before
+                # the CPU-bound pass below: pinned, it shares this CPU and would wait.
+                os.sched_yield()
             if wake.more():
                 continue                                          # a newer mark or record waits
             if self.pending_pass or self.pending_collateral:
