@@ -315,10 +315,10 @@ class HolderIndex:
         per_unit = basis[:, 1]
         n_tiers = st.instruments["n_tiers"]
         floor1 = st.instruments["tier_floor"][:, 1]
-        ok = (marks > 0) & (n_tiers > 1) & (per_unit > 0) & np.isfinite(per_unit) \
-            & (st.instruments["underlying"] < 0)
+        usable = (marks > 0) & (st.instruments["underlying"] < 0)   # options take the general path
+        ok = usable & (n_tiers > 1) & (per_unit > 0) & np.isfinite(per_unit)
         out[ok] = (self.FIRST_TIER_SHARE * floor1[ok] / per_unit[ok]).astype(np.float32)
-        out[(marks > 0) & (n_tiers <= 1)] = np.inf     # one tier: every cross holder is in it
+        out[usable & (n_tiers <= 1)] = np.inf     # one tier: every cross holder is in it
         return out
 
     def holder_rows(self, instrument: int) -> np.ndarray:

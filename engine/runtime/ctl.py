@@ -151,10 +151,11 @@ class Control:
     def doorbell_addr(self, worker: int) -> int:
         return self.doorbells.ctypes.data + worker * DOORBELL.itemsize
 
-    def ring_all(self) -> None:
-        """Wake every worker (new mark price, shutdown)."""
+    def ring_all(self, skip: int = -1) -> None:
+        """Wake every worker but ``skip`` (new mark price, shutdown)."""
         for w in range(self.n_workers):
-            _shm.doorbell_ring(self.doorbell_addr(w))
+            if w != skip:
+                _shm.doorbell_ring(self.doorbell_addr(w))
 
     @property
     def shutdown(self) -> bool:

@@ -24,7 +24,6 @@ import time
 
 import zmq
 
-from engine import _shm
 from engine.codes import Code
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
@@ -130,9 +129,7 @@ class MarkPriceProcess:
 
     def ring(self) -> None:
         """Wake the workers (all but ``skip_worker``) to a new price."""
-        for w in range(self.ctl.n_workers):
-            if w != self.skip_worker:
-                _shm.doorbell_ring(self.ctl.doorbell_addr(w))
+        self.ctl.ring_all(skip=self.skip_worker)
 
     def fold(self, first_mark: bool = False) -> int:
         """Take every tick already waiting (up to MAX_FOLD), then publish each moved mark

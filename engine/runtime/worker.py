@@ -51,8 +51,8 @@ from feeds.protocol import MsgType, Sequencer
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~0.1 ms: a tick waits at most that)
-RESYNC_INTERVAL_S = 30.0
-POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds             # re-sort every trigger table at least this often
+RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
+POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
 
 class Worker:
