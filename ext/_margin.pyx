@@ -35,7 +35,7 @@ from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionR
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw,
                        me_seqlock_read_begin, me_seqlock_read_retry, me_seqlock_copy)
 from libc.string cimport memcpy
-from libc.stdlib cimport malloc, free, calloc
+from libc.stdlib cimport malloc, free, calloc, realloc
 from libc.math cimport isfinite
 from libc.stdint cimport uint8_t, uint32_t
 
@@ -774,7 +774,32 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
     """Partial liquidation of one account (the rule of engine/liquidation/decide.py, which
     is its reference): rows of ``out`` = ``(instrument, signed qty units, limit price
     units, reason)``. Returns the number of orders, or -1 when a number leaves the range
-    this kernel handles (the caller then runs the reference).
+    this kernel handles (the caller then runs the reference). See ``decide_core``.
+    """
+    cdef const AccountRow *acct = <const AccountRow *>account_addr
+    cdef int n
+    cdef InsPass *table
+    if acct.n_positions > MAX_SLOTS_DECIDE or out.shape[1] != 4 or out.shape[0] < acct.n_positions:
+        return -1
+    if acct.n_positions == 0:
+        return 0
+    table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
+    if table == NULL:
+        raise MemoryError()
+    with nogil:
+        n = decide_core(<const InstrumentRow *>instruments_addr, acct, <const PositionRow *>slots_addr,
+                        &marks[0], &asset_px[0], &asset_haircut[0], &asset_scale[0], <int>asset_px.shape[0],
+                        health_factor, &out[0, 0], table)
+    free(table)
+    return n
+
+
+cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, const PositionRow *slots,
+                     const double *marks, const double *asset_px, const double *asset_haircut,
+                     const double *asset_scale, int n_assets, double h, int64_t *out,
+                     InsPass *table) noexcept nogil:
+    """``decide_orders`` on raw pointers: ``out`` has room for ``n_positions`` rows of 4,
+    ``table`` for every instrument. -1 when a number leaves the kernel's range.
 
     Steps: (1) every figure of the account at the prices (``account_values``, per position
     its values and bankruptcy price); (2) isolated positions in breach, each its own
@@ -783,9 +808,6 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
     positions by cross requirement, largest first (stable), each closed by the least that
     restores ``E >= h MM``, until it holds.
     """
-    cdef const InstrumentRow *instruments = <const InstrumentRow *>instruments_addr
-    cdef const AccountRow *acct = <const AccountRow *>account_addr
-    cdef const PositionRow *slots = <const PositionRow *>slots_addr
     cdef const PositionRow *pos
     cdef const InstrumentRow *ins
     cdef AssetPass w
@@ -794,21 +816,17 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
     cdef double bp[MAX_SLOTS_DECIDE]
     cdef double key[MAX_SLOTS_DECIDE]
     cdef int order_of[MAX_SLOTS_DECIDE]
-    cdef int n_pos = acct.n_positions, i, j, t, n_cross = 0, n_out = 0, cap = <int>out.shape[0]
+    cdef int n_pos = acct.n_positions, i, j, t, n_cross = 0, n_out = 0
     cdef int ok = 1
-    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, h = health_factor, mark_n
+    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, mark_n
     cdef int notional_of
-    cdef InsPass *table
-    if n_pos > MAX_SLOTS_DECIDE or out.shape[1] != 4 or cap < n_pos:
+    if n_pos > MAX_SLOTS_DECIDE:
         return -1
     if n_pos == 0:
         return 0
-    table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
-    if table == NULL:
-        raise MemoryError()
-    with nogil:
-        ins_pass_held(table, instruments, acct, slots, &marks[0], &asset_px[0], &asset_scale[0])
-        asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
+    if True:
+        ins_pass_held(table, instruments, acct, slots, marks, asset_px, asset_scale)
+        asset_pass_fill(&w, n_assets, asset_px, asset_haircut, asset_scale)
         r = account_values(table, &w, acct, slots)
         for i in range(n_pos):                              # (1) per position, as account_detail
             pos = &slots[i]
@@ -827,12 +845,12 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
                 continue
             q = <double>pos.qty / <double>ins.qty_scale
             if e < 0:
-                ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, fabs(q), bp[i],
+                ok = put_order(out + 4 * n_out, ins, pos.instrument, pos.qty, fabs(q), bp[i],
                                marks[pos.instrument], CODE_LIQ_BELOW_BANKRUPTCY)
             else:
                 notional_of = ins.underlying if ins.kind == KIND_OPTION else pos.instrument
                 x = close_qty(ins, q, marks[notional_of], 1.0, e, 0.0, h)
-                ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, x, bp[i],
+                ok = put_order(out + 4 * n_out, ins, pos.instrument, pos.qty, x, bp[i],
                                marks[pos.instrument], CODE_LIQ_ISOLATED_BELOW_MAINTENANCE)
             n_out += ok
         if ok and (r.status & STATUS_LIQUIDATABLE):         # (3) the cross scope
@@ -848,7 +866,7 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
                     pos = &slots[i]
                     ins = &instruments[pos.instrument]
                     q = <double>(pos.qty if pos.qty >= 0 else -pos.qty) / <double>ins.qty_scale
-                    ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, q, bp[i],
+                    ok = put_order(out + 4 * n_out, ins, pos.instrument, pos.qty, q, bp[i],
                                    marks[pos.instrument], CODE_LIQ_BELOW_BANKRUPTCY)
                     if not ok:
                         break
@@ -875,15 +893,14 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
                     x = close_qty(ins, q, mark_n, px_s, e, m_total - m_pos, h)
                     if x <= 0:
                         continue
-                    ok = put_order(&out[n_out, 0], ins, pos.instrument, pos.qty, x, bp[i],
+                    ok = put_order(out + 4 * n_out, ins, pos.instrument, pos.qty, x, bp[i],
                                    marks[pos.instrument], CODE_LIQ_BELOW_MAINTENANCE)
                     if not ok:
                         break
-                    kept = fmax(0.0, fabs(q) - <double>(out[n_out, 1] if out[n_out, 1] >= 0 else -out[n_out, 1])
+                    kept = fmax(0.0, fabs(q) - <double>(out[4 * n_out + 1] if out[4 * n_out + 1] >= 0 else -out[4 * n_out + 1])
                                 / <double>ins.qty_scale)
                     n_out += 1
                     m_total = m_total - m_pos + px_s * mm_at(ins, kept, mark_n)
-    free(table)
     return n_out if ok else -1
 
 
@@ -1245,3 +1262,6 @@ cdef class CheckDesk:
         if n_out == 0:
             return None
         return (<char *>buf)[:n_out]
+
+
+include "_tickpath.pxi"

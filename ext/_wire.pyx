@@ -21,6 +21,8 @@ include "_msgpack.pxi"
 
 include "_ring.pxi"
 
+include "_oracle.pxi"
+
 # Statuses (module-level ints for Python callers).
 OK = 0
 FALLBACK = 1

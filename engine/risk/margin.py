@@ -245,6 +245,7 @@ class HolderIndex:
         empty = (np.empty(0), np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64))
         self.triggers = [empty] * n_i
         self.dirty = np.ones(n_i, bool)
+        self.on_triggers = None                  # called with each refreshed table (see refresh_triggers)
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -347,6 +348,8 @@ class HolderIndex:
         rows = self.holder_rows(instrument)
         self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
         self.dirty[instrument] = False
+        if self.on_triggers is not None:        # a C copy of the tables (the worker's TickPath)
+            self.on_triggers(instrument, *self.triggers[instrument])
 
     def candidates(self, instrument: int, mark: float, prev_mark: float | None = None) -> np.ndarray:
         """Account rows whose trigger the mark has crossed, most breached first.

@@ -2,7 +2,10 @@
 
 1. receive an ORACLE_TICK on the oracle PULL socket (decode: a malformed frame is
    rejected with its code and counted; nothing changes);
-2. fold it into the median-of-venues index (feeds/oracle/index.py);
+2. fold it into the median-of-venues index (feeds/oracle/index.py); the common case
+   (a clean instrument, a known venue, no exclusion, no freeze) runs in C from frame to
+   published mark (``engine._wire.OracleFast``), and the reference folds those ticks in
+   afterwards (``settle``), checking that it publishes the same mark;
 3. publish the instrument's mark through its price row's seqlock with the tick's
    receive time and sequence number, and ring every worker's doorbell -- once per
    instrument for all the ticks that were already waiting (a burst of venue quotes
@@ -24,9 +27,11 @@ import time
 
 import zmq
 
+from engine import _wire
 from engine.codes import Code
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
+from engine.store import layout as L
 from engine.store.shm import Store
 from feeds.oracle.index import MarkPriceCalculator, OracleParams
 from feeds.protocol import MsgType, Rejected, Sequencer, decode
@@ -38,10 +43,12 @@ MAX_FOLD = 256          # ticks folded into one publication at most (bounds the 
 class MarkPriceProcess:
     def __init__(self, name: str, oracle_endpoint: str, events_endpoint: str,
                  params: OracleParams | None = None, timer_ms: int = 200, *,
-                 store: Store | None = None, ctl: Control | None = None, skip_worker: int = -1):
+                 store: Store | None = None, ctl: Control | None = None, skip_worker: int = -1,
+                 fast: bool = True):
         """``store``/``ctl``: segments already attached (worker 0 running this stage, see
         ``engine.price_stage``); ``skip_worker``: a doorbell not to ring (that worker's
-        own: it re-margins right after publishing)."""
+        own: it re-margins right after publishing); ``fast``: take the common case in C
+        (``engine._wire.OracleFast``; off when a venue registry restricts the feed)."""
         self.store = store if store is not None else Store.attach(name, readonly=False)
         self.ctl = ctl if ctl is not None else Control.attach(name + "-ctl")
         self.skip_worker = skip_worker
@@ -62,6 +69,15 @@ class MarkPriceProcess:
         self.frozen: set[str] = set()
         self.last_tick: dict[str, tuple[int, int]] = {}     # name -> (recv_ns, seq) of its last tick
         self.counters = collections.Counter()
+        self.names = list(self.instruments)                  # table order
+        self.fast = None
+        p = self.calc.params
+        if fast and p.registry is None:
+            self.fast = _wire.OracleFast(
+                self.store.addr(self.store.prices),
+                self.store.header.ctypes.data + L.HEADER.fields["price_seq"][1], self.names,
+                [self.ctl.doorbell_addr(w) for w in range(self.ctl.n_workers) if w != skip_worker],
+                p.staleness_ns, p.quorum, p.max_deviation, p.max_basis)
 
     def set_asset_names(self, names: list[str]) -> None:
         self.assets = {n: i for i, n in enumerate(names)}
@@ -136,8 +152,11 @@ class MarkPriceProcess:
         once: one wake-up per burst of venue quotes instead of one per quote. With
         ``first_mark`` (the stage running inside a worker) stop right after the first
         quote that publishes a new price instead, so the worker re-margins at once and
-        the rest of the burst waits its turn. Returns the number of frames taken."""
+        the rest of the burst waits its turn (the caller then runs ``settle``). A tick
+        the C path takes publishes its own mark at once. Returns the number of frames
+        taken."""
         moved: dict[str, None] = {}
+        fast = self.fast
         n = 0
         while n < MAX_FOLD:
             try:
@@ -145,21 +164,63 @@ class MarkPriceProcess:
             except zmq.Again:
                 break
             n += 1
-            name = self.on_frame(frame, time.time_ns(), publish=False)
+            recv_ns = time.time_ns()
+            if fast is not None:
+                r = fast.on_frame(frame, recv_ns)
+                if r == _wire.TICK_PUBLISHED and first_mark:
+                    return n
+                if r != _wire.TICK_FALLBACK:
+                    continue
+                self.settle()               # the reference catches up before it decides
+            name = self.on_frame(frame, recv_ns, publish=False)
             if name is None:
                 continue
+            self.sync(name)
             if first_mark:
                 if self.publish(name, *self.last_tick[name]):
                     return n
             else:
                 moved[name] = None
+        self.settle()
         for name in moved:
             self.publish(name, *self.last_tick[name])
         return n
 
+    def settle(self) -> None:
+        """Fold the ticks the C path took into the reference, in order. The reference
+        must accept each with no event and, where C published a mark, arrive at the same
+        one; otherwise (``fast_mismatch``, never seen in the tests) its answer is
+        published and the C state re-synced: the reference wins."""
+        fast = self.fast
+        if fast is None or not fast.n_applied:
+            return
+        for i, venue, price, venue_ts_ns, recv_ns, seq, mark in fast.take_applied():
+            name = self.names[i]
+            code, events = self.calc.on_tick(name, venue, price, venue_ts_ns, recv_ns)
+            if code == Code.OK:
+                self.counters["ticks"] += 1
+                self.counters["ticks_fast"] += 1
+                self.last_tick[name] = (recv_ns, seq)
+            else:
+                self.counters[f"reject_{int(code)}"] += 1
+            for e in events:
+                self.emit(e.code, e.instrument, e.detail)
+            if code != Code.OK or events or (mark is not None and self.calc.state(name, recv_ns).mark != mark):
+                self.counters["fast_mismatch"] += 1
+                self.sync(name)
+                self.publish(name, recv_ns, seq)
+
+    def sync(self, name: str) -> None:
+        """Mirror the reference's state of instrument ``name`` into the C path."""
+        i = self.instruments.get(name)
+        if self.fast is not None and i is not None:
+            self.fast.sync(i, *self.calc.export(name))
+
     def on_timer(self, now_ns: int) -> None:
+        self.settle()
         for e in self.calc.on_timer(now_ns):
             self.emit(e.code, e.instrument, e.detail)
+            self.sync(e.instrument)             # a freeze, resume or exclusion: clean changes
             if e.instrument in self.instruments or e.instrument in self.assets:
                 self.publish(e.instrument, now_ns, int(self.store.prices[self.instruments[e.instrument]]["tick_seq"])
                              if e.instrument in self.instruments else 0)

@@ -4,9 +4,10 @@ Loop (one iteration per doorbell ring, or per timeout; with ``engine.price_stage
 "worker"`` worker 0 also runs the mark-price stage and wakes on the oracle socket too,
 see ``TickWake``)::
 
-    1. prices   -- 1a, the hot path: for each mark whose sequence number moved, the
-                   accounts whose trigger price it crossed get their liquidation orders
-                   at once; 1b, when no newer mark waits: collateral prices that moved,
+    1. prices   -- 1a, the hot path, in C (``engine._margin.TickPath``): for each mark
+                   whose sequence number moved, the accounts whose trigger price it
+                   crossed get their liquidation orders at once, encoded in C and sent;
+                   the bookkeeping (events, outstanding table) after they are out; 1b, when no newer mark waits: collateral prices that moved,
                    then the incremental pass over the instrument's holders (and the
                    breaches stale triggers missed)
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gc
 import json
 import os
@@ -36,10 +38,10 @@ import time
 import numpy as np
 import zmq
 
-from engine import _fills, _shm
+from engine import _fills, _margin, _shm
 from engine.codes import Code
-from engine.liquidation.decide import decide
-from engine.risk.margin import HolderIndex, full_pass, account_detail
+from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
+from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import MarkPriceProcess
@@ -83,7 +85,6 @@ class Worker:
             self.events.connect(events_endpoint)
         self.names = [bytes(r["name"]).rstrip(b"\0").decode() for r in self.store.instruments]
 
-        self.seq_orders = Sequencer()
         self.seq_replies = Sequencer()
         self.seq_events = Sequencer()
         # Order ids: worker id in the top bits, so ids from different workers never clash
@@ -145,8 +146,24 @@ class Worker:
             self.recover(p)
             self.store.partitions[p]["worker_pid"] = os.getpid()
         self.index = {p: HolderIndex(self.store, p) for p in self.partitions}
+        n_i = len(st.instruments)
+        self.last_seqs, self.prev_marks = np.zeros(n_i, np.uint64), np.zeros(n_i)   # updated in place
+        self.tp = _margin.TickPath(st.addr(st.instruments), st.addr(st.prices), st.addr(st.assets), len(st.assets),
+                                   st.addr(st.accounts), st.addr(st.positions), st.slots_per_account, n_i,
+                                   len(self.partitions), self.last_seqs, self.prev_marks, self.next_order_id,
+                                   DEFAULT_HEALTH_FACTOR)
+        for k, p in enumerate(self.partitions):
+            self.index[p].on_triggers = functools.partial(self.tp.set_triggers, k)
+            for i, table in enumerate(self.index[p].triggers):
+                self.tp.set_triggers(k, i, *table)
+        # Accounts a previous owner flagged outstanding: re-sent if still in breach after
+        # REISSUE_AFTER_NS, cleared when healthy (upkeep), like this worker's own.
+        now = time.time_ns()
+        for p in self.partitions:
+            lo, hi = st.partition_rows(p)
+            flagged = np.flatnonzero(st.accounts["flags"][lo:hi] & AccountFlag.LIQUIDATION_OUTSTANDING)
+            self.outstanding_since.update(dict.fromkeys((lo + flagged).tolist(), now))
         self.upkeep(self.store.price_snapshot())
-        self.last_seqs = self.snap.price_seqs.copy()
         # The holder index holds millions of long-lived Python objects (its dicts and
         # tuples): move them out of the collector's reach, or every full collection walks
         # them all (tens of ms with a tick waiting).
@@ -161,8 +178,8 @@ class Worker:
             self.index[p].refresh(snap)
             self.index[p].refresh_dirty_triggers(snap)
             self.store.partitions[p]["heartbeat_ns"] = time.time_ns()
-        self.last_seqs = snap.price_seqs.copy()
-        self.prev_marks = snap.marks.copy()
+        self.last_seqs[:] = snap.price_seqs
+        self.prev_marks[:] = snap.marks
         self.asset_px_seen = snap.asset_px.copy()
         self.last_resync = self.last_upkeep = time.monotonic()     # last stale-marking of the triggers
 
@@ -197,7 +214,7 @@ class Worker:
             if row not in in_breach:
                 self._set_outstanding(row, False)
             elif now - self.outstanding_since[row] >= REISSUE_AFTER_NS:
-                self.liquidate(np.array([row]), snap, 0, now, reissue=True)
+                self.liquidate(np.array([row]), 0, now, reissue=True)
         self.flush_events()
         if hi >= st.partition_rows(p)[1]:
             st.partitions[p]["heartbeat_ns"] = now
@@ -214,30 +231,41 @@ class Worker:
         return lo <= row < lo + self.store.per_partition
 
     # ------------------------------------------------------------------ 1. prices
-    def on_prices(self, snap) -> None:
+    def on_prices(self) -> int:
         """1a. The hot path: for each mark that moved, the accounts whose trigger it
-        crossed (binary searches), verified and their orders sent; the holders' pass (1b)
-        is queued for when no newer mark waits."""
-        if not np.array_equal(snap.asset_px, self.asset_px_seen):
-            self.asset_px_seen = snap.asset_px.copy()
+        crossed (binary searches), decided, encoded and sent (``TickPath.stage_1a``, in
+        C); the holders' pass (1b) is queued for when no newer mark waits. Returns the
+        number of orders sent; ``book_orders`` does the rest once they are out."""
+        tp = self.tp
+        n = tp.stage_1a()
+        if n < 0:                                 # a price unreadable or not > 0:
+            _checked_snapshot(self.store, None)   # the Python check says which (it raises)
+            raise RuntimeError("price snapshot failed in C but not in Python")
+        for frame in tp.frames:
+            self.orders.send(frame)
+        if tp.fallback:                           # accounts the kernel declined: the reference
+            n += self.liquidate_reference(tp.fallback)
+        return n
+
+    def book_orders(self, reissue: bool = False) -> None:
+        """After 1a's orders are out: count them, flag their accounts outstanding in the
+        table the upkeep walks, queue their events; note the moved prices for 1b."""
+        tp = self.tp
+        orders = tp.orders()
+        if len(orders):
+            now = time.time_ns()
+            self.counters["orders"] += len(orders)
+            for rec in orders.tolist():
+                self.outstanding_since[rec[0]] = now
+                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
+        if tp.changed:
+            self.counters["ticks"] += len(tp.changed)
+            self.pending_pass.update(dict.fromkeys(tp.changed))
+            self.snap = self.store.price_snapshot()
+        if not np.array_equal(tp.asset_px, self.asset_px_seen):
+            self.asset_px_seen = tp.asset_px.copy()
             self.pending_collateral = True       # collateral prices moved: 1b revalues
-            self.snap = snap
-        changed = np.flatnonzero(snap.price_seqs != self.last_seqs)
-        if not changed.size:
-            return
-        self.snap = snap
-        self.last_seqs = snap.price_seqs.copy()
-        for i in changed.tolist():
-            self.counters["ticks"] += 1
-            self.pending_pass[i] = None
-            if snap.flags[i] & PRICE_FROZEN:
-                continue                # a frozen price pauses liquidations on it
-            pr = self.store.prices[i]
-            mark, prev = float(snap.marks[i]), float(self.prev_marks[i])
-            self.prev_marks[i] = mark
-            for p in self.partitions:
-                self.liquidate(self.index[p].candidates(i, mark, prev), snap, int(pr["tick_seq"]),
-                               int(pr["ts_ns"]))
+            self.snap = self.store.price_snapshot()
         self.flush_events()
 
     def holders_pass(self) -> None:
@@ -251,41 +279,49 @@ class Worker:
             for p in self.partitions:
                 n = self.index[p].collateral_tick(snap, self.breach)
                 if n:
-                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, 0, now)
+                    self.liquidate(self.breach[: min(n, len(self.breach))], 0, now)
         for i in list(self.pending_pass):
             frozen = bool(snap.flags[i] & PRICE_FROZEN)
             pr = self.store.prices[i]
             for p in self.partitions:
                 n = self.index[p].tick(i, snap, self.breach)
                 if n and not frozen:
-                    self.liquidate(self.breach[: min(n, len(self.breach))], snap, int(pr["tick_seq"]),
+                    self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]),
                                    int(pr["ts_ns"]))
             # Other instruments' triggers of these holders drift with this mark; the
             # periodic re-sort refreshes them, this pass covers the interval.
         self.pending_pass.clear()
         self.flush_events()
 
-    def liquidate(self, rows: np.ndarray, snap, tick_seq: int, tick_recv_ns: int,
-                  reissue: bool = False) -> None:
-        """Decide and send the orders of each account in ``rows`` not already outstanding."""
-        outstanding = self.outstanding_since
-        for row in rows.tolist():
-            if row in outstanding and not reissue:
-                continue                     # its first order for this breach is out
+    def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, reissue: bool = False) -> None:
+        """Decide and send the orders of each account in ``rows`` not already outstanding
+        (``TickPath.liquidate``: the kernel, the encoding and the flag in C)."""
+        if self.tp.liquidate(np.ascontiguousarray(rows, np.int64), tick_seq, tick_recv_ns, reissue) < 0:
+            _checked_snapshot(self.store, None)   # raises the clear error
+        for frame in self.tp.frames:
+            self.orders.send(frame)
+        if self.tp.fallback:
+            self.liquidate_reference(self.tp.fallback)
+        self.book_orders()
+
+    def liquidate_reference(self, rows: list[tuple[int, int, int]]) -> int:
+        """Accounts the kernel declined (a number out of its range), as ``(row, tick_seq,
+        tick_recv_ns)``: decided by the Python reference, encoded with the same order ids
+        and sequence; returns the number of orders sent."""
+        snap, sent = self.store.price_snapshot(), 0
+        for row, tick_seq, tick_recv_ns in rows:
             orders = decide(self.store, row, snap)
             for o in orders:
-                decided = time.time_ns()
-                self.next_order_id += 1
-                fields = {"order_id": self.next_order_id & ((1 << 63) - 1), "account": o.account_id,
-                          "instrument_id": o.instrument, "qty_units": o.qty_units,
-                          "limit_price_units": o.limit_price_units, "reason": int(o.reason),
-                          "tick_seq": tick_seq, "tick_recv_ns": tick_recv_ns,
-                          "decided_ns": decided, "sent_ns": time.time_ns()}
-                self.orders.send(self.seq_orders.encode_known(MsgType.LIQUIDATION_ORDER, fields))
+                frame, rec = self.tp.encode_order(row, o.account_id, o.instrument, o.qty_units,
+                                                  o.limit_price_units, int(o.reason), tick_seq, tick_recv_ns,
+                                                  time.time_ns())
+                self.orders.send(frame)
                 self.counters["orders"] += 1
-                self.pending_events.append(fields)
+                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
+                sent += 1
             if orders:
                 self._set_outstanding(row, True)
+        return sent
 
     def flush_events(self) -> None:
         """Operator events for the orders sent, after the tick's orders are all out."""
@@ -402,13 +438,14 @@ class Worker:
         while not self.ctl.shutdown:
             busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
-            snap = self.store.price_snapshot()
-            sent = self.counters["orders"]
-            self.on_prices(snap)                                  # 1a. hot path first
-            if self.counters["orders"] != sent:
+            if self.on_prices():                                  # 1a. hot path first
                 # Let this process's ZeroMQ I/O thread put the orders on the wire before
-                # the CPU-bound pass below: pinned, it shares this CPU and would wait.
+                # the work below: pinned, it shares this CPU and would wait.
                 os.sched_yield()
+            self.book_orders()
+            if self.prices is not None:
+                self.prices.settle()                              # the reference catches up
+            snap = self.snap
             if wake.more():
                 continue                                          # a newer mark or record waits
             if self.pending_pass or self.pending_collateral:

@@ -275,6 +275,17 @@ class MarkPriceCalculator:
             last_good_mark=inst.last_good_mark if frozen else ev.mark,
         )
 
+    def export(self, instrument: str) -> tuple[list[tuple[str, float, int, int]], bool, float]:
+        """``(quotes, clean, basis)`` of ``instrument`` for a fast path that mirrors it:
+        quotes as ``(venue, price, venue_ts_ns, fresh_ts_ns)``; ``clean`` when the last
+        commit left it live with no venue excluded (the only state such a path may act
+        in: a tick there can change nothing but one quote and the mark)."""
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return [], False, 0.0
+        quotes = [(v, q.price, q.venue_ts_ns, q.fresh_ts_ns) for v, q in inst.quotes.items()]
+        return quotes, inst.frozen is False and not inst.excluded, inst.basis
+
     # -- internals -----------------------------------------------------------------
 
     def _unknown_instrument(self, instrument: str) -> bool:
