@@ -17,6 +17,7 @@
 # instrument's state here (``sync``) after the reference handled one of its ticks.
 from libc.math cimport fabs, fmin, fmax, isfinite, isnan, NAN
 from libc.stdlib cimport malloc, free, calloc, realloc
+from libc.string cimport memmove
 from _types cimport PriceRow
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_atomic_add_u64, me_doorbell,
                        me_doorbell_ring)
@@ -52,7 +53,8 @@ ctypedef struct OfInstrument:
 
 ctypedef struct OfApplied:       # a tick taken here, for the reference to fold later
     int32_t instrument
-    int32_t venue
+    int32_t venue_len
+    char venue[OF_NAME]          # copied: a later sync may reorder the quotes
     double price
     int64_t venue_ts_ns
     int64_t recv_ns
@@ -67,6 +69,11 @@ ctypedef struct OfTick:          # a parsed ORACLE_TICK
     Py_ssize_t instrument_len
     double price
     int64_t venue_ts_ns
+
+
+cdef inline bint stale(int64_t now_ns, int64_t ts_ns, int64_t staleness_ns) noexcept nogil:
+    """``now_ns - ts_ns > staleness_ns`` without int64 overflow (Python's ints never wrap)."""
+    return ts_ns < now_ns and <uint64_t>now_ns - <uint64_t>ts_ns > <uint64_t>staleness_ns
 
 
 cdef inline bint name_ok(const uint8_t *s, Py_ssize_t n) noexcept nogil:
@@ -292,11 +299,11 @@ cdef class OracleFast:
             return OF_FALLBACK
         q = &s.q[slot]
         fresh_ts = t.venue_ts_ns if t.venue_ts_ns < recv_ns else recv_ns
-        if t.venue_ts_ns < q.venue_ts_ns or recv_ns - fresh_ts > self.staleness_ns:
+        if t.venue_ts_ns < q.venue_ts_ns or stale(recv_ns, fresh_ts, self.staleness_ns):
             return OF_FALLBACK                                          # backwards or stale: rejected there
         for j in range(s.n_venues):                                     # rule 1: the fresh venues
             ts = fresh_ts if j == slot else s.q[j].fresh_ts_ns
-            if recv_ns - ts <= self.staleness_ns:
+            if not stale(recv_ns, ts, self.staleness_ns):
                 fresh[n_fresh] = t.price if j == slot else s.q[j].price
                 n_fresh += 1
         if n_fresh < self.quorum:
@@ -330,7 +337,8 @@ cdef class OracleFast:
         a = &self.applied[self.n_applied]
         self.n_applied += 1
         a.instrument = i
-        a.venue = slot
+        a.venue_len = q.name_len
+        memcpy(a.venue, q.name, q.name_len)
         a.price = t.price
         a.venue_ts_ns = t.venue_ts_ns
         a.recv_ns = recv_ns
@@ -357,17 +365,18 @@ cdef class OracleFast:
     def n_applied(self):
         return self.n_applied
 
-    def take_applied(self):
-        """The ticks taken since the last call, oldest first, as ``(instrument, venue,
-        price, venue_ts_ns, recv_ns, seq, published_mark or None)``; the queue empties."""
-        cdef int k
+    def take_applied(self, int limit=-1):
+        """The oldest ``limit`` (all when negative) ticks taken and not yet taken from
+        here, oldest first, as ``(instrument, venue, price, venue_ts_ns, recv_ns, seq,
+        published_mark or None)``; they leave the queue."""
+        cdef int k, n = self.n_applied if limit < 0 or limit > self.n_applied else limit
         cdef OfApplied *a
-        cdef OfInstrument *s
         out = []
-        for k in range(self.n_applied):
+        for k in range(n):
             a = &self.applied[k]
-            s = &self.ins[a.instrument]
-            out.append((a.instrument, s.q[a.venue].name[:s.q[a.venue].name_len].decode("ascii"),
+            out.append((a.instrument, a.venue[:a.venue_len].decode("ascii"),
                         a.price, a.venue_ts_ns, a.recv_ns, a.seq, None if isnan(a.mark) else a.mark))
-        self.n_applied = 0
+        if n < self.n_applied:
+            memmove(self.applied, self.applied + n, (self.n_applied - n) * sizeof(OfApplied))
+        self.n_applied -= n
         return out

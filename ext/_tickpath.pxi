@@ -143,6 +143,7 @@ cdef class TickPath:
     cdef public int64_t order_id
     cdef public double health_factor
     cdef public list frames, fallback, changed
+    cdef public bint assets_moved          # a collateral price changed in a snapshot (the caller resets it)
 
     def __cinit__(self):
         self.trig = NULL
@@ -186,6 +187,7 @@ cdef class TickPath:
         self.order_id = order_id
         self.health_factor = health_factor
         self.n_info = 0
+        self.assets_moved = True
         self.frames, self.fallback, self.changed = [], [], []
 
     def __dealloc__(self):
@@ -230,6 +232,8 @@ cdef class TickPath:
                 return 0
             if not (isfinite(ar.price_usd) and ar.price_usd > 0):
                 return 0
+            if ar.price_usd != self.c_px[i]:
+                self.assets_moved = True
             self.c_px[i], self.c_haircut[i], self.c_scale[i] = ar.price_usd, ar.haircut, <double>ar.scale
         return 1
 
@@ -352,6 +356,11 @@ cdef class TickPath:
         for j in range(rows.shape[0]):
             n += self.liquidate_row(rows[j], tick_seq, tick_recv_ns, reissue)
         return n
+
+    @property
+    def n_orders(self):
+        """Orders encoded by the last call."""
+        return self.n_info
 
     def orders(self):
         """One record per frame of the last call, columns ORDER_COLUMNS (a copy)."""

@@ -63,7 +63,7 @@ class Gateway:
         self.n_instruments = len(self.store.instruments)
         self.price_scales = self.store.instruments["price_scale"].tolist()
         self.asset_index = {}
-        self.zctx = zmq.Context.instance()
+        self.zctx = process.zmq_context()
         # PULL by default; with acks a ROUTER answers every fills frame (ACK / REJECT).
         self.fills_acks = fills_acks
         self.fills = self._bind(zmq.ROUTER if fills_acks else zmq.PULL, fills_endpoint)

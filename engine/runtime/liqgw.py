@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     ctl = Control.attach(a.name + "-ctl")
-    ctx = zmq.Context.instance()
+    ctx = process.zmq_context()
     stop_ep = f"inproc://stop-{a.name}"
     stop = ctx.socket(zmq.PUB)
     stop.bind(stop_ep)

@@ -38,6 +38,7 @@ from feeds.protocol import MsgType, Rejected, Sequencer, decode
 
 NS = 1_000_000_000
 MAX_FOLD = 256          # ticks folded into one publication at most (bounds the delay)
+SETTLE_SLICE = 32       # C-taken ticks folded into the reference per idle turn
 
 
 class MarkPriceProcess:
@@ -56,7 +57,7 @@ class MarkPriceProcess:
                             for i, r in enumerate(self.store.instruments)}
         self.assets: dict[str, int] = {}
         self.calc = MarkPriceCalculator(params or OracleParams())
-        self.zctx = zmq.Context.instance()
+        self.zctx = process.zmq_context()
         self.sock = self.zctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(oracle_endpoint)
@@ -181,20 +182,25 @@ class MarkPriceProcess:
                     return n
             else:
                 moved[name] = None
-        self.settle()
+        if moved:
+            self.settle()                   # before the reference publishes
         for name in moved:
             self.publish(name, *self.last_tick[name])
         return n
 
-    def settle(self) -> None:
-        """Fold the ticks the C path took into the reference, in order. The reference
+    def settle(self, limit: int = -1) -> None:
+        """Fold the ticks the C path took (the oldest ``limit``; all when negative) into
+        the reference, in order: lazily, when idle, and always before the reference
+        decides a tick, publishes or runs its timer -- never between a tick and its
+        orders. The reference
         must accept each with no event and, where C published a mark, arrive at the same
         one; otherwise (``fast_mismatch``, never seen in the tests) its answer is
         published and the C state re-synced: the reference wins."""
         fast = self.fast
         if fast is None or not fast.n_applied:
             return
-        for i, venue, price, venue_ts_ns, recv_ns, seq, mark in fast.take_applied():
+        wrong: dict[str, tuple[int, int]] = {}
+        for i, venue, price, venue_ts_ns, recv_ns, seq, mark in fast.take_applied(limit):
             name = self.names[i]
             code, events = self.calc.on_tick(name, venue, price, venue_ts_ns, recv_ns)
             if code == Code.OK:
@@ -207,8 +213,10 @@ class MarkPriceProcess:
                 self.emit(e.code, e.instrument, e.detail)
             if code != Code.OK or events or (mark is not None and self.calc.state(name, recv_ns).mark != mark):
                 self.counters["fast_mismatch"] += 1
-                self.sync(name)
-                self.publish(name, recv_ns, seq)
+                wrong[name] = (recv_ns, seq)
+        for name, (recv_ns, seq) in wrong.items():     # after the whole queue is folded
+            self.sync(name)
+            self.publish(name, recv_ns, seq)
 
     def sync(self, name: str) -> None:
         """Mirror the reference's state of instrument ``name`` into the C path."""
@@ -229,10 +237,14 @@ class MarkPriceProcess:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_timer = time.time_ns() + self.timer_ns
+        fast = self.fast
         while not self.ctl.shutdown:
-            timeout_ms = max(0, (next_timer - time.time_ns()) // 1_000_000)
+            behind = fast is not None and fast.n_applied
+            timeout_ms = 0 if behind else max(0, (next_timer - time.time_ns()) // 1_000_000)
             if poller.poll(timeout_ms):
                 self.fold()
+            elif behind:
+                self.settle(SETTLE_SLICE)       # idle: the reference catches up
             now = time.time_ns()
             if now >= next_timer:
                 self.on_timer(now)

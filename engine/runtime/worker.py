@@ -53,6 +53,7 @@ from feeds.protocol import MsgType, Sequencer
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~0.1 ms: a tick waits at most that)
+SETTLE_SLICE = 32                    # C-taken oracle ticks folded into the reference per idle turn
 RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
@@ -69,7 +70,7 @@ class Worker:
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.doorbell = self.ctl.doorbell_addr(worker_id)
-        self.zctx = zmq.Context.instance()
+        self.zctx = process.zmq_context()
         self.orders = self.zctx.socket(zmq.PUSH)
         self.orders.setsockopt(zmq.LINGER, 1000)
         self.orders.setsockopt(zmq.IMMEDIATE, 0)
@@ -251,8 +252,8 @@ class Worker:
         """After 1a's orders are out: count them, flag their accounts outstanding in the
         table the upkeep walks, queue their events; note the moved prices for 1b."""
         tp = self.tp
-        orders = tp.orders()
-        if len(orders):
+        if tp.n_orders:
+            orders = tp.orders()
             now = time.time_ns()
             self.counters["orders"] += len(orders)
             for rec in orders.tolist():
@@ -262,10 +263,11 @@ class Worker:
             self.counters["ticks"] += len(tp.changed)
             self.pending_pass.update(dict.fromkeys(tp.changed))
             self.snap = self.store.price_snapshot()
-        if not np.array_equal(tp.asset_px, self.asset_px_seen):
+        if tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen):
             self.asset_px_seen = tp.asset_px.copy()
             self.pending_collateral = True       # collateral prices moved: 1b revalues
             self.snap = self.store.price_snapshot()
+        tp.assets_moved = False
         self.flush_events()
 
     def holders_pass(self) -> None:
@@ -436,15 +438,14 @@ class Worker:
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
-            busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values())
+            busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values()) or \
+                bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             if self.on_prices():                                  # 1a. hot path first
                 # Let this process's ZeroMQ I/O thread put the orders on the wire before
                 # the work below: pinned, it shares this CPU and would wait.
                 os.sched_yield()
             self.book_orders()
-            if self.prices is not None:
-                self.prices.settle()                              # the reference catches up
             snap = self.snap
             if wake.more():
                 continue                                          # a newer mark or record waits
@@ -455,7 +456,9 @@ class Worker:
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
                 self.schedule_upkeep()
             if not wake.more():                                   # 3. idle: one upkeep slice
-                if self.jobs:
+                if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
+                    self.prices.settle(SETTLE_SLICE)              # the price reference catches up
+                elif self.jobs:
                     job, *args = self.jobs.popleft()
                     job(*args)
                 else:

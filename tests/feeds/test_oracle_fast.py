@@ -1,0 +1,329 @@
+"""The mark-price C fast path (``engine._wire.OracleFast``) held to its reference.
+
+``OracleFast.on_frame`` may take an ORACLE_TICK only when ``MarkPriceCalculator``
+(feeds/oracle/index.py) would change nothing but that venue's quote and the mark (no
+exclusion, no freeze, no event); then it publishes ``index + clamp(basis)`` itself.
+Everything else must answer TICK_FALLBACK with its state, the price row, the counters and
+the queue untouched. Checked on hand-computed values, on one frame per way of falling back,
+by a hypothesis comparison against a reference fed every tick directly (driven the way
+``engine.runtime.markprice.MarkPriceProcess`` drives it: settle, decide, sync), and once
+through ``MarkPriceProcess.fold`` itself.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import msgpack
+import numpy as np
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import _wire
+from engine.codes import Code
+from engine.store import layout as L
+from feeds.oracle.index import MarkPriceCalculator, OracleParams
+from feeds.protocol import MsgType, Rejected, Sequencer, decode
+
+S, MS = 1_000_000_000, 1_000_000
+T0 = 1_700_000_000 * S
+P = OracleParams(staleness_ns=5 * S, quorum=2, max_deviation=0.05, max_basis=0.005)
+NAMES = ["BTC-PERP", "ETH-PERP"]
+BASE = [30_000.0, 100.0]
+FALLBACK, TAKEN, PUBLISHED = _wire.TICK_FALLBACK, _wire.TICK_TAKEN, _wire.TICK_PUBLISHED
+
+
+class Rig:
+    """An OracleFast over a private price table plus the driven reference, as MarkPriceProcess
+    wires them (the reference's own marks are published into the row like ``publish``)."""
+
+    def __init__(self, n_bells: int = 2):
+        self.prices = np.zeros(len(NAMES), L.PRICE)
+        self.gseq = np.zeros(1, np.uint64)
+        self.bells = np.zeros(2 * n_bells, np.uint32)             # (counter, waiters) each
+        self.fast = _wire.OracleFast(self.prices.ctypes.data, self.gseq.ctypes.data, NAMES,
+                                     [self.bells.ctypes.data + 8 * k for k in range(n_bells)],
+                                     P.staleness_ns, P.quorum, P.max_deviation, P.max_basis)
+        self.calc = MarkPriceCalculator(P)
+        self.seq = Sequencer()
+
+    def frame(self, venue, name, price, vts, ts=T0):
+        return self.seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
+                                                     "venue_ts_ns": vts}, ts_ns=ts)
+
+    def settle(self):
+        """Fold the C-taken ticks in: the reference must accept each, silently, at C's mark."""
+        for i, venue, price, vts, recv, _seq, mark in self.fast.take_applied():
+            assert self.calc.on_tick(NAMES[i], venue, price, vts, recv) == (Code.OK, [])
+            if mark is not None:
+                assert self.calc.state(NAMES[i], recv).mark == mark
+
+    def sync(self, name):
+        self.fast.sync(NAMES.index(name), *self.calc.export(name))
+
+    def publish(self, name, now, seq=0):
+        i, s = NAMES.index(name), self.calc.state(name, now)
+        row = self.prices[i:i + 1]
+        if s.mark is None or (s.frozen and row["flags"][0]) or \
+                (not s.frozen and row["mark"][0] == s.mark and not row["flags"][0]):
+            return
+        row["mark"], row["index"], row["ts_ns"], row["tick_seq"] = s.mark, s.index or s.mark, now, seq
+        row["flags"], row["price_seq"] = int(s.frozen), row["price_seq"] + 1
+
+    def feed(self, frame, recv):
+        """One frame as ``fold`` takes it: (C's answer, the reference's code, its events)."""
+        r = self.fast.on_frame(frame, recv)
+        if r != FALLBACK:
+            return r, Code.OK, []
+        self.settle()
+        m = decode(frame)
+        if type(m) is Rejected or m.type != MsgType.ORACLE_TICK or m.fields["instrument"] not in NAMES:
+            return r, None, []
+        f = m.fields
+        code, events = self.calc.on_tick(f["instrument"], f["venue"], f["price"], f["venue_ts_ns"], recv)
+        if code == Code.OK:
+            self.sync(f["instrument"])
+            self.publish(f["instrument"], recv, m.seq)
+        return r, code, events
+
+    def tick(self, venue, name, price, vts, recv):
+        return self.feed(self.frame(venue, name, price, vts, recv), recv)
+
+
+def test_known_values_take_and_publish():
+    rig, B = Rig(), "BTC-PERP"
+    # no state yet, then one venue (frozen None: never live) -> both fall back to the reference
+    assert rig.tick("a", B, 100.0, T0, T0)[:2] == (FALLBACK, Code.OK)
+    assert rig.tick("b", B, 101.0, T0, T0 + MS)[:2] == (FALLBACK, Code.OK)    # live: 100.5
+    assert rig.tick("c", B, 102.0, T0, T0 + 2 * MS)[:2] == (FALLBACK, Code.OK)  # new venue c
+    assert rig.fast.state(0) == (True, 0.0, [("a", 100.0, T0, T0), ("b", 101.0, T0, T0),
+                                             ("c", 102.0, T0, T0)])
+    assert rig.prices[0]["mark"] == 101.0            # median(100, 101, 102), published by the reference
+    before, g0 = rig.prices.copy(), int(rig.gseq[0])
+    # a: 100 -> 100.5: median(100.5, 101, 102) = 101 = the row's mark -> taken, nothing published
+    assert rig.tick("a", B, 100.5, T0 + 3 * MS, T0 + 3 * MS) == (TAKEN, Code.OK, [])
+    assert rig.prices.tobytes() == before.tobytes() and rig.gseq[0] == g0 and not rig.bells.any()
+    assert [q[:3] for q in rig.fast.state(0)[2]][0] == ("a", 100.5, T0 + 3 * MS)
+    # b: 101 -> 101.5 with the venue clock 1 ms ahead (fresh_ts = min(vts, recv) = recv):
+    # median(100.5, 101.5, 102) = 101.5 -> published, tick_seq = frame seq 5, ts = recv
+    recv = T0 + 4 * MS
+    f = rig.frame("b", B, 101.5, recv + MS, recv)
+    assert rig.fast.on_frame(f, recv) == PUBLISHED and decode(f).seq == 5
+    row = rig.prices[0]
+    assert (row["mark"], row["index"], row["ts_ns"], row["flags"], row["tick_seq"]) == (101.5, 101.5, recv, 0, 5)
+    assert row["price_seq"] == before[0]["price_seq"] + 1 and rig.gseq[0] == g0 + 1
+    assert list(rig.bells) == [1, 0, 1, 0]                   # each doorbell's counter rang once
+    assert rig.fast.state(0)[2][1] == ("b", 101.5, recv + MS, recv)
+    assert rig.fast.take_applied() == [(0, "a", 100.5, T0 + 3 * MS, T0 + 3 * MS, 4, None),
+                                       (0, "b", 101.5, recv + MS, recv, 5, 101.5)]
+    assert rig.fast.n_applied == 0 and rig.prices[1]["price_seq"] == 0
+    # staleness boundary, recv = T0 + 5 s + 3 ms: a (fresh_ts T0 + 3 ms) is exactly 5 s old, still
+    # fresh (<=); c -> 103 with vts = recv - 5 s is too: median(100.5, 101.5, 103) = 101.5 -> taken;
+    # one ns later the new quote is stale (5 s + 1 ns > 5 s) -> the reference decides
+    recv = T0 + 5 * S + 3 * MS
+    assert rig.fast.on_frame(rig.frame("c", B, 103.0, recv - 5 * S, recv), recv + 1) == FALLBACK
+    assert rig.fast.on_frame(rig.frame("c", B, 103.0, recv - 5 * S, recv), recv) == TAKEN
+    assert rig.prices[0]["mark"] == 101.5 and rig.gseq[0] == g0 + 1
+
+
+def test_basis_is_clamped():
+    rig = Rig()
+    q = [("a", 100.0, T0, T0), ("b", 101.0, T0, T0), ("c", 102.0, T0, T0)]
+    # a -> 100.5: index median(100.5, 101, 102) = 101; bound = 0.005 * 101 = 0.505
+    for basis, mark in ((1.0, 101.0 + 0.005 * 101.0), (-0.2, 101.0 - 0.2), (-9.0, 101.0 - 0.005 * 101.0)):
+        rig.fast.sync(0, q, True, basis)
+        assert rig.fast.on_frame(rig.frame("a", "BTC-PERP", 100.5, T0 + MS), T0 + MS) == PUBLISHED
+        assert (rig.prices[0]["mark"], rig.prices[0]["index"]) == (mark, 101.0)
+
+
+def raw(fields, seq=99, ts=T0, **kw):
+    return msgpack.packb({"v": 1, "t": 1, "seq": seq, "ts_ns": ts, **fields}, **kw)
+
+
+GOOD = {"venue": "a", "instrument": "BTC-PERP", "price": 101.0, "venue_ts_ns": T0 + S}
+OK, WIRE, TYPE = Code.OK, "decode rejects", "not a tick"
+# name: (frame, recv_ns or None = T0 + 1 s, what the reference says); quotes a 100, b 101, c 102 at T0
+CASES = {
+    "unknown-instrument": (raw({**GOOD, "instrument": "SOL-PERP"}), None, Code.ORACLE_UNKNOWN_INSTRUMENT),
+    "new-venue": (raw({**GOOD, "venue": "d"}), None, OK),
+    "int-price": (raw({**GOOD, "price": 101}), None, OK),               # msgpack int: the reference takes it
+    "float32-price": (raw(GOOD, use_single_float=True), None, OK),
+    "zero-price": (raw({**GOOD, "price": 0.0}), None, Code.ORACLE_BAD_PRICE),
+    "negative-price": (raw({**GOOD, "price": -101.0}), None, Code.ORACLE_BAD_PRICE),
+    "nan-price": (raw({**GOOD, "price": float("nan")}), None, WIRE),
+    "inf-price": (raw({**GOOD, "price": float("inf")}), None, WIRE),
+    "backwards": (raw({**GOOD, "venue_ts_ns": T0 - 1}), None, Code.ORACLE_TS_BACKWARDS),  # a's last: T0
+    "stale": (raw({**GOOD, "venue_ts_ns": T0}), T0 + P.staleness_ns + 1, Code.ORACLE_STALE),  # 5 s + 1 ns old
+    # a -> 107: others median(101, 102) = 101.5, |107 - 101.5| / 101.5 = 0.054 > 0.05: excluded
+    "outlier": (raw({**GOOD, "price": 107.0}), None, OK),
+    # recv T0 + 6 s: b and c (fresh_ts T0) are 6 s old > 5 s: 1 fresh venue < quorum 2: a freeze
+    "below-quorum": (raw({**GOOD, "venue_ts_ns": T0 + 6 * S}), T0 + 6 * S, OK),
+    "extra-key": (raw({**GOOD, "x": 1}), None, WIRE),
+    "missing-key": (raw({k: v for k, v in GOOD.items() if k != "venue_ts_ns"}), None, WIRE),
+    # 8 pairs with "price" twice and no venue_ts_ns (msgpack-python keeps the last price)
+    "duplicate-key": (b"\x88" + b"".join(msgpack.packb(x) for kv in [("v", 1), ("t", 1), ("seq", 9),
+                      ("ts_ns", T0), ("venue", "a"), ("instrument", "BTC-PERP"), ("price", 101.0),
+                      ("price", 101.0)] for x in kv), None, WIRE),
+    "truncated": (raw(GOOD)[:-1], None, WIRE),
+    "trailing-byte": (raw(GOOD) + b"\xc0", None, WIRE),
+    "tick-body-type-40": (raw({**GOOD, "t": int(MsgType.ENGINE_EVENT)}), None, WIRE),
+    "engine-event": (Sequencer().encode(MsgType.ENGINE_EVENT, {"code": 7001, "detail": "x"}, ts_ns=T0),
+                     None, TYPE),
+    "bad-version": (raw({**GOOD, "v": 2}), None, WIRE),
+    "negative-header-ts": (raw(GOOD, ts=-1), None, WIRE),
+    "not-clean": (raw(GOOD), None, OK),                                 # synced with clean=False
+}
+
+
+def reference_says(frame, recv):
+    """What MarkPriceProcess.on_frame would make of ``frame`` in the cases' starting state."""
+    calc = MarkPriceCalculator(P)
+    for v, p in (("a", 100.0), ("b", 101.0), ("c", 102.0)):
+        calc.on_tick("BTC-PERP", v, p, T0, T0)
+    m = decode(frame)
+    if type(m) is Rejected:
+        return WIRE
+    if m.type != MsgType.ORACLE_TICK:
+        return TYPE
+    f = m.fields
+    if f["instrument"] not in NAMES:
+        return Code.ORACLE_UNKNOWN_INSTRUMENT
+    return calc.on_tick(f["instrument"], f["venue"], f["price"], f["venue_ts_ns"], recv)[0]
+
+
+def test_fallbacks_change_nothing():
+    for case, (frame, recv, says) in CASES.items():
+        recv = recv or T0 + S
+        assert reference_says(frame, recv) == says, case        # the frame is what its name says
+        rig = Rig()
+        q = [("a", 100.0, T0, T0), ("b", 101.0, T0, T0), ("c", 102.0, T0, T0)]
+        rig.fast.sync(0, q, case != "not-clean", 0.0)
+        rig.prices[0]["mark"] = 101.0
+        before, st0 = rig.prices.tobytes(), rig.fast.state(0)
+        assert rig.fast.on_frame(frame, recv) == FALLBACK, case
+        assert rig.fast.state(0) == st0 and rig.fast.n_applied == 0, case
+        assert rig.prices.tobytes() == before and rig.gseq[0] == 0 and not rig.bells.any(), case
+        # the control: a 101 at T0 + 1 s, median(101, 101, 102) = 101 = the row -> taken
+        assert rig.fast.on_frame(raw(GOOD), T0 + S) == (FALLBACK if case == "not-clean" else TAKEN), case
+    rig = Rig()                                              # more venues than C holds: not clean
+    rig.fast.sync(0, [(f"v{k}", 100.0, T0, T0) for k in range(17)], True, 0.0)
+    assert rig.fast.state(0) == (False, 0.0, [])
+    rig.fast.sync(0, [("a", 100.0, T0, T0), ("b", 100.0, T0, T0)], True, float("nan"))
+    assert rig.fast.state(0)[0] is False                     # a non-finite basis: not clean
+
+
+def run_steps(steps, count=None):
+    """Drive a Rig and a pure reference (every tick straight in) through ``steps``; check both."""
+    rig, pure, now = Rig(), MarkPriceCalculator(P), T0
+    for kind, i, v, bp, lag_ms, gap_ms in steps:
+        now += gap_ms * MS
+        name = NAMES[i]
+        if kind == "tick":
+            price, vts = BASE[i] * (1 + bp / 10_000), now - lag_ms * MS
+            r, code, events = rig.tick("abcd"[v], name, price, vts, now)
+            assert (code, events) == pure.on_tick(name, "abcd"[v], price, vts, now)
+            if count is not None:
+                count[r] += 1
+            s = pure.state(name, now)
+            if code == Code.OK and s.mark is not None:           # the row holds the reference's mark
+                assert rig.prices[i]["mark"] == s.mark and rig.prices[i]["flags"] == s.frozen
+            if r == PUBLISHED:
+                assert (rig.prices[i]["ts_ns"], rig.prices[i]["tick_seq"]) == (now, rig.seq.last)
+        else:
+            rig.settle()
+            if kind == "timer":
+                ev = rig.calc.on_timer(now)
+                assert ev == pure.on_timer(now)
+                touched = {e.instrument for e in ev}
+            else:                                                # a basis sample
+                mid = BASE[i] * (1 + bp / 10_000)
+                res = rig.calc.on_basis_sample(name, mid, now)
+                assert res == pure.on_basis_sample(name, mid, now)
+                touched = {name} if res[0] == Code.OK else set()
+            for n in touched:
+                rig.sync(n)
+                rig.publish(n, now)
+        rig.settle()
+        for k, n in enumerate(NAMES):
+            exp = rig.calc.export(n)
+            assert exp == pure.export(n)
+            clean, basis, quotes = rig.fast.state(k)
+            assert (quotes, basis) == (exp[0], exp[2])           # same quotes in the same slots
+            assert clean == exp[1]                               # synced after every change of clean
+    return rig
+
+
+tick = st.tuples(st.just("tick"), st.integers(0, 1), st.integers(0, 3),
+                 st.one_of(st.integers(-200, 200), st.sampled_from([0, 0, -600, 600, -3000, 3000])),
+                 st.one_of(st.integers(-100, 1000), st.sampled_from([5000, 5001, 4999, 8000])),
+                 st.one_of(st.integers(0, 300), st.sampled_from([0, 2500, 5000, 6000])))
+other = st.tuples(st.sampled_from(["timer", "basis"]), st.integers(0, 1), st.just(0),
+                  st.integers(-150, 150), st.just(0), st.integers(0, 300))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(tick, tick, tick, other), min_size=1, max_size=80))
+def test_fast_path_matches_reference(steps):
+    # prices within +-2% of the base mostly (taken), +-6% / +-30% sometimes (exclusions); lags up
+    # to 1 s (backwards), the 5 s boundary and past it (stale); gaps past 5 s (freezes)
+    run_steps(steps)
+
+
+def test_seeded_run_exercises_every_outcome():
+    rnd, steps = random.Random(20240607), []
+    for _ in range(4000):
+        kind = rnd.choices(["tick", "timer", "basis"], [20, 1, 1])[0]
+        bp = rnd.choice([rnd.randint(-150, 150)] * 8 + [0, 700, -3000])
+        lag = rnd.choice([rnd.randint(-50, 800)] * 20 + [5000, 5001, 7000])
+        gap = rnd.choice([rnd.randint(0, 200)] * 40 + [5500])
+        steps.append((kind, rnd.randint(0, 1), rnd.randint(0, 3), bp, lag, gap))
+    count = {FALLBACK: 0, TAKEN: 0, PUBLISHED: 0}
+    rig = run_steps(steps, count)
+    # the mix must really take the hot path and really leave ticks to the reference (this seed
+    # gives 732 published, 196 taken, 2711 fallbacks); every C publication rang both doorbells
+    assert count[PUBLISHED] >= 500 and count[TAKEN] >= 50 and count[FALLBACK] >= 100, count
+    assert rig.gseq[0] == count[PUBLISHED] and rig.bells[0] == rig.bells[2] == count[PUBLISHED]
+
+
+def test_markprice_process_fold():
+    from engine.runtime.ctl import Control
+    from engine.runtime.markprice import MarkPriceProcess
+    from engine.store.shm import Store
+    from engine.instruments import Asset, Instrument, Kind, derive_tiers
+    tiers = derive_tiers([{"floor": 0, "imr": 0.02, "mmr": 0.01}])
+    store = Store.create(None, assets=[Asset("USDT", 0, 10**6, 1.0, 0.0)], accounts_capacity=2,
+                         instruments=[Instrument("BTCUSDT", 0, Kind.PERP, "USDT", 1.0, 1000, 10, 0.1, 0.001,
+                                                 tiers, mark_price=60_000.0)],
+                         n_partitions=1, slots_per_account=2)
+    ctl = Control.create(None, n_workers=2, n_partitions=1, slots_per_account=2, ring_capacity=64)
+    tag = f"{time.time_ns()}"
+    ctx = zmq.Context.instance()
+    events = ctx.socket(zmq.PULL)
+    events.bind(f"inproc://ev-{tag}")
+    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"inproc://or-{tag}")
+    seq, name = Sequencer(), p.names[0]
+    try:
+        def send(venue, price):
+            push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
+                                                       "venue_ts_ns": time.time_ns()}))
+        for venue, price in (("a", 60_000.0), ("b", 60_060.0), ("c", 60_120.0), ("a", 60_030.0),
+                             ("b", 60_090.0), ("c", 60_150.0), ("a", 60_000.0)):
+            send(venue, price)
+        assert p.sock.poll(2000)
+        taken = 0
+        while taken < 7:
+            assert p.sock.poll(2000)
+            taken += p.fold()
+        # a, b, c start in the reference, then 4 C ticks: a 60030 (median 60060), b 60090 (median
+        # 60090, published with tick_seq 5), c 60150 and a 60000 (median stays 60090: taken)
+        assert store.prices[0]["mark"] == 60_090.0 and store.prices[0]["flags"] == 0
+        assert p.counters["ticks"] == 7 and p.counters["ticks_fast"] == 4, p.counters
+        assert p.counters["fast_mismatch"] == 0 and store.prices[0]["tick_seq"] == 5
+        assert events.poll(0) == 0                             # no event: nothing froze or was excluded
+    finally:
+        for s in (push, events, p.sock, p.events):
+            s.close(0)
