@@ -138,6 +138,8 @@ cdef class TickPath:
     cdef double *c_haircut
     cdef double *c_scale
     cdef uint64_t *c_seqs
+    cdef uint64_t *c_tick_seq              # per instrument, from the same seqlock copy as the mark
+    cdef int64_t *c_tick_ns
     cdef uint32_t *c_flags
     cdef public uint64_t seq
     cdef public int64_t order_id
@@ -169,7 +171,10 @@ cdef class TickPath:
         self.table = <InsPass *>malloc(max(1, n_instruments) * sizeof(InsPass))
         self.cap_info = 256
         self.info = <int64_t *>malloc(self.cap_info * TP_INFO * sizeof(int64_t))
-        if self.trig == NULL or self.table == NULL or self.info == NULL:
+        self.c_tick_seq = <uint64_t *>calloc(max(1, n_instruments), sizeof(uint64_t))
+        self.c_tick_ns = <int64_t *>calloc(max(1, n_instruments), sizeof(int64_t))
+        if self.trig == NULL or self.table == NULL or self.info == NULL or self.c_tick_seq == NULL \
+                or self.c_tick_ns == NULL:
             raise MemoryError()
         self.trig_refs = [None] * (n_partitions * n_instruments)
         import numpy as np
@@ -194,6 +199,8 @@ cdef class TickPath:
         free(self.trig)
         free(self.table)
         free(self.info)
+        free(self.c_tick_seq)
+        free(self.c_tick_ns)
 
     def set_triggers(self, int k, int instrument, long_t, long_rows, short_t, short_rows):
         """Partition slot ``k``'s sorted triggers of ``instrument`` (HolderIndex.triggers),
@@ -227,6 +234,7 @@ cdef class TickPath:
             if not (isfinite(pr.mark) and pr.mark > 0):
                 return 0
             self.c_marks[i], self.c_seqs[i], self.c_flags[i] = pr.mark, pr.price_seq, pr.flags
+            self.c_tick_seq[i], self.c_tick_ns[i] = pr.tick_seq, pr.ts_ns
         for i in range(self.n_assets):
             if me_seqlock_copy(&self.assets[i], &ar, sizeof(AssetRow), 1000000) < 0:
                 return 0
@@ -299,7 +307,6 @@ cdef class TickPath:
         cdef Py_ssize_t a, b
         cdef double mark, prev
         cdef const Triggers *t
-        cdef const PriceRow *pr
         self.reset()
         if not self.snapshot():
             return -1
@@ -312,7 +319,6 @@ cdef class TickPath:
                 continue                               # a frozen price pauses liquidations on it
             mark, prev = self.c_marks[i], self.prev_marks[i]
             self.prev_marks[i] = mark
-            pr = &self.prices[i]
             for k in range(self.n_parts):
                 t = &self.trig[k * self.n_ins + i]
                 if mark < prev:                        # longs: mark <= t < prev, most breached first
@@ -320,20 +326,23 @@ cdef class TickPath:
                     b = search_left(t.long_t, t.n_long, prev)
                     while b > a:
                         b -= 1
-                        n += self.liquidate_row(t.long_rows[b], pr.tick_seq, pr.ts_ns, False)
+                        n += self.liquidate_row(t.long_rows[b], self.c_tick_seq[i], self.c_tick_ns[i], False)
                 elif mark > prev:                      # shorts: prev < t <= mark
                     a = search_right(t.short_t, t.n_short, prev)
                     b = search_right(t.short_t, t.n_short, mark)
                     while a < b:
-                        n += self.liquidate_row(t.short_rows[a], pr.tick_seq, pr.ts_ns, False)
+                        n += self.liquidate_row(t.short_rows[a], self.c_tick_seq[i], self.c_tick_ns[i], False)
                         a += 1
         return n
 
     def crossed(self, int k, int instrument, double mark, double prev):
         """The rows ``stage_1a`` would visit in partition slot ``k`` for a move from
         ``prev`` to ``mark``, in its order (the tests hold it to HolderIndex.candidates)."""
-        cdef const Triggers *t = &self.trig[k * self.n_ins + instrument]
+        cdef const Triggers *t
         cdef Py_ssize_t a, b
+        if not (0 <= k < self.n_parts and 0 <= instrument < self.n_ins):
+            raise IndexError(f"TickPath.crossed: slot {k}, instrument {instrument}")
+        t = &self.trig[k * self.n_ins + instrument]
         out = []
         if mark < prev:
             a = search_left(t.long_t, t.n_long, mark)

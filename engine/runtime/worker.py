@@ -258,6 +258,7 @@ class Worker:
             self.counters["orders"] += len(orders)
             for rec in orders.tolist():
                 self.outstanding_since[rec[0]] = now
+                rec[7] &= 0xFFFF_FFFF_FFFF_FFFF          # tick_seq: a uint64 kept in an int64 column
                 self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
         if tp.changed:
             self.counters["ticks"] += len(tp.changed)

@@ -327,3 +327,28 @@ def test_markprice_process_fold():
     finally:
         for s in (push, events, p.sock, p.events):
             s.close(0)
+
+
+def test_staleness_does_not_wrap_in_int64():
+    # Quotes a/b/c at 100/101/102, venue timestamp -10, accepted at recv 0 (fresh_ts =
+    # min(-10, 0) = -10; age 0 - (-10) = 10 ns <= 5 s) and synced clean. Then a -> 100.5,
+    # venue ts -10 (not backwards: -10 == -10), received at 2**63 - 2: its age is
+    # (2**63 - 2) - (-10) = 2**63 + 8 ns > 5 s, so the reference rejects it ORACLE_STALE.
+    # In int64 that difference wraps to -2**63 + 8 (not > 5 s): every quote would look
+    # fresh, median(100.5, 101, 102) = 101 = the row's mark, and C would take it.
+    rig, B, recv = Rig(), "BTC-PERP", 2**63 - 2
+    for v, p in (("a", 100.0), ("b", 101.0), ("c", 102.0)):
+        assert rig.tick(v, B, p, -10, 0)[:2] == (FALLBACK, Code.OK)
+    assert rig.fast.state(0) == (True, 0.0, [("a", 100.0, -10, -10), ("b", 101.0, -10, -10),
+                                             ("c", 102.0, -10, -10)])
+    assert rig.prices[0]["mark"] == 101.0
+    rig.settle()
+    before, st0, g0 = rig.prices.tobytes(), rig.fast.state(0), int(rig.gseq[0])
+    bells0 = rig.bells.copy()
+    frame = rig.frame("a", B, 100.5, -10, recv)
+    assert rig.calc.on_tick(B, "a", 100.5, -10, recv) == (Code.ORACLE_STALE, [])   # the reference
+    assert rig.fast.on_frame(frame, recv) == FALLBACK
+    assert rig.fast.state(0) == st0 and rig.fast.n_applied == 0 and rig.fast.take_applied() == []
+    assert rig.prices.tobytes() == before and rig.gseq[0] == g0 and np.array_equal(rig.bells, bells0)
+    # the control: the same tick at recv 5 s - 10 (age exactly 5 s: fresh) is taken
+    assert rig.fast.on_frame(rig.frame("a", B, 100.5, -10, 5 * S - 10), 5 * S - 10) == TAKEN
