@@ -1099,6 +1099,44 @@ cdef enum:
     CHECK_COPY_TRIES = 100000
 
 
+cdef int read_prices(const PriceRow *prices, int n_ins, const AssetRow *assets, int n_assets, int64_t tries,
+                     double *marks, uint32_t *flags, uint64_t *price_seqs, uint64_t *tick_seqs, int64_t *tick_ns,
+                     double *asset_px, double *asset_haircut, double *asset_scale, bint *assets_moved) noexcept nogil:
+    """Every mark and asset price, each row copied under its seqlock (``_checked_snapshot``
+    in engine/risk/margin.py is the Python rule): 1 when all are readable, finite and
+    > 0, else 0. Assets past ``n_assets`` read as price 0, haircut 0, scale 1. The
+    optional outputs (NULL: not wanted) take each row's price sequence number, the tick
+    that made the mark, and whether an asset price differs from the one already held."""
+    cdef PriceRow pr
+    cdef AssetRow ar
+    cdef int i
+    for i in range(n_ins):
+        if me_seqlock_copy(&prices[i], &pr, sizeof(PriceRow), tries) < 0:
+            return 0
+        if not (isfinite(pr.mark) and pr.mark > 0):
+            return 0
+        marks[i] = pr.mark
+        flags[i] = pr.flags
+        if price_seqs != NULL:
+            price_seqs[i] = pr.price_seq
+        if tick_seqs != NULL:
+            tick_seqs[i], tick_ns[i] = pr.tick_seq, pr.ts_ns
+    for i in range(MAX_ASSETS):
+        if i >= n_assets:
+            asset_px[i], asset_haircut[i], asset_scale[i] = 0.0, 0.0, 1.0
+            continue
+        if me_seqlock_copy(&assets[i], &ar, sizeof(AssetRow), tries) < 0:
+            return 0
+        if not (isfinite(ar.price_usd) and ar.price_usd > 0):
+            return 0
+        if assets_moved != NULL and ar.price_usd != asset_px[i]:
+            assets_moved[0] = True
+        asset_px[i] = ar.price_usd
+        asset_haircut[i] = ar.haircut
+        asset_scale[i] = <double>ar.scale
+    return 1
+
+
 cdef class CheckDesk:
     """An ORDER_CHECK answered in one C call: the order-check gateway's hot path.
 
@@ -1178,30 +1216,8 @@ cdef class CheckDesk:
 
     cdef int _prices(self) noexcept nogil:
         """Step 4: 1 when every price is readable, finite and > 0."""
-        cdef PriceRow pr
-        cdef AssetRow ar
-        cdef int i
-        for i in range(self.n_ins):
-            if me_seqlock_copy(&self.prices[i], &pr, sizeof(PriceRow), CHECK_COPY_TRIES) < 0:
-                return 0
-            if not (isfinite(pr.mark) and pr.mark > 0):
-                return 0
-            self.marks[i] = pr.mark
-            self.flags[i] = pr.flags
-        for i in range(MAX_ASSETS):
-            if i >= self.n_assets:
-                self.asset_px[i] = 0.0
-                self.asset_haircut[i] = 0.0
-                self.asset_scale[i] = 1.0
-                continue
-            if me_seqlock_copy(&self.assets[i], &ar, sizeof(AssetRow), CHECK_COPY_TRIES) < 0:
-                return 0
-            if not (isfinite(ar.price_usd) and ar.price_usd > 0):
-                return 0
-            self.asset_px[i] = ar.price_usd
-            self.asset_haircut[i] = ar.haircut
-            self.asset_scale[i] = <double>ar.scale
-        return 1
+        return read_prices(self.prices, self.n_ins, self.assets, self.n_assets, CHECK_COPY_TRIES, self.marks,
+                           self.flags, NULL, NULL, NULL, self.asset_px, self.asset_haircut, self.asset_scale, NULL)
 
     def answer(self, frame, uint64_t seq, int64_t ts_ns):
         """The reply's bytes, or None: answer through the reference path (class doc)."""

@@ -98,6 +98,25 @@ cdef inline Py_ssize_t search_right(const double *a, Py_ssize_t n, double x) noe
     return lo
 
 
+cdef inline Py_ssize_t crossed_span(const Triggers *t, double mark, double prev, const int64_t **rows,
+                                   Py_ssize_t *first, Py_ssize_t *step) noexcept nogil:
+    """The accounts a move from ``prev`` to ``mark`` put in breach: ``n`` rows, visited as
+    ``rows[first + j * step]`` for ``j < n``. Longs ``mark <= t < prev``, most breached
+    first; shorts ``prev < t <= mark`` (HolderIndex.candidates with a previous mark)."""
+    cdef Py_ssize_t a, b
+    if mark < prev:
+        a = search_left(t.long_t, t.n_long, mark)
+        b = search_left(t.long_t, t.n_long, prev)
+        rows[0], first[0], step[0] = t.long_rows, b - 1, -1
+        return b - a
+    if mark > prev:
+        a = search_right(t.short_t, t.n_short, prev)
+        b = search_right(t.short_t, t.n_short, mark)
+        rows[0], first[0], step[0] = t.short_rows, a, 1
+        return b - a
+    return 0
+
+
 cdef class TickPath:
     """Stage 1a of one worker in C (see ext/_tickpath.pxi).
 
@@ -223,27 +242,11 @@ cdef class TickPath:
         t.short_rows = &sr[0] if t.n_short else NULL
 
     cdef int snapshot(self) noexcept nogil:
-        """Every price under its seqlock; 0 when a row could not be read or a price is
-        not finite and > 0 (the Python path then raises the clear error)."""
-        cdef PriceRow pr
-        cdef AssetRow ar
-        cdef int i
-        for i in range(self.n_ins):
-            if me_seqlock_copy(&self.prices[i], &pr, sizeof(PriceRow), 1000000) < 0:
-                return 0
-            if not (isfinite(pr.mark) and pr.mark > 0):
-                return 0
-            self.c_marks[i], self.c_seqs[i], self.c_flags[i] = pr.mark, pr.price_seq, pr.flags
-            self.c_tick_seq[i], self.c_tick_ns[i] = pr.tick_seq, pr.ts_ns
-        for i in range(self.n_assets):
-            if me_seqlock_copy(&self.assets[i], &ar, sizeof(AssetRow), 1000000) < 0:
-                return 0
-            if not (isfinite(ar.price_usd) and ar.price_usd > 0):
-                return 0
-            if ar.price_usd != self.c_px[i]:
-                self.assets_moved = True
-            self.c_px[i], self.c_haircut[i], self.c_scale[i] = ar.price_usd, ar.haircut, <double>ar.scale
-        return 1
+        """Every price under its seqlock (``read_prices``); 0 when a row could not be read
+        or a price is not finite and > 0 (the Python path then raises the clear error)."""
+        return read_prices(self.prices, self.n_ins, self.assets, self.n_assets, 1000000, self.c_marks,
+                           self.c_flags, self.c_seqs, self.c_tick_seq, self.c_tick_ns, self.c_px,
+                           self.c_haircut, self.c_scale, &self.assets_moved)
 
     cdef int grow(self) noexcept nogil:
         cdef int64_t *p
@@ -304,9 +307,9 @@ cdef class TickPath:
         prices could not be snapshot cleanly (nothing done: the Python path runs)."""
         cdef int i, k
         cdef int64_t n = 0
-        cdef Py_ssize_t a, b
-        cdef double mark, prev
-        cdef const Triggers *t
+        cdef Py_ssize_t j, m, first, step
+        cdef const int64_t *rows
+        cdef double mark
         self.reset()
         if not self.snapshot():
             return -1
@@ -317,42 +320,23 @@ cdef class TickPath:
             self.changed.append(i)
             if self.c_flags[i] & TP_PRICE_FROZEN:
                 continue                               # a frozen price pauses liquidations on it
-            mark, prev = self.c_marks[i], self.prev_marks[i]
-            self.prev_marks[i] = mark
+            mark = self.c_marks[i]
             for k in range(self.n_parts):
-                t = &self.trig[k * self.n_ins + i]
-                if mark < prev:                        # longs: mark <= t < prev, most breached first
-                    a = search_left(t.long_t, t.n_long, mark)
-                    b = search_left(t.long_t, t.n_long, prev)
-                    while b > a:
-                        b -= 1
-                        n += self.liquidate_row(t.long_rows[b], self.c_tick_seq[i], self.c_tick_ns[i], False)
-                elif mark > prev:                      # shorts: prev < t <= mark
-                    a = search_right(t.short_t, t.n_short, prev)
-                    b = search_right(t.short_t, t.n_short, mark)
-                    while a < b:
-                        n += self.liquidate_row(t.short_rows[a], self.c_tick_seq[i], self.c_tick_ns[i], False)
-                        a += 1
+                m = crossed_span(&self.trig[k * self.n_ins + i], mark, self.prev_marks[i], &rows, &first, &step)
+                for j in range(m):
+                    n += self.liquidate_row(rows[first + j * step], self.c_tick_seq[i], self.c_tick_ns[i], False)
+            self.prev_marks[i] = mark
         return n
 
     def crossed(self, int k, int instrument, double mark, double prev):
         """The rows ``stage_1a`` would visit in partition slot ``k`` for a move from
         ``prev`` to ``mark``, in its order (the tests hold it to HolderIndex.candidates)."""
-        cdef const Triggers *t
-        cdef Py_ssize_t a, b
+        cdef Py_ssize_t m, first = 0, step = 1
+        cdef const int64_t *rows = NULL
         if not (0 <= k < self.n_parts and 0 <= instrument < self.n_ins):
             raise IndexError(f"TickPath.crossed: slot {k}, instrument {instrument}")
-        t = &self.trig[k * self.n_ins + instrument]
-        out = []
-        if mark < prev:
-            a = search_left(t.long_t, t.n_long, mark)
-            b = search_left(t.long_t, t.n_long, prev)
-            out = [t.long_rows[j] for j in range(b - 1, a - 1, -1)]
-        elif mark > prev:
-            a = search_right(t.short_t, t.n_short, prev)
-            b = search_right(t.short_t, t.n_short, mark)
-            out = [t.short_rows[j] for j in range(a, b)]
-        return out
+        m = crossed_span(&self.trig[k * self.n_ins + instrument], mark, prev, &rows, &first, &step)
+        return [rows[first + j * step] for j in range(m)]
 
     def liquidate(self, const int64_t[::1] rows, uint64_t tick_seq, int64_t tick_recv_ns, bint reissue=False):
         """Orders for ``rows`` at a fresh snapshot (accounts already outstanding skipped

@@ -192,9 +192,8 @@ class MarkPriceProcess:
         """Fold the ticks the C path took (the oldest ``limit``; all when negative) into
         the reference, in order: lazily, when idle, and always before the reference
         decides a tick, publishes or runs its timer -- never between a tick and its
-        orders. The reference
-        must accept each with no event and, where C published a mark, arrive at the same
-        one; otherwise (``fast_mismatch``, never seen in the tests) its answer is
+        orders. The reference must accept each with no event and, where C published a
+        mark, arrive at the same one; otherwise (``fast_mismatch``, never seen in the tests) its answer is
         published and the C state re-synced: the reference wins."""
         fast = self.fast
         if fast is None or not fast.n_applied:

@@ -7,7 +7,8 @@ see ``TickWake``)::
     1. prices   -- 1a, the hot path, in C (``engine._margin.TickPath``): for each mark
                    whose sequence number moved, the accounts whose trigger price it
                    crossed get their liquidation orders at once, encoded in C and sent;
-                   the bookkeeping (events, outstanding table) after they are out; 1b, when no newer mark waits: collateral prices that moved,
+                   the bookkeeping (events, outstanding table) after they are out;
+                   1b, when no newer mark waits: collateral prices that moved,
                    then the incremental pass over the instrument's holders (and the
                    breaches stale triggers missed)
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
@@ -237,8 +238,12 @@ class Worker:
         crossed (binary searches), decided, encoded and sent (``TickPath.stage_1a``, in
         C); the holders' pass (1b) is queued for when no newer mark waits. Returns the
         number of orders sent; ``book_orders`` does the rest once they are out."""
+        return self._send(self.tp.stage_1a())
+
+    def _send(self, n: int) -> int:
+        """Send the frames of the TickPath call that returned ``n``, then decide in Python
+        the accounts the kernel declined; returns the number of orders sent."""
         tp = self.tp
-        n = tp.stage_1a()
         if n < 0:                                 # a price unreadable or not > 0:
             _checked_snapshot(self.store, None)   # the Python check says which (it raises)
             raise RuntimeError("price snapshot failed in C but not in Python")
@@ -248,7 +253,7 @@ class Worker:
             n += self.liquidate_reference(tp.fallback)
         return n
 
-    def book_orders(self, reissue: bool = False) -> None:
+    def book_orders(self) -> None:
         """After 1a's orders are out: count them, flag their accounts outstanding in the
         table the upkeep walks, queue their events; note the moved prices for 1b."""
         tp = self.tp
@@ -260,15 +265,16 @@ class Worker:
                 self.outstanding_since[rec[0]] = now
                 rec[7] &= 0xFFFF_FFFF_FFFF_FFFF          # tick_seq: a uint64 kept in an int64 column
                 self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
+        collateral = tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen)
+        tp.assets_moved = False
+        if collateral:
+            self.asset_px_seen = tp.asset_px.copy()
+            self.pending_collateral = True       # collateral prices moved: 1b revalues
         if tp.changed:
             self.counters["ticks"] += len(tp.changed)
             self.pending_pass.update(dict.fromkeys(tp.changed))
+        if tp.changed or collateral:
             self.snap = self.store.price_snapshot()
-        if tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen):
-            self.asset_px_seen = tp.asset_px.copy()
-            self.pending_collateral = True       # collateral prices moved: 1b revalues
-            self.snap = self.store.price_snapshot()
-        tp.assets_moved = False
         self.flush_events()
 
     def holders_pass(self) -> None:
@@ -299,12 +305,7 @@ class Worker:
     def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, reissue: bool = False) -> None:
         """Decide and send the orders of each account in ``rows`` not already outstanding
         (``TickPath.liquidate``: the kernel, the encoding and the flag in C)."""
-        if self.tp.liquidate(np.ascontiguousarray(rows, np.int64), tick_seq, tick_recv_ns, reissue) < 0:
-            _checked_snapshot(self.store, None)   # raises the clear error
-        for frame in self.tp.frames:
-            self.orders.send(frame)
-        if self.tp.fallback:
-            self.liquidate_reference(self.tp.fallback)
+        self._send(self.tp.liquidate(np.ascontiguousarray(rows, np.int64), tick_seq, tick_recv_ns, reissue))
         self.book_orders()
 
     def liquidate_reference(self, rows: list[tuple[int, int, int]]) -> int:
