@@ -3,7 +3,7 @@ and engine._wire.
 
 Build directives live here and only here. ``MARGIN_ENGINE_DEBUG=1`` at build time turns
 bounds and wraparound checks on and drops optimisation (``pip install -e .`` again to
-switch back).
+switch back); ``MARGIN_ENGINE_MARCH`` picks the CPU (below).
 """
 
 import os
@@ -22,9 +22,17 @@ directives = {
     "cdivision": True,
     "embedsignature": True,
 }
-cflags = ["-O0", "-g"] if DEBUG else ["-O3", "-march=x86-64-v2", "-fno-strict-aliasing"]
-if os.uname().machine not in ("x86_64", "AMD64"):
-    cflags = [f for f in cflags if not f.startswith("-march")]
+# MARGIN_ENGINE_MARCH: the CPU the kernels are compiled for. "native" (the default) is the
+# build machine's: the engine is built where it runs (pinned processes on bare metal), and on
+# x86-64 the compiler then uses AVX-512/AVX2 conversions and blends (the full pass: about 16
+# ns an account with x86-64-v2, 12 with native; bench/kernel.py). Set it to x86-64-v2 for a
+# build that must move between machines, or to "" for the compiler's default.
+# -ffp-contract=off: no fused multiply-adds, so every figure is bit for bit the same
+# whatever the -march.
+MARCH = os.environ.get("MARGIN_ENGINE_MARCH", "native")
+cflags = ["-O0", "-g"] if DEBUG else ["-O3", "-ffp-contract=off", "-fno-strict-aliasing"]
+if MARCH and not DEBUG:
+    cflags.append(f"-march={MARCH}")
 
 
 def kernel(name: str) -> Extension:

@@ -71,8 +71,16 @@ ctypedef struct TierRates:               # one tier's rates and amounts, togethe
     double mmr
     double maint_amount
 
+ctypedef struct TierBucket:             # 16 bytes: the tiers of the |qty| in [2**b, 2**(b+1))
+    double next_floor                   # floor of tier k_lo + 1 (+inf when none)
+    int32_t k_lo                        # tier of the bucket's least notional; -1: the bucket
+                                        #   spans 3+ tiers (search them all)
+    int32_t _pad
+
 ctypedef struct InsPass:                # one instrument at one price snapshot, for a pass
     const InstrumentRow *ins
+    const TierBucket *bucket            # 64 buckets by bit length of |qty| (pass_tier);
+                                        #   NO_BUCKETS until tier_buckets fills its own
     double x_per_unit                   # upnl before cost, per qty unit (settle asset):
                                         #   linear, option: cs p / qs;  inverse: -cs / (p qs)
     double notional_per_unit            # linear: cs p / qs; inverse: cs / (p qs); option: cs S / qs
@@ -93,6 +101,7 @@ cdef inline void ins_pass_tiers(InsPass *e, const InstrumentRow *ins) noexcept n
     """The price-free part of an InsPass: the instrument, its option flag, its tiers."""
     cdef int t
     e.ins = ins
+    e.bucket = NO_BUCKETS
     e.long_free = ins.kind == KIND_OPTION
     for t in range(MAX_TIERS):
         e.floor[t] = ins.tier_floor[t] if t < ins.n_tiers else INFINITY
@@ -167,9 +176,52 @@ cdef inline int tier_search(const double *floor, double notional) noexcept nogil
     return k
 
 
+cdef extern from *:
+    int __builtin_clzll(unsigned long long x) noexcept nogil
+
+cdef TierBucket NO_BUCKETS[64]          # every bucket "wide": pass_tier searches all tiers
+cdef int _b
+for _b in range(64):
+    NO_BUCKETS[_b].next_floor = INFINITY
+    NO_BUCKETS[_b].k_lo = -1
+    NO_BUCKETS[_b]._pad = 0
+
+
+cdef void tier_buckets(InsPass *e, TierBucket *out) noexcept nogil:
+    """Point ``e`` at 64 buckets of its tiers at its notional per unit ``n``, one per bit
+    length of ``|qty|``: bucket ``b`` holds ``|qty|`` in ``[2**b, 2**(b+1))`` (bucket 0
+    also 0), whose notionals lie in ``[2**b n, 2**(b+1) n]`` (``n >= 0``; rounding is
+    monotonic), so in tiers ``k_lo..k_hi`` of those two ends. With ``k_hi <= k_lo + 1``
+    the tier is ``k_lo + (notional >= floor_(k_lo+1))``: one compare instead of a search,
+    and the same tier ``tier_search`` finds. Filled once per pass per instrument."""
+    cdef int b, k_lo, k_hi
+    cdef double lo, hi, n = e.notional_per_unit
+    for b in range(64):
+        lo = 0.0 if b == 0 else (<double>(1ULL << b)) * n
+        hi = (2.0 * <double>(1ULL << b)) * n
+        k_lo = tier_search(e.floor, lo)
+        k_hi = tier_search(e.floor, hi)
+        out[b].next_floor = e.floor[k_lo + 1] if k_lo + 1 < MAX_TIERS else INFINITY
+        out[b].k_lo = k_lo if k_hi <= k_lo + 1 else -1
+        out[b]._pad = 0
+    e.bucket = out
+
+
+cdef inline int pass_tier(const InsPass *e, int64_t qty, double notional) noexcept nogil:
+    """``tier_search(e.floor, notional)`` for ``notional = |qty| n``: one compare in the
+    bucket of ``|qty|`` (``tier_buckets``), the whole search when it is wide."""
+    cdef int64_t sign = qty >> 63
+    cdef uint64_t uq = <uint64_t>((qty ^ sign) - sign)     # |qty|, INT64_MIN included
+    cdef const TierBucket *bk = &e.bucket[63 - __builtin_clzll(uq | 1)]
+    if bk.k_lo < 0:
+        return tier_search(e.floor, notional)
+    return bk.k_lo + (notional >= bk.next_floor)
+
+
 cdef inline PosValues position_values(const InsPass *e, const PositionRow *pos) noexcept nogil:
     """Notional, upnl, IM and MM of one position, in its settle asset (module docstring):
-    ``upnl = qty x_per_unit + cost upnl_per_cost``, ``notional = |qty| notional_per_unit``."""
+    ``upnl = qty x_per_unit + cost upnl_per_cost``, ``notional = |qty| notional_per_unit``.
+    An empty slot (qty 0) needs no test: notional 0 is in tier 0, whose amounts are 0."""
     cdef PosValues v
     cdef double qty = <double>pos.qty
     cdef int k
@@ -177,15 +229,15 @@ cdef inline PosValues position_values(const InsPass *e, const PositionRow *pos) 
     v.notional = fabs(qty) * e.notional_per_unit
     v.im = 0.0
     v.mm = 0.0
-    if (e.long_free and qty >= 0) or (pos.qty == 0 and pos.cost == 0):
-        return v                      # a long option's premium is paid; an empty slot
-    k = tier_search(e.floor, v.notional)
+    if e.long_free and qty >= 0:
+        return v                      # a long option's premium is paid
+    k = pass_tier(e, pos.qty, v.notional)
     v.im = v.notional * e.tier[k].imr - e.tier[k].init_amount
     v.mm = v.notional * e.tier[k].mmr - e.tier[k].maint_amount
     return v
 
 
-cdef AcctValues account_values(const InsPass *table, const AssetPass *w, const AccountRow *acct,
+cdef inline AcctValues account_values(const InsPass *table, const AssetPass *w, const AccountRow *acct,
                                const PositionRow *slots) noexcept nogil:
     """All account figures at the prices ``table`` and ``w`` were filled at (module docstring)."""
     cdef AcctValues r
@@ -203,9 +255,9 @@ cdef AcctValues account_values(const InsPass *table, const AssetPass *w, const A
     r.iso_im_usd = 0.0
     r.iso_mm_usd = 0.0
     r.status = 0
-    for a in range(w.n_assets):        # branch-free select of the weight
+    for a in range(w.n_assets):        # branch-free select of the weight (w finite)
         bal = <double>acct.balance[a]
-        r.collateral_usd += bal * (w.w_long[a] if bal > 0 else w.w_short[a])
+        r.collateral_usd += (bal if bal > 0 else 0.0) * w.w_long[a] + (bal if bal < 0 else 0.0) * w.w_short[a]
     for i in range(acct.n_positions):
         pos = &slots[i]
         e = &table[pos.instrument]
@@ -229,14 +281,11 @@ cdef AcctValues account_values(const InsPass *table, const AssetPass *w, const A
 
 
 cdef inline int cross_status(double equity, double im, double mm) noexcept nogil:
-    cdef int s = 0
-    if equity < im:
-        s |= STATUS_BELOW_IM
-    if equity < mm and mm > 0:         # something to liquidate; else it is bad debt (bankrupt)
-        s |= STATUS_LIQUIDATABLE
-    if equity < 0:
-        s |= STATUS_BANKRUPT
-    return s
+    """Status bits, branch-free (about a tenth of a stressed book breaches: a branch on it
+    mispredicts). Liquidatable needs something to liquidate (mm > 0); else it is bad debt."""
+    return (STATUS_BELOW_IM * (equity < im)
+            | STATUS_LIQUIDATABLE * ((equity < mm) & (mm > 0))
+            | STATUS_BANKRUPT * (equity < 0))
 
 
 cdef inline void store_results(AccountRow *acct, const AcctValues *r) noexcept nogil:
@@ -266,24 +315,31 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
     cdef int64_t *dst
     cdef AcctValues v
     cdef AssetPass w
-    cdef InsPass *table = <InsPass *>malloc(marks.shape[0] * sizeof(InsPass))
-    if table == NULL:
+    cdef int i, n_ins = <int>marks.shape[0]
+    cdef InsPass *table = <InsPass *>malloc(n_ins * sizeof(InsPass))
+    cdef TierBucket *buckets = <TierBucket *>malloc(n_ins * 64 * sizeof(TierBucket))
+    if table == NULL or buckets == NULL:
+        free(table)
+        free(buckets)
         raise MemoryError()
     with nogil:
-        ins_pass_all(table, instruments, <int>marks.shape[0], &marks[0], &asset_px[0], &asset_scale[0])
+        ins_pass_all(table, instruments, n_ins, &marks[0], &asset_px[0], &asset_scale[0])
+        for i in range(n_ins):
+            tier_buckets(&table[i], &buckets[i * 64])
         asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
         for r in range(row_start, row_end):
-            if r + 8 < row_end:       # the row and slots 8 accounts ahead: hides the memory
-                me_prefetch_rw(&accounts[r + 8])          # wait behind the compute (4 KiB pages
-                me_prefetch_rw(<const char *>&accounts[r + 8] + 64)     # stop the hardware
-                me_prefetch_rw(&positions[(r + 8) * slots_per_account])      # prefetcher)
-                me_prefetch_rw(&positions[(r + 8) * slots_per_account + 2])
+            if r + 16 < row_end:      # the row and slots 16 accounts ahead: hides the
+                me_prefetch_rw(&accounts[r + 16])         # memory wait behind the compute
+                me_prefetch_rw(<const char *>&accounts[r + 16] + 64)    # (4 KiB pages stop
+                me_prefetch_rw(&positions[(r + 16) * slots_per_account])     # the hardware
+                me_prefetch_rw(&positions[(r + 16) * slots_per_account + 2])  # prefetcher)
             v = account_values(table, &w, &accounts[r], &positions[r * slots_per_account])
             store_results(&accounts[r], &v)
             dst = &out_rows[n_liq] if n_liq < cap else &sink     # branch-free listing
             dst[0] = r
             n_liq += (v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE)) != 0
     free(table)
+    free(buckets)
     return n_liq
 
 
