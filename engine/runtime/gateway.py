@@ -382,6 +382,7 @@ class Gateway:
         poller = zmq.Poller()
         for s in (self.fills, self.checks, self.replies):
             poller.register(s, zmq.POLLIN)
+        process.short_slices()              # its sockets (and so its I/O thread) exist
         checks, fills, POLLIN, EVENTS = self.checks, self.fills, zmq.POLLIN, zmq.EVENTS
         while not self.ctl.shutdown:
             ready = dict(poller.poll(100))

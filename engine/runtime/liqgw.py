@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.orders_in:
         threads.append(_proxy(ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
     time.sleep(0.05)               # let the proxy threads bind
+    process.short_slices()         # the proxy and I/O threads exist now
     ctl.mark_ready(Role.LIQGW)
     while not ctl.shutdown:
         time.sleep(0.05)

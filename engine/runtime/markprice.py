@@ -235,6 +235,7 @@ class MarkPriceProcess:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        process.short_slices()              # its sockets (and so its I/O thread) exist
         next_timer = time.time_ns() + self.timer_ns
         fast = self.fast
         while not self.ctl.shutdown:

@@ -8,6 +8,8 @@ see ``TickWake``)::
                    whose sequence number moved, the accounts whose trigger price it
                    crossed get their liquidation orders at once, encoded in C and sent;
                    the bookkeeping (events, outstanding table) after they are out;
+                   a blocking worker then leaves the CPU to the orders' I/O for up to
+                   ``ORDERS_OUT_QUIET_NS`` (a new tick ends the pause);
                    1b, when no newer mark waits: collateral prices that moved,
                    then the incremental pass over the instrument's holders (and the
                    breaches stale triggers missed)
@@ -32,6 +34,7 @@ import functools
 import gc
 import json
 import os
+import select
 import sys
 import threading
 import time
@@ -56,6 +59,14 @@ REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach aft
 UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~0.1 ms: a tick waits at most that)
 SETTLE_SLICE = 32                    # C-taken oracle ticks folded into the reference per idle turn
 RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
+# A blocking worker that has just handed a tick's orders to ZeroMQ waits this long (any
+# new tick still gets its stage 1a at once) before its heavy work -- the holders' pass,
+# fills, upkeep -- so that the I/O thread writing the orders to the wire, and the
+# matching engine reading them, get the CPU first. On 2 shared cores, without it, the
+# worker's 200 us holders' pass ran first: orders sent -> received p99 728 us; with it,
+# 174 us, and 143 us with short scheduler slices too (process.short_slices). Bench
+# latency, 1M accounts, --price-stage worker; the A/B is in docs/architecture.md.
+ORDERS_OUT_QUIET_NS = 200_000
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
 
@@ -437,6 +448,8 @@ class Worker:
     def run(self) -> None:
         self.start()
         wake = DoorbellWake(self.doorbell, self.wait) if self.prices is None else TickWake(self)
+        blocking, sent_ns = self.wait == _shm.WAIT_BLOCKING, 0
+        process.short_slices()                                    # every thread exists now
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
@@ -445,12 +458,17 @@ class Worker:
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             if self.on_prices():                                  # 1a. hot path first
                 # Let this process's ZeroMQ I/O thread put the orders on the wire before
-                # the work below: pinned, it shares this CPU and would wait.
+                # the work below: it shares the CPUs and would wait.
+                sent_ns = time.monotonic_ns()
                 os.sched_yield()
             self.book_orders()
             snap = self.snap
             if wake.more():
                 continue                                          # a newer mark or record waits
+            if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:
+                wake.pause(quiet)                                 # the orders go out first
+                if wake.more():
+                    continue
             if self.pending_pass or self.pending_collateral:
                 self.holders_pass()                               # 1b. every holder
             for p in self.partitions:                             # 2. commands
@@ -502,6 +520,10 @@ class DoorbellWake:
         """Something rang since the last wait: a newer mark or a record waits."""
         return _shm.doorbell_value(self.addr) != self.seen
 
+    def pause(self, timeout_ns: int) -> None:
+        """Sleep up to ``timeout_ns``, less if the doorbell rings; consumes nothing."""
+        _shm.doorbell_wait(self.addr, self.seen, timeout_ns, _shm.WAIT_BLOCKING)
+
     def close(self) -> None:
         pass
 
@@ -533,6 +555,8 @@ class TickWake:
             self.thread = threading.Thread(target=self._doorbell_thread, args=(endpoint,), daemon=True,
                                            name="doorbell")
             self.thread.start()
+        self.fds = [self.prices.sock.get(zmq.FD)] + \
+            ([self.poke_in.get(zmq.FD)] if self.poke_in is not None else [])
 
     def _doorbell_thread(self, endpoint: str) -> None:
         poke = self.w.zctx.socket(zmq.PUSH)
@@ -579,6 +603,18 @@ class TickWake:
         """A tick waits on the oracle socket, or the doorbell rang since the last wait."""
         return bool(self.prices.sock.get(zmq.EVENTS) & POLLIN) or \
             _shm.doorbell_value(self.addr) != self.seen
+
+    def pause(self, timeout_ns: int) -> None:
+        """Sleep up to ``timeout_ns``, less if a tick arrives or the doorbell rings (its
+        helper thread pokes an inproc socket); consumes nothing. ``zmq_poll`` counts in
+        milliseconds, so this selects on the sockets' ZMQ_FDs: edge-triggered, readable
+        when the socket's state may have changed, hence ``more()`` after each wake-up."""
+        deadline = time.monotonic_ns() + timeout_ns
+        while not self.more():
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                return
+            select.select(self.fds, [], [], left / 1e9)
 
     def close(self) -> None:
         if self.thread is not None:

@@ -291,6 +291,94 @@ def test_doorbell_wait_returns_after_its_timeout_when_nobody_rings(doorbell, str
     assert timeout_s <= took <= timeout_s + 0.5, f"{strategy}: returned after {took:.3f} s"
 
 
+# After a tick's orders are handed to ZeroMQ a blocking worker pauses its heavy work
+# (engine.runtime.worker.ORDERS_OUT_QUIET_NS) -- but a new tick or a ring must end the
+# pause at once, and the pause must take nothing off the socket or the doorbell.
+def test_doorbell_pause_ends_at_a_ring_and_consumes_nothing(doorbell):
+    from engine.runtime.worker import DoorbellWake
+    addr = doorbell.ctypes.data
+    wake = DoorbellWake(addr, _shm.WAIT_BLOCKING)
+    t0 = time.monotonic()
+    wake.pause(50_000_000)                                     # nobody rings: the whole 50 ms
+    assert 0.05 <= time.monotonic() - t0 < 0.5
+    assert not wake.more()
+    threading.Timer(0.05, _shm.doorbell_ring, args=(addr,)).start()
+    t0 = time.monotonic()
+    wake.pause(2_000_000_000)                                  # rung after 50 ms: not 2 s
+    assert time.monotonic() - t0 < 0.5
+    assert wake.more(), "the ring is still there for the loop to see"
+
+
+def test_tick_pause_ends_when_a_tick_arrives_and_leaves_it_queued(doorbell):
+    from types import SimpleNamespace
+    from engine.runtime.worker import TickWake
+    ctx = zmq.Context()
+    endpoint = f"ipc:///tmp/me-test-pause-{uuid.uuid4().hex[:8]}"
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVTIMEO, 2000)
+    pull.bind(endpoint)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoint)
+    # the worker's fields TickWake reads; the socket and the doorbell are real
+    worker = SimpleNamespace(prices=SimpleNamespace(sock=pull, timer_ns=10**9), wait=_shm.WAIT_BLOCKING,
+                             doorbell=doorbell.ctypes.data, zctx=ctx, worker_id=0)
+    wake = TickWake(worker)
+    try:
+        t0 = time.monotonic()
+        wake.pause(50_000_000)                                 # no tick: the whole 50 ms
+        assert 0.05 <= time.monotonic() - t0 < 0.5
+        threading.Timer(0.05, push.send, args=(b"tick",)).start()
+        t0 = time.monotonic()
+        wake.pause(2_000_000_000)                              # a tick after 50 ms: not 2 s
+        assert time.monotonic() - t0 < 0.5
+        assert wake.more()
+        assert pull.recv() == b"tick"                          # still queued for the fold
+        threading.Timer(0.05, _shm.doorbell_ring, args=(doorbell.ctypes.data,)).start()
+        t0 = time.monotonic()
+        wake.pause(2_000_000_000)                              # a fill's ring ends it too
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        wake.stop.set()
+        _shm.doorbell_ring(doorbell.ctypes.data)
+        wake.thread.join(2)
+        wake.poke_in.close()
+        pull.close()
+        push.close()
+        ctx.term()
+
+
+def test_short_slices_set_every_thread_of_the_process():
+    # Linux >= 6.12 keeps a normal thread's slice in sched_attr.sched_runtime; older
+    # kernels accept and drop it (nothing to check there).
+    import ctypes
+    import platform
+    import struct
+    from engine.runtime import process
+    nums = process._SCHED_ATTR_SYSCALLS.get(platform.machine())
+    if nums is None:
+        pytest.skip(f"no sched_setattr syscall number for {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def slice_ns(tid: int) -> int:
+        buf = ctypes.create_string_buffer(56)
+        assert libc.syscall(nums[1], tid, buf, 56, 0) == 0
+        return struct.unpack_from("IIQiIQ", buf.raw)[5]
+
+    default = slice_ns(0)
+    if default == 0:
+        pytest.skip(f"kernel {platform.release()} keeps no per-thread slice (Linux < 6.12)")
+    t = threading.Thread(target=time.sleep, args=(1.0,), daemon=True)
+    t.start()
+    try:
+        assert process.short_slices(250_000) >= 2               # this thread and t at least
+        assert slice_ns(0) == 250_000
+        assert slice_ns(t.native_id) == 250_000
+    finally:
+        process.short_slices(default)                          # the test process as it was
+
+
 EVE = 11           # 5,000 USDT, long 1 BTC entered at 95,000
 
 
