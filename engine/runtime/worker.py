@@ -462,6 +462,7 @@ class Worker:
                 sent_ns = time.monotonic_ns()
                 os.sched_yield()
             self.book_orders()
+            wake.timer()                                          # after the orders, not before
             snap = self.snap
             if wake.more():
                 continue                                          # a newer mark or record waits
@@ -524,6 +525,9 @@ class DoorbellWake:
         """Sleep up to ``timeout_ns``, less if the doorbell rings; consumes nothing."""
         _shm.doorbell_wait(self.addr, self.seen, timeout_ns, _shm.WAIT_BLOCKING)
 
+    def timer(self) -> None:
+        pass                                # the mark-price process runs its own
+
     def close(self) -> None:
         pass
 
@@ -533,8 +537,8 @@ class TickWake:
     shutdown, on its doorbell. Blocking: one ``zmq_poll`` over the oracle socket and an
     inproc socket that a helper thread pokes when the doorbell rings (the thread sleeps
     in futex(2) without the GIL). Yielding and busy-spin poll both without sleeping.
-    Each wait ends by folding the waiting ticks (``MarkPriceProcess.fold``) and, every
-    ``timer_ns``, the staleness timer."""
+    Each wait ends by folding the waiting ticks (``MarkPriceProcess.fold``); the
+    staleness timer (every ``timer_ns``) runs from ``timer``, after the tick's orders."""
 
     def __init__(self, worker: "Worker"):
         self.w = worker
@@ -581,8 +585,9 @@ class TickWake:
         self.seen = v
         sock = self.prices.sock
         if self.thread is not None:
-            if self.poller.poll(timeout_ns // 1_000_000):
-                while True:
+            ready = self.poller.poll(timeout_ns // 1_000_000)
+            if ready and (len(ready) > 1 or ready[0][0] is self.poke_in):
+                while True:                 # only when poked: an empty read raises, ~2 us
                     try:
                         self.poke_in.recv(zmq.NOBLOCK)
                     except zmq.Again:
@@ -594,6 +599,11 @@ class TickWake:
                 if self.w.wait == _shm.WAIT_YIELDING:
                     os.sched_yield()
         self.prices.fold(first_mark=True)
+
+    def timer(self) -> None:
+        """The mark-price stage's staleness timer, when due: called by the worker after
+        a tick's orders are out, never between the tick and its orders (it is Python over
+        every instrument and venue: tens of microseconds)."""
         now = time.time_ns()
         if now >= self.next_timer:
             self.prices.on_timer(now)

@@ -378,6 +378,25 @@ def frank_long_1eth_200_usdt(store) -> None:
 
 
 @STAGES
+def test_silent_venues_freeze_the_mark_in_both_stages(start_engine, price_stage):
+    """The staleness timer (every 200 ms) runs wherever the mark-price stage runs; inside
+    a worker it runs after a tick's orders, not before, but it must still run when no
+    tick comes. ETHUSDT quoted once by venues a and b at 3,400, then nothing: after the
+    5 s staleness both are stale, the quorum of 2 is lost and the mark freezes at 3,400,
+    5 to 5.2 s (one timer period) after the quotes' receive time."""
+    run = start_engine(frank_long_1eth_200_usdt, price_stage=price_stage)
+    st, c = run.store, run.client
+    _tick_to(run, "ETHUSDT", ETH, 3_400.0, venues=("a", "b"))
+    quoted = time.monotonic()
+    ev = c.event(Code.EVENT_PRICE_FROZEN, timeout_s=10.0)
+    took = time.monotonic() - quoted
+    assert ev["instrument"] == "ETHUSDT"
+    assert 4.5 <= took <= 7.0, f"frozen {took:.2f} s after the last quotes"
+    assert int(st.read(st.prices, ETH)["flags"]) & PRICE_FROZEN
+    assert float(st.read(st.prices, ETH)["mark"]) == 3_400.0
+
+
+@STAGES
 def test_frozen_price_produces_no_liquidation(start_engine, price_stage):
     """Only two venues quote ETHUSDT. When one alone drops 5.3% below the other, both are
     excluded (two that disagree cannot be told apart), the quorum of 2 is lost and the mark
