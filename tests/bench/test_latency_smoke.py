@@ -16,7 +16,8 @@ REQUIRED = ("floor_p50_us", "floor_p99_us", "engine_p50_us", "engine_p99_us", "e
             "accounts", "holders", "rate")
 EXTRAS = ("floor_p90_us", "floor_p999_us", "floor_max_us", "floor2_p50_us", "floor2_p99_us",
           "engine_p90_us", "engine_max_us", "engine_last_p50_us", "engine_last_p99_us",
-          "max_rate_p99_under_1ms", "breakdown_us", "sweep", "hardware", "settings", "targets")
+          "max_rate_p99_under_1ms", "breakdown_us", "sweep", "hardware", "settings", "targets",
+          "floor_after_p50_us", "floor_after_p99_us", "floor_bracket_p50_us", "floor_bracket_p99_us")
 
 
 @pytest.mark.timeout(120)
@@ -38,7 +39,11 @@ def test_run_2000_accounts(tmp_path):
     assert c["ticks_with_all_orders"] >= 0.95 * c["ticks"]
     assert c["matched_by_tick_seq"] >= 0.9 * c["expected_orders"]
     assert c["unexpected_account"] == 0 and c["reissued"] == 0 and c["before_expected_tick"] == 0
-    assert doc["floor"]["lost"] == 0 and doc["floor2"]["lost"] == 0
+    assert doc["floor"]["lost"] == 0 and doc["floor2"]["lost"] == 0 and doc["floor_after"]["lost"] == 0
+    # the targets are held to the mean of the one-relay floor before and after the engine
+    assert doc["floor_bracket_p50_us"] == (doc["floor_p50_us"] + doc["floor_after_p50_us"]) / 2
+    assert doc["targets"]["engine_p99_minus_floor_p99_us"] == \
+        doc["engine_p99_us"] - (doc["floor_p99_us"] + doc["floor_after_p99_us"]) / 2
     for key in ("send2_to_markprice_recv", "markprice_recv_to_decided", "decided_to_sent",
                 "sent_to_load_recv"):
         assert doc["breakdown_us"][key]["count"] > 0, key
