@@ -26,10 +26,12 @@ directives = {
 # build machine's: the engine is built where it runs (pinned processes on bare metal), and on
 # x86-64 the compiler then uses AVX-512/AVX2 conversions and blends (the full pass: about 16
 # ns an account with x86-64-v2, 12 with native; bench/kernel.py). Set it to x86-64-v2 for a
-# build that must move between machines, or to "" for the compiler's default.
+# build that must move between machines, or to "" for the compiler's default (the default
+# off x86-64, where compilers disagree on what -march=native means).
 # -ffp-contract=off: no fused multiply-adds, so every figure is bit for bit the same
 # whatever the -march.
-MARCH = os.environ.get("MARGIN_ENGINE_MARCH", "native")
+MARCH = os.environ.get("MARGIN_ENGINE_MARCH",
+                       "native" if os.uname().machine in ("x86_64", "AMD64") else "")
 cflags = ["-O0", "-g"] if DEBUG else ["-O3", "-ffp-contract=off", "-fno-strict-aliasing"]
 if MARCH and not DEBUG:
     cflags.append(f"-march={MARCH}")
