@@ -442,7 +442,7 @@ def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t position
     cdef AccountRow *accounts = <AccountRow *>accounts_addr
     cdef const PositionRow *positions = <const PositionRow *>positions_addr
     cdef int n_ins = <int>marks.shape[0], i
-    cdef int64_t j, r, n_liq = 0, cap = out_rows.shape[0]
+    cdef int64_t j, r, r16, n_liq = 0, cap = out_rows.shape[0]
     cdef AcctValues v
     cdef AssetPass w_now, w_basis
     cdef InsPass *now = <InsPass *>malloc(n_ins * sizeof(InsPass))
@@ -464,6 +464,13 @@ def remargin_rows(size_t instruments_addr, size_t accounts_addr, size_t position
                         &asset_scale[0])
         for j in range(rows.shape[0]):
             r = rows[j]
+            if j + 16 < rows.shape[0]:          # as in full_pass: the row 16 ahead
+                r16 = rows[j + 16]
+                me_prefetch_rw(&accounts[r16])
+                me_prefetch_rw(<const char *>&accounts[r16] + 64)
+                me_prefetch_rw(&positions[r16 * slots_per_account])
+                me_prefetch_rw(&positions[r16 * slots_per_account + 2])
+                me_prefetch_rw(&agg[r16 - row_base, 0])
             v = account_values(now, &w_now, &accounts[r], &positions[r * slots_per_account])
             store_results(&accounts[r], &v)
             if v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE):
