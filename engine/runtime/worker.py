@@ -56,7 +56,7 @@ from feeds.protocol import MsgType, Sequencer
 
 WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-spin": _shm.WAIT_BUSY_SPIN}
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
-UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~0.1 ms: a tick waits at most that)
+UPKEEP_SLICE_ROWS = 1_024            # accounts per full-pass slice (~63 us at 1M: a tick waits at most that)
 SETTLE_SLICE = 32                    # C-taken oracle ticks folded into the reference per idle turn
 RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
 # A blocking worker that has just handed a tick's orders to ZeroMQ waits this long (any
