@@ -246,11 +246,14 @@ class HolderIndex:
         self.triggers = [empty] * n_i
         self.dirty = np.ones(n_i, bool)
         self.on_triggers = None                  # called with each refreshed table (see refresh_triggers)
+        self._trigger_job: list | None = None    # the table refresh_triggers_slice is solving
         self.rebuild()
 
     def rebuild(self) -> None:
         """Rebuild every instrument's holder arrays from the partition's positions."""
         st = self.store
+        self._trigger_job = None                 # its holder indices mean nothing now
+        self.dirty[:] = True
         lo, hi = st.partition_rows(self.partition)
         s = st.slots_per_account
         pos = st.positions[lo * s: hi * s]
@@ -330,18 +333,83 @@ class HolderIndex:
     # ------------------------------------------------------------------ trigger prices
     def refresh_triggers(self, instrument: int, snap: PriceSnapshot | None = None) -> None:
         """Recompute and sort one instrument's trigger prices (off the hot path), at the
-        prices the aggregates are at (``snap`` is accepted for the callers' symmetry).
+        prices the aggregates are at (``snap`` is accepted for the callers' symmetry), in
+        one call. ``refresh_triggers_slice`` does the same in steps.
 
         Longs sorted ascending by trigger (they breach when ``mark <= trigger``), shorts
         likewise (breach when ``mark >= trigger``); each with its account rows.
         """
+        if self._trigger_job is not None and self._trigger_job[0] == instrument:
+            self._trigger_job = None
+        job = self._start_triggers(instrument)
+        self._trigger_step(job, job[1].shape[0])
+        self._install_triggers(job)
+
+    # A step solves this many holders' triggers (~40 ns each: ~85 us a step at 1M accounts),
+    # so that a tick arriving meanwhile waits about as long as behind an upkeep slice. The
+    # last step sorts and installs: ~2.8 ms for 100k holders (7.5 ms for the whole table
+    # at once before; 11 ms with stable sorts).
+    TRIGGER_SLICE_HOLDERS = 2_048
+    RESTARTS_BEFORE_BLOCKING = 2     # a table whose holders keep changing is then done at once
+
+    def refresh_triggers_slice(self, holders: int | None = None) -> bool:
+        """One step of refreshing the stale trigger tables: solve the next ``holders``
+        triggers of the table in progress (or of the next stale one), and once all are
+        solved sort and install it. Returns False when nothing was stale.
+
+        The table in use stays until the new one is installed whole. A table is solved
+        from scratch again when its holders change meanwhile (a fill marks it stale), and
+        after ``RESTARTS_BEFORE_BLOCKING`` such restarts finished in one go, so a busy
+        instrument's table is not starved. Between steps the aggregates may move with
+        ticks of this instrument: each trigger stays exact while only its own mark moves,
+        as in a refresh done at once."""
+        holders = self.TRIGGER_SLICE_HOLDERS if holders is None else int(holders)
+        job = self._trigger_job
+        if job is None:
+            todo = np.flatnonzero(self.dirty)
+            if len(todo) == 0:
+                return False
+            job = self._start_triggers(int(todo[0]))
+        elif self.dirty[job[0]] or job[1].shape[0] != int(self.counts[job[0]]):
+            restarts = job[3] + 1                       # its holders changed since the start
+            job = self._start_triggers(job[0])
+            job[3] = restarts
+            if restarts > self.RESTARTS_BEFORE_BLOCKING:
+                holders = job[1].shape[0]
+        if self._trigger_step(job, holders):
+            self._install_triggers(job)
+        return True
+
+    @property
+    def refreshing(self) -> bool:
+        """A trigger table is half solved (``refresh_triggers_slice`` has more to do)."""
+        return self._trigger_job is not None
+
+    def _start_triggers(self, instrument: int) -> list:
+        """[instrument, triggers, holders solved, restarts]: marked clean now, so that a
+        change of its holders during the refresh shows as stale again."""
+        job = [instrument, np.empty(int(self.counts[instrument])), 0, 0]
+        self.dirty[instrument] = False
+        self._trigger_job = job
+        return job
+
+    def _trigger_step(self, job: list, holders: int) -> bool:
+        """Solve the next ``holders`` triggers of ``job``; True when all are solved."""
         st = self.store
-        n = int(self.counts[instrument])
-        trig = np.empty(n)
-        hot = self.hot[instrument]
-        _margin.holder_triggers(st.addr(st.instruments), instrument, self.basis, hot.ctypes.data,
-                                self.cost[instrument], self.iso[instrument], n, self.agg, trig)
-        q = hot["qty"][:n]
+        i, trig, h0 = job[0], job[1], job[2]
+        h1 = min(trig.shape[0], h0 + max(1, holders))
+        if h1 > h0:
+            hot = self.hot[i]
+            _margin.holder_triggers(st.addr(st.instruments), i, self.basis,
+                                    hot.ctypes.data + h0 * hot.itemsize, self.cost[i][h0:h1],
+                                    self.iso[i][h0:h1], h1 - h0, self.agg, trig[h0:h1])
+        job[2] = h1
+        return h1 == trig.shape[0]
+
+    def _install_triggers(self, job: list) -> None:
+        instrument, trig = job[0], job[1]
+        n = trig.shape[0]
+        q = self.hot[instrument]["qty"][:n]
         longs, shorts = np.flatnonzero(q > 0), np.flatnonzero(q < 0)
         # numpy's default argsort (introsort, vectorised where the CPU has AVX-512): 0.5 ms
         # for 50k triggers against 3.2 ms for the stable sort. Equal triggers come out in
@@ -350,7 +418,7 @@ class HolderIndex:
         so = shorts[np.argsort(trig[shorts])]
         rows = self.holder_rows(instrument)
         self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
-        self.dirty[instrument] = False
+        self._trigger_job = None
         if self.on_triggers is not None:        # a C copy of the tables (the worker's TickPath)
             self.on_triggers(instrument, *self.triggers[instrument])
 

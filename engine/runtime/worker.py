@@ -453,7 +453,7 @@ class Worker:
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
-            busy = bool(self.jobs) or any(idx.dirty.any() for idx in self.index.values()) or \
+            busy = bool(self.jobs) or any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
                 bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             if self.on_prices():                                  # 1a. hot path first
@@ -483,8 +483,8 @@ class Worker:
                     job, *args = self.jobs.popleft()
                     job(*args)
                 else:
-                    for idx in self.index.values():               # or one stale trigger table
-                        if idx.refresh_dirty_triggers(self.snap, limit=1):
+                    for idx in self.index.values():               # or a step of a stale trigger
+                        if idx.refresh_triggers_slice():          # table's refresh
                             break
         for p in self.partitions:                                 # drain what is queued
             self.drain(p, self.store.price_snapshot())
