@@ -50,11 +50,21 @@ def test_sliced_refresh_installs_the_table_a_refresh_at_once_gives(book):
         steps += 1
         if idx.refreshing:
             assert idx.triggers[BTC] is old, "a half-solved table was installed"
-    # 500 holders in steps of 64: 8 steps (7 x 64 + 52), the last one sorts and installs
-    assert steps == 8
+    # 500 holders in steps of 64: 8 solving steps (7 x 64 + 52), one sorting the longs,
+    # one sorting the shorts and installing
+    assert steps == 10
     assert not idx.refreshing and not idx.dirty.any()
     assert _same(idx.triggers[BTC], want)
     assert idx.refresh_triggers_slice(64) is False     # nothing stale: no work
+    # each side ascending (-inf first, +inf last), every long and short holder once
+    long_t, long_rows, short_t, short_rows = idx.triggers[BTC]
+    for t in (long_t, short_t):                        # inf - inf is nan: compare pairs
+        assert np.all(t[1:] >= t[:-1])
+    q = idx.hot[BTC]["qty"][:500]
+    rows = idx.holder_rows(BTC)
+    assert sorted(long_rows.tolist()) == sorted(rows[q > 0].tolist())
+    assert sorted(short_rows.tolist()) == sorted(rows[q < 0].tolist())
+    assert np.isinf(long_t).any() or np.isinf(short_t).any()   # the ends are exercised
 
 
 def test_a_fill_midway_starts_the_solve_again(book):
@@ -75,9 +85,9 @@ def test_a_fill_midway_starts_the_solve_again(book):
     steps = 0
     while idx.refresh_triggers_slice(64):
         steps += 1
-    # solved again from holder 0: 8 steps for 500 holders (without the restart the stale
-    # half-solved table would be finished, 7 steps, then re-solved as stale, 8 more)
-    assert steps == 8
+    # solved again from holder 0: 10 steps for 500 holders, as above (without the restart
+    # the stale half-solved table would be finished, 9 steps, then re-done as stale, 10 more)
+    assert steps == 10
     got = idx.triggers[BTC]
     idx.refresh_triggers(BTC)                      # at once, after the fill
     assert _same(got, idx.triggers[BTC])
