@@ -340,10 +340,8 @@ class HolderIndex:
         likewise (breach when ``mark >= trigger``); each with its account rows.
         """
         if self._trigger_job is not None and self._trigger_job[0] == instrument:
-            self._trigger_job = None
-        job = self._start_triggers(instrument)
-        self._trigger_step(job, job[1].shape[0])
-        self._install_triggers(job)
+            self._trigger_job = None            # superseded; another table's steps go on
+        self._refresh_at_once(self._new_trigger_job(instrument))
 
     # A step solves this many holders' triggers (~40 ns each: ~85 us a step at 1M accounts),
     # so that a tick arriving meanwhile waits about as long as behind an upkeep slice. Then
@@ -370,14 +368,13 @@ class HolderIndex:
             todo = np.flatnonzero(self.dirty)
             if len(todo) == 0:
                 return False
-            job = self._start_triggers(int(todo[0]))
+            job = self._trigger_job = self._new_trigger_job(int(todo[0]))
         elif self.dirty[job[0]] or job[1].shape[0] != int(self.counts[job[0]]):
             restarts = job[3] + 1                       # its holders changed since the start
-            job = self._start_triggers(job[0])
+            job = self._trigger_job = self._new_trigger_job(job[0])
             job[3] = restarts
             if restarts > self.RESTARTS_BEFORE_BLOCKING:
-                self._trigger_step(job, job[1].shape[0])
-                self._install_triggers(job)
+                self._refresh_at_once(job)
                 return True
         n = job[1].shape[0]
         if job[2] < n:
@@ -393,16 +390,18 @@ class HolderIndex:
         """A trigger table is half solved (``refresh_triggers_slice`` has more to do)."""
         return self._trigger_job is not None
 
-    def _start_triggers(self, instrument: int) -> list:
+    def _new_trigger_job(self, instrument: int) -> list:
         """[instrument, triggers, holders solved, restarts, longs sorted]: marked clean
         now, so that a change of its holders during the refresh shows as stale again."""
-        job = [instrument, np.empty(int(self.counts[instrument])), 0, 0, None]
         self.dirty[instrument] = False
-        self._trigger_job = job
-        return job
+        return [instrument, np.empty(int(self.counts[instrument])), 0, 0, None]
 
-    def _trigger_step(self, job: list, holders: int) -> bool:
-        """Solve the next ``holders`` triggers of ``job``; True when all are solved."""
+    def _refresh_at_once(self, job: list) -> None:
+        self._trigger_step(job, job[1].shape[0])
+        self._install_triggers(job)
+
+    def _trigger_step(self, job: list, holders: int) -> None:
+        """Solve the next ``holders`` triggers of ``job``."""
         st = self.store
         i, trig, h0 = job[0], job[1], job[2]
         h1 = min(trig.shape[0], h0 + max(1, holders))
@@ -412,7 +411,6 @@ class HolderIndex:
                                     hot.ctypes.data + h0 * hot.itemsize, self.cost[i][h0:h1],
                                     self.iso[i][h0:h1], h1 - h0, self.agg, trig[h0:h1])
         job[2] = h1
-        return h1 == trig.shape[0]
 
     def _side_sorted(self, job: list, side: int) -> np.ndarray:
         """Holder indices of the longs (``side`` +1) or shorts (-1), ascending by trigger.
@@ -437,7 +435,8 @@ class HolderIndex:
         so = self._side_sorted(job, -1)
         rows = self.holder_rows(instrument)
         self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
-        self._trigger_job = None
+        if self._trigger_job is job:
+            self._trigger_job = None
         if self.on_triggers is not None:        # a C copy of the tables (the worker's TickPath)
             self.on_triggers(instrument, *self.triggers[instrument])
 

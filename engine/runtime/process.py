@@ -76,7 +76,7 @@ def short_slices(slice_ns: int = SHORT_SLICE_NS) -> int:
         buf = ctypes.create_string_buffer(_SCHED_ATTR.size)
         if libc.syscall(get_nr, int(tid), buf, _SCHED_ATTR.size, 0) != 0:
             continue                              # the thread ended meanwhile
-        size, policy, flags, nice, prio, _runtime, deadline, period = _SCHED_ATTR.unpack(buf.raw)
+        _size, policy, flags, nice, prio, *_ = _SCHED_ATTR.unpack(buf.raw)
         if policy not in (SCHED_OTHER, SCHED_BATCH):
             continue
         new = ctypes.create_string_buffer(_SCHED_ATTR.pack(_SCHED_ATTR.size, policy, flags, nice,
