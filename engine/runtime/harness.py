@@ -8,8 +8,10 @@ it on exit, unlinking everything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import time
 import uuid
 
@@ -51,6 +53,24 @@ class LocalEngine:
     @property
     def endpoints(self) -> Endpoints:
         return self.config.endpoints
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Stop every engine process (SIGSTOP) for the block, continue them (SIGCONT)
+        after, even on error. For benchmarks: the floor measured in the same minutes as
+        the engine, with the engine's processes neither running nor gone. Sockets and
+        shared memory stay as they are; on waking, timers see the time that passed."""
+        pids = [c.proc.pid for c in self.engine.children if c.proc is not None and c.proc.poll() is None]
+        stopped = []
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            yield pids
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def wait_until(pred, timeout_s: float = 5.0, what: str = "condition", interval_s: float = 0.005):

@@ -17,7 +17,8 @@ REQUIRED = ("floor_p50_us", "floor_p99_us", "engine_p50_us", "engine_p99_us", "e
 EXTRAS = ("floor_p90_us", "floor_p999_us", "floor_max_us", "floor2_p50_us", "floor2_p99_us",
           "engine_p90_us", "engine_max_us", "engine_last_p50_us", "engine_last_p99_us",
           "max_rate_p99_under_1ms", "breakdown_us", "sweep", "hardware", "settings", "targets",
-          "floor_after_p50_us", "floor_after_p99_us", "floor_bracket_p50_us", "floor_bracket_p99_us")
+          "floor_after_p50_us", "floor_after_p99_us", "floor_bracket_p50_us", "floor_bracket_p99_us",
+          "floor_before_p50_us", "floor_before_p99_us")
 
 
 @pytest.mark.timeout(120)
@@ -25,7 +26,7 @@ def test_run_2000_accounts(tmp_path):
     out = tmp_path / "latency.json"
     result = latency.run(accounts=2000, holders_fraction=0.1, rate=100, json_out=out, duration_s=2.6,
                          per_tick=2, leg_s=0.2, sweep=True, sweep_rates=(200,), sweep_duration_s=2.6,
-                         quiet=True)
+                         quiet=True, rounds=2)
 
     doc = json.loads(out.read_text())
     for key in REQUIRED + EXTRAS:
@@ -39,11 +40,17 @@ def test_run_2000_accounts(tmp_path):
     assert c["ticks_with_all_orders"] >= 0.95 * c["ticks"]
     assert c["matched_by_tick_seq"] >= 0.9 * c["expected_orders"]
     assert c["unexpected_account"] == 0 and c["reissued"] == 0 and c["before_expected_tick"] == 0
-    assert doc["floor"]["lost"] == 0 and doc["floor2"]["lost"] == 0 and doc["floor_after"]["lost"] == 0
-    # the targets are held to the mean of the one-relay floor before and after the engine
-    assert doc["floor_bracket_p50_us"] == (doc["floor_p50_us"] + doc["floor_after_p50_us"]) / 2
-    assert doc["targets"]["engine_p99_minus_floor_p99_us"] == \
-        doc["engine_p99_us"] - (doc["floor_p99_us"] + doc["floor_after_p99_us"]) / 2
+    assert all(doc[f]["lost"] == 0 for f in ("floor", "floor_before", "floor2", "floor_after"))
+    # two rounds of (floor block, engine block), pooled: each block's schedule has
+    # settings.block_bursts bursts, so the pooled floor holds twice one block's ticks
+    assert doc["settings"]["rounds"] == 2
+    assert doc["floor"]["blocks"] == 2 and len(doc["engine"]["block_p99_us"]) == 2
+    assert doc["floor"]["ticks"] == c["ticks"] == doc["settings"]["measured_ticks"]
+    # the targets are held to the interleaved floor; the isolated floors' mean is beside it
+    assert doc["targets"]["engine_p99_minus_floor_p99_us"] == doc["engine_p99_us"] - doc["floor_p99_us"]
+    assert doc["targets"]["engine_p99_le_floor_p99_plus_60us"] == \
+        (doc["engine_p99_us"] <= doc["floor_p99_us"] + 60)
+    assert doc["floor_bracket_p50_us"] == (doc["floor_before_p50_us"] + doc["floor_after_p50_us"]) / 2
     for key in ("send2_to_markprice_recv", "markprice_recv_to_decided", "decided_to_sent",
                 "sent_to_load_recv"):
         assert doc["breakdown_us"][key]["count"] > 0, key

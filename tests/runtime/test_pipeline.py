@@ -377,6 +377,28 @@ def frank_long_1eth_200_usdt(store) -> None:
     store.set_position(row, ETH, 1000, 3_400 * USDT)
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]       # R, S, T (stopped), ...
+
+
+def test_frozen_engine_is_stopped_then_decides_as_before(start_engine):
+    """``LocalEngine.frozen`` (the latency benchmark's interleaved floor): every engine
+    process is stopped (state T) inside the block and running after it; a price path
+    then gives EVE's order as if the engine had never been stopped (-358 units: the
+    arithmetic of test_price_path_gives_exactly_the_expected_liquidation)."""
+    run = start_engine(eve_long_1btc_5k_usdt)
+    with run.le.frozen() as pids:
+        assert len(pids) == len(run.engine.children) >= 4          # liqgw, worker, markprice, gateway
+        time.sleep(0.05)
+        assert {_proc_state(p) for p in pids} == {"T"}
+    time.sleep(0.05)
+    assert "T" not in {_proc_state(p) for p in pids}
+    order, crossing_seq = _walk_down_to_crossing(run, ABOVE)
+    assert order["account"] == EVE and order["qty_units"] == -358
+    assert order["tick_seq"] in crossing_seq
+
+
 @STAGES
 def test_silent_venues_freeze_the_mark_in_both_stages(start_engine, price_stage):
     """The staleness timer (every 200 ms) runs wherever the mark-price stage runs; inside
