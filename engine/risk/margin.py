@@ -591,15 +591,23 @@ class HolderIndex:
         """The periodic pass over rows ``lo <= r < hi`` of this partition: their shared rows
         at ``snap`` and their aggregates recomputed at the basis (no drift left); returns
         the number in breach at ``snap``, their rows in ``out`` (the first ``len(out)``)."""
-        st = self.store
-        p_lo, p_hi = st.partition_rows(self.partition)
+        p_lo, p_hi = self.store.partition_rows(self.partition)
         if not p_lo <= lo <= hi <= p_hi:
             raise ValueError(f"rows {lo}..{hi} outside partition {self.partition} ({p_lo}..{p_hi})")
+        return self.remargin_rows(np.arange(lo, hi, dtype=np.int64), snap, out)
+
+    def remargin_rows(self, rows: np.ndarray, snap: PriceSnapshot, out: np.ndarray) -> int:
+        """``remargin_range`` for the given rows of this partition (int64, each once)."""
+        st = self.store
+        p_lo, p_hi = st.partition_rows(self.partition)
+        rows = np.ascontiguousarray(rows, np.int64)
+        if len(rows) and not (p_lo <= int(rows.min()) and int(rows.max()) < p_hi):
+            raise ValueError(f"rows outside partition {self.partition} ({p_lo}..{p_hi})")
         snap = _checked_snapshot(st, snap)
         return _margin.remargin_rows(st.addr(st.instruments), st.addr(st.accounts), st.addr(st.positions),
-                                     st.slots_per_account, np.arange(lo, hi, dtype=np.int64), snap.marks,
-                                     snap.asset_px, snap.asset_haircut, snap.asset_scale, self.basis,
-                                     self.asset_px, self.agg, self.row_base, out)
+                                     st.slots_per_account, rows, snap.marks, snap.asset_px,
+                                     snap.asset_haircut, snap.asset_scale, self.basis, self.asset_px,
+                                     self.agg, self.row_base, out)
 
     def _remove(self, row: int, instrument: int) -> None:
         h = self.where.pop((row, instrument))

@@ -7,18 +7,21 @@ see ``TickWake``)::
     1. prices   -- 1a, the hot path, in C (``engine._margin.TickPath``): for each mark
                    whose sequence number moved, the accounts whose trigger price it
                    crossed get their liquidation orders at once, encoded in C and sent;
-                   the bookkeeping (events, outstanding table) after they are out;
+                   the bookkeeping (outstanding table) after they are out;
                    a blocking worker then leaves the CPU to the orders' I/O for up to
-                   ``ORDERS_OUT_QUIET_NS`` (a new tick ends the pause);
+                   ``ORDERS_OUT_QUIET_NS`` (a new tick ends the pause), then sends
+                   the orders' events;
                    1b, when no newer mark waits: collateral prices that moved,
                    then the incremental pass over the instrument's holders (and the
                    breaches stale triggers missed)
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
-    3. upkeep   -- every ``full_pass_interval_s``, in slices between wake-ups: full pass
-                   rewriting the shared rows and resetting the private aggregates at
-                   the basis (float drift), re-sending orders still in breach,
+    3. upkeep   -- in slices between wake-ups: every ``OUTSTANDING_CHECK_S`` the
+                   accounts with an order outstanding (cleared once healthy, orders
+                   still in breach re-sent after 2 s); every ``full_pass_interval_s``
+                   (1 s, or accounts / 250k s) a full pass rewriting the shared rows and
+                   resetting the private aggregates at the basis (float drift),
                    heartbeat; every 30 s all trigger tables marked stale; stale ones
                    re-sorted when idle
 
@@ -58,8 +61,10 @@ WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-s
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 256              # accounts per full-pass slice (~20 us at 1M accounts x 2 positions,
                                      # bookkeeping included: a tick waits at most that)
-OUTSTANDING_SCAN_MAX = 200           # above this many outstanding accounts a slice finds its own
-                                     # from the rows' flags (3 us) instead of scanning them all
+EVENTS_HELD_MAX = 256                # order events held for the quiet period, at most
+OUTSTANDING_CHECK_S = 0.1            # accounts with an order outstanding re-margined this often:
+                                     # cleared once healthy, re-sent after REISSUE_AFTER_NS
+FULL_PASS_ACCOUNTS_PER_S = 250_000   # default full-pass interval: max(1 s, accounts / this)
 SETTLE_SLICE = 32                    # C-taken oracle ticks folded into the reference per idle turn
 RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
 # A blocking worker that has just handed a tick's orders to ZeroMQ waits this long (any
@@ -76,13 +81,15 @@ POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs mic
 class Worker:
     def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
                  orders_endpoint: str, replies_endpoint: str, events_endpoint: str | None = None,
-                 full_pass_interval_s: float = 1.0, order_id_base: int = 0):
+                 full_pass_interval_s: float | None = None, order_id_base: int = 0):
         self.name = name
         self.worker_id = worker_id
         self.partitions = partitions
         self.wait = WAITS[wait]
-        self.full_pass_interval_s = full_pass_interval_s
         self.store = Store.attach(name, readonly=False)
+        rows = sum(hi - lo for lo, hi in map(self.store.partition_rows, partitions))
+        self.full_pass_interval_s = full_pass_interval_s if full_pass_interval_s is not None else \
+            max(1.0, rows / FULL_PASS_ACCOUNTS_PER_S)         # ~2 % of a core at 1M accounts
         self.ctl = Control.attach(name + "-ctl")
         self.doorbell = self.ctl.doorbell_addr(worker_id)
         self.zctx = process.zmq_context()
@@ -111,7 +118,9 @@ class Worker:
         self.pending_events: list[dict] = []
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
         self.pending_collateral = False              # collateral prices moved; 1b revalues
-        self.jobs: collections.deque = collections.deque()
+        self.jobs: collections.deque = collections.deque()     # upkeep slices
+        self.checks: collections.deque = collections.deque()   # outstanding checks, before them
+        self.last_check = 0.0
         self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
         self.prices: MarkPriceProcess | None = None  # the price stage, when it runs here
 
@@ -205,8 +214,7 @@ class Worker:
         - full pass over each partition in slices of ``UPKEEP_SLICE_ROWS`` rows: rewrites
           the shared account rows (what ``status`` and the order checks read) and resets
           the slice's private aggregates at the index's basis (no float drift survives a
-          cycle), clears the outstanding flag of accounts back in health, re-sends orders
-          still in breach after ``REISSUE_AFTER_NS``;
+          cycle) (the outstanding accounts have their own check, ``schedule_checks``);
         - every ``RESYNC_INTERVAL_S``, every trigger table marked stale (idle time
           re-sorts them one at a time);
         - heartbeats.
@@ -222,19 +230,43 @@ class Worker:
         self.last_upkeep = time.monotonic()
 
     def _full_pass_slice(self, p: int, lo: int, hi: int) -> None:
-        st, snap = self.store, self.store.price_snapshot()
-        n = self.index[p].remargin_range(lo, hi, snap, self.breach)
-        in_breach = set(self.breach[: min(n, len(self.breach))].tolist())
+        st = self.store
+        self.index[p].remargin_range(lo, hi, st.price_snapshot(), self.breach)
+        if hi >= st.partition_rows(p)[1]:
+            st.partitions[p]["heartbeat_ns"] = time.time_ns()
+            self.counters["full_passes"] += 1
+
+    def schedule_checks(self) -> None:
+        """Queue the outstanding accounts' check (every ``OUTSTANDING_CHECK_S``), in
+        slices of ``UPKEEP_SLICE_ROWS`` run before the upkeep's."""
+        self.last_check = time.monotonic()
+        if not self.outstanding_since:
+            return
+        rows = np.fromiter(self.outstanding_since, np.int64, len(self.outstanding_since))
+        rows.sort()
+        for p in self.partitions:
+            lo, hi = self.store.partition_rows(p)
+            mine = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
+            for i in range(0, len(mine), UPKEEP_SLICE_ROWS):
+                self.checks.append((self._check_slice, p, mine[i:i + UPKEEP_SLICE_ROWS]))
+
+    def _check_slice(self, p: int, rows: np.ndarray) -> None:
+        """Re-margin outstanding accounts (shared rows, aggregates at the basis); clear the
+        flag of those back in health, re-send the orders of those still in breach after
+        ``REISSUE_AFTER_NS``."""
+        since = self.outstanding_since
+        rows = rows[[int(r) in since for r in rows.tolist()]]      # settled meanwhile (a fill)
+        if not len(rows):
+            return
+        n = self.index[p].remargin_rows(rows, self.store.price_snapshot(), self.breach)
+        in_breach = set(self.breach[:n].tolist())                    # n <= len(rows) < len(breach)
         now = time.time_ns()
-        for row in outstanding_rows(st.accounts["flags"], lo, hi, self.outstanding_since):
+        for row in rows.tolist():
             if row not in in_breach:
                 self._set_outstanding(row, False)
-            elif now - self.outstanding_since[row] >= REISSUE_AFTER_NS:
+            elif now - since[row] >= REISSUE_AFTER_NS:
                 self.liquidate(np.array([row]), 0, now, reissue=True)
         self.flush_events()
-        if hi >= st.partition_rows(p)[1]:
-            st.partitions[p]["heartbeat_ns"] = now
-            self.counters["full_passes"] += 1
 
     def _stale_triggers(self, p: int) -> None:
         """Mark partition ``p``'s trigger tables for a refresh (they drift as other
@@ -289,7 +321,8 @@ class Worker:
             self.pending_pass.update(dict.fromkeys(tp.changed))
         if tp.changed or collateral:
             self.snap = self.store.price_snapshot()
-        self.flush_events()
+        if len(self.pending_events) >= EVENTS_HELD_MAX:
+            self.flush_events()                  # else after the orders' quiet period (run)
 
     def holders_pass(self) -> None:
         """1b. Every holder's aggregates move to the latest marks; breaches the triggers
@@ -456,7 +489,7 @@ class Worker:
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
-            busy = bool(self.jobs) or any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
+            busy = bool(self.jobs) or bool(self.checks) or any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
                 bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
             wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
             if self.on_prices():                                  # 1a. hot path first
@@ -473,17 +506,20 @@ class Worker:
                 wake.pause(quiet)                                 # the orders go out first
                 if wake.more():
                     continue
+            self.flush_events()                                   # then their events (liqgw wakes)
             if self.pending_pass or self.pending_collateral:
                 self.holders_pass()                               # 1b. every holder
             for p in self.partitions:                             # 2. commands
                 self.drain(p, snap)
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
                 self.schedule_upkeep()
+            if not self.checks and time.monotonic() - self.last_check >= OUTSTANDING_CHECK_S:
+                self.schedule_checks()
             if not wake.more():                                   # 3. idle: one upkeep slice
                 if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
                     self.prices.settle(SETTLE_SLICE)              # the price reference catches up
-                elif self.jobs:
-                    job, *args = self.jobs.popleft()
+                elif self.checks or self.jobs:
+                    job, *args = (self.checks or self.jobs).popleft()
                     job(*args)
                 else:
                     for idx in self.index.values():               # or a step of a stale trigger
@@ -507,17 +543,6 @@ class Worker:
                                        store=self.store, ctl=self.ctl, skip_worker=self.worker_id)
         if assets:
             self.prices.set_asset_names(assets)
-
-
-def outstanding_rows(flags: np.ndarray, lo: int, hi: int, since: dict,
-                     scan_max: int = OUTSTANDING_SCAN_MAX) -> list[int]:
-    """The rows ``lo <= r < hi`` with a liquidation outstanding (keys of ``since``, whose
-    account flags carry LIQUIDATION_OUTSTANDING), ascending. Few outstanding: a scan of
-    ``since``; many (a crash): the slice's flags, so an upkeep slice stays O(slice)."""
-    if len(since) <= scan_max:
-        return sorted(r for r in since if lo <= r < hi)
-    flagged = np.flatnonzero(flags[lo:hi] & AccountFlag.LIQUIDATION_OUTSTANDING)
-    return [r for r in (lo + flagged).tolist() if r in since]
 
 
 class DoorbellWake:
@@ -660,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--orders", required=True)
     ap.add_argument("--replies", required=True)
     ap.add_argument("--events", default=None)
-    ap.add_argument("--full-pass-interval", type=float, default=1.0)
+    ap.add_argument("--full-pass-interval", type=float, default=None,
+                    help="seconds between full passes (default: max(1, accounts / 250,000))")
     ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
     ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
     ap.add_argument("--staleness-ms", type=int, default=5000)

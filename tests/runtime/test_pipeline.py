@@ -28,7 +28,7 @@ from engine.codes import Code
 from engine.liquidation.decide import decide
 from engine.risk.margin import account_detail, pretrade_check
 from engine.runtime.journal import replay
-from engine.store.layout import PRICE_FROZEN
+from engine.store.layout import PRICE_FROZEN, AccountFlag
 from feeds.protocol import MsgType
 from runtime_support import (MALFORMED, USDT, apply_privately, balance, book, fee_pools, fill, money,
                              position, private_store, process_counters, wait_until)
@@ -375,6 +375,32 @@ def frank_long_1eth_200_usdt(store) -> None:
     row = store.add_account(FRANK)
     store.set_balance(row, 0, 200 * USDT)
     store.set_position(row, ETH, 1000, 3_400 * USDT)
+
+
+def test_outstanding_order_is_resent_after_2s_and_cleared_once_healthy(start_engine):
+    """The outstanding check (every 0.1 s): EVE's order is not filled and the mark stays
+    at 90,300, so the same order (-358 units) goes out again 2 s after the first
+    (REISSUE_AFTER_NS; 2.0 to 2.1 s, plus slack for a busy machine), marked as a
+    re-send (tick_seq 0). Back at 95,000 she is healthy: the flag clears within a check
+    or two (the full pass, every 1 s here, no longer does it), and the next breach is a
+    new order at once, not a wait for the old one's 2 s."""
+    run = start_engine(eve_long_1btc_5k_usdt)
+    c, st, row = run.client, run.store, run.row(EVE)
+    first, _ = _walk_down_to_crossing(run, ABOVE)
+    sent = time.monotonic()
+    again = c.order(timeout_s=4.0)
+    took = time.monotonic() - sent
+    assert 1.9 <= took <= 2.6, f"re-sent after {took:.2f} s"
+    assert (again["account"], again["qty_units"], again["tick_seq"]) == (EVE, first["qty_units"], 0)
+    _tick_to(run, "BTCUSDT", BTC, 95_000.0)
+    healthy = time.monotonic()
+    wait_until(lambda: not int(st.read(st.accounts, row)["flags"]) & AccountFlag.LIQUIDATION_OUTSTANDING,
+               2.0, "the outstanding flag cleared")
+    assert time.monotonic() - healthy <= 0.6
+    assert c.orders_within(0.2) == []
+    _tick_to(run, "BTCUSDT", BTC, 90_500.0)
+    c.tick("BTCUSDT", CROSSING)
+    assert c.order()["qty_units"] == first["qty_units"]
 
 
 def _proc_state(pid: int) -> str:
