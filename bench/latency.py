@@ -688,7 +688,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
         quiet: bool = False, orders_direct: bool = False, price_stage: str = "process",
-        rounds: int = 4) -> dict:
+        rounds: int = 8) -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
     if not 1 <= k <= 16:
@@ -977,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="oracle ticks per second (3 venue quotes each)")
     ap.add_argument("--duration", type=float, default=20.0,
                     help="seconds of ticks for the engine and for each floor (the interleaved ones in all)")
-    ap.add_argument("--rounds", type=int, default=4,
+    ap.add_argument("--rounds", type=int, default=8,
                     help="interleaved rounds: a floor block, then an engine block, each duration/rounds")
     ap.add_argument("--json", default=None, help="default: bench/results/latency_<N>.json")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
