@@ -661,13 +661,13 @@ def pool_engine(parts: list[dict]) -> dict:
 # --------------------------------------------------------------------------- 5. engine
 
 def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False,
-                 price_stage: str = "process") -> Config:
+                 price_stage: str = "process", markprice_cpu: int = -1) -> Config:
     assets, instruments = kernel.make_universe()
     base = Config(EngineSettings(), tuple(assets), tuple(instruments))
     names = ("oracle", "fills", "checks", "orders", "events")
     ports = dict(zip(names, _free_ports(len(names))))
     cfg = local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
-                       wait=wait, cpus=tuple(cpus), price_stage=price_stage)
+                       wait=wait, cpus=tuple(cpus), price_stage=price_stage, markprice_cpu=markprice_cpu)
     return dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints,
                                                                   orders_via_gateway=not orders_direct))
 
@@ -688,7 +688,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
         quiet: bool = False, orders_direct: bool = False, price_stage: str = "process",
-        rounds: int = 8) -> dict:
+        rounds: int = 8, markprice_cpu: int = -1) -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
     if not 1 <= k <= 16:
@@ -711,7 +711,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         floor2 = run_floor(load, main_sched, 2, root)
 
         # 1. book, 5. engine
-        config = bench_config(root, n, wait, cpus, orders_direct, price_stage)
+        config = bench_config(root, n, wait, cpus, orders_direct, price_stage, markprice_cpu)
         t_load = time.perf_counter()
         checks: dict = {}
         book_box: list[Book] = []
@@ -828,7 +828,8 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
             "duration_s": duration_s, "bursts": main_sched.n, "rounds": rounds, "block_bursts": block_sched.n,
             "measured_ticks": rounds * int(len(_measured(block_sched))), "leg_ticks": main_sched.d, "cycle_bursts": main_sched.cycle, "warmup_bursts": main_sched.warmup,
             "step_rel": STEP, "gap_rel": GAP, "p0": P0, "workers": 1, "partitions": 1, "wait": wait,
-            "cpus": list(cpus), "orders_direct": orders_direct, "price_stage": price_stage,
+            "cpus": list(cpus), "markprice_cpu": markprice_cpu, "orders_direct": orders_direct,
+            "price_stage": price_stage,
             "venues": len(VENUES), "transport": "tcp://127.0.0.1 in and out; ipc inside",
             "latency_start": "intended send time of the burst's FIRST message (t0 + i/R); the mark is "
                              "made by its SECOND message (quorum 2, median of 3), whose seq is tick_seq",
@@ -985,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", type=int, default=2, help="positions per background account")
     ap.add_argument("--wait", default="blocking", choices=sorted(worker_mod.WAITS))
     ap.add_argument("--cpus", default="", help="comma-separated CPUs to pin the worker to")
+    ap.add_argument("--markprice-cpu", type=int, default=-1,
+                    help="CPU to pin the mark-price process to (process stage); -1: not pinned")
     ap.add_argument("--leg-s", type=float, default=0.5)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-rates", default=",".join(str(r) for r in DEFAULT_SWEEP_RATES))
@@ -1004,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
         sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),
         sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed, orders_direct=a.orders_direct,
-        price_stage=a.price_stage, rounds=a.rounds)
+        price_stage=a.price_stage, rounds=a.rounds, markprice_cpu=a.markprice_cpu)
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import select
 import sys
 import time
 
@@ -39,6 +40,12 @@ from feeds.protocol import MsgType, Rejected, Sequencer, decode
 NS = 1_000_000_000
 MAX_FOLD = 256          # ticks folded into one publication at most (bounds the delay)
 SETTLE_SLICE = 32       # C-taken ticks folded into the reference per idle turn
+# After taking ticks, the reference's catch-up (``settle``: Python, tens of us) waits
+# this long, any new tick ending the wait: the workers just rung re-margin and send
+# their orders first, on a machine where they share the CPUs (the worker's own quiet
+# period is ``worker.ORDERS_OUT_QUIET_NS``).
+QUIET_AFTER_TICKS_NS = 200_000
+POLLIN = int(zmq.POLLIN)
 
 
 class MarkPriceProcess:
@@ -232,18 +239,35 @@ class MarkPriceProcess:
                 self.publish(e.instrument, now_ns, int(self.store.prices[self.instruments[e.instrument]]["tick_seq"])
                              if e.instrument in self.instruments else 0)
 
+    def pause(self, timeout_ns: int) -> bool:
+        """Wait up to ``timeout_ns`` for a tick (sub-millisecond: a select on the socket's
+        ZMQ_FD, edge-triggered, so its events are read after each wake-up); consumes
+        nothing. True when a tick waits."""
+        deadline = time.monotonic_ns() + timeout_ns
+        fd = self.sock.get(zmq.FD)
+        while not self.sock.get(zmq.EVENTS) & POLLIN:
+            left = deadline - time.monotonic_ns()
+            if left <= 0:
+                return False
+            select.select([fd], [], [], left / 1e9)
+        return True
+
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         process.short_slices()              # its sockets (and so its I/O thread) exist
         next_timer = time.time_ns() + self.timer_ns
-        fast = self.fast
+        fast, quiet_until = self.fast, 0
         while not self.ctl.shutdown:
             behind = fast is not None and fast.n_applied
-            timeout_ms = 0 if behind else max(0, (next_timer - time.time_ns()) // 1_000_000)
-            if poller.poll(timeout_ms):
-                self.fold()
-            elif behind:
+            if behind and (left := quiet_until - time.monotonic_ns()) > 0:
+                ready = self.pause(left)        # the workers first (QUIET_AFTER_TICKS_NS)
+            else:
+                ready = poller.poll(0 if behind else max(0, (next_timer - time.time_ns()) // 1_000_000))
+            if ready:
+                if self.fold():
+                    quiet_until = time.monotonic_ns() + QUIET_AFTER_TICKS_NS
+            elif behind and time.monotonic_ns() >= quiet_until:
                 self.settle(SETTLE_SLICE)       # idle: the reference catches up
             now = time.time_ns()
             if now >= next_timer:

@@ -309,6 +309,36 @@ def test_doorbell_pause_ends_at_a_ring_and_consumes_nothing(doorbell):
     assert wake.more(), "the ring is still there for the loop to see"
 
 
+def test_markprice_pause_ends_when_a_tick_arrives_and_leaves_it_queued():
+    """The mark-price process's wait before its reference catch-up
+    (markprice.QUIET_AFTER_TICKS_NS): sub-millisecond, ended by a tick, taking nothing."""
+    from types import SimpleNamespace
+    from engine.runtime.markprice import MarkPriceProcess
+    ctx = zmq.Context()
+    endpoint = f"ipc:///tmp/me-test-mpause-{uuid.uuid4().hex[:8]}"
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.RCVTIMEO, 2000)
+    pull.bind(endpoint)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoint)
+    mp = SimpleNamespace(sock=pull)               # the one field pause reads; the socket is real
+    try:
+        t0 = time.monotonic()
+        assert MarkPriceProcess.pause(mp, 300_000) is False     # no tick: 0.3 ms, not a whole ms
+        assert 0.0003 <= time.monotonic() - t0 < 0.05
+        threading.Timer(0.05, push.send, args=(b"tick",)).start()
+        t0 = time.monotonic()
+        assert MarkPriceProcess.pause(mp, 2_000_000_000) is True   # a tick after 50 ms: not 2 s
+        assert time.monotonic() - t0 < 0.5
+        assert pull.recv() == b"tick"                            # still queued for the fold
+    finally:
+        push.close()
+        pull.close()
+        ctx.term()
+
+
 def test_tick_pause_ends_when_a_tick_arrives_and_leaves_it_queued(doorbell):
     from types import SimpleNamespace
     from engine.runtime.worker import TickWake
