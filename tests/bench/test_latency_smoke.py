@@ -55,6 +55,7 @@ def test_run_2000_accounts(tmp_path):
                 "sent_to_load_recv"):
         assert doc["breakdown_us"][key]["count"] > 0, key
     assert len(doc["sweep"]) == 1 and doc["sweep"][0]["rate"] == 200
+    assert doc["sweep"][0]["floor"]["count"] > 0           # the floor at the sweep's rate
     assert doc["book"]["liq_price_max_rel_err"] <= 1e-7
     assert (tmp_path / "latency.png").stat().st_size > 0
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(doc["settings"]["shm_name"])]
