@@ -46,6 +46,9 @@ SETTLE_SLICE = 32       # C-taken ticks folded into the reference per idle turn
 # their orders first, on a machine where they share the CPUs (the worker's own quiet
 # period is ``worker.ORDERS_OUT_QUIET_NS``).
 QUIET_AFTER_TICKS_NS = 200_000
+SETTLE_BACKLOG_MAX = 256    # past this many C-taken ticks the catch-up runs (a slice a turn)
+                            # whatever the quiet period: at thousands of ticks a second the
+                            # period never ends, and the timer would settle them all at once
 POLLIN = int(zmq.POLLIN)
 
 
@@ -265,14 +268,17 @@ class MarkPriceProcess:
         fast, quiet_until = self.fast, 0
         while not self.ctl.shutdown:
             behind = fast is not None and fast.n_applied
-            if behind and (left := quiet_until - time.monotonic_ns()) > 0:
+            backlog = behind and fast.n_applied >= SETTLE_BACKLOG_MAX
+            if behind and not backlog and (left := quiet_until - time.monotonic_ns()) > 0:
                 ready = self.pause(left)        # the workers first (QUIET_AFTER_TICKS_NS)
             else:
                 ready = poller.poll(0 if behind else max(0, (next_timer - time.time_ns()) // 1_000_000))
             if ready:
                 if self.fold():
                     quiet_until = time.monotonic_ns() + QUIET_AFTER_TICKS_NS
-            elif behind and time.monotonic_ns() >= quiet_until:
+                if backlog:
+                    self.settle(SETTLE_SLICE)   # a sustained burst: keep up a slice a turn
+            elif behind and (backlog or time.monotonic_ns() >= quiet_until):
                 self.settle(SETTLE_SLICE)       # idle: the reference catches up
             now = time.time_ns()
             if now >= next_timer:

@@ -51,7 +51,7 @@ from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
-from engine.runtime.markprice import MarkPriceProcess
+from engine.runtime.markprice import SETTLE_BACKLOG_MAX, MarkPriceProcess
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import Store
 from feeds.oracle.index import OracleParams
@@ -61,7 +61,8 @@ WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-s
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 256              # accounts per full-pass slice (~20 us at 1M accounts x 2 positions,
                                      # bookkeeping included: a tick waits at most that)
-EVENTS_HELD_MAX = 256                # order events held for the quiet period, at most
+EVENTS_HELD_MAX = 16                 # order events held for the quiet period, at most (a
+                                     # flush costs ~10 us an event: bounded under a burst)
 OUTSTANDING_CHECK_S = 0.1            # accounts with an order outstanding re-margined this often:
                                      # cleared once healthy, re-sent after REISSUE_AFTER_NS
 FULL_PASS_ACCOUNTS_PER_S = 250_000   # default full-pass interval: max(1 s, accounts / this)
@@ -498,6 +499,9 @@ class Worker:
                 sent_ns = time.monotonic_ns()
                 os.sched_yield()
             self.book_orders()
+            if self.prices is not None and self.prices.fast is not None and \
+                    self.prices.fast.n_applied >= SETTLE_BACKLOG_MAX:
+                self.prices.settle(SETTLE_SLICE)                  # a sustained burst: keep up in slices
             wake.timer()                                          # after the orders, not before
             snap = self.snap
             if wake.more():
