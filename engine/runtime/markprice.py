@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import os
-import select
 import sys
 import time
 
@@ -248,17 +247,10 @@ class MarkPriceProcess:
                              if e.instrument in self.instruments else 0)
 
     def pause(self, timeout_ns: int) -> bool:
-        """Wait up to ``timeout_ns`` for a tick (sub-millisecond: a select on the socket's
-        ZMQ_FD, edge-triggered, so its events are read after each wake-up); consumes
-        nothing. True when a tick waits."""
-        deadline = time.monotonic_ns() + timeout_ns
-        fd = self.sock.get(zmq.FD)
-        while not self.sock.get(zmq.EVENTS) & POLLIN:
-            left = deadline - time.monotonic_ns()
-            if left <= 0:
-                return False
-            select.select([fd], [], [], left / 1e9)
-        return True
+        """Wait up to ``timeout_ns`` for a tick, consuming nothing; True when one waits."""
+        sock = self.sock
+        return process.wait_until_ready(lambda: sock.get(zmq.EVENTS) & POLLIN, [sock.get(zmq.FD)],
+                                        timeout_ns)
 
     def run(self) -> None:
         poller = zmq.Poller()

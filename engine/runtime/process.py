@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import select
 import signal
 import struct
+import time
 
 import zmq
 
@@ -25,6 +27,19 @@ def enter(cpu: int = -1) -> None:
         os.sched_setaffinity(0, {cpu})
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait_until_ready(ready, fds: list[int], timeout_ns: int) -> bool:
+    """Sleep until ``ready()`` or ``timeout_ns`` passed; True when ready. Selects on
+    ``fds`` (ZeroMQ sockets' ZMQ_FDs: sub-millisecond, unlike ``zmq_poll``, and
+    edge-triggered, hence ``ready()`` again after every wake-up); consumes nothing."""
+    deadline = time.monotonic_ns() + timeout_ns
+    while not ready():
+        left = deadline - time.monotonic_ns()
+        if left <= 0:
+            return False
+        select.select(fds, [], [], left / 1e9)
+    return True
 
 
 def zmq_context() -> zmq.Context:

@@ -37,7 +37,6 @@ import functools
 import gc
 import json
 import os
-import select
 import sys
 import threading
 import time
@@ -659,15 +658,8 @@ class TickWake:
 
     def pause(self, timeout_ns: int) -> None:
         """Sleep up to ``timeout_ns``, less if a tick arrives or the doorbell rings (its
-        helper thread pokes an inproc socket); consumes nothing. ``zmq_poll`` counts in
-        milliseconds, so this selects on the sockets' ZMQ_FDs: edge-triggered, readable
-        when the socket's state may have changed, hence ``more()`` after each wake-up."""
-        deadline = time.monotonic_ns() + timeout_ns
-        while not self.more():
-            left = deadline - time.monotonic_ns()
-            if left <= 0:
-                return
-            select.select(self.fds, [], [], left / 1e9)
+        helper thread pokes an inproc socket); consumes nothing."""
+        process.wait_until_ready(self.more, self.fds, timeout_ns)
 
     def close(self) -> None:
         if self.thread is not None:

@@ -309,13 +309,9 @@ def test_doorbell_pause_ends_at_a_ring_and_consumes_nothing(doorbell):
     assert wake.more(), "the ring is still there for the loop to see"
 
 
-def test_markprice_pause_ends_when_a_tick_arrives_and_leaves_it_queued():
-    """The mark-price process's wait before its reference catch-up
-    (markprice.QUIET_AFTER_TICKS_NS): sub-millisecond, ended by a tick, taking nothing."""
-    from types import SimpleNamespace
-    from engine.runtime.markprice import MarkPriceProcess
-    ctx = zmq.Context()
-    endpoint = f"ipc:///tmp/me-test-mpause-{uuid.uuid4().hex[:8]}"
+def _pull_push(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    """A PULL bound on a fresh ipc endpoint (receives time out after 2 s) and a PUSH to it."""
+    endpoint = f"ipc:///tmp/me-test-pause-{uuid.uuid4().hex[:8]}"
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.RCVTIMEO, 2000)
@@ -323,6 +319,16 @@ def test_markprice_pause_ends_when_a_tick_arrives_and_leaves_it_queued():
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
     push.connect(endpoint)
+    return pull, push
+
+
+def test_markprice_pause_ends_when_a_tick_arrives_and_leaves_it_queued():
+    """The mark-price process's wait before its reference catch-up
+    (markprice.QUIET_AFTER_TICKS_NS): sub-millisecond, ended by a tick, taking nothing."""
+    from types import SimpleNamespace
+    from engine.runtime.markprice import MarkPriceProcess
+    ctx = zmq.Context()
+    pull, push = _pull_push(ctx)
     mp = SimpleNamespace(sock=pull)               # the one field pause reads; the socket is real
     try:
         t0 = time.monotonic()
@@ -343,14 +349,7 @@ def test_tick_pause_ends_when_a_tick_arrives_and_leaves_it_queued(doorbell):
     from types import SimpleNamespace
     from engine.runtime.worker import TickWake
     ctx = zmq.Context()
-    endpoint = f"ipc:///tmp/me-test-pause-{uuid.uuid4().hex[:8]}"
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.setsockopt(zmq.RCVTIMEO, 2000)
-    pull.bind(endpoint)
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(endpoint)
+    pull, push = _pull_push(ctx)
     # the worker's fields TickWake reads; the socket and the doorbell are real
     worker = SimpleNamespace(prices=SimpleNamespace(sock=pull, timer_ns=10**9), wait=_shm.WAIT_BLOCKING,
                              doorbell=doorbell.ctypes.data, zctx=ctx, worker_id=0)
