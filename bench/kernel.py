@@ -511,7 +511,7 @@ def incremental_tick(store: Store, snap: PriceSnapshot, ticks: int) -> dict:
     n_h = index.holders(TICK_INSTRUMENT)
     for h in sorted({min(n_h, x) for x in (1_000, 10_000, 100_000, n_h)}):
         def call(sn):
-            index._tick_one(TICK_INSTRUMENT, sn, out, holders=h)
+            index._tick_one(TICK_INSTRUMENT, sn, out, stop=h)
         ts = []
         for t in range(40):
             sn = up if t % 2 == 0 else down

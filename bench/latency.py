@@ -663,13 +663,15 @@ def pool_engine(parts: list[dict]) -> dict:
 # --------------------------------------------------------------------------- 5. engine
 
 def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False,
-                 price_stage: str = "process", markprice_cpu: int = -1) -> Config:
+                 price_stage: str = "process", markprice_cpu: int = -1,
+                 holders_slice: int = EngineSettings.holders_slice) -> Config:
     assets, instruments = kernel.make_universe()
     base = Config(EngineSettings(), tuple(assets), tuple(instruments))
     names = ("oracle", "fills", "checks", "orders", "events")
     ports = dict(zip(names, _free_ports(len(names))))
     cfg = local_config(root, base, tcp_ports=ports, accounts_capacity=n, partitions=1,
-                       wait=wait, cpus=tuple(cpus), price_stage=price_stage, markprice_cpu=markprice_cpu)
+                       wait=wait, cpus=tuple(cpus), price_stage=price_stage, markprice_cpu=markprice_cpu,
+                       holders_slice=holders_slice)
     return dataclasses.replace(cfg, endpoints=dataclasses.replace(cfg.endpoints,
                                                                   orders_via_gateway=not orders_direct))
 
@@ -690,7 +692,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
         quiet: bool = False, orders_direct: bool = False, price_stage: str = "process",
-        rounds: int = 8, markprice_cpu: int = -1) -> dict:
+        rounds: int = 8, markprice_cpu: int = -1, holders_slice: int = EngineSettings.holders_slice) -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
     if not 1 <= k <= 16:
@@ -713,7 +715,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         floor2 = run_floor(load, main_sched, 2, root)
 
         # 1. book, 5. engine
-        config = bench_config(root, n, wait, cpus, orders_direct, price_stage, markprice_cpu)
+        config = bench_config(root, n, wait, cpus, orders_direct, price_stage, markprice_cpu, holders_slice)
         t_load = time.perf_counter()
         checks: dict = {}
         book_box: list[Book] = []
@@ -835,7 +837,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
             "measured_ticks": rounds * int(len(_measured(block_sched))), "leg_ticks": main_sched.d, "cycle_bursts": main_sched.cycle, "warmup_bursts": main_sched.warmup,
             "step_rel": STEP, "gap_rel": GAP, "p0": P0, "workers": 1, "partitions": 1, "wait": wait,
             "cpus": list(cpus), "markprice_cpu": markprice_cpu, "orders_direct": orders_direct,
-            "price_stage": price_stage,
+            "price_stage": price_stage, "holders_slice": holders_slice,
             "venues": len(VENUES), "transport": "tcp://127.0.0.1 in and out; ipc inside",
             "latency_start": "intended send time of the burst's FIRST message (t0 + i/R); the mark is "
                              "made by its SECOND message (quorum 2, median of 3), whose seq is tick_seq",
@@ -1003,19 +1005,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--orders-direct", action="store_true",
                     help="workers send orders straight to the load process's PULL (no liquidation-gateway hop)")
+    ap.add_argument("--holders-slice", type=int, default=EngineSettings.holders_slice,
+                    help="holders per slice of the worker's holders' pass (engine.holders_slice)")
     ap.add_argument("--price-stage", default="process", choices=("process", "worker"),
                     help="worker: the mark-price stage runs in the worker (engine.price_stage), one hop less")
     a = ap.parse_args(argv)
-    if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0 \
+    if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0 or a.holders_slice < 1 \
             or not 1 <= a.rounds <= 50:
         ap.error("need --accounts >= 100, 0 < --holders-fraction <= 1, --rate > 0, --duration > 0, "
-                 "1 <= --rounds <= 50")
+                 "--holders-slice >= 1, 1 <= --rounds <= 50")
     out = a.json or f"bench/results/latency_{_label(a.accounts)}.json"
     run(a.accounts, a.holders_fraction, a.rate, out, a.duration, per_tick=a.per_tick, positions=a.positions,
         wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
         sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),
         sweep_duration_s=a.sweep_duration, plot_out=a.plot, seed=a.seed, orders_direct=a.orders_direct,
-        price_stage=a.price_stage, rounds=a.rounds, markprice_cpu=a.markprice_cpu)
+        price_stage=a.price_stage, rounds=a.rounds, markprice_cpu=a.markprice_cpu, holders_slice=a.holders_slice)
     return 0
 
 

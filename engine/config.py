@@ -39,6 +39,9 @@ class EngineSettings:
     # through their doorbells) or "worker" (inside worker 0, which binds the oracle
     # socket and re-margins its partitions on the same wake-up: one hop less per tick).
     price_stage: str = "process"
+    # Holders per slice of a worker's holders' pass (stage 1b): a new tick waits at most
+    # one slice (~2 ns a holder); smaller slices cost more Python per pass.
+    holders_slice: int = 8192
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def from_dict(doc: dict) -> Config:
         markprice_cpu=_int(e, "markprice_cpu", "engine", -1, lo=-1),
         liqgw_cpu=_int(e, "liqgw_cpu", "engine", -1, lo=-1),
         price_stage=price_stage,
+        holders_slice=_int(e, "holders_slice", "engine", EngineSettings.holders_slice, lo=1),
     )
 
     raw_assets = doc.get("assets")

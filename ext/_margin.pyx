@@ -506,7 +506,7 @@ cdef inline int tier0_move(double *row_agg, double q, double du_per_qty, double 
 def tick_holders(size_t instruments_addr, int instrument, const double[::1] marks,
                  const double[::1] asset_px, const double[::1] asset_scale, double[:, ::1] basis,
                  size_t holders_addr, const double[::1] h_cost, const double[::1] h_iso, int64_t n,
-                 double[:, ::1] agg, int64_t[::1] out_rows):
+                 double[:, ::1] agg, int64_t[::1] out_rows, bint store_basis=True):
     """Incremental pass for one instrument's new prices: touch only its holders.
 
     Each holder is 16 bytes (row, key, qty units; the key is ``|qty|`` rounded up to
@@ -520,7 +520,10 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
         equity += qty (x' px' - x px) + cost upnl_per_cost (px' - px)   (cost read only when px moved)
         IM     += IM(|qty| n') px' - IM(|qty| n) px,   MM likewise      (tiers at both notionals)
 
-    then ``b = b'``. A cross holder in the first tier at both prices (``key`` below the
+    then ``b = b'`` (unless ``store_basis`` is false: a pass run in slices over
+    consecutive holder ranges, every slice at the same prices, stores it with its last
+    slice; each holder's move depends only on the two price rows, so the slices give the
+    whole pass's figures bit for bit). A cross holder in the first tier at both prices (``key`` below the
     second tier's floor in quantity at both prices) moves IM and MM by ``|qty| c + k``
     with ``c``, ``k`` computed once per tick. Breach: cross ``equity < MM and MM > 0``;
     isolated (aggregates untouched) ``iso + upnl' < MM'`` in the settle asset. Returns
@@ -632,7 +635,8 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
             dst[0] = hold[h].row
             n_breach += breach
             h += 1
-        basis_store(&basis[instrument, 0], &e1)
+        if store_basis:
+            basis_store(&basis[instrument, 0], &e1)
     return n_breach
 
 

@@ -23,6 +23,7 @@ def test_default_engine_settings(default):
     assert (e.cpus, e.wait, e.keep_shm_on_exit) == ((), "blocking", False)
     assert (e.gateway_cpu, e.markprice_cpu, e.liqgw_cpu) == (-1, -1, -1)      # not pinned
     assert e.price_stage == "process"             # its own process unless configured
+    assert e.holders_slice == 8192                # holders' pass slices: ~20 us each at ~2 ns a holder
 
 
 def test_default_assets(default):
@@ -239,6 +240,7 @@ BAD = [
     ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),
     ("liqgw-cpu-bool", "[engine]\nliqgw_cpu = true\n" + VALID, "engine.liqgw_cpu"),
     ("price-stage-unknown", "[engine]\nprice_stage = \"gateway\"\n" + VALID, "engine.price_stage"),
+    ("holders-slice-zero", "[engine]\nholders_slice = 0\n" + VALID, "engine.holders_slice: must be >= 1"),
     ("duplicate-asset", VALID + ASSET_BTC, "assets[2].name: duplicate asset 'BTC'"),
     ("duplicate-instrument", VALID + PERP, "instruments[0].name: duplicate instrument 'BTCUSDT'"),
     ("nine-assets", "".join(ASSET_USDT.replace('"USDT"', f'"A{k}"') for k in range(9)) + PERP.replace('"USDT"', '"A0"'),

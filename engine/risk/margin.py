@@ -647,18 +647,41 @@ class HolderIndex:
             n += self._tick_one(j, snap, out[min(n, len(out)):])
         return n
 
+    def tick_slice(self, instrument: int, snap: PriceSnapshot, out: np.ndarray, start: int,
+                   holders: int) -> tuple[int, int]:
+        """Holders ``start <= h < start + holders`` of ``instrument``'s incremental pass
+        at ``snap`` (``tick`` of one instrument, in slices, so that a worker answers a
+        new tick between them): returns (breaching holders of the slice, next start). The
+        slice that reaches the last holder moves the instrument's basis to ``snap``; the
+        slices together give the whole pass's aggregates and listing bit for bit.
+
+        Between the first and the last slice of a pass the caller must use the same
+        ``snap`` and change nothing else in this index (no fills, upkeep, trigger
+        refresh, collateral pass): the holders not yet passed are still at the basis."""
+        if not 0 <= instrument < len(self.hot):
+            raise ValueError(f"instrument {instrument} outside 0..{len(self.hot) - 1}")
+        if out.dtype != np.int64 or not out.flags.c_contiguous:
+            raise ValueError("out: a C-contiguous int64 array")
+        n_h = self.holders(instrument)
+        if not 0 <= start <= n_h or holders < 1:
+            raise ValueError(f"slice {start}+{holders} outside 0..{n_h} holders")
+        stop = min(n_h, start + holders)
+        return self._tick_one(instrument, snap, out, start, stop, store_basis=stop == n_h), stop
+
     def _tick_one(self, instrument: int, snap: PriceSnapshot, out: np.ndarray,
-                  holders: int | None = None) -> int:
+                  start: int = 0, stop: int | None = None, store_basis: bool = True) -> int:
         st = self.store
         mark = float(snap.marks[instrument])
         if not (math.isfinite(mark) and mark > 0):
             raise ValueError(f"mark of instrument {instrument} is {mark!r}")
-        n_h = int(self.counts[instrument]) if holders is None else holders
-        if not 0 <= n_h <= len(self.hot[instrument]) - self.PAD:
-            raise ValueError(f"holders: {n_h} outside 0..{len(self.hot[instrument]) - self.PAD}")
+        n_h = int(self.counts[instrument]) if stop is None else stop
+        if not 0 <= start <= n_h <= len(self.hot[instrument]) - self.PAD:
+            raise ValueError(f"holders {start}..{n_h} outside 0..{len(self.hot[instrument]) - self.PAD}")
+        hot = self.hot[instrument]
         n = _margin.tick_holders(st.addr(st.instruments), instrument, snap.marks, snap.asset_px,
-                                 snap.asset_scale, self.basis, self.hot[instrument].ctypes.data,
-                                 self.cost[instrument], self.iso[instrument], n_h, self.agg, out)
+                                 snap.asset_scale, self.basis, hot.ctypes.data + start * hot.itemsize,
+                                 self.cost[instrument][start:], self.iso[instrument][start:], n_h - start,
+                                 self.agg, out, store_basis)
         if n and self.row_base:
             out[: min(n, len(out))] += self.row_base
         return n

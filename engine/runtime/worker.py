@@ -13,7 +13,9 @@ see ``TickWake``)::
                    the orders' events;
                    1b, when no newer mark waits: collateral prices that moved,
                    then the incremental pass over the instrument's holders (and the
-                   breaches stale triggers missed)
+                   breaches stale triggers missed), a slice of ``engine.holders_slice``
+                   holders a turn: a new tick waits at most one slice, and nothing but
+                   1a runs until the pass is whole
     2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
@@ -23,7 +25,8 @@ see ``TickWake``)::
                    (1 s, or accounts / 250k s) a full pass rewriting the shared rows and
                    resetting the private aggregates at the basis (float drift),
                    heartbeat; every 30 s all trigger tables marked stale; stale ones
-                   re-sorted when idle
+                   re-sorted when idle. Between two slices the worker yields its CPU
+                   (blocking and yielding waits), so the ZeroMQ I/O threads run first
 
 Started by the supervisor as ``python -m engine.runtime.worker`` with its partitions,
 CPU and wait strategy; pinned with ``os.sched_setaffinity``.
@@ -46,11 +49,12 @@ import zmq
 
 from engine import _fills, _margin, _shm
 from engine.codes import Code
+from engine.config import EngineSettings
 from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
-from engine.runtime.markprice import SETTLE_BACKLOG_MAX, MarkPriceProcess
+from engine.runtime.markprice import SETTLE_BACKLOG_MAX, SETTLE_SLICE, MarkPriceProcess
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import Store
 from feeds.oracle.index import OracleParams
@@ -60,12 +64,20 @@ WAITS = {"blocking": _shm.WAIT_BLOCKING, "yielding": _shm.WAIT_YIELDING, "busy-s
 REISSUE_AFTER_NS = 2_000_000_000     # re-send a liquidation still in breach after this
 UPKEEP_SLICE_ROWS = 256              # accounts per full-pass slice (~20 us at 1M accounts x 2 positions,
                                      # bookkeeping included: a tick waits at most that)
+CHECK_SLICE_ROWS = 16                # outstanding accounts per check slice: each still in breach after
+                                     # 2 s is re-sent (~3 us an order); 256 a slice held the worker
+                                     # 250-850 us at 2,000 ticks/s (bench latency)
+HOLDERS_SLICE = EngineSettings.holders_slice  # holders per slice of the holders' pass (1b) by default:
+                                     # ~2 ns a holder, so ~20 us with the call at 8,192; a 100k-holder
+                                     # pass whole held the worker ~200 us
 EVENTS_HELD_MAX = 16                 # order events held for the quiet period, at most (a
                                      # flush costs ~10 us an event: bounded under a burst)
+EVENTS_PER_FLUSH = 8                 # events sent per flush (a turn of the loop): ~80 us at most, where
+                                     # the re-sends of one outstanding check (256 accounts) sent at once
+                                     # held the worker 2-4 ms at 2,000 ticks/s (bench latency)
 OUTSTANDING_CHECK_S = 0.1            # accounts with an order outstanding re-margined this often:
                                      # cleared once healthy, re-sent after REISSUE_AFTER_NS
 FULL_PASS_ACCOUNTS_PER_S = 250_000   # default full-pass interval: max(1 s, accounts / this)
-SETTLE_SLICE = 32                    # C-taken oracle ticks folded into the reference per idle turn
 RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this often
 # A blocking worker that has just handed a tick's orders to ZeroMQ waits this long (any
 # new tick still gets its stage 1a at once) before its heavy work -- the holders' pass,
@@ -81,11 +93,15 @@ POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs mic
 class Worker:
     def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
                  orders_endpoint: str, replies_endpoint: str, events_endpoint: str | None = None,
-                 full_pass_interval_s: float | None = None, order_id_base: int = 0):
+                 full_pass_interval_s: float | None = None, order_id_base: int = 0,
+                 holders_slice: int = HOLDERS_SLICE):
         self.name = name
         self.worker_id = worker_id
         self.partitions = partitions
         self.wait = WAITS[wait]
+        if holders_slice < 1:
+            raise ValueError(f"holders_slice: at least 1, got {holders_slice}")
+        self.holders_slice = holders_slice
         self.store = Store.attach(name, readonly=False)
         rows = sum(hi - lo for lo, hi in map(self.store.partition_rows, partitions))
         self.full_pass_interval_s = full_pass_interval_s if full_pass_interval_s is not None else \
@@ -115,8 +131,11 @@ class Worker:
         self.next_order_id = order_id_base or ((worker_id + 1) << 52 | (time.time_ns() // 1000) & ((1 << 52) - 1))
         self.breach = np.empty(65536, np.int64)
         self.outstanding_since: dict[int, int] = {}
-        self.pending_events: list[dict] = []
+        self.pending_events: collections.deque = collections.deque()   # order events to send
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
+        # The holders' pass in progress: [snapshot, deque of (partition, instrument passed,
+        # instrument ticked), next holder]; only stage 1a runs between its slices.
+        self.holders_job: list | None = None
         self.pending_collateral = False              # collateral prices moved; 1b revalues
         self.jobs: collections.deque = collections.deque()     # upkeep slices
         self.checks: collections.deque = collections.deque()   # outstanding checks, before them
@@ -238,7 +257,7 @@ class Worker:
 
     def schedule_checks(self) -> None:
         """Queue the outstanding accounts' check (every ``OUTSTANDING_CHECK_S``), in
-        slices of ``UPKEEP_SLICE_ROWS`` run before the upkeep's."""
+        slices of ``CHECK_SLICE_ROWS`` run before the upkeep's."""
         self.last_check = time.monotonic()
         if not self.outstanding_since:
             return
@@ -247,13 +266,13 @@ class Worker:
         for p in self.partitions:
             lo, hi = self.store.partition_rows(p)
             mine = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
-            for i in range(0, len(mine), UPKEEP_SLICE_ROWS):
-                self.checks.append((self._check_slice, p, mine[i:i + UPKEEP_SLICE_ROWS]))
+            for i in range(0, len(mine), CHECK_SLICE_ROWS):
+                self.checks.append((self._check_slice, p, mine[i:i + CHECK_SLICE_ROWS]))
 
     def _check_slice(self, p: int, rows: np.ndarray) -> None:
         """Re-margin outstanding accounts (shared rows, aggregates at the basis); clear the
         flag of those back in health, re-send the orders of those still in breach after
-        ``REISSUE_AFTER_NS``."""
+        ``REISSUE_AFTER_NS`` (one batch: decided and encoded in C)."""
         since = self.outstanding_since
         rows = rows[[int(r) in since for r in rows.tolist()]]      # settled meanwhile (a fill)
         if not len(rows):
@@ -261,12 +280,14 @@ class Worker:
         n = self.index[p].remargin_rows(rows, self.store.price_snapshot(), self.breach)
         in_breach = set(self.breach[:n].tolist())                    # n <= len(rows) < len(breach)
         now = time.time_ns()
+        resend = []
         for row in rows.tolist():
             if row not in in_breach:
                 self._set_outstanding(row, False)
             elif now - since[row] >= REISSUE_AFTER_NS:
-                self.liquidate(np.array([row]), 0, now, reissue=True)
-        self.flush_events()
+                resend.append(row)
+        if resend:
+            self.liquidate(np.array(resend, np.int64), 0, now, reissue=True)
 
     def _stale_triggers(self, p: int) -> None:
         """Mark partition ``p``'s trigger tables for a refresh (they drift as other
@@ -324,30 +345,51 @@ class Worker:
         if len(self.pending_events) >= EVENTS_HELD_MAX:
             self.flush_events()                  # else after the orders' quiet period (run)
 
-    def holders_pass(self) -> None:
-        """1b. Every holder's aggregates move to the latest marks; breaches the triggers
-        missed (stale after other prices moved) are sent. Skipped while newer marks
-        keep arriving: the pass at the latest mark subsumes the ones before it."""
-        snap = self.snap
-        if self.pending_collateral:              # collateral prices first: equity moves
-            self.pending_collateral = False
-            now = time.time_ns()
-            for p in self.partitions:
-                n = self.index[p].collateral_tick(snap, self.breach)
-                if n:
-                    self.liquidate(self.breach[: min(n, len(self.breach))], 0, now)
-        for i in list(self.pending_pass):
-            frozen = bool(snap.flags[i] & PRICE_FROZEN)
-            pr = self.store.prices[i]
-            for p in self.partitions:
-                n = self.index[p].tick(i, snap, self.breach)
-                if n and not frozen:
-                    self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]),
-                                   int(pr["ts_ns"]))
-            # Other instruments' triggers of these holders drift with this mark; the
-            # periodic re-sort refreshes them, this pass covers the interval.
-        self.pending_pass.clear()
-        self.flush_events()
+    def holders_pass(self) -> bool:
+        """1b, one slice of ``holders_slice`` holders per call: every holder's aggregates
+        move to the marks of the pass's snapshot; breaches the triggers missed (stale after
+        other prices moved) are sent. Returns True while the pass has slices left: the
+        caller then runs nothing but stage 1a until it is done (the holders not yet passed
+        are still at the basis: fills, upkeep and trigger refreshes would mix the two).
+        Marks that arrive meanwhile wait for the next pass, which subsumes the ones
+        before it."""
+        if self.holders_job is None:
+            if self.pending_collateral:          # collateral prices first: equity moves (whole,
+                self.pending_collateral = False  # it is rare: a collateral asset's price moved)
+                now = time.time_ns()
+                for p in self.partitions:
+                    n = self.index[p].collateral_tick(self.snap, self.breach)
+                    if n:
+                        self.liquidate(self.breach[: min(n, len(self.breach))], 0, now)
+            if not self.pending_pass:
+                return False
+            steps = collections.deque((p, j, i) for i in self.pending_pass for p in self.partitions
+                                      for j in (i, *self.index[p].dependents.get(i, ())))
+            self.pending_pass.clear()
+            self.holders_job = [self.snap, steps, 0]
+        snap, steps, start = self.holders_job
+        worked = False
+        while steps:                             # one slice of holders a call (an instrument
+            p, j, i = steps[0]                   # without any only moves its basis, at once)
+            if worked and self.index[p].holders(j):
+                break
+            n, stop = self.index[p].tick_slice(j, snap, self.breach, start, self.holders_slice)
+            if n and not snap.flags[i] & PRICE_FROZEN:
+                pr = self.store.prices[i]
+                self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]), int(pr["ts_ns"]))
+            worked, start = worked or stop > start, stop
+            if start == self.index[p].holders(j):
+                steps.popleft()                  # this instrument's pass is whole: next one
+                start = 0
+            if start:
+                break                            # a slice within an instrument: the call's work
+        # Other instruments' triggers of these holders drift with this mark; the periodic
+        # re-sort refreshes them, this pass covers the interval.
+        if not steps:
+            self.holders_job = None
+            return False
+        self.holders_job[2] = start
+        return True
 
     def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, reissue: bool = False) -> None:
         """Decide and send the orders of each account in ``rows`` not already outstanding
@@ -374,11 +416,12 @@ class Worker:
                 self._set_outstanding(row, True)
         return sent
 
-    def flush_events(self) -> None:
-        """Operator events for the orders sent, after the tick's orders are all out."""
-        for fields in self.pending_events:
-            self.event(fields)
-        self.pending_events.clear()
+    def flush_events(self, limit: int | None = EVENTS_PER_FLUSH) -> None:
+        """Operator events for the orders sent, after the tick's orders are all out: the
+        oldest ``limit`` (all with None); the loop sends the rest in later turns."""
+        q = self.pending_events
+        for _ in range(len(q) if limit is None else min(limit, len(q))):
+            self.event(q.popleft())
 
     def event(self, order: dict) -> None:
         """An ENGINE_EVENT per liquidation order (code = its reason), detail in JSON."""
@@ -489,9 +532,18 @@ class Worker:
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
-            busy = bool(self.jobs) or bool(self.checks) or any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
+            busy = bool(self.jobs) or bool(self.checks) or self.holders_job is not None or bool(self.pending_events) or \
+                any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
                 bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
-            wake.wait(0 if busy or self.pending_pass or self.pending_collateral else 100_000_000)
+            more = busy or self.pending_pass or self.pending_collateral
+            if more and self.wait != _shm.WAIT_BUSY_SPIN:
+                # Background work left: this loop runs slice after slice without sleeping,
+                # so let this CPU's other threads in between (ZeroMQ I/O threads moving the
+                # next tick in and the orders out). Without it, at 2,000 ticks/s on 1M
+                # accounts, ticks sat 1-3 ms before the worker saw them: first order p90
+                # 1,200 -> 311 us, p99 3,066 -> 884 us (bench latency, worker stage).
+                os.sched_yield()
+            wake.wait(0 if more else 100_000_000)
             if self.on_prices():                                  # 1a. hot path first
                 # Let this process's ZeroMQ I/O thread put the orders on the wire before
                 # the work below: it shares the CPUs and would wait.
@@ -510,8 +562,8 @@ class Worker:
                 if wake.more():
                     continue
             self.flush_events()                                   # then their events (liqgw wakes)
-            if self.pending_pass or self.pending_collateral:
-                self.holders_pass()                               # 1b. every holder
+            if (self.pending_pass or self.pending_collateral or self.holders_job) and self.holders_pass():
+                continue                                          # 1b. every holder, a slice a turn
             for p in self.partitions:                             # 2. commands
                 self.drain(p, snap)
             if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
@@ -528,8 +580,11 @@ class Worker:
                     for idx in self.index.values():               # or a step of a stale trigger
                         if idx.refresh_triggers_slice():          # table's refresh
                             break
+        while self.holders_job is not None and self.holders_pass():
+            pass                                                  # a pass is whole before fills
         for p in self.partitions:                                 # drain what is queued
             self.drain(p, self.store.price_snapshot())
+        self.flush_events(None)
         wake.close()
         self.orders.close()
         self.replies.close()
@@ -683,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", default=None)
     ap.add_argument("--full-pass-interval", type=float, default=None,
                     help="seconds between full passes (default: max(1, accounts / 250,000))")
+    ap.add_argument("--holders-slice", type=int, default=HOLDERS_SLICE,
+                    help="holders per slice of the holders' pass (engine.holders_slice)")
     ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
     ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
     ap.add_argument("--staleness-ms", type=int, default=5000)
@@ -692,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     process.enter(a.cpu)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
-               full_pass_interval_s=a.full_pass_interval)
+               full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice)
     if a.oracle and not a.events:
         ap.error("--oracle needs --events (the price stage's freeze and venue events)")
     if a.oracle:

@@ -24,15 +24,19 @@ EXTRAS = ("floor_p90_us", "floor_p999_us", "floor_max_us", "floor2_p50_us", "flo
 @pytest.mark.timeout(120)
 def test_run_2000_accounts(tmp_path):
     out = tmp_path / "latency.json"
+    # The 200 holders of the ticked instrument in slices of 16: each holders' pass (1b)
+    # runs in 13 slices, ticks arriving between them, as a million-account book's passes
+    # do (8,192 holders a slice); the orders must still match the staircase exactly.
     result = latency.run(accounts=2000, holders_fraction=0.1, rate=100, json_out=out, duration_s=2.6,
                          per_tick=2, leg_s=0.2, sweep=True, sweep_rates=(200,), sweep_duration_s=2.6,
-                         quiet=True, rounds=2)
+                         quiet=True, rounds=2, holders_slice=16)
 
     doc = json.loads(out.read_text())
     for key in REQUIRED + EXTRAS:
         assert key in doc, key
     assert doc == result
     assert (doc["accounts"], doc["holders"], doc["rate"]) == (2000, 200, 100.0)
+    assert doc["settings"]["holders_slice"] == 16
     c = doc["engine"]["counts"]
     # every measured tick breaches exactly per_tick staircase accounts; their orders came
     # back carrying the tick's seq (or a later one when the worker coalesced ticks)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 from bench import kernel
 from engine.risk import margin
@@ -53,6 +55,56 @@ def test_listing_is_the_same_prefix_for_any_room(world, factor):
     cross = {int(r) for r, k in zip(hot["row"], hot["key"]) if not np.isinf(k)}
     breaching = {r for r in cross if eq[r] < mm[r] and mm[r] > 0}
     assert breaching <= set(rows0) <= holders
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(factor=hs.sampled_from([0.97, 1.0, 1.03, 0.5]), sizes=hs.lists(hs.integers(1, 90), min_size=1, max_size=6))
+def test_holders_pass_in_slices_is_the_whole_pass(world, factor, sizes):
+    # The worker runs the holders' pass (1b) in slices so that a tick waits at most one
+    # slice (Worker.holders_pass). Each holder's move depends only on the two price rows,
+    # so the slices, in any sizes (cycled until the last holder), must give the whole
+    # pass's aggregates, basis and breach listing bit for bit -- and the basis must not
+    # move before the last slice (the holders not yet passed are still at it).
+    store, snap = world
+    moved = kernel._snapshot_with_mark(snap, kernel.TICK_INSTRUMENT, factor)
+    whole = margin.HolderIndex(store, 0)
+    whole.refresh(snap)
+    out = np.full(4096, -1, np.int64)
+    n_whole = whole.tick(kernel.TICK_INSTRUMENT, moved, out)      # no options on it: one instrument
+    rows_whole = out[:n_whole].tolist()
+
+    sliced = margin.HolderIndex(store, 0)
+    sliced.refresh(snap)
+    basis0 = sliced.basis[kernel.TICK_INSTRUMENT].copy()
+    n_holders = sliced.holders(kernel.TICK_INSTRUMENT)
+    assert n_holders == 200                  # 10 % of the 2,000 accounts hold instrument 0
+    rows, start, k = [], 0, 0
+    while True:
+        n, nxt = sliced.tick_slice(kernel.TICK_INSTRUMENT, moved, out, start, sizes[k % len(sizes)])
+        assert nxt == min(n_holders, start + sizes[k % len(sizes)])
+        rows += out[:n].tolist()
+        k, start = k + 1, nxt
+        if start == n_holders:
+            break
+        assert np.array_equal(sliced.basis[kernel.TICK_INSTRUMENT], basis0)     # not yet moved
+    assert rows == rows_whole and len(rows) == n_whole
+    assert np.array_equal(sliced.agg, whole.agg)
+    assert np.array_equal(sliced.basis, whole.basis)
+
+
+def test_holders_slice_rejects_a_range_outside_the_holders(world):
+    store, snap = world
+    idx = margin.HolderIndex(store, 0)
+    idx.refresh(snap)
+    out = np.empty(16, np.int64)
+    with pytest.raises(ValueError, match="outside 0..200 holders"):
+        idx.tick_slice(kernel.TICK_INSTRUMENT, snap, out, 201, 10)       # 200 holders (10 %)
+    with pytest.raises(ValueError, match="outside"):
+        idx.tick_slice(kernel.TICK_INSTRUMENT, snap, out, 0, 0)
+    with pytest.raises(ValueError, match="instrument 40 outside"):
+        idx.tick_slice(40, snap, out, 0, 10)                              # 40 instruments: 0..39
+    with pytest.raises(ValueError, match="int64"):
+        idx.tick_slice(kernel.TICK_INSTRUMENT, snap, np.empty(16), 0, 10)
 
 
 def test_periodic_slices_reset_the_aggregates_to_the_full_pass(world):
