@@ -46,6 +46,9 @@ SETTLE_SLICE = 8        # C-taken ticks folded into the reference per idle turn 
 # their orders first, on a machine where they share the CPUs (the worker's own quiet
 # period is ``worker.ORDERS_OUT_QUIET_NS``).
 QUIET_AFTER_TICKS_NS = 200_000
+TIMER_DEFER_MAX_NS = 50_000_000   # a due staleness timer waits up to this long for the catch-up
+                            # slices: it settles every waiting tick first (~4 us each, up to
+                            # SETTLE_BACKLOG_MAX), which held a worker-stage tick 1-2 ms
 SETTLE_BACKLOG_MAX = 256    # past this many C-taken ticks the catch-up runs (a slice a turn)
                             # whatever the quiet period: at thousands of ticks a second the
                             # period never ends, and the timer would settle them all at once
@@ -238,6 +241,15 @@ class MarkPriceProcess:
         if self.fast is not None and i is not None:
             self.fast.sync(i, *self.calc.export(name))
 
+    def timer_due(self, now_ns: int, due_ns: int) -> bool:
+        """The staleness timer, due at ``due_ns``, runs now: at once when the reference has
+        caught up with the C path, else once the idle slices had ``TIMER_DEFER_MAX_NS`` to
+        catch up (a 5 s staleness does not notice 50 ms; a tick stalled by a whole
+        settle does)."""
+        if now_ns < due_ns:
+            return False
+        return not (self.fast is not None and self.fast.n_applied) or now_ns >= due_ns + TIMER_DEFER_MAX_NS
+
     def on_timer(self, now_ns: int) -> None:
         self.settle()
         for e in self.calc.on_timer(now_ns):
@@ -272,9 +284,10 @@ class MarkPriceProcess:
                 if backlog:
                     self.settle(SETTLE_SLICE)   # a sustained burst: keep up a slice a turn
             elif behind and (backlog or time.monotonic_ns() >= quiet_until):
-                self.settle(SETTLE_SLICE)       # idle: the reference catches up
+                self.settle(SETTLE_SLICE)       # idle: the reference catches up,
+                os.sched_yield()                # the CPU's other threads first between slices
             now = time.time_ns()
-            if now >= next_timer:
+            if self.timer_due(now, next_timer):
                 self.on_timer(now)
                 next_timer = now + self.timer_ns
         self.sock.close()

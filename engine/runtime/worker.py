@@ -702,7 +702,7 @@ class TickWake:
         a tick's orders are out, never between the tick and its orders (it is Python over
         every instrument and venue: tens of microseconds)."""
         now = time.time_ns()
-        if now >= self.next_timer:
+        if self.prices.timer_due(now, self.next_timer):
             self.prices.on_timer(now)
             self.next_timer = now + self.prices.timer_ns
 

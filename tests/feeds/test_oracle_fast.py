@@ -289,7 +289,7 @@ def test_seeded_run_exercises_every_outcome():
 
 def test_markprice_process_fold():
     from engine.runtime.ctl import Control
-    from engine.runtime.markprice import MarkPriceProcess
+    from engine.runtime.markprice import TIMER_DEFER_MAX_NS, MarkPriceProcess
     from engine.store.shm import Store
     from engine.instruments import Asset, Instrument, Kind, derive_tiers
     tiers = derive_tiers([{"floor": 0, "imr": 0.02, "mmr": 0.01}])
@@ -324,6 +324,18 @@ def test_markprice_process_fold():
         assert p.counters["ticks"] == 7 and p.counters["ticks_fast"] == 4, p.counters
         assert p.counters["fast_mismatch"] == 0 and store.prices[0]["tick_seq"] == 5
         assert events.poll(0) == 0                             # no event: nothing froze or was excluded
+        # The staleness timer settles every C-taken tick first; while the reference is
+        # behind, a due timer waits for the idle catch-up slices, TIMER_DEFER_MAX_NS at most.
+        send("b", 60_100.0)                                    # median 60,100: published in C
+        assert p.sock.poll(2000) and p.fold() == 1
+        assert store.prices[0]["mark"] == 60_100.0
+        assert p.fast.n_applied == 1                           # taken in C, not yet folded
+        now = time.time_ns()
+        assert not p.timer_due(now, now + 1)                   # not due yet
+        assert not p.timer_due(now, now)                       # due, but the reference is behind
+        assert p.timer_due(now + TIMER_DEFER_MAX_NS, now)      # ... for 50 ms at most
+        p.settle()
+        assert p.fast.n_applied == 0 and p.timer_due(now, now)  # caught up: at once
     finally:
         for s in (push, events, p.sock, p.events):
             s.close(0)
