@@ -241,6 +241,14 @@ class MarkPriceProcess:
         if self.fast is not None and i is not None:
             self.fast.sync(i, *self.calc.export(name))
 
+    def must_catch_up(self, now_ns: int, due_ns: int) -> bool:
+        """A slice of the reference's catch-up runs this turn whatever the quiet period:
+        ``SETTLE_BACKLOG_MAX`` C-taken ticks wait (a sustained burst), or the staleness
+        timer, due at ``due_ns``, waits for the reference (so it rarely needs its whole
+        settle after ``TIMER_DEFER_MAX_NS``)."""
+        n = self.fast.n_applied if self.fast is not None else 0
+        return n >= SETTLE_BACKLOG_MAX or (n > 0 and now_ns >= due_ns)
+
     def timer_due(self, now_ns: int, due_ns: int) -> bool:
         """The staleness timer, due at ``due_ns``, runs now: at once when the reference has
         caught up with the C path, else once the idle slices had ``TIMER_DEFER_MAX_NS`` to
@@ -273,7 +281,7 @@ class MarkPriceProcess:
         fast, quiet_until = self.fast, 0
         while not self.ctl.shutdown:
             behind = fast is not None and fast.n_applied
-            backlog = behind and fast.n_applied >= SETTLE_BACKLOG_MAX
+            backlog = self.must_catch_up(time.time_ns(), next_timer)
             if behind and not backlog and (left := quiet_until - time.monotonic_ns()) > 0:
                 ready = self.pause(left)        # the workers first (QUIET_AFTER_TICKS_NS)
             else:
@@ -282,7 +290,7 @@ class MarkPriceProcess:
                 if self.fold():
                     quiet_until = time.monotonic_ns() + QUIET_AFTER_TICKS_NS
                 if backlog:
-                    self.settle(SETTLE_SLICE)   # a sustained burst: keep up a slice a turn
+                    self.settle(SETTLE_SLICE)   # a burst, or the timer waits: a slice a turn
             elif behind and (backlog or time.monotonic_ns() >= quiet_until):
                 self.settle(SETTLE_SLICE)       # idle: the reference catches up,
                 os.sched_yield()                # the CPU's other threads first between slices

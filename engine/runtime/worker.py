@@ -54,7 +54,7 @@ from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
-from engine.runtime.markprice import SETTLE_BACKLOG_MAX, SETTLE_SLICE, MarkPriceProcess
+from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import Store
 from feeds.oracle.index import OracleParams
@@ -550,9 +550,6 @@ class Worker:
                 sent_ns = time.monotonic_ns()
                 os.sched_yield()
             self.book_orders()
-            if self.prices is not None and self.prices.fast is not None and \
-                    self.prices.fast.n_applied >= SETTLE_BACKLOG_MAX:
-                self.prices.settle(SETTLE_SLICE)                  # a sustained burst: keep up in slices
             wake.timer()                                          # after the orders, not before
             snap = self.snap
             if wake.more():
@@ -698,10 +695,13 @@ class TickWake:
         self.prices.fold(first_mark=True)
 
     def timer(self) -> None:
-        """The mark-price stage's staleness timer, when due: called by the worker after
-        a tick's orders are out, never between the tick and its orders (it is Python over
+        """The mark-price stage's catch-up slice when it may not wait for an idle turn
+        (``MarkPriceProcess.must_catch_up``), and its staleness timer when due: called by
+        the worker after a tick's orders are out, never between the tick and its orders (it is Python over
         every instrument and venue: tens of microseconds)."""
         now = time.time_ns()
+        if self.prices.must_catch_up(now, self.next_timer):
+            self.prices.settle(SETTLE_SLICE)    # a sustained burst, or the timer waits for it
         if self.prices.timer_due(now, self.next_timer):
             self.prices.on_timer(now)
             self.next_timer = now + self.prices.timer_ns

@@ -332,10 +332,13 @@ def test_markprice_process_fold():
         assert p.fast.n_applied == 1                           # taken in C, not yet folded
         now = time.time_ns()
         assert not p.timer_due(now, now + 1)                   # not due yet
-        assert not p.timer_due(now, now)                       # due, but the reference is behind
+        assert not p.must_catch_up(now, now + 1)               # 1 tick < 256 and not due: idle turns
+        assert not p.timer_due(now, now)                       # due, but the reference is behind,
+        assert p.must_catch_up(now, now)                       # so it catches up a slice a turn
         assert p.timer_due(now + TIMER_DEFER_MAX_NS, now)      # ... for 50 ms at most
         p.settle()
         assert p.fast.n_applied == 0 and p.timer_due(now, now)  # caught up: at once
+        assert not p.must_catch_up(now, now)
     finally:
         for s in (push, events, p.sock, p.events):
             s.close(0)
