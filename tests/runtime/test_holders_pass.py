@@ -10,7 +10,7 @@ for bit where a whole pass per mark leaves them (a twin HolderIndex on the same 
 
 from __future__ import annotations
 
-import os
+import gc
 import shutil
 import tempfile
 
@@ -50,6 +50,7 @@ def worker():
     try:
         yield w, store
     finally:
+        gc.unfreeze()                      # Worker.start froze this test process's objects
         for s in (w.orders, w.replies, orders):
             s.close(0)
         w.store.detach()
