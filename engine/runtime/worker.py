@@ -368,21 +368,24 @@ class Worker:
             self.pending_pass.clear()
             self.holders_job = [self.snap, steps, 0]
         snap, steps, start = self.holders_job
+        # One slice of holders a call; an instrument without holders only moves its basis,
+        # so it rides along with the slice before or after it.
         worked = False
-        while steps:                             # one slice of holders a call (an instrument
-            p, j, i = steps[0]                   # without any only moves its basis, at once)
-            if worked and self.index[p].holders(j):
+        while steps:
+            p, j, i = steps[0]
+            idx = self.index[p]
+            n_h = idx.holders(j)
+            if worked and n_h:
                 break
-            n, stop = self.index[p].tick_slice(j, snap, self.breach, start, self.holders_slice)
+            n, start = idx.tick_slice(j, snap, self.breach, start, self.holders_slice)
             if n and not snap.flags[i] & PRICE_FROZEN:
                 pr = self.store.prices[i]
                 self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]), int(pr["ts_ns"]))
-            worked, start = worked or stop > start, stop
-            if start == self.index[p].holders(j):
-                steps.popleft()                  # this instrument's pass is whole: next one
-                start = 0
-            if start:
-                break                            # a slice within an instrument: the call's work
+            worked = worked or n_h > 0
+            if start < n_h:
+                break                            # more of this instrument next call
+            steps.popleft()                      # this instrument's pass is whole: next one
+            start = 0
         # Other instruments' triggers of these holders drift with this mark; the periodic
         # re-sort refreshes them, this pass covers the interval.
         if not steps:
