@@ -1204,6 +1204,45 @@ cdef int read_prices(const PriceRow *prices, int n_ins, const AssetRow *assets, 
     return 1
 
 
+def merge_runs(const double[::1] src_key, const int64_t[::1] src_val, double[::1] dst_key,
+               int64_t[::1] dst_val, int64_t lo, int64_t mid, int64_t hi, int64_t i, int64_t j,
+               int64_t limit):
+    """Merge the ascending runs ``src[lo:mid]`` and ``src[mid:hi]`` (keys and their values)
+    into ``dst[lo:hi]``, resuming with the left run at ``i`` and the right at ``j``, and
+    writing at most ``limit`` pairs. A tie takes the left run's pair first (a stable merge).
+    Returns ``(i, j)`` after the step: the merge is whole when ``i == mid and j == hi``.
+
+    Out position of the next pair: ``lo + (i - lo) + (j - mid)``. The compare is the one
+    branch-free select ``right = key[j] < key[i]`` (sorted triggers interleave at random:
+    a branch would mispredict about every other pair). Keys must not be NaN. The caller
+    checks ``0 <= lo <= i <= mid <= j <= hi`` within both arrays (``engine.risk.triggersort``).
+    """
+    cdef int64_t k = lo + (i - lo) + (j - mid)
+    cdef int64_t end = k + limit if limit < hi - k else hi
+    cdef bint right
+    cdef int64_t src
+    with nogil:
+        while k < end and i < mid and j < hi:
+            right = src_key[j] < src_key[i]
+            src = j if right else i
+            dst_key[k] = src_key[src]
+            dst_val[k] = src_val[src]
+            j += right
+            i += 1 - right
+            k += 1
+        while k < end and i < mid:
+            dst_key[k] = src_key[i]
+            dst_val[k] = src_val[i]
+            i += 1
+            k += 1
+        while k < end and j < hi:
+            dst_key[k] = src_key[j]
+            dst_val[k] = src_val[j]
+            j += 1
+            k += 1
+    return i, j
+
+
 cdef class CheckDesk:
     """An ORDER_CHECK answered in one C call: the order-check gateway's hot path.
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from engine import _margin
 from engine.codes import Code
+from engine.risk.triggersort import TriggerSort
 from engine.store.layout import Mode, Status
 from engine.store.shm import PriceSnapshot, Store
 
@@ -345,16 +346,17 @@ class HolderIndex:
 
     # A step solves this many holders' triggers (~40 ns each: ~85 us a step at 1M accounts),
     # so that a tick arriving meanwhile waits about as long as behind an upkeep slice. Then
-    # one step sorts the longs and one the shorts and installs (measured in
-    # docs/architecture.md; the whole table at once held the worker 7.5 ms, 11 ms with
-    # stable sorts).
+    # the sort runs in steps of the same size (``TriggerSort``: runs of 8k holders, merges
+    # of 16k pairs) and the last one installs (measured in docs/architecture.md; the whole
+    # table at once held the worker 7.5 ms, one argsort of a side of 100k holders ~1.2 ms).
     TRIGGER_SLICE_HOLDERS = 2_048
     RESTARTS_BEFORE_BLOCKING = 2     # a table whose holders keep changing is then done at once
 
     def refresh_triggers_slice(self, holders: int | None = None) -> bool:
         """One step of refreshing the stale trigger tables: solve the next ``holders``
-        triggers of the table in progress (or of the next stale one), and once all are
-        solved sort and install it. Returns False when nothing was stale.
+        triggers of the table in progress (or of the next stale one); once all are solved,
+        one step of sorting them (``TriggerSort.step``), and with the last one install the
+        table. Returns False when nothing was stale.
 
         The table in use stays until the new one is installed whole. A table is solved
         from scratch again when its holders change meanwhile (a fill marks it stale), and
@@ -379,25 +381,29 @@ class HolderIndex:
         n = job[1].shape[0]
         if job[2] < n:
             self._trigger_step(job, holders)            # solve
-        elif job[4] is None:
-            job[4] = self._side_sorted(job, +1)         # sort the longs
         else:
-            self._install_triggers(job)                 # sort the shorts, install
+            if job[4] is None:
+                job[4] = self._trigger_sort(job)
+            if job[4].step():                           # sort; the last step installs
+                self._install_triggers(job)
         return True
 
     @property
     def refreshing(self) -> bool:
-        """A trigger table is half solved (``refresh_triggers_slice`` has more to do)."""
+        """A trigger table is half done (``refresh_triggers_slice`` has more to do)."""
         return self._trigger_job is not None
 
     def _new_trigger_job(self, instrument: int) -> list:
-        """[instrument, triggers, holders solved, restarts, longs sorted]: marked clean
-        now, so that a change of its holders during the refresh shows as stale again."""
+        """[instrument, triggers, holders solved, restarts, its TriggerSort once solved]:
+        marked clean now, so that a change of its holders during the refresh shows as
+        stale again."""
         self.dirty[instrument] = False
         return [instrument, np.empty(int(self.counts[instrument])), 0, 0, None]
 
     def _refresh_at_once(self, job: list) -> None:
         self._trigger_step(job, job[1].shape[0])
+        job[4] = self._trigger_sort(job)
+        job[4].run()
         self._install_triggers(job)
 
     def _trigger_step(self, job: list, holders: int) -> None:
@@ -412,29 +418,16 @@ class HolderIndex:
                                     self.iso[i][h0:h1], h1 - h0, self.agg, trig[h0:h1])
         job[2] = h1
 
-    def _side_sorted(self, job: list, side: int) -> np.ndarray:
-        """Holder indices of the longs (``side`` +1) or shorts (-1), ascending by trigger.
-
-        Only the finite triggers are sorted (about a quarter are -inf or +inf: no trigger,
-        or already in breach), with numpy's default argsort (introsort, vectorised where
-        the CPU has AVX-512: 0.5 ms for 50k triggers against 3.2 ms for the stable sort);
-        -inf go first, +inf then NaN last, as a plain argsort puts them. Equal triggers
-        come out in an order fixed by the input, not by holder index: no caller ranks
-        within a tie."""
-        trig = job[1]
-        q = self.hot[job[0]]["qty"][: trig.shape[0]]
-        idx = np.flatnonzero(q > 0 if side > 0 else q < 0)
-        t = trig[idx]
-        fin = np.isfinite(t)
-        return np.concatenate([idx[t == -np.inf], idx[fin][np.argsort(t[fin])], idx[t == np.inf],
-                               idx[np.isnan(t)]])
+    def _trigger_sort(self, job: list) -> TriggerSort:
+        """The sort of ``job``'s solved triggers into its tables (``TriggerSort``): longs
+        and shorts each ascending by trigger (-inf first, +inf then NaN last), with their
+        account rows."""
+        n = job[1].shape[0]
+        return TriggerSort(job[1], self.hot[job[0]]["qty"][:n], self.holder_rows(job[0]))
 
     def _install_triggers(self, job: list) -> None:
-        instrument, trig = job[0], job[1]
-        lo = job[4] if job[4] is not None else self._side_sorted(job, +1)
-        so = self._side_sorted(job, -1)
-        rows = self.holder_rows(instrument)
-        self.triggers[instrument] = (trig[lo], rows[lo], trig[so], rows[so])
+        instrument = job[0]
+        self.triggers[instrument] = job[4].tables()
         if self._trigger_job is job:
             self._trigger_job = None
         if self.on_triggers is not None:        # a C copy of the tables (the worker's TickPath)
