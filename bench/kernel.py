@@ -40,6 +40,7 @@ import numpy as np
 from engine import _margin
 from engine.instruments import Asset, Instrument, Kind, derive_tiers
 from engine.risk import margin
+from engine.risk.triggersort import TriggerSort
 from engine.store import layout as L
 from engine.store.shm import PriceSnapshot, Store
 
@@ -523,7 +524,43 @@ def incremental_tick(store: Store, snap: PriceSnapshot, ticks: int) -> dict:
     arr_ts = np.array(us)
     return {"median_us": float(np.median(arr_ts)), "p99_us": float(np.percentile(arr_ts, 99)),
             "min_us": float(arr_ts.min()), "holders": n_h, "ticks": ticks,
-            "max_rel_diff_vs_numpy": rel, "kernel_scaling": scaling}
+            "max_rel_diff_vs_numpy": rel, "kernel_scaling": scaling,
+            "trigger_refresh": trigger_refresh_steps(index)}
+
+
+def trigger_refresh_steps(index: margin.HolderIndex, reps: int = 4) -> dict:
+    """Time each step of refreshing instrument 0's trigger table in the background
+    (``HolderIndex.refresh_triggers_slice``: solve in steps of 2,048 holders, then
+    ``TriggerSort``'s run and merge steps), ``reps`` refreshes after one warm-up; and, as
+    the baseline in the same run, the same sort in one step (one run per side, one
+    argsort each: what a tick arriving during it waited for before the sort was split)."""
+    def refresh(whole_sort: bool) -> list[float]:
+        index.dirty[:] = False
+        index.dirty[TICK_INSTRUMENT] = True
+        old = TriggerSort.CHUNK_HOLDERS, TriggerSort.MERGE_PAIRS
+        if whole_sort:
+            TriggerSort.CHUNK_HOLDERS = TriggerSort.MERGE_PAIRS = 1 << 62
+        try:
+            steps = []
+            while True:
+                t0 = time.perf_counter_ns()
+                more = index.refresh_triggers_slice()
+                steps.append((time.perf_counter_ns() - t0) / 1e3)
+                if not more:
+                    return steps[:-1]            # the last call found nothing stale
+        finally:
+            TriggerSort.CHUNK_HOLDERS, TriggerSort.MERGE_PAIRS = old
+
+    out = {"holders": index.holders(TICK_INSTRUMENT), "reps": reps}
+    for name, whole in (("stepped", False), ("whole_sort", True)):
+        refresh(whole)
+        runs = [refresh(whole) for _ in range(reps)]
+        a = np.concatenate([np.array(r) for r in runs])
+        out[name] = {"steps": len(runs[0]), "median_us": float(np.median(a)),
+                     "p90_us": float(np.percentile(a, 90)), "max_us": float(a.max()),
+                     "whole_refresh_ms": float(np.median([sum(r) for r in runs]) / 1e3)}
+    out["longest_step_ratio"] = out["stepped"]["max_us"] / out["whole_sort"]["max_us"]
+    return out
 
 
 def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -719,6 +756,14 @@ def summary(r: dict) -> str:
         f"{ra['reference_over_cython']:.0f}x; tick [target < 250 us: "
         f"{ok[t['incremental_tick_under_250_us']]}]",
     ]
+    tr = inc.get("trigger_refresh")
+    if tr:
+        a, b = tr["stepped"], tr["whole_sort"]
+        lines.append(
+            f"  trigger refresh of {tr['holders']:,} holders in the background: {a['steps']} steps, "
+            f"median {a['median_us']:.0f} us, p90 {a['p90_us']:.0f} us, longest {a['max_us']:.0f} us "
+            f"(sort in one step: longest {b['max_us']:.0f} us; ratio {tr['longest_step_ratio']:.2f}); "
+            f"whole refresh {a['whole_refresh_ms']:.1f} ms against {b['whole_refresh_ms']:.1f} ms")
     return "\n".join(lines)
 
 
