@@ -346,7 +346,7 @@ class HolderIndex:
 
     # A step solves this many holders' triggers (~40 ns each: ~85 us a step at 1M accounts),
     # so that a tick arriving meanwhile waits about as long as behind an upkeep slice. Then
-    # the sort runs in steps of the same size (``TriggerSort``: runs of 8k holders, merges
+    # the sort runs in steps of the same size (``TriggerSort``: runs of 4k holders, merges
     # of 16k pairs) and the last one installs (measured in docs/architecture.md; the whole
     # table at once held the worker 7.5 ms, one argsort of a side of 100k holders ~1.2 ms).
     TRIGGER_SLICE_HOLDERS = 2_048

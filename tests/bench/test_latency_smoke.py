@@ -55,6 +55,10 @@ def test_run_2000_accounts(tmp_path):
     assert doc["targets"]["engine_p99_le_floor_p99_plus_60us"] == \
         (doc["engine_p99_us"] <= doc["floor_p99_us"] + 60)
     assert doc["floor_bracket_p50_us"] == (doc["floor_before_p50_us"] + doc["floor_after_p50_us"]) / 2
+    # and round by round: each engine block against the floor block just before it
+    p99 = doc["targets"]["paired_p99"]
+    assert p99["rounds"] == 2 and p99["gaps_us"] == [
+        e - f for f, e in zip(doc["floor"]["block_p99_us"], doc["engine"]["block_p99_us"])]
     for key in ("send2_to_markprice_recv", "markprice_recv_to_decided", "decided_to_sent",
                 "sent_to_load_recv"):
         assert doc["breakdown_us"][key]["count"] > 0, key
@@ -63,3 +67,13 @@ def test_run_2000_accounts(tmp_path):
     assert doc["book"]["liq_price_max_rel_err"] <= 1e-7
     assert (tmp_path / "latency.png").stat().st_size > 0
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(doc["settings"]["shm_name"])]
+
+
+def test_paired_gaps_round_by_round():
+    # floor blocks 200, 180, 250 us; engine blocks 210, 240, 240 us -> gaps +10, +60, -10:
+    # median +10; within a 15 us target: +10 and -10, 2 of 3 rounds
+    d = latency.paired_gaps([200.0, 180.0, 250.0], [210.0, 240.0, 240.0], 15.0)
+    assert d == {"gaps_us": [10.0, 60.0, -10.0], "median_us": 10.0, "rounds_within": 2, "rounds": 3}
+    # a block without ticks (None) drops its round; none left gives no median
+    assert latency.paired_gaps([200.0, None], [None, 230.0], 15.0) == \
+        {"gaps_us": [], "median_us": None, "rounds_within": 0, "rounds": 0}
