@@ -584,9 +584,7 @@ def paired_gaps(floor_blocks: list, engine_blocks: list, limit_us: float) -> dic
     targets within minutes), and says whether a gap is the engine's or one noisy block's.
     A round missing either figure (a block with no ticks) is left out."""
     gaps = [e - f for f, e in zip(floor_blocks, engine_blocks) if e is not None and f is not None]
-    if not gaps:
-        return {"gaps_us": [], "median_us": None, "rounds_within": 0, "rounds": 0}
-    return {"gaps_us": gaps, "median_us": float(np.median(gaps)),
+    return {"gaps_us": gaps, "median_us": float(np.median(gaps)) if gaps else None,
             "rounds_within": sum(g <= limit_us for g in gaps), "rounds": len(gaps)}
 
 
