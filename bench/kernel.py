@@ -14,8 +14,11 @@ One run, top to bottom:
    version of the rule when that module is not there.
 5. bandwidth floor -- one ``numpy.sum`` over as many bytes as one pass must read:
    ``N * 128`` (account rows) + ``N * K * 32`` (used position rows).
-6. incremental tick -- ``HolderIndex.tick`` of instrument 0 at alternating marks.
-7. output -- summary with ratios and hardware on stdout, JSON, PNG bar chart.
+6. what bounds the pass -- the kernel over 4,096 accounts (in cache) again and again,
+   and the full pass split over every core at once against ``numpy.sum`` split the
+   same way (``where_bound``).
+7. incremental tick -- ``HolderIndex.tick`` of instrument 0 at alternating marks.
+8. output -- summary with ratios and hardware on stdout, JSON, PNG bar chart.
 
 Every timing is the median of several repetitions after one warm-up; min and p90 go in
 the JSON too. Usage::
@@ -32,6 +35,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +49,7 @@ from engine.store import layout as L
 from engine.store.shm import PriceSnapshot, Store
 
 N_INSTRUMENTS = 40
+CACHE_ROWS = 4096              # accounts of the in-cache pass: 1 MB at K = 4, within L2
 TICK_INSTRUMENT = 0            # BTCUSDT; held by exactly HOLDER_SHARE of the accounts
 HOLDER_SHARE = 0.10
 ISOLATED_SHARE = 0.03          # positions opened in isolated mode
@@ -472,6 +477,94 @@ def bandwidth_floor(nbytes: int, reps: int) -> dict:
     return st
 
 
+def _pass_rows(store: Store, snap: PriceSnapshot, lo: int, hi: int, out: np.ndarray) -> int:
+    """The kernel's full pass over rows ``lo <= r < hi`` (a slice of partition 0)."""
+    return _margin.full_pass(store.addr(store.instruments), store.addr(store.accounts),
+                             store.addr(store.positions), store.slots_per_account, lo, hi,
+                             snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale, out)
+
+
+def _in_threads(jobs: list) -> None:
+    """Run the callables at once, one thread each (the kernel and numpy's sum release the
+    GIL: each thread keeps its own core busy)."""
+    threads = [threading.Thread(target=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def where_bound(store: Store, snap: PriceSnapshot, nbytes: int, rounds: int, threads: int,
+                cache_rows: int = CACHE_ROWS) -> dict:
+    """What limits the full pass: its compute or memory.
+
+    - ``in_cache_ns_per_account``: the pass over the first ``cache_rows`` accounts
+      (``cache_rows x 256`` bytes at K = 4: within one core's L2) again and again, less
+      the per-call setup (the price tables, timed as a 1-row call), per account. Equal
+      to the full pass's ns per account, the pass is bound by its compute: memory would
+      not make it faster.
+    - ``cython_parallel_ms``: the same full pass in ``threads`` contiguous row ranges at
+      once, one thread each -- in memory terms ``threads`` workers, each passing over the
+      partitions it owns. ``bandwidth_floor_parallel_ms``: ``numpy.sum`` over the same
+      bytes in as many pieces at once (the machine's read bandwidth, not one core's).
+
+    Each of ``rounds`` rounds times the one-thread pass, the split pass and both floors
+    back to back, so a ratio compares timings taken within ~50 ms of each other (this
+    VM's speed drifts by more than the target's margin between minutes); the ``*_by_round``
+    ratios are medians of the per-round ratios. The result columns are blanked (NaN)
+    before a last split pass, for the caller to check against the one-thread pass's.
+    """
+    n = store.partition_rows(0)[1]
+    m = min(int(cache_rows), n)
+    out = np.empty(4096, np.int64)
+    loops = max(1, (1 << 22) // max(m, 1))           # ~4M accounts re-margined per timing
+
+    def cached():
+        for _ in range(loops):
+            _pass_rows(store, snap, 0, m, out)
+
+    def setup_only():
+        for _ in range(loops):
+            _pass_rows(store, snap, 0, 1, out)
+
+    t_cached = _stats_ms(_time(cached, rounds))["median"]
+    t_setup = _stats_ms(_time(setup_only, rounds))["median"]
+    in_cache_ns = max(t_cached - t_setup, 0.0) * 1e6 / (loops * m)
+
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+    outs = [np.empty(4096, np.int64) for _ in range(threads)]
+    jobs = [lambda a=int(a), b=int(b), o=o: _pass_rows(store, snap, a, b, o)
+            for a, b, o in zip(bounds[:-1], bounds[1:], outs)]
+    arr = np.ones(max(threads, nbytes // 8), np.uint64)
+    pieces = np.array_split(arr, threads)
+    timed = {"one": lambda: _pass_rows(store, snap, 0, n, out), "split": lambda: _in_threads(jobs),
+             "floor_one": arr.sum, "floor_split": lambda: _in_threads([p.sum for p in pieces])}
+    ms = {k: [] for k in timed}
+    for fn in timed.values():
+        fn()                                          # warm-up
+    for _ in range(rounds):
+        for k, fn in timed.items():
+            ms[k].append(_time(fn, 1, warmup=0)[0] * 1e3)
+    del pieces, arr
+    rows = store.accounts[:n]
+    for f in ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd"):
+        rows[f] = np.nan                              # so that a row no thread wrote shows
+    rows["status"] = -1
+    _in_threads(jobs)
+    med = {k: float(np.median(v)) for k, v in ms.items()}
+    by_round = {k: np.array(v) for k, v in ms.items()}
+    return {"in_cache_rows": m, "in_cache_ns_per_account": in_cache_ns,
+            "setup_us_per_call": t_setup * 1e3 / loops, "threads": threads, "rounds": rounds,
+            "cython_ms": med["one"], "bandwidth_floor_ms": med["floor_one"],
+            "cython_parallel_ms": med["split"], "cython_parallel_ms_min": float(min(ms["split"])),
+            "bandwidth_floor_parallel_ms": med["floor_split"],
+            "bandwidth_floor_parallel_ms_min": float(min(ms["floor_split"])),
+            "cython_parallel_over_parallel_floor": med["split"] / med["floor_split"],
+            "cython_over_floor_by_round": float(np.median(by_round["one"] / by_round["floor_one"])),
+            "cython_parallel_over_parallel_floor_by_round": float(np.median(
+                by_round["split"] / by_round["floor_split"]))}
+
+
 def _snapshot_with_mark(snap: PriceSnapshot, instrument: int, factor: float) -> PriceSnapshot:
     marks = snap.marks.copy()
     marks[instrument] *= factor
@@ -604,12 +697,14 @@ def hardware() -> dict:
 
 def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLike | None = None,
         plot_out: str | os.PathLike | None = None, reference_sample: int = 2000, *,
-        reps: int = 7, ticks: int = 200, seed: int = 1, quiet: bool = False) -> dict:
+        reps: int = 7, ticks: int = 200, seed: int = 1, quiet: bool = False,
+        threads: int | None = None) -> dict:
     """Run the whole benchmark; write ``json_out`` (and the PNG, by default next to it).
 
     Returns the result dict (the JSON's content).
     """
     n, k = int(accounts), int(positions)
+    threads = max(1, int(threads or len(os.sched_getaffinity(0))))
     say = (lambda *a: None) if quiet else print
     name = f"me-bench-{os.getpid()}"
     load_start = os.getloadavg()[0]      # other work on the machine skews every timing
@@ -657,7 +752,15 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
         need = n * L.ACCOUNT.itemsize + n * k * L.POSITION.itemsize
         bw = bandwidth_floor(need, reps)
 
-        # 6. incremental tick
+        # 6. what bounds the pass: compute (in cache) or memory (both cores at once)
+        _progress("timing the pass in cache and on every core") if not quiet else None
+        bound = where_bound(store, snap, need, 3 * reps, threads)
+        par_rel = max(_max_rel(store.accounts[lo:hi][f], cy_cols[f]) for f in
+                      ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd"))
+        bound["parallel_agrees"] = bool(par_rel == 0.0 and np.array_equal(
+            store.accounts[lo:hi]["status"], cy_cols["status"]))
+
+        # 7. incremental tick
         _progress("timing the incremental tick") if not quiet else None
         inc = incremental_tick(store, snap, ticks)
     finally:
@@ -666,7 +769,7 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
     if not quiet:
         _progress("done")
 
-    # 7. output
+    # 8. output
     cython_ms, numpy_ms, floor_ms = cy["median"], npy["median"], bw["median"]
     result = {
         "accounts": n,
@@ -705,6 +808,7 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
         "reference_sample_ms": ref["median"],
         "reference_agreement": {"max_rel_diff": ref_rel, "status_mismatches": ref_status},
         "ns_per_account": {"cython": cython_ms * 1e6 / n, "numpy": numpy_ms * 1e6 / n},
+        "bound": bound,
         "hardware": hardware(),
         "settings": {"partitions": 1, "slots_per_account": 8, "instruments": N_INSTRUMENTS,
                      "assets": len(ASSETS), "reps": reps, "numpy_reps": np_reps, "ticks": ticks,
@@ -756,6 +860,15 @@ def summary(r: dict) -> str:
         f"{ra['reference_over_cython']:.0f}x; tick [target < 250 us: "
         f"{ok[t['incremental_tick_under_250_us']]}]",
     ]
+    bd = r["bound"]
+    lines.append(
+        f"  what bounds it: in cache ({bd['in_cache_rows']:,} accounts) {bd['in_cache_ns_per_account']:.1f} "
+        f"ns/account against {r['ns_per_account']['cython']:.1f} from memory. {bd['rounds']} rounds of "
+        f"one thread / {bd['threads']} threads: pass {bd['cython_ms']:.2f} / {bd['cython_parallel_ms']:.2f} ms, "
+        f"floor {bd['bandwidth_floor_ms']:.2f} / {bd['bandwidth_floor_parallel_ms']:.2f} ms; pass/floor "
+        f"by round {bd['cython_over_floor_by_round']:.2f}x / "
+        f"{bd['cython_parallel_over_parallel_floor_by_round']:.2f}x (split results "
+        f"{'the same' if bd['parallel_agrees'] else 'DIFFERENT'})")
     tr = inc.get("trigger_refresh")
     if tr:
         a, b = tr["stepped"], tr["whole_sort"]
@@ -773,11 +886,13 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    bd = r["bound"]
     names = ["Cython\nfull pass", "numpy\nvectorized", f"reference\n({r['reference_kind']})",
-             "bandwidth\nfloor"]
-    vals = [r["cython_ms"], r["numpy_ms"], r["reference_ms"], r["bandwidth_floor_ms"]]
-    colors = ["#2b6cb0", "#dd6b20", "#718096", "#38a169"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+             "bandwidth\nfloor", f"Cython,\n{bd['threads']} threads", f"floor,\n{bd['threads']} threads"]
+    vals = [r["cython_ms"], r["numpy_ms"], r["reference_ms"], r["bandwidth_floor_ms"],
+            bd["cython_parallel_ms"], bd["bandwidth_floor_parallel_ms"]]
+    colors = ["#2b6cb0", "#dd6b20", "#718096", "#38a169", "#63b3ed", "#9ae6b4"]
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     bars = ax.bar(names, vals, color=colors)
     ax.set_yscale("log")
     ax.set_ylabel("one pass over all accounts (ms, log scale)")
@@ -808,11 +923,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ticks", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads of the split pass and floor (default: the CPUs this process may use)")
     args = ap.parse_args(argv)
-    if args.accounts < 10 or not 1 <= args.positions <= 8 or args.reference_sample < 1:
-        ap.error("need --accounts >= 10, 1 <= --positions <= 8, --reference-sample >= 1")
+    if args.accounts < 10 or not 1 <= args.positions <= 8 or args.reference_sample < 1 or args.threads < 0:
+        ap.error("need --accounts >= 10, 1 <= --positions <= 8, --reference-sample >= 1, --threads >= 0")
     run(args.accounts, args.positions, args.json, args.plot, args.reference_sample,
-        reps=args.reps, ticks=args.ticks, seed=args.seed)
+        reps=args.reps, ticks=args.ticks, seed=args.seed, threads=args.threads or None)
     return 0
 
 

@@ -44,7 +44,7 @@ def _cmd_bench_kernel(args) -> int:
     from bench import kernel
 
     kernel.run(accounts=args.accounts, positions=args.positions, json_out=args.json,
-               plot_out=None, reference_sample=args.reference_sample)
+               plot_out=None, reference_sample=args.reference_sample, threads=args.threads or None)
     return 0
 
 
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--positions", type=int, default=4)
     bk.add_argument("--reference-sample", type=int, default=2000)
     bk.add_argument("--json", default="bench/results/kernel.json")
+    bk.add_argument("--threads", type=int, default=0,
+                    help="threads of the split pass and floor (default: the CPUs this process may use)")
     bk.set_defaults(func=_cmd_bench_kernel)
     bsub.add_parser("feeds", help="order-check round trip vs a bare ZeroMQ echo; fills/s through the "
                                   "gateway (options: margin-engine bench feeds --help)")

@@ -33,6 +33,16 @@ def test_run_2000_accounts_4_positions(tmp_path):
     assert doc["agreement"]["status_mismatches"] == 0
     assert doc["reference_agreement"]["status_mismatches"] == 0
     assert doc["incremental"]["max_rel_diff_vs_numpy"] <= 1e-9
+    # the pass split over threads writes exactly what the one-thread pass wrote
+    bd = doc["bound"]
+    assert bd["parallel_agrees"] is True
+    assert bd["threads"] == len(os.sched_getaffinity(0))
+    assert bd["in_cache_rows"] == 2000                  # min(CACHE_ROWS = 4096, 2000 accounts)
+    assert bd["rounds"] == 6                            # 3 x reps, interleaved
+    assert bd["cython_over_floor_by_round"] > 0 and bd["cython_parallel_over_parallel_floor_by_round"] > 0
+    assert bd["in_cache_ns_per_account"] > 0 and bd["setup_us_per_call"] > 0
+    assert bd["cython_parallel_over_parallel_floor"] == (
+        bd["cython_parallel_ms"] / bd["bandwidth_floor_parallel_ms"])
     assert (tmp_path / "kernel.png").stat().st_size > 0
     assert not os.path.exists(f"/dev/shm/me-bench-{os.getpid()}")
 
