@@ -53,7 +53,7 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
         "below_initial_margin": int(np.count_nonzero(st & Status.BELOW_IM)),
         "near_liquidation": int(np.count_nonzero((ratio >= near_ratio) & (ratio < 1))),
         "bad_debt_accounts": int(np.count_nonzero(bad_debt)),
-        "bad_debt_usd": round(float(-eq[bad_debt].sum()), 2),
+        "bad_debt_usd": round(0.0 - float(eq[bad_debt].sum()), 2),   # 0.0 - x: no "-0" when none
         "prices": prices, "nearest_liquidation": near, "partitions": parts,
     }
 
