@@ -16,7 +16,12 @@ What runs (all real processes and sockets, on private ipc endpoints):
 
 The screen shows ticks/s, fills/s, marks, the accounts nearest liquidation, the
 liquidations as they happen and the tick-to-decision latency the workers stamp on
-each order (tick received -> order sent, inside the engine).
+each order (tick received -> order sent, inside the engine), by the stage that found
+the breach (the ``stage`` of each order's event): the trigger index on the tick's hot
+path (1a), or the holders' pass right after it (1b), which catches the breaches whose
+trigger went stale because another mark moved -- in a crash of BTC and ETH together,
+many. Orders found by a collateral price move or re-sent after 2 s have no tick of their
+own and are counted only.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from engine.config import load_default
 from engine.runtime.harness import LocalEngine, local_config
 from engine.runtime.provision import HOUSE_ACCOUNT, provision
 from engine.runtime.status import snapshot
+from engine.runtime.worker import STAGE_COLLATERAL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER
 from feeds.protocol import MsgType, Rejected, decode
 
 LIQ_CODES = {int(Code.LIQ_BELOW_MAINTENANCE): "below maintenance",
@@ -96,6 +102,13 @@ def _percentiles(values) -> str:
     return " / ".join(f"{np.percentile(a, q):.0f}" for q in (50, 90, 99)) + " us"
 
 
+def _by_stage(t2d: dict, counts: dict) -> str:
+    """Orders by the stage that found them, with tick->order percentiles where a tick did."""
+    return (f"trigger index (1a) {counts[STAGE_TRIGGER]}: tick->order p50/p90/p99 {_percentiles(t2d[STAGE_TRIGGER])}; "
+            f"holders' pass (1b) {counts[STAGE_HOLDERS]}: {_percentiles(t2d[STAGE_HOLDERS])}; "
+            f"collateral move {counts[STAGE_COLLATERAL]}; re-sent {counts[STAGE_RESEND]}")
+
+
 class Screen:
     def __init__(self, tty: bool):
         self.tty = tty
@@ -146,7 +159,8 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
         liqs: deque = deque(maxlen=8)
         n_liq = 0
         n_accounts_liquidated: set[int] = set()
-        t2d: list[float] = []
+        t2d: dict[str, list[float]] = {STAGE_TRIGGER: [], STAGE_HOLDERS: []}   # us, by stage
+        by_stage = dict.fromkeys((STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_RESEND), 0)
         other_events: deque = deque(maxlen=4)
         t0 = time.monotonic()
         last_t, last_seq, last_fills = t0, int(store.prices["price_seq"].sum()), int(store.partitions["fills_applied"].sum())
@@ -164,11 +178,15 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
                     d = json.loads(f["detail"])
                     n_liq += 1
                     n_accounts_liquidated.add(f["account"])
-                    t2d.append(d["tick_to_sent_us"])
+                    by_stage[d["stage"]] += 1
+                    if d["stage"] in t2d:
+                        t2d[d["stage"]].append(d["tick_to_sent_us"])
                     liqs.append(f"  account {f['account']:>6}  {f['instrument']:<16} "
                                 f"{'SELL' if d['qty_units'] < 0 else 'BUY '} {abs(d['qty_units']):>8} units  "
                                 f"limit {d['limit_price_units'] / int(store.instruments[names.index(f['instrument'])]['price_scale']):>10.2f}"
-                                f"  {LIQ_CODES[f['code']]:<18} tick->order {d['tick_to_sent_us']:.0f} us")
+                                f"  {LIQ_CODES[f['code']]:<18} "
+                                + (f"tick->order {d['tick_to_sent_us']:.0f} us ({d['stage']})" if d["stage"] in t2d
+                                   else f"({d['stage']})"))
                 else:
                     other_events.append(f"  [{f['code']}] {f.get('instrument') or ''} {f['detail'][:70]}")
             now = time.monotonic()
@@ -181,8 +199,8 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
                 "margin-engine demo: simulated venues -> mark prices -> margin workers -> liquidation orders",
                 f"t={now - t0:5.1f}s of {duration_s:.0f}s   mark updates {rates[0]:6.0f}/s   fills applied {rates[1]:6.0f}/s   "
                 f"accounts {s['accounts']:,}",
-                f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts)   "
-                f"tick->order p50/p90/p99 {_percentiles(t2d)}",
+                f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts), found by the",
+                f"  {_by_stage(t2d, by_stage)}",
                 f"at risk now: {s['liquidatable']} in breach, {s['near_liquidation']} near (ratio >= 0.8); "
                 f"bad debt {s['bad_debt_accounts']} accounts, {s['bad_debt_usd']:,.0f} USD (insurance fund's to cover)",
                 "",
@@ -215,11 +233,13 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
     shutil.rmtree(root, ignore_errors=True)
     summary.update({"accounts": accounts, "liquidation_orders": n_liq,
                     "accounts_liquidated": len(n_accounts_liquidated),
-                    "tick_to_order_us": {q_: float(np.percentile(t2d, q_)) for q_ in (50, 90, 99)} if t2d else None,
+                    "orders_by_stage": by_stage,
+                    "tick_to_order_us": {st: {q_: float(np.percentile(v, q_)) for q_ in (50, 90, 99)} if v else None
+                                         for st, v in t2d.items()},
                     "engine_exit_codes": engine.exit_codes})
     ex = summary["exchange"] or {}
     print(f"\ndemo done: {n_liq} liquidation orders for {len(n_accounts_liquidated)} accounts; "
           f"{ex.get('fills_sent', 0)} fills sent, {ex.get('checks_sent', 0)} order checks "
-          f"({ex.get('checks_accepted', 0)} accepted); tick->order p50/p90/p99 {_percentiles(t2d)}; "
+          f"({ex.get('checks_accepted', 0)} accepted); orders found by the {_by_stage(t2d, by_stage)}; "
           f"engine processes exited {sorted(set(engine.exit_codes.values()))}")
     return summary

@@ -87,6 +87,13 @@ RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this
 # 174 us, and 143 us with short scheduler slices too (process.short_slices). Bench
 # latency, 1M accounts, --price-stage worker; the A/B is in docs/architecture.md.
 ORDERS_OUT_QUIET_NS = 200_000
+# Which stage found a breach (the ``stage`` of a liquidation's ENGINE_EVENT detail):
+STAGE_TRIGGER = "trigger"            # 1a: the mark crossed the account's trigger price (hot path)
+STAGE_HOLDERS = "holders"            # 1b: the holders' pass, a breach the triggers missed (stale
+                                     #   after other marks moved); timed from that mark's receipt
+STAGE_COLLATERAL = "collateral"      # a collateral asset's price moved
+STAGE_RESEND = "resend"              # still in breach REISSUE_AFTER_NS after its order: no tick
+STAGES = (STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_RESEND)
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
 
@@ -140,7 +147,8 @@ class Worker:
         self.jobs: collections.deque = collections.deque()     # upkeep slices
         self.checks: collections.deque = collections.deque()   # outstanding checks, before them
         self.last_check = 0.0
-        self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0}
+        self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0,
+                         **{f"orders_{st}": 0 for st in STAGES}}
         self.prices: MarkPriceProcess | None = None  # the price stage, when it runs here
 
     # ------------------------------------------------------------------ start-up
@@ -287,7 +295,7 @@ class Worker:
             elif now - since[row] >= REISSUE_AFTER_NS:
                 resend.append(row)
         if resend:
-            self.liquidate(np.array(resend, np.int64), 0, now, reissue=True)
+            self.liquidate(np.array(resend, np.int64), 0, now, STAGE_RESEND, reissue=True)
 
     def _stale_triggers(self, p: int) -> None:
         """Mark partition ``p``'s trigger tables for a refresh (they drift as other
@@ -305,9 +313,9 @@ class Worker:
         crossed (binary searches), decided, encoded and sent (``TickPath.stage_1a``, in
         C); the holders' pass (1b) is queued for when no newer mark waits. Returns the
         number of orders sent; ``book_orders`` does the rest once they are out."""
-        return self._send(self.tp.stage_1a())
+        return self._send(self.tp.stage_1a(), STAGE_TRIGGER)
 
-    def _send(self, n: int) -> int:
+    def _send(self, n: int, stage: str) -> int:
         """Send the frames of the TickPath call that returned ``n``, then decide in Python
         the accounts the kernel declined; returns the number of orders sent."""
         tp = self.tp
@@ -317,10 +325,10 @@ class Worker:
         for frame in tp.frames:
             self.orders.send(frame)
         if tp.fallback:                           # accounts the kernel declined: the reference
-            n += self.liquidate_reference(tp.fallback)
+            n += self.liquidate_reference(tp.fallback, stage)
         return n
 
-    def book_orders(self) -> None:
+    def book_orders(self, stage: str = STAGE_TRIGGER) -> None:
         """After 1a's orders are out: count them, flag their accounts outstanding in the
         table the upkeep walks, queue their events; note the moved prices for 1b."""
         tp = self.tp
@@ -328,10 +336,11 @@ class Worker:
             orders = tp.orders()
             now = time.time_ns()
             self.counters["orders"] += len(orders)
+            self.counters[f"orders_{stage}"] += len(orders)
             for rec in orders.tolist():
                 self.outstanding_since[rec[0]] = now
                 rec[7] &= 0xFFFF_FFFF_FFFF_FFFF          # tick_seq: a uint64 kept in an int64 column
-                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
+                self.pending_events.append({**dict(zip(_margin.ORDER_COLUMNS, rec)), "stage": stage})
         collateral = tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen)
         tp.assets_moved = False
         if collateral:
@@ -360,7 +369,7 @@ class Worker:
                 for p in self.partitions:
                     n = self.index[p].collateral_tick(self.snap, self.breach)
                     if n:
-                        self.liquidate(self.breach[: min(n, len(self.breach))], 0, now)
+                        self.liquidate(self.breach[: min(n, len(self.breach))], 0, now, STAGE_COLLATERAL)
             if not self.pending_pass:
                 return False
             steps = collections.deque((p, j, i) for i in self.pending_pass for p in self.partitions
@@ -380,7 +389,8 @@ class Worker:
             n, start = idx.tick_slice(j, snap, self.breach, start, self.holders_slice)
             if n and not snap.flags[i] & PRICE_FROZEN:
                 pr = self.store.prices[i]
-                self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]), int(pr["ts_ns"]))
+                self.liquidate(self.breach[: min(n, len(self.breach))], int(pr["tick_seq"]), int(pr["ts_ns"]),
+                               STAGE_HOLDERS)
             worked = worked or n_h > 0
             if start < n_h:
                 break                            # more of this instrument next call
@@ -394,13 +404,16 @@ class Worker:
         self.holders_job[2] = start
         return True
 
-    def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, reissue: bool = False) -> None:
+    def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, stage: str,
+                  reissue: bool = False) -> None:
         """Decide and send the orders of each account in ``rows`` not already outstanding
-        (``TickPath.liquidate``: the kernel, the encoding and the flag in C)."""
-        self._send(self.tp.liquidate(np.ascontiguousarray(rows, np.int64), tick_seq, tick_recv_ns, reissue))
-        self.book_orders()
+        (``TickPath.liquidate``: the kernel, the encoding and the flag in C); ``stage`` (one
+        of ``STAGES``) says what found the breach, for the orders' events and counters."""
+        self._send(self.tp.liquidate(np.ascontiguousarray(rows, np.int64), tick_seq, tick_recv_ns, reissue),
+                   stage)
+        self.book_orders(stage)
 
-    def liquidate_reference(self, rows: list[tuple[int, int, int]]) -> int:
+    def liquidate_reference(self, rows: list[tuple[int, int, int]], stage: str) -> int:
         """Accounts the kernel declined (a number out of its range), as ``(row, tick_seq,
         tick_recv_ns)``: decided by the Python reference, encoded with the same order ids
         and sequence; returns the number of orders sent."""
@@ -413,7 +426,8 @@ class Worker:
                                                   time.time_ns())
                 self.orders.send(frame)
                 self.counters["orders"] += 1
-                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec)))
+                self.counters[f"orders_{stage}"] += 1
+                self.pending_events.append({**dict(zip(_margin.ORDER_COLUMNS, rec)), "stage": stage})
                 sent += 1
             if orders:
                 self._set_outstanding(row, True)
@@ -432,7 +446,8 @@ class Worker:
             return
         detail = json.dumps({"order_id": order["order_id"], "qty_units": order["qty_units"],
                              "limit_price_units": order["limit_price_units"], "tick_seq": order["tick_seq"],
-                             "tick_to_sent_us": round((order["sent_ns"] - order["tick_recv_ns"]) / 1e3, 1)})
+                             "tick_to_sent_us": round((order["sent_ns"] - order["tick_recv_ns"]) / 1e3, 1),
+                             "stage": order["stage"]})
         try:
             self.events.send(self.seq_events.encode(MsgType.ENGINE_EVENT, {
                 "code": order["reason"], "instrument": self.names[order["instrument_id"]],
@@ -552,7 +567,7 @@ class Worker:
                 # the work below: it shares the CPUs and would wait.
                 sent_ns = time.monotonic_ns()
                 os.sched_yield()
-            self.book_orders()
+            self.book_orders(STAGE_TRIGGER)
             wake.timer()                                          # after the orders, not before
             snap = self.snap
             if wake.more():

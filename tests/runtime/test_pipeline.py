@@ -14,6 +14,7 @@ configured 95,000 / 3,400 / 180 until ticks move them; a mark needs 2 fresh venu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -362,6 +363,7 @@ def test_price_path_gives_exactly_the_expected_liquidation(start_engine, price_s
     assert order["tick_recv_ns"] <= order["decided_ns"] <= order["sent_ns"]
     ev = c.event(Code.LIQ_BELOW_MAINTENANCE)
     assert ev["account"] == EVE and ev["instrument"] == "BTCUSDT"
+    assert json.loads(ev["detail"])["stage"] == "trigger"           # found by 1a, on the tick
 
     for p in BELOW:                          # deeper in breach, order still outstanding
         _tick_to(run, "BTCUSDT", BTC, p)

@@ -1,0 +1,126 @@
+"""What found a breach: every liquidation order's ENGINE_EVENT says its ``stage``.
+
+A real Worker object in this process on real shared memory (the engine's own
+``create_state``, the embedded config, one partition), its events on a real ZeroMQ
+socket. Two accounts, with the embedded tiers (BTCUSDT tier 1 from 50,000 USDT: mmr
+0.005, maintenance amount 50,000 x (0.005 - 0.004) = 50; ETHUSDT tier 1 from 10,000:
+mmr 0.0065, amount 10,000 x (0.0065 - 0.005) = 15):
+
+- A: 3,000 USDT, long 1 BTC from 95,000. In breach when
+  3,000 + P - 95,000 < 0.005 P - 50, i.e. P < 91,950 / 0.995 = 92,412.06.
+- B: 5,000 USDT, long 1 BTC from 95,000 and 10 ETH from 3,400. In breach when
+  5,000 + (P - 95,000) + 10 (E - 3,400) < (0.005 P - 50) + (0.065 E - 15), i.e.
+  0.995 P + 9.935 E < 123,935: at E = 3,400, P < 90,156 / 0.995 = 90,609.05 (its BTC
+  trigger); at E = 3,200, P < 92,143 / 0.995 = 92,606.03.
+
+ETH falls to 3,200 (B stays healthy: 0.995 x 95,000 + 9.935 x 3,200 = 126,317 >
+123,935), then BTC to 92,500: above A's liquidation price and above B's BTC trigger,
+which was set at ETH 3,400 and is not refreshed until idle time re-sorts it, yet B is in
+breach (92,500 < 92,606.03). Stage 1a's binary search cannot see it; the holders' pass
+(1b) that follows does: stage "holders". BTC then to 92,000 crosses A's trigger: stage
+"trigger", sent by 1a itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+import zmq
+
+from engine.codes import Code
+from engine.runtime.harness import local_config
+from engine.runtime.supervisor import Engine
+from engine.runtime.worker import STAGE_HOLDERS, STAGE_TRIGGER, STAGES, Worker
+from feeds.protocol import Message, MsgType, decode
+from runtime_support import USDT
+
+pytestmark = [pytest.mark.timeout(60)]
+
+BTC, ETH = 0, 1                            # instruments 0 and 1 of the embedded config
+A, B = 100, 200
+
+
+@pytest.fixture
+def worker():
+    root = tempfile.mkdtemp(prefix="me-stage-")
+    config = local_config(root, accounts_capacity=16, partitions=1)
+    engine = Engine(config, n_workers=1, quiet=True)
+    store = engine.create_state()
+    a = store.add_account(A)
+    store.set_balance(a, 0, 3_000 * USDT)
+    store.set_position(a, BTC, 1000, 95_000 * USDT)               # 1 BTC (qty_scale 1000)
+    b = store.add_account(B)
+    store.set_balance(b, 0, 5_000 * USDT)
+    store.set_position(b, BTC, 1000, 95_000 * USDT)
+    store.set_position(b, ETH, 10_000, 34_000 * USDT)             # 10 ETH at 3,400
+    store.publish_mark(BTC, 95_000.0, tick_seq=1)
+    store.publish_mark(ETH, 3_400.0, tick_seq=1)
+    ctx = zmq.Context.instance()
+    orders, events = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    orders.bind(f"ipc://{root}/orders.sock")
+    events.bind(f"ipc://{root}/events.sock")
+    w = Worker(config.engine.name, 0, [0], orders_endpoint=f"ipc://{root}/orders.sock",
+               replies_endpoint=f"ipc://{root}/replies.sock", events_endpoint=f"ipc://{root}/events.sock")
+    w.start()
+    try:
+        yield w, store, events
+    finally:
+        gc.unfreeze()                      # Worker.start froze this test process's objects
+        for s in (w.orders, w.replies, w.events, orders, events):
+            s.close(0)
+        w.store.detach()
+        store.unlink()
+        engine.ctl.unlink()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _tick(w: Worker, store, instrument: int, mark: float, seq: int) -> None:
+    """A mark, stage 1a and its bookkeeping (as the loop does on a wake-up), then the
+    whole holders' pass (1b)."""
+    store.publish_mark(instrument, mark, tick_seq=seq)
+    w.on_prices()
+    w.book_orders(STAGE_TRIGGER)
+    while w.holders_pass():
+        pass
+
+
+def _events(w: Worker, sock) -> list[dict]:
+    """Flush the worker's held order events and read them off the socket."""
+    w.flush_events(None)
+    out = []
+    while sock.poll(500):
+        m = decode(sock.recv())
+        assert type(m) is Message and m.type == MsgType.ENGINE_EVENT, m
+        out.append({**m.fields, "detail": json.loads(m.fields["detail"])})
+        if not sock.poll(50):
+            break
+    return out
+
+
+def test_each_order_event_names_the_stage_that_found_the_breach(worker):
+    w, store, events = worker
+    _tick(w, store, ETH, 3_200.0, 2)
+    assert w.counters["orders"] == 0 and _events(w, events) == []       # B healthy at 126,317
+
+    store.publish_mark(BTC, 92_500.0, tick_seq=3)
+    w.on_prices()
+    w.book_orders(STAGE_TRIGGER)
+    assert w.counters["orders"] == 0       # 1a: no trigger crossed (A's 92,412; B's stale 90,609)
+    while w.holders_pass():
+        pass
+    [ev] = _events(w, events)              # 1b: B, in breach below 92,606
+    assert (ev["account"], ev["instrument"], ev["code"]) == (B, "BTCUSDT", Code.LIQ_BELOW_MAINTENANCE)
+    assert ev["detail"]["stage"] == STAGE_HOLDERS and ev["detail"]["tick_seq"] == 3
+
+    _tick(w, store, BTC, 92_000.0, 4)      # A's trigger crossed
+    [ev] = _events(w, events)
+    assert (ev["account"], ev["instrument"]) == (A, "BTCUSDT")
+    assert ev["detail"]["stage"] == STAGE_TRIGGER and ev["detail"]["tick_seq"] == 4
+    assert {k: w.counters[f"orders_{k}"] for k in STAGES} == {
+        "trigger": 1, "holders": 1, "collateral": 0, "resend": 0}
+    assert w.counters["orders"] == 2
