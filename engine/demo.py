@@ -118,7 +118,7 @@ class Screen:
         if self.tty:
             sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
         else:
-            sys.stdout.write("  |  ".join(lines[1:4]) + "\n")
+            sys.stdout.write("  |  ".join(lines[1:5]) + "\n")     # the counters, one line a refresh
         sys.stdout.flush()
 
 
@@ -199,7 +199,7 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
                 "margin-engine demo: simulated venues -> mark prices -> margin workers -> liquidation orders",
                 f"t={now - t0:5.1f}s of {duration_s:.0f}s   mark updates {rates[0]:6.0f}/s   fills applied {rates[1]:6.0f}/s   "
                 f"accounts {s['accounts']:,}",
-                f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts), found by the",
+                f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts), by what found the breach:",
                 f"  {_by_stage(t2d, by_stage)}",
                 f"at risk now: {s['liquidatable']} in breach, {s['near_liquidation']} near (ratio >= 0.8); "
                 f"bad debt {s['bad_debt_accounts']} accounts, {s['bad_debt_usd']:,.0f} USD (insurance fund's to cover)",
