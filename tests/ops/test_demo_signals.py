@@ -29,6 +29,10 @@ def test_sigterm_to_the_demos_process_group_ends_it_cleanly():
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
     assert out.strip().splitlines()[-1].startswith("demo done:")
+    # the live line (not a terminal: one line a refresh) carries the counters, the orders
+    # by the stage that found them, and the accounts at risk
+    live = [ln for ln in out.splitlines() if ln.startswith("t=")]
+    assert live and all("trigger index (1a)" in ln and "at risk now:" in ln for ln in live), live[-1:]
     name = re.search(r"shared memory /(me-[0-9a-f]+)", err).group(1)
     # Its segments are gone, and so is every process of the group.
     assert not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/shm/{name}-ctl")
