@@ -338,7 +338,7 @@ class Worker:
             for rec in orders.tolist():
                 self.outstanding_since[rec[0]] = now
                 rec[7] &= 0xFFFF_FFFF_FFFF_FFFF          # tick_seq: a uint64 kept in an int64 column
-                self.pending_events.append({**dict(zip(_margin.ORDER_COLUMNS, rec)), "stage": stage})
+                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec), stage=stage))
         collateral = tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen)
         tp.assets_moved = False
         if collateral:
@@ -423,7 +423,7 @@ class Worker:
                 self.orders.send(frame)
                 self.counters["orders"] += 1
                 self.counters[f"orders_{stage}"] += 1
-                self.pending_events.append({**dict(zip(_margin.ORDER_COLUMNS, rec)), "stage": stage})
+                self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec), stage=stage))
                 sent += 1
             if orders:
                 self._set_outstanding(row, True)
