@@ -139,7 +139,8 @@ class Worker:
         self.pending_events: collections.deque = collections.deque()   # order events to send
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
         # The holders' pass in progress: [snapshot, deque of (partition, instrument passed,
-        # instrument ticked), next holder]; only stage 1a runs between its slices.
+        # instrument ticked), next holder, the instruments it moves]; only stage 1a runs
+        # between its slices.
         self.holders_job: list | None = None
         self.pending_collateral = False              # collateral prices moved; 1b revalues
         self.jobs: collections.deque = collections.deque()     # upkeep slices
@@ -366,13 +367,14 @@ class Worker:
                     n = self.index[p].collateral_tick(self.snap, self.breach)
                     if n:
                         self.liquidate(self.breach[: min(n, len(self.breach))], 0, now, STAGE_COLLATERAL)
+                    self.index[p].mark_drifted()
             if not self.pending_pass:
                 return False
             steps = collections.deque((p, j, i) for i in self.pending_pass for p in self.partitions
                                       for j in (i, *self.index[p].dependents.get(i, ())))
             self.pending_pass.clear()
-            self.holders_job = [self.snap, steps, 0]
-        snap, steps, start = self.holders_job
+            self.holders_job = [self.snap, steps, 0, sorted({j for _, j, _ in steps})]
+        snap, steps, start, moved = self.holders_job
         # One slice of holders a call; an instrument without holders only moves its basis,
         # so it rides along with the slice before or after it.
         worked = False
@@ -392,10 +394,13 @@ class Worker:
                 break                            # more of this instrument next call
             steps.popleft()                      # this instrument's pass is whole: next one
             start = 0
-        # Other instruments' triggers of these holders drift with this mark; the periodic
-        # re-sort refreshes them, this pass covers the interval.
+        # Other instruments' triggers of these holders drift with this mark: tables whose
+        # other prices moved by more than HolderIndex.DRIFT_REL since they were solved are
+        # marked stale, for idle time to re-solve (this pass covers the interval).
         if not steps:
             self.holders_job = None
+            for p in self.partitions:
+                self.index[p].mark_drifted(moved)
             return False
         self.holders_job[2] = start
         return True

@@ -15,7 +15,7 @@ mmr 0.0065, amount 10,000 x (0.0065 - 0.005) = 15):
 
 ETH falls to 3,200 (B stays healthy: 0.995 x 95,000 + 9.935 x 3,200 = 126,317 >
 123,935), then BTC to 92,500: above A's liquidation price and above B's BTC trigger,
-which was set at ETH 3,400 and is not refreshed until idle time re-sorts it, yet B is in
+which was set at ETH 3,400 and, marked stale, waits for idle time to re-solve it, yet B is in
 breach (92,500 < 92,606.03). Stage 1a's binary search cannot see it; the holders' pass
 (1b) that follows does: stage "holders". BTC then to 92,000 crosses A's trigger: stage
 "trigger", sent by 1a itself.
@@ -124,3 +124,25 @@ def test_each_order_event_names_the_stage_that_found_the_breach(worker):
     assert {k: w.counters[f"orders_{k}"] for k in STAGES} == {
         "trigger": 1, "holders": 1, "collateral": 0, "resend": 0}
     assert w.counters["orders"] == 2
+
+
+def test_a_trigger_left_stale_by_another_mark_is_re_solved_and_1a_finds_the_breach(worker):
+    """The same path, but idle time re-solves BTC's table before BTC moves: ETH's fall
+    (-5.9 %, over HolderIndex.DRIFT_REL = 0.5 %) marks it stale at the end of ETH's
+    holders' pass; re-solved at ETH 3,200, B's BTC trigger is 92,606.03, so BTC at 92,500
+    crosses it and stage 1a sends B's order on the tick."""
+    w, store, events = worker
+    idx = w.index[0]
+    _tick(w, store, ETH, 3_200.0, 2)
+    assert idx.dirty[BTC] and not idx.dirty[ETH]       # ETH's own table: exact still
+    while idx.refresh_triggers_slice():               # what the loop does when idle
+        pass
+    assert not idx.dirty.any()
+
+    store.publish_mark(BTC, 92_500.0, tick_seq=3)
+    w.on_prices()
+    w.book_orders(STAGE_TRIGGER)
+    [ev] = _events(w, events)
+    assert (ev["account"], ev["instrument"]) == (B, "BTCUSDT")
+    assert ev["detail"]["stage"] == STAGE_TRIGGER and ev["detail"]["tick_seq"] == 3
+    assert w.counters["orders_holders"] == 0
