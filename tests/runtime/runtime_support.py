@@ -9,8 +9,12 @@ Unix socket path is at most 107 bytes; pytest's ``tmp_path`` can be longer).
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -20,7 +24,9 @@ from engine.accounting.fills import apply_fill_leg
 from engine.codes import Code
 from engine.config import Config
 from engine.instruments import Kind
-from engine.runtime.harness import LocalEngine, wait_until  # noqa: F401 (wait_until: for the tests)
+from engine.runtime.harness import LocalEngine, local_config, wait_until  # noqa: F401 (wait_until: for the tests)
+from engine.runtime.supervisor import Engine
+from engine.runtime.worker import Worker
 from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Rejected, Sequencer, decode
 
@@ -262,3 +268,42 @@ def process_counters(log_text: str, key: str) -> dict:
     raise AssertionError(f"no counters line with {key!r} in the log:\n{log_text[-2000:]}")
 
 
+
+
+@contextlib.contextmanager
+def in_process_worker(setup, *, events: bool = False, **engine_overrides):
+    """A real Worker object in this process on real shared memory (the engine's own
+    ``create_state`` with the embedded config, one partition), its orders and, with
+    ``events``, its ENGINE_EVENTs on real ZeroMQ sockets bound here. ``setup(store)``
+    fills the book before the worker starts. Yields ``(worker, store, events socket or
+    None)``; everything made is released on exit, also when a step of the setup failed
+    (each release is registered as soon as its resource exists)."""
+    with contextlib.ExitStack() as undo:
+        root = tempfile.mkdtemp(prefix="me-w-")
+        undo.callback(shutil.rmtree, root, ignore_errors=True)
+        config = local_config(root, partitions=1, **engine_overrides)
+        engine = Engine(config, n_workers=1, quiet=True)
+        store = engine.create_state()
+        undo.callback(engine.ctl.unlink)
+        undo.callback(store.unlink)
+        setup(store)
+        ctx = zmq.Context.instance()
+        orders = ctx.socket(zmq.PULL)
+        undo.callback(orders.close, 0)
+        orders.bind(f"ipc://{root}/orders.sock")
+        ev = None
+        if events:
+            ev = ctx.socket(zmq.PULL)
+            undo.callback(ev.close, 0)
+            ev.bind(f"ipc://{root}/events.sock")
+        w = Worker(config.engine.name, 0, [0], orders_endpoint=f"ipc://{root}/orders.sock",
+                   replies_endpoint=f"ipc://{root}/replies.sock",
+                   events_endpoint=f"ipc://{root}/events.sock" if events else None,
+                   holders_slice=config.engine.holders_slice)
+        undo.callback(w.store.detach)
+        for s in (w.orders, w.replies, w.events):
+            if s is not None:
+                undo.callback(s.close, 0)
+        undo.callback(gc.unfreeze)               # Worker.start freezes this test process's objects
+        w.start()
+        yield w, store, ev

@@ -10,19 +10,14 @@ for bit where a whole pass per mark leaves them (a twin HolderIndex on the same 
 
 from __future__ import annotations
 
-import gc
-import shutil
-import tempfile
+import os
 
 import numpy as np
 import pytest
-import zmq
 
 from engine.risk.margin import HolderIndex
-from engine.runtime.harness import local_config
-from engine.runtime.supervisor import Engine
 from engine.runtime.worker import Worker
-from runtime_support import USDT
+from runtime_support import USDT, in_process_worker
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -30,33 +25,18 @@ BTC = 0                                    # instrument 0 of the embedded config
 N_HOLDERS, SLICE = 10, 3
 
 
-@pytest.fixture
-def worker():
-    root = tempfile.mkdtemp(prefix="me-1b-")
-    config = local_config(root, accounts_capacity=64, partitions=1, holders_slice=SLICE)
-    engine = Engine(config, n_workers=1, quiet=True)
-    store = engine.create_state()
+def _ten_long_btc(store) -> None:
     for k in range(N_HOLDERS):             # long 1 BTC at 95,000; 3,000 .. 12,000 USDT
         row = store.add_account(100 + k)
         store.set_balance(row, 0, (3_000 + 1_000 * k) * USDT)
         store.set_position(row, BTC, 1000, 95_000 * USDT)
     store.publish_mark(BTC, 95_000.0, tick_seq=1)
-    ctx = zmq.Context.instance()
-    orders = ctx.socket(zmq.PULL)
-    orders.bind(f"ipc://{root}/orders.sock")
-    w = Worker(config.engine.name, 0, [0], orders_endpoint=f"ipc://{root}/orders.sock",
-               replies_endpoint=f"ipc://{root}/replies.sock", holders_slice=config.engine.holders_slice)
-    w.start()
-    try:
+
+
+@pytest.fixture
+def worker():
+    with in_process_worker(_ten_long_btc, accounts_capacity=64, holders_slice=SLICE) as (w, store, _):
         yield w, store
-    finally:
-        gc.unfreeze()                      # Worker.start froze this test process's objects
-        for s in (w.orders, w.replies, orders):
-            s.close(0)
-        w.store.detach()
-        store.unlink()
-        engine.ctl.unlink()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _tick(w: Worker, store, mark: float, seq: int) -> None:
@@ -113,3 +93,13 @@ def test_holders_slice_must_be_positive(worker):
     with pytest.raises(ValueError, match="holders_slice: at least 1, got 0"):
         Worker(w.name, 0, [0], orders_endpoint="inproc://none", replies_endpoint="inproc://none2",
                holders_slice=0)
+
+
+def test_a_worker_that_fails_to_start_leaves_no_shared_memory():
+    """The fixture's helper releases what it made when a step fails (here the Worker's
+    own argument check), so a failing test does not leak segments into /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ValueError, match="holders_slice: at least 1, got 0"):
+        with in_process_worker(_ten_long_btc, accounts_capacity=64, holders_slice=0):
+            pass
+    assert set(os.listdir("/dev/shm")) - before == set()

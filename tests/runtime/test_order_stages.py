@@ -23,21 +23,14 @@ breach (92,500 < 92,606.03). Stage 1a's binary search cannot see it; the holders
 
 from __future__ import annotations
 
-import gc
 import json
-import shutil
-import tempfile
 
-import numpy as np
 import pytest
-import zmq
 
 from engine.codes import Code
-from engine.runtime.harness import local_config
-from engine.runtime.supervisor import Engine
 from engine.runtime.worker import STAGE_HOLDERS, STAGE_TRIGGER, STAGES, Worker
 from feeds.protocol import Message, MsgType, decode
-from runtime_support import USDT
+from runtime_support import USDT, in_process_worker
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -45,12 +38,7 @@ BTC, ETH = 0, 1                            # instruments 0 and 1 of the embedded
 A, B = 100, 200
 
 
-@pytest.fixture
-def worker():
-    root = tempfile.mkdtemp(prefix="me-stage-")
-    config = local_config(root, accounts_capacity=16, partitions=1)
-    engine = Engine(config, n_workers=1, quiet=True)
-    store = engine.create_state()
+def _a_and_b(store) -> None:
     a = store.add_account(A)
     store.set_balance(a, 0, 3_000 * USDT)
     store.set_position(a, BTC, 1000, 95_000 * USDT)               # 1 BTC (qty_scale 1000)
@@ -60,23 +48,12 @@ def worker():
     store.set_position(b, ETH, 10_000, 34_000 * USDT)             # 10 ETH at 3,400
     store.publish_mark(BTC, 95_000.0, tick_seq=1)
     store.publish_mark(ETH, 3_400.0, tick_seq=1)
-    ctx = zmq.Context.instance()
-    orders, events = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
-    orders.bind(f"ipc://{root}/orders.sock")
-    events.bind(f"ipc://{root}/events.sock")
-    w = Worker(config.engine.name, 0, [0], orders_endpoint=f"ipc://{root}/orders.sock",
-               replies_endpoint=f"ipc://{root}/replies.sock", events_endpoint=f"ipc://{root}/events.sock")
-    w.start()
-    try:
-        yield w, store, events
-    finally:
-        gc.unfreeze()                      # Worker.start froze this test process's objects
-        for s in (w.orders, w.replies, w.events, orders, events):
-            s.close(0)
-        w.store.detach()
-        store.unlink()
-        engine.ctl.unlink()
-        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def worker():
+    with in_process_worker(_a_and_b, events=True, accounts_capacity=16) as ctx:
+        yield ctx
 
 
 def _tick(w: Worker, store, instrument: int, mark: float, seq: int) -> None:
