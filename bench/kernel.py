@@ -49,6 +49,7 @@ from engine.store import layout as L
 from engine.store.shm import PriceSnapshot, Store
 
 N_INSTRUMENTS = 40
+RESULT_FIELDS = ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd")  # a pass's figures
 CACHE_ROWS = 4096              # accounts of the in-cache pass: 1 MB at K = 4, within L2
 TICK_INSTRUMENT = 0            # BTCUSDT; held by exactly HOLDER_SHARE of the accounts
 HOLDER_SHARE = 0.10
@@ -547,7 +548,7 @@ def where_bound(store: Store, snap: PriceSnapshot, nbytes: int, rounds: int, thr
             ms[k].append(_time(fn, 1, warmup=0)[0] * 1e3)
     del pieces, arr
     rows = store.accounts[:n]
-    for f in ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd"):
+    for f in RESULT_FIELDS:
         rows[f] = np.nan                              # so that a row no thread wrote shows
     rows["status"] = -1
     _in_threads(jobs)
@@ -721,16 +722,14 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
         cy = _stats_ms(_time(lambda: margin.full_pass(store, 0, snap), reps))
         n_liq, _ = margin.full_pass(store, 0, snap)
         lo, hi = store.partition_rows(0)
-        cy_cols = {f: store.accounts[lo:hi][f].copy() for f in
-                   ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd", "status")}
+        cy_cols = {f: store.accounts[lo:hi][f].copy() for f in (*RESULT_FIELDS, "status")}
 
         # 3. numpy
         _progress("timing the numpy pass") if not quiet else None
         np_reps = max(3, reps // 2)
         npy = _stats_ms(_time(lambda: numpy_pass(store, 0, snap), np_reps))
         got = numpy_pass(store, 0, snap, write=False)
-        rel = {f: _max_rel(got[f], cy_cols[f]) for f in
-               ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd")}
+        rel = {f: _max_rel(got[f], cy_cols[f]) for f in RESULT_FIELDS}
         status_mismatch = int(np.count_nonzero(got["status"] != cy_cols["status"]))
         agree = max(rel.values()) <= 1e-9 and status_mismatch == 0
         margin.full_pass(store, 0, snap)        # leave the kernel's results in the rows
@@ -743,8 +742,7 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
         ref = _stats_ms(_time(ref_fn, max(1, min(3, reps)), warmup=0))
         ref_ms = ref["median"] * n / sample
         ref_rows = np.array(ref_figures(ref_fn()), dtype=np.float64).reshape(-1, 5)
-        ref_rel = max(_max_rel(cy_cols[f][rows - lo], ref_rows[:, j]) for j, f in enumerate(
-            ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd")))
+        ref_rel = max(_max_rel(cy_cols[f][rows - lo], ref_rows[:, j]) for j, f in enumerate(RESULT_FIELDS))
         ref_status = int(np.count_nonzero(cy_cols["status"][rows - lo] != ref_rows[:, 4].astype(np.int32)))
 
         # 5. bandwidth floor
@@ -755,8 +753,7 @@ def run(accounts: int = 1_000_000, positions: int = 4, json_out: str | os.PathLi
         # 6. what bounds the pass: compute (in cache) or memory (both cores at once)
         _progress("timing the pass in cache and on every core") if not quiet else None
         bound = where_bound(store, snap, need, 3 * reps, threads)
-        par_rel = max(_max_rel(store.accounts[lo:hi][f], cy_cols[f]) for f in
-                      ("collateral_usd", "cross_equity_usd", "cross_im_usd", "cross_mm_usd"))
+        par_rel = max(_max_rel(store.accounts[lo:hi][f], cy_cols[f]) for f in RESULT_FIELDS)
         bound["parallel_agrees"] = bool(par_rel == 0.0 and np.array_equal(
             store.accounts[lo:hi]["status"], cy_cols["status"]))
 

@@ -45,7 +45,7 @@ from engine.config import load_default
 from engine.runtime.harness import LocalEngine, local_config
 from engine.runtime.provision import HOUSE_ACCOUNT, provision
 from engine.runtime.status import snapshot
-from engine.runtime.worker import STAGE_COLLATERAL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER
+from engine.runtime.worker import STAGE_COLLATERAL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER, STAGES
 from feeds.protocol import MsgType, Rejected, decode
 
 LIQ_CODES = {int(Code.LIQ_BELOW_MAINTENANCE): "below maintenance",
@@ -160,7 +160,7 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
         n_liq = 0
         n_accounts_liquidated: set[int] = set()
         t2d: dict[str, list[float]] = {STAGE_TRIGGER: [], STAGE_HOLDERS: []}   # us, by stage
-        by_stage = dict.fromkeys((STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_RESEND), 0)
+        by_stage = dict.fromkeys(STAGES, 0)
         other_events: deque = deque(maxlen=4)
         t0 = time.monotonic()
         last_t, last_seq, last_fills = t0, int(store.prices["price_seq"].sum()), int(store.partitions["fills_applied"].sum())
