@@ -65,6 +65,7 @@ def _cmd_run(args) -> int:
     import signal
     import time
 
+    from engine.runtime import recovery
     from engine.runtime.provision import provision
     from engine.runtime.supervisor import Engine
     from engine.store.shm import StoreError
@@ -75,19 +76,39 @@ def _cmd_run(args) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))   # handlers only enqueue
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    eng = Engine(cfg, n_workers=args.workers)
-    store = eng.create_state()
-    try:
+    eng = Engine(cfg, n_workers=args.workers, durable=True)
+    if args.fresh:
+        for path in recovery.set_aside(eng.runtime_dir):
+            print(f"margin-engine run: --fresh: kept the old book's file as {path}", file=sys.stderr)
+
+    def new_book(store) -> None:
         if args.demo_accounts:
             provision(store, cfg, args.demo_accounts)
         else:
-            for acct in range(1, args.accounts + 1):
+            for acct in range(1, (args.accounts or 1000) + 1):
                 store.add_account(acct)
-    except StoreError as e:                    # e.g. more accounts than the capacity
+
+    store = eng.create_state()
+    try:                                       # 1. open the book (recover or provision), 2. re-base
+        names = [a.name for a in cfg.assets]
+        opened = recovery.open_book(store, eng.runtime_dir, names, new_book)
+        recovery.rebase(store, eng.runtime_dir, names)
+    except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()
         print(f"margin-engine run: {e}", file=sys.stderr)
         return 2
+    if opened.recovered:
+        r = opened.replay
+        print(f"margin-engine run: recovered {opened.snapshot_accounts:,} accounts from "
+              f"{eng.runtime_dir}/{recovery.SNAPSHOT_FILE} ({opened.snapshot_age_s:.1f} s old, "
+              f"loaded in {opened.load_seconds:.2f} s) and replayed {r.records:,} journal records in "
+              f"{r.seconds:.2f} s: {r.fills:,} fills ({r.fills_rejected} rejected by routing, "
+              f"{r.legs_rejected} legs by the kernel), {r.deposits} deposits, {r.withdrawals} withdrawals"
+              + (f", {r.unreadable} unreadable" if r.unreadable else ""), file=sys.stderr)
+        if args.accounts or args.demo_accounts:
+            print("margin-engine run: --accounts / --demo-accounts ignored: they shape a new book only "
+                  "(--fresh starts one)", file=sys.stderr)
     try:
         eng.start()           # on failure it has stopped what it started and unlinked the memory
     except (RuntimeError, TimeoutError, OSError) as e:
@@ -146,9 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine on a configuration until SIGTERM / Ctrl-C")
     run.add_argument("--config", default=None, help="TOML file; default: the embedded default")
     run.add_argument("--workers", type=int, default=None)
-    run.add_argument("--accounts", type=int, default=1000, help="provision empty accounts 1..N")
+    run.add_argument("--accounts", type=int, default=None,
+                     help="a new book: empty accounts 1..N (default 1000)")
     run.add_argument("--demo-accounts", type=int, default=0,
-                     help="instead, provision N funded accounts with positions (demo data)")
+                     help="a new book: instead, N funded accounts with positions (demo data)")
+    run.add_argument("--fresh", action="store_true",
+                     help="set the runtime directory's snapshot and journal aside (renamed, not deleted) "
+                          "and start a new book; without it a restart recovers the book from them")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="the engine on its embedded default against simulated venues "

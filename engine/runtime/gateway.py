@@ -21,7 +21,8 @@ through the kernel's pre-trade entry point: no hop to a worker. The common case 
 C call (``_margin.CheckDesk``: parse, copy, rule, reply); anything else takes the
 reference path (``feeds.protocol.decode``, ``pretrade_check_consistent``). Collateral
 requests go to the owning worker (the account's only writer) and its reply is routed
-back.
+back; a request the worker applied is appended to the journal first, so that a restart
+replays it (engine/runtime/recovery.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import zmq
 
 from engine import _margin, _shm, _wire
+from engine.accounting.fills import route_reject
 from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
@@ -78,7 +80,9 @@ class Gateway:
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal = Journal(journal_path)
-        self.pending: dict[int, bytes] = {}             # collateral request id -> ROUTER identity
+        # collateral request id -> (ROUTER identity, request frame, receive time): the
+        # frame is journaled when the worker's reply says it was applied
+        self.pending: dict[int, tuple[bytes, bytes, int]] = {}
         self.counters = collections.Counter()
         self.snap = self.store.price_snapshot()
         self._snap_ns = 0
@@ -256,8 +260,7 @@ class Gateway:
 
     def _route_reference(self, fills: list[dict], seq0: int, recv_ns: int) -> None:
         """The routing rules in Python, for frames the C parser leaves to the reference
-        decoder: per fill, instrument known (3003), both accounts known and different
-        (3004), quantity nonzero and on the side's sign (3005), price > 0 (3006); then
+        decoder: per fill, ``route_reject`` (instrument, accounts, quantity, price); then
         one leg per account onto its partition's ring."""
         rings = set()
         row_of = self.store.row_of
@@ -268,16 +271,7 @@ class Gateway:
             ins = f["instrument_id"]
             qty, price = f["qty_units"], f["price_units"]
             taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
-            if ins >= n_ins:
-                code = Code.FILL_UNKNOWN_INSTRUMENT
-            elif taker is None or maker is None or taker == maker:
-                code = Code.FILL_UNKNOWN_ACCOUNT
-            elif qty == 0 or (qty > 0) != (f["taker_side"] == "buy"):
-                code = Code.FILL_BAD_QTY
-            elif price <= 0:
-                code = Code.FILL_BAD_PRICE
-            else:
-                code = None
+            code = route_reject(f, n_ins, taker, maker)
             if code is not None:
                 self.counters[f"reject_{int(code)}"] += 1
                 self.emit(code, f"fill {f['trade_id']} rejected")
@@ -333,7 +327,7 @@ class Gateway:
                 return
             p = int(self.store.accounts[row]["partition"])
             kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
-            self.pending[f["request_id"]] = ident
+            self.pending[f["request_id"]] = (ident, frame, recv_ns)
             self._push(p, kind, 0, row, f["amount_units"], 0, 0, f["request_id"], recv_ns, asset)
             _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
         else:
@@ -373,9 +367,13 @@ class Gateway:
         m = decode(frame)
         if type(m) is Rejected:
             return
-        ident = self.pending.pop(m.fields["request_id"], None)
-        if ident is not None:
-            self._reply(ident, MsgType.COLLATERAL_REPLY, dict(m.fields))
+        pending = self.pending.pop(m.fields["request_id"], None)
+        if pending is None:
+            return
+        ident, request, recv_ns = pending
+        if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
+            self.journal.append(0, recv_ns, request)
+        self._reply(ident, MsgType.COLLATERAL_REPLY, dict(m.fields))
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:

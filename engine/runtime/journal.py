@@ -10,6 +10,10 @@ Records are written with one ``write(2)`` on an ``O_APPEND`` descriptor, so a cr
 the gateway leaves whole records in the page cache; ``fsync`` runs every
 ``fsync_interval_s`` (0: never, leave it to the OS). ``replay`` yields the records
 in order and stops at a torn tail (a record cut short by a power loss).
+
+Besides fills frames, the gateway appends each DEPOSIT and WITHDRAWAL frame the owning
+worker *applied*, once its reply is back and before the client is answered (first
+sequence number 0): replaying it credits or debits the balance without deciding again.
 """
 
 from __future__ import annotations
@@ -65,11 +69,15 @@ class Journal:
         os.close(self.fd)
 
 
-def replay(path: str) -> Iterator[JournalRecord]:
-    """Records of a journal in order; stops quietly at a torn tail."""
+def replay(path: str, offset: int = 0) -> Iterator[JournalRecord]:
+    """Records of a journal in order, from byte ``offset`` (0 or ``len(MAGIC)``: the
+    first record; else a record boundary, e.g. ``os.path.getsize`` at a moment the
+    gateway was not writing); stops quietly at a torn tail."""
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError(f"{path}: not a margin-engine journal")
+        if offset > len(MAGIC):
+            f.seek(offset)
         while True:
             head = f.read(_REC.size)
             if len(head) < _REC.size:

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.config import Config
-from engine.runtime.ctl import Control, Role
+from engine import _shm
+from engine.runtime.ctl import UNDO_IDLE, Control, Role
 from engine.store.shm import Store
 
 
@@ -71,6 +72,9 @@ class Engine:
     python: str = sys.executable
     quiet: bool = True
     children: list[Child] = field(default_factory=list)
+    #: ``margin-engine run``: a clean stop writes a snapshot of the book for the next
+    #: start (engine/runtime/recovery.py, stage 4)
+    durable: bool = False
 
     def __post_init__(self) -> None:
         e = self.config.engine
@@ -194,6 +198,17 @@ class Engine:
         """Process id of a child: ``worker<N>``, ``gateway``, ``markprice`` or ``liqgw``."""
         return next(c.proc.pid for c in self.children if c.role == role)
 
+    def settled(self, codes: dict) -> bool:
+        """After ``stop``: every process exited 0, every partition's ring is drained and
+        no record is half applied, so the book holds exactly what the journal holds."""
+        if not codes or any(c != 0 for c in codes.values()) or self.ctl is None:
+            return False
+        for p in range(self.store.n_partitions):
+            r, w = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
+            if r != w or int(self.ctl.undo[p][0]["state"]) != UNDO_IDLE:
+                return False
+        return True
+
     def stop(self, timeout_s: float = 10.0) -> dict:
         """Stop intake, let workers drain, flush the journal, release the shared memory."""
         sd_notify("STOPPING=1")
@@ -212,6 +227,11 @@ class Engine:
             codes[c.role] = c.proc.returncode
             if c.log:
                 c.log.close()
+        self.snapshot_written = False
+        if self.durable and self.store is not None and self.settled(codes):
+            from engine.runtime.recovery import rebase
+            rebase(self.store, self.runtime_dir, [x.name for x in self.config.assets])
+            self.snapshot_written = True
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()
             self.ctl.unlink()

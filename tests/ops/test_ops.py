@@ -13,17 +13,13 @@ ticks move them; a mark needs 2 fresh venues.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -38,58 +34,11 @@ from engine.runtime.provision import HOUSE_ACCOUNT
 from engine.runtime.worker import WAITS
 from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode
-from ops_support import group_alive
+from ops_support import (BTC, REPO, USDT, assert_group_gone, cli, ipc_endpoints, shm_exists, status,
+                         unique_name, wait_up, write_config)
 
 # every test: real processes and sockets; a hang becomes a failure after 30 s
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
-
-REPO = Path(__file__).resolve().parents[2]
-USDT = 10**6
-BTC = 0
-ENDPOINTS = ("oracle", "fills", "checks", "orders", "events")
-
-
-# --------------------------------------------------------------------------- helpers
-def cli(*args: str) -> list[str]:
-    """argv of the installed ``margin-engine`` script (``python -m engine.cli`` without it)."""
-    exe = shutil.which("margin-engine", path=os.path.dirname(sys.executable))
-    return [exe, *args] if exe else [sys.executable, "-m", "engine.cli", *args]
-
-
-def shm_exists(name: str) -> bool:
-    return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
-
-
-def assert_group_gone(pgid: int, within_s: float = 3.0) -> None:
-    """No process of the command's session is left (multiprocessing's helpers included)."""
-    wait_until(lambda: not group_alive(pgid), within_s, f"process group {pgid} to be empty", 0.05)
-
-
-def write_config(path: Path, name: str, *, engine: dict | None = None, endpoints: dict | None = None,
-                 extra: str = "") -> Path:
-    """The embedded default's assets and instruments under our own ``[engine]`` table
-    (``engine``: key -> raw TOML value, over ours) and ``[endpoints]`` table."""
-    default = resources.files("engine").joinpath("default.toml").read_text()
-    body = default[default.index("[[assets]]"):]
-    table = {"name": json.dumps(name), "accounts_capacity": "1000", "partitions": "2", **(engine or {})}
-    text = "[engine]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) + f"\n{body}\n"
-    if endpoints:
-        text += "[endpoints]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in endpoints.items())
-    path.write_text(text + extra)
-    return path
-
-
-def ipc_endpoints(root: str) -> dict:
-    return {**{k: f"ipc://{root}/{k}.sock" for k in ENDPOINTS}, "runtime_dir": f"{root}/run"}
-
-
-def unique_name() -> str:
-    return f"me-ops-{uuid.uuid4().hex[:8]}"
-
-
-def status(name: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli("status", "--name", name, *extra), capture_output=True, text=True,
-                          timeout=15, cwd=REPO, stdin=subprocess.DEVNULL)
 
 
 # --------------------------------------------------------------------------- 1. demo
@@ -130,23 +79,6 @@ def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops
 
 
 # --------------------------------------------------------------------------- 2. run + status
-def _wait_up(proc: subprocess.Popen, name: str, log: Path, timeout_s: float = 20.0) -> dict:
-    """Poll ``status --json`` until it attaches and every partition's worker has done a pass."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"margin-engine run exited with {proc.returncode}:\n{log.read_text()}")
-        r = status(name, "--json")
-        if r.returncode == 0:
-            s = json.loads(r.stdout)
-            if all(p["worker_pid"] and p["heartbeat_age_ms"] < 5_000 for p in s["partitions"]):
-                return s
-        if time.monotonic() > deadline:
-            pytest.fail(f"engine {name} not up after {timeout_s} s; last status: {r.returncode} "
-                        f"{r.stderr}\n{log.read_text()}")
-        time.sleep(0.2)
-
-
 def test_run_serves_status_and_exits_zero_on_sigterm_releasing_shm(spawn, ops_dir):
     root = Path(ops_dir)
     name = unique_name()
@@ -156,7 +88,7 @@ def test_run_serves_status_and_exits_zero_on_sigterm_releasing_shm(spawn, ops_di
         proc = spawn(cli("run", "--config", str(cfg), "--demo-accounts", "300"),
                      segments=[name, name + "-ctl"], stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
 
-    s = _wait_up(proc, name, log)
+    s = wait_up(proc, name, log)
     assert s["engine"] == "/" + name
     assert s["accounts"] == 301                                # 300 demo accounts + the house
     assert sum(p["accounts"] for p in s["partitions"]) == 301

@@ -1,0 +1,314 @@
+"""Restart recovery: the book from its last snapshot plus the journal written after it.
+
+    book(start) = snapshot(t0)  +  the journal's records after t0, in order
+
+Every change to a balance or a position reaches the book through a journaled record:
+fills frames (journaled by the gateway before any leg is routed) and the DEPOSIT and
+WITHDRAWAL frames the owning worker applied (journaled before the client is answered).
+Fill legs are applied by the same integer kernel as live (``apply_fill_legs``), after
+the same routing rule (``route_reject``), so a replayed fill moves the book exactly as
+it did live; a collateral record credits or debits its balance without deciding again
+(the worker's margin check was made at the prices of that moment). Balances only add,
+so a collateral record journaled after fills it was applied before still gives the same
+book.
+
+Stages of ``margin-engine run`` with ``durable`` state (the runtime directory's
+``state.snapshot`` and ``fills.journal``)::
+
+    1. open      snapshot present: load it, replay the journal from its offset (recover);
+                 neither present: provision a new book; a journal without a snapshot:
+                 refuse (its book is unknown), unless ``--fresh`` set both aside
+    2. re-base   write a snapshot of the book just built (offset: the journal's end), so
+                 the next start replays only what comes after
+    3. run       the engine's processes; the journal grows
+    4. stop      every process exited 0 and every ring drained: the book holds exactly
+                 the journal's records, so a snapshot at its end is written; otherwise
+                 (a crash) nothing is written and the next start replays from 2's
+
+Snapshot file: a numpy ``.npz`` (a zip whose members carry a CRC-32, checked on load)
+with ``meta`` (JSON: format, layout version, journal offset, the book's identity --
+assets and instruments with what gives their integer units a meaning), ``partitions``,
+``accounts`` and ``positions`` (the used rows, partition by partition). Written to a
+temporary file, fsynced, renamed over the old one, the directory fsynced. Marks are not
+in it: a restarted engine takes fresh oracle quotes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.accounting.fills import apply_fill_legs, route_reject
+from engine.codes import Code
+from engine.runtime.journal import MAGIC, replay
+from engine.store import layout as L
+from engine.store.shm import Store
+from feeds.protocol import MsgType, Rejected, decode, decode_fills
+
+SNAPSHOT_FILE = "state.snapshot"
+JOURNAL_FILE = "fills.journal"
+SNAPSHOT_FORMAT = 1
+REPLAY_LEGS_PER_CALL = 65_536       # legs gathered before one apply_fill_legs call
+
+
+class RecoveryError(Exception):
+    """The state on disk cannot be turned into this engine's book (message says why)."""
+
+
+# --------------------------------------------------------------------------- identity
+def book_identity(store: Store, asset_names: list[str]) -> dict:
+    """What must not change between a snapshot and the engine loading it: the assets'
+    names and unit scales, the instruments' names, kinds, settle assets, contract sizes
+    and unit scales (a position's integer units mean nothing under other ones), the
+    partition count (an account's partition is its id modulo it) and the slots per
+    account. Tiers, haircuts and the like may change: they are risk, not units.
+    ``asset_names``: the configuration's, in the store's order (the store keeps none)."""
+    a, i = store.assets, store.instruments
+    return {
+        "assets": [[n, int(r["scale"])] for n, r in zip(asset_names, a, strict=True)],
+        "instruments": [[bytes(r["name"]).rstrip(b"\0").decode(), int(r["kind"]), int(r["settle_asset"]),
+                         float(r["contract_size"]), int(r["qty_scale"]), int(r["price_scale"])] for r in i],
+        "n_partitions": store.n_partitions,
+        "slots_per_account": store.slots_per_account,
+    }
+
+
+def _identity_mismatch(saved: dict, now: dict) -> str | None:
+    for key in ("n_partitions", "slots_per_account"):
+        if saved[key] != now[key]:
+            return f"engine.{key} is {now[key]}, the snapshot's book has {saved[key]}"
+    for what, fields in (("assets", ("name", "scale")),
+                         ("instruments", ("name", "kind", "settle asset", "contract size", "qty_scale",
+                                          "price_scale"))):
+        old, new = saved[what], now[what]
+        if [r[0] for r in old] != [r[0] for r in new]:
+            return f"{what}: the configuration has {[r[0] for r in new]}, the snapshot {[r[0] for r in old]}"
+        for o, n in zip(old, new):
+            for f, x, y in zip(fields, o, n):
+                if x != y:
+                    return f"{what} {o[0]}: {f} is {y} in the configuration, {x} in the snapshot"
+    return None
+
+
+# --------------------------------------------------------------------------- snapshot
+def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str]) -> int:
+    """Write the book (every partition's used account rows, their position slots, the
+    partition rows) with the journal offset it is the state at; return the file's size.
+    Atomic: a reader sees the old file or the new one, whole."""
+    counts = store.partitions["n_accounts"].astype(np.int64)
+    rows = np.concatenate([np.arange(*store.partition_rows(p))[: int(counts[p])]
+                           for p in range(store.n_partitions)]).astype(np.int64)
+    s = store.slots_per_account
+    slot_idx = (rows[:, None] * s + np.arange(s)[None, :]).ravel()
+    meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION, "journal_offset": int(journal_offset),
+            "created_ns": time.time_ns(), "accounts": int(len(rows)), "identity": book_identity(store, asset_names)}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                 partitions=store.partitions.copy(), accounts=store.accounts[rows],
+                 positions=store.positions[slot_idx])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return os.path.getsize(path)
+
+
+def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
+    """Load a snapshot into a new, empty ``store`` (same identity, capacity enough);
+    return its meta. Any problem with the file: ``RecoveryError`` naming it."""
+    if int(store.partitions["n_accounts"].sum()):
+        raise RecoveryError("the store already holds accounts; a snapshot loads into a new one")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            parts, accts, pos = z["partitions"], z["accounts"], z["positions"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, io.UnsupportedOperation) as e:
+        raise RecoveryError(f"{path}: not a readable snapshot ({type(e).__name__}: {e})") from None
+    if meta.get("format") != SNAPSHOT_FORMAT or meta.get("layout_version") != L.LAYOUT_VERSION:
+        raise RecoveryError(f"{path}: snapshot format {meta.get('format')}, layout {meta.get('layout_version')}; "
+                            f"this build reads format {SNAPSHOT_FORMAT}, layout {L.LAYOUT_VERSION}")
+    why = _identity_mismatch(meta["identity"], book_identity(store, asset_names))
+    if why:
+        raise RecoveryError(f"{path}: the configuration does not match the snapshot's book: {why}")
+    if parts.dtype != L.PARTITION or accts.dtype != L.ACCOUNT or pos.dtype != L.POSITION \
+            or len(parts) != store.n_partitions or len(accts) != meta["accounts"] \
+            or len(pos) != len(accts) * store.slots_per_account:
+        raise RecoveryError(f"{path}: tables do not match the snapshot's own description")
+    counts = parts["n_accounts"].astype(np.int64)
+    if counts.sum() != len(accts) or (counts < 0).any():
+        raise RecoveryError(f"{path}: partition account counts do not add up to its accounts")
+    if (counts > store.per_partition).any():
+        p = int(np.argmax(counts > store.per_partition))
+        raise RecoveryError(f"partition {p} of the snapshot holds {int(counts[p])} accounts, the store "
+                            f"{store.per_partition} a partition: raise engine.accounts_capacity")
+    s, k = store.slots_per_account, 0
+    for p in range(store.n_partitions):
+        n, lo = int(counts[p]), store.partition_rows(p)[0]
+        a = accts[k: k + n].copy()
+        a["seq"] = 0
+        if n and ((a["partition"] != p).any() or (a["account_id"] % store.n_partitions != p).any()):
+            raise RecoveryError(f"{path}: partition {p} holds accounts of another partition")
+        store.accounts[lo: lo + n] = a
+        store.positions[lo * s: (lo + n) * s] = pos[k * s: (k + n) * s]
+        k += n
+        row = store.partitions[p]
+        for f in ("n_accounts", "fills_applied", "last_fill_seq", "fee_pool"):
+            row[f] = parts[p][f]
+    store._row_of = None                     # rebuilt from the rows on first use
+    return meta
+
+
+# --------------------------------------------------------------------------- journal
+@dataclass
+class ReplayStats:
+    """What a replay applied (``fills`` routed, their ``legs_rejected`` by the kernel,
+    ``fills_rejected`` by the routing rule; collateral records applied)."""
+
+    records: int = 0
+    fills: int = 0
+    fills_rejected: int = 0
+    legs_rejected: int = 0
+    deposits: int = 0
+    withdrawals: int = 0
+    unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
+    end_offset: int = 0
+    seconds: float = 0.0
+    reject_codes: dict = field(default_factory=dict)
+
+
+def replay_journal(store: Store, path: str, offset: int, asset_names: list[str]) -> ReplayStats:
+    """Apply the journal's records from byte ``offset`` to ``store`` (module doc)."""
+    st = ReplayStats()
+    t0 = time.perf_counter()
+    if not os.path.exists(path):
+        return st
+    n_ins = len(store.instruments)
+    asset_index = {n: a for a, n in enumerate(asset_names)}
+    row_of = store.row_of
+    legs: list[list[int]] = [[], [], [], [], []]          # rows, instruments, deltas, prices, fees
+
+    def apply_legs() -> None:
+        if not legs[0]:
+            return
+        res = apply_fill_legs(store, *(np.asarray(c, np.int64) for c in legs))
+        bad = res.codes != Code.OK
+        st.legs_rejected += int(bad.sum())
+        for c in res.codes[bad].tolist():
+            st.reject_codes[c] = st.reject_codes.get(c, 0) + 1
+        parts = np.asarray(legs[0], np.int64) // store.per_partition
+        np.add.at(store.partitions["fills_applied"], parts, 1)
+        for c in legs:
+            c.clear()
+
+    for rec in replay(path, offset):
+        st.records += 1
+        run = decode_fills(rec.frame)
+        if type(run) is not Rejected:
+            for f in run.fills[max(0, rec.first_seq - run.first_seq):]:
+                taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
+                code = route_reject(f, n_ins, taker, maker)
+                if code is not None:
+                    st.fills_rejected += 1
+                    st.reject_codes[int(code)] = st.reject_codes.get(int(code), 0) + 1
+                    continue
+                st.fills += 1
+                for row, delta, fee in ((taker, f["qty_units"], f["taker_fee_units"]),
+                                        (maker, -f["qty_units"], f["maker_fee_units"])):
+                    for c, v in zip(legs, (row, f["instrument_id"], delta, f["price_units"], fee)):
+                        c.append(v)
+            if len(legs[0]) >= REPLAY_LEGS_PER_CALL:
+                apply_legs()
+            continue
+        m = decode(rec.frame)
+        if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
+            st.unreadable += 1
+            continue
+        apply_legs()                                       # keep the journal's order
+        f = m.fields
+        row, asset = row_of(f["account"]), asset_index.get(f["asset"])
+        if row is None or asset is None:
+            st.unreadable += 1
+            continue
+        sign = 1 if m.type == MsgType.DEPOSIT else -1
+        store.set_balance(row, asset, int(store.accounts[row]["balance"][asset]) + sign * f["amount_units"])
+        store.partitions["fills_applied"][row // store.per_partition] += 1
+        if sign > 0:
+            st.deposits += 1
+        else:
+            st.withdrawals += 1
+    apply_legs()
+    st.end_offset = journal_end(path)
+    st.seconds = time.perf_counter() - t0
+    return st
+
+
+def journal_end(path: str) -> int:
+    """The journal's size in bytes (``len(MAGIC)`` for none yet: nothing to replay)."""
+    return os.path.getsize(path) if os.path.exists(path) else len(MAGIC)
+
+
+def journal_has_records(path: str) -> bool:
+    return os.path.exists(path) and os.path.getsize(path) > len(MAGIC)
+
+
+# --------------------------------------------------------------------------- start-up
+@dataclass
+class Opened:
+    """How ``open_book`` built the book: ``recovered`` from a snapshot (its meta and the
+    replay), or ``new`` (provisioned)."""
+
+    recovered: bool
+    snapshot_accounts: int = 0
+    snapshot_age_s: float = 0.0
+    replay: ReplayStats | None = None
+    load_seconds: float = 0.0
+
+
+def open_book(store: Store, runtime_dir: str, asset_names: list[str], provision) -> Opened:
+    """Stage 1 (module doc): recover the book into the new ``store`` from
+    ``runtime_dir``, or call ``provision(store)`` for a new one."""
+    snap, journal = os.path.join(runtime_dir, SNAPSHOT_FILE), os.path.join(runtime_dir, JOURNAL_FILE)
+    if os.path.exists(snap):
+        t0 = time.perf_counter()
+        meta = load_snapshot(store, snap, asset_names)
+        loaded = time.perf_counter() - t0
+        offset = int(meta["journal_offset"])
+        if offset > journal_end(journal):
+            raise RecoveryError(f"{journal} is {journal_end(journal)} bytes, shorter than the snapshot's offset "
+                                f"{offset}: it is not the journal this snapshot was taken against")
+        stats = replay_journal(store, journal, offset, asset_names)
+        return Opened(True, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9, stats, loaded)
+    if journal_has_records(journal):
+        raise RecoveryError(f"{journal} holds records but there is no {SNAPSHOT_FILE} beside it, so the book "
+                            f"they apply to is unknown; start with --fresh to set both aside and begin a new book")
+    provision(store)
+    return Opened(False)
+
+
+def rebase(store: Store, runtime_dir: str, asset_names: list[str]) -> int:
+    """Stage 2 (and 4): a snapshot of ``store`` at the journal's current end; return its size."""
+    return write_snapshot(store, os.path.join(runtime_dir, SNAPSHOT_FILE),
+                          journal_end(os.path.join(runtime_dir, JOURNAL_FILE)), asset_names)
+
+
+def set_aside(runtime_dir: str) -> list[str]:
+    """``--fresh``: rename the snapshot and the journal (never delete them); return the new names."""
+    moved = []
+    suffix = time.strftime(".set-aside-%Y%m%dT%H%M%S", time.gmtime())
+    for name in (SNAPSHOT_FILE, JOURNAL_FILE):
+        src = os.path.join(runtime_dir, name)
+        if os.path.exists(src):
+            os.replace(src, src + suffix)
+            moved.append(src + suffix)
+    return moved

@@ -1,0 +1,177 @@
+"""An engine restarted after a crash comes back with its book (engine/runtime/recovery.py).
+
+``margin-engine run`` as systemd runs it, real processes and sockets throughout: fills
+and collateral go in through the gateway, the gateway is killed (SIGKILL), the engine
+stops and exits 1 as ``Restart=on-failure`` expects, and the same command started again
+rebuilds the book from the runtime directory's snapshot and journal. Then a clean stop
+writes a snapshot at the journal's end, and a third start replays nothing.
+
+Units (embedded default): BTCUSDT is instrument 0, 1 unit = 0.001 BTC, price_scale 10;
+USDT is asset 0, 1e6 units per USDT. Accounts 1 and 2 live in partitions 1 and 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from engine.runtime.harness import wait_until
+from engine.store.shm import Store
+from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
+from ops_support import (BTC, REPO, USDT, cli, ipc_endpoints, shm_exists, unique_name, wait_up,
+                         write_config)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+N_FILLS = 50
+
+
+def book(name: str) -> dict:
+    """What a restart must bring back, read from the running engine's shared memory:
+    every used account row's identity, flags, balances and position slots, and the
+    partitions' account counts and fee pools (margin results and seqlock counters are
+    recomputed and left out)."""
+    st = Store.attach(name, readonly=True)
+    try:
+        out = {}
+        for p in range(st.n_partitions):
+            lo, hi = st.partition_rows(p)
+            for row in range(lo, hi):
+                a, slots = st.read_account(row)
+                out[int(a["account_id"])] = (int(a["partition"]), int(a["flags"]), a["balance"].tolist(),
+                                             [tuple(s.tolist()) for s in slots])
+        parts = st.partitions.copy()
+        return {"accounts": out, "n_accounts": parts["n_accounts"].tolist(),
+                "fee_pool": parts["fee_pool"].tolist()}
+    finally:
+        st.detach()
+
+
+def gateway_pid(name: str) -> int:
+    needle = b"engine.runtime.gateway\0--name\0" + name.encode() + b"\0"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    return int(pid)
+        except OSError:
+            continue
+    raise LookupError(f"no gateway process of {name}")
+
+
+def collateral(sock: zmq.Socket, seq: Sequencer, kind: MsgType, request_id: int, account: int,
+               usdt: int) -> dict:
+    sock.send(seq.encode(kind, {"request_id": request_id, "account": account, "asset": "USDT",
+                                "amount_units": usdt * USDT}))
+    assert sock.poll(5_000), f"no reply to request {request_id} within 5 s"
+    m = decode(sock.recv())
+    assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY, m
+    return m.fields
+
+
+def start(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
+    with open(log, "wb") as err:
+        proc = spawn(cli("run", "--config", str(cfg), *extra), segments=[name, name + "-ctl"],
+                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    wait_up(proc, name, log)
+    return proc
+
+
+def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move(spawn, ops_dir):
+    root = Path(ops_dir)
+    name = unique_name()
+    cfg = write_config(root / "engine.toml", name, endpoints=ipc_endpoints(ops_dir))
+    ep = ipc_endpoints(ops_dir)
+    proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+
+    ctx = zmq.Context()
+    try:
+        checks, fills = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+        for s, e in ((checks, ep["checks"]), (fills, ep["fills"])):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(e)
+        cseq, fseq = Sequencer(), Sequencer()
+        assert collateral(checks, cseq, MsgType.DEPOSIT, 1, 1, 10_000)["code"] == 0
+        assert collateral(checks, cseq, MsgType.DEPOSIT, 2, 2, 10_000)["code"] == 0
+        # Fill k (k = 0..49): account 1 buys 0.01 BTC (10 units) from account 2 at
+        # 95,000 + k, paying a 1 USDT taker fee; then one fill naming an unknown account 99.
+        batch = [{"trade_id": k + 1, "instrument_id": BTC, "maker_account": 2, "taker_account": 1,
+                  "qty_units": 10, "price_units": (95_000 + k) * 10, "maker_fee_units": 0,
+                  "taker_fee_units": 1 * USDT, "taker_side": "buy"} for k in range(N_FILLS)]
+        batch.append({**batch[0], "trade_id": 99, "maker_account": 99})
+        first = fseq.next(len(batch))
+        fills.send(encode_batch(MsgType.FILL, batch, first_seq=first, ts_ns=time.time_ns()))
+        # Account 2 (short 0.5 BTC, ~19,999 USDT after the fills' cost) may withdraw 1,000
+        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 3, 2, 1_000)["code"] == 0
+        # A withdrawal beyond the balance is refused (3103-class code) and never journaled
+        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 4, 1, 1_000_000)["code"] != 0
+    finally:
+        ctx.destroy(linger=0)
+
+    # Account 1: +0.5 BTC costing 0.01 x sum(95,000 + k) = 47,500 + 0.01 x 1,225 = 47,512.25
+    # USDT; balance 10,000 - 50 fees. Account 2: the opposite, balance 10,000 - 1,000.
+    def settled() -> dict | None:
+        b = book(name)
+        one = b["accounts"].get(1)
+        return b if one and one[3] and one[3][0][2] == 500 and b["accounts"][2][2][0] == 9_000 * USDT else None
+    before = wait_until(settled, 10.0, "the fills and the withdrawal applied")
+    assert before["accounts"][1][2][0] == 9_950 * USDT
+    assert before["accounts"][1][3] == [(BTC, 0, 500, 47_512_250_000, 0)]
+    assert before["accounts"][2][3] == [(BTC, 0, -500, -47_512_250_000, 0)]
+    assert before["fee_pool"][1][0] == 50 * USDT                 # partition 1 holds the taker
+
+    os.kill(gateway_pid(name), signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1                            # an engine failure: systemd restarts it
+    assert not shm_exists(name)                                  # its shared memory is gone with it
+
+    log2 = root / "run2.err"
+    proc2 = start(spawn, cfg, name, log2)                        # what Restart=on-failure runs
+    err = log2.read_text()
+    # Snapshot: the new book of 10 empty accounts; journal: the batch and three collateral
+    # records (two deposits, one withdrawal; the refused one is not there)
+    m = re.search(r"recovered 10 accounts from .* replayed (\d+) journal records .*: (\d+) fills "
+                  r"\((\d+) rejected by routing, (\d+) legs by the kernel\), (\d+) deposits, (\d+) withdrawals", err)
+    assert m, err
+    assert tuple(map(int, m.groups())) == (4, N_FILLS, 1, 0, 2, 1), err
+    assert book(name) == before
+
+    proc2.send_signal(signal.SIGTERM)                            # clean: a snapshot at the journal's end
+    assert proc2.wait(timeout=20) == 0, log2.read_text()
+    log3 = root / "run3.err"
+    proc3 = start(spawn, cfg, name, log3)
+    assert re.search(r"replayed 0 journal records", log3.read_text()), log3.read_text()
+    assert book(name) == before
+    proc3.send_signal(signal.SIGTERM)
+    assert proc3.wait(timeout=20) == 0
+
+
+def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spawn, ops_dir):
+    """A journal whose book is unknown (its snapshot deleted, or written by an engine
+    before snapshots) must not be replayed onto a made-up book: exit 2, nothing created."""
+    root = Path(ops_dir)
+    name = unique_name()
+    ep = ipc_endpoints(ops_dir)
+    cfg = write_config(root / "engine.toml", name, endpoints=ep)
+    run_dir = Path(ep["runtime_dir"])
+    run_dir.mkdir(parents=True)
+    (run_dir / "fills.journal").write_bytes(b"MEJRNL01" + np.zeros(28, np.uint8).tobytes())
+    r = subprocess.run(cli("run", "--config", str(cfg)), capture_output=True, text=True, timeout=30,
+                       cwd=REPO, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "--fresh" in r.stderr, r.stderr
+    assert not shm_exists(name)
+
+    proc = start(spawn, cfg, name, root / "fresh.err", "--fresh", "--accounts", "5")
+    assert "kept the old book's file as" in (root / "fresh.err").read_text()
+    assert [p.name.split(".set-aside-")[0] for p in run_dir.glob("*.set-aside-*")] == ["fills.journal"]
+    assert sorted(book(name)["accounts"]) == [1, 2, 3, 4, 5]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0

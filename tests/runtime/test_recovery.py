@@ -1,0 +1,215 @@
+"""Restart recovery without processes: the snapshot file and the journal replay
+(engine/runtime/recovery.py). The whole path through ``margin-engine run`` with real
+processes is in tests/ops/test_restart_recovery.py.
+
+Units (embedded default): BTCUSDT is instrument 0, contract size 1 BTC, qty_scale 1000
+(1 unit = 0.001 BTC), price_scale 10; USDT is asset 0 with 1e6 units per USDT. Accounts
+1 and 3 are in partition 1, account 2 in partition 0 (id mod 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from engine.codes import Code
+from engine.config import load_default
+from engine.runtime import recovery
+from engine.runtime.journal import Journal, MAGIC, journal_record
+from engine.store.shm import Store
+from feeds.protocol import MsgType, encode, encode_batch
+
+U = 10**6            # USDT units
+NAMES = [a.name for a in load_default().assets]
+BTC, USDT = 0, 0
+
+
+def new_store(config=None) -> Store:
+    cfg = config or load_default()
+    return Store.create(None, assets=list(cfg.assets), instruments=list(cfg.instruments),
+                        accounts_capacity=64, n_partitions=2, slots_per_account=8)
+
+
+def three_accounts(store: Store) -> None:
+    for acct in (1, 2, 3):
+        store.set_balance(store.add_account(acct), USDT, 10_000 * U)
+
+
+def fill(trade_id, taker, maker, qty_units, price_units, taker_fee=0, maker_fee=0) -> dict:
+    return {"trade_id": trade_id, "instrument_id": BTC, "maker_account": maker, "taker_account": taker,
+            "qty_units": qty_units, "price_units": price_units, "maker_fee_units": maker_fee,
+            "taker_fee_units": taker_fee, "taker_side": "buy" if qty_units > 0 else "sell"}
+
+
+def collateral(kind: MsgType, request_id: int, account: int, amount_units: int) -> bytes:
+    return encode(kind, {"request_id": request_id, "account": account, "asset": "USDT",
+                         "amount_units": amount_units}, seq=request_id, ts_ns=1)
+
+
+def write_journal(path: str) -> list[int]:
+    """The five records of the module's book; returns the offset after each."""
+    j = Journal(path, fsync_interval_s=0)
+    ends = []
+    # 1. account 1 buys 1 BTC from 2 at 95,000: taker fee 50 USDT, maker rebate 10 USDT
+    j.append(1, 1, encode(MsgType.FILL, fill(1, 1, 2, 1000, 950_000, 50 * U, -10 * U), seq=1, ts_ns=1))
+    ends.append(os.path.getsize(path))
+    # 2. a batch: a fill naming an unknown account (rejected by routing, 3003), then
+    #    account 2 sells 0.5 BTC to 3 at 96,000
+    j.append(2, 2, encode_batch(MsgType.FILL, [fill(2, 99, 2, 100, 950_000), fill(3, 2, 3, -500, 960_000)],
+                                first_seq=2, ts_ns=2))
+    ends.append(os.path.getsize(path))
+    # 3. a batch overlapping seen numbers: seq 3 (a duplicate) is skipped, the gateway
+    #    journaled it with first sequence number 5; account 3 buys 0.2 BTC from 1 at 97,000
+    j.append(5, 3, encode_batch(MsgType.FILL, [fill(4, 1, 2, 100, 950_000), fill(5, 3, 1, 200, 970_000)],
+                                first_seq=4, ts_ns=3))
+    ends.append(os.path.getsize(path))
+    # 4./5. a deposit to 3 of 1,000 USDT, a withdrawal from 1 of 100 USDT (both applied live)
+    j.append(0, 4, collateral(MsgType.DEPOSIT, 7, 3, 1_000 * U))
+    ends.append(os.path.getsize(path))
+    j.append(0, 5, collateral(MsgType.WITHDRAWAL, 8, 1, 100 * U))
+    ends.append(os.path.getsize(path))
+    j.close()
+    return ends
+
+
+def position(store: Store, acct: int) -> tuple[int, int]:
+    row = store.row_of(acct)
+    slots = store.slots(row)[: int(store.accounts[row]["n_positions"])]
+    return (int(slots[0]["qty"]), int(slots[0]["cost"])) if len(slots) else (0, 0)
+
+
+def balance(store: Store, acct: int) -> int:
+    return int(store.accounts[store.row_of(acct)]["balance"][USDT])
+
+
+def test_snapshot_plus_replay_gives_the_book_the_fills_and_collateral_made(tmp_path):
+    journal, snap = str(tmp_path / "fills.journal"), str(tmp_path / "state.snapshot")
+    before = new_store()
+    three_accounts(before)
+    recovery.write_snapshot(before, snap, len(MAGIC), NAMES)            # the new book, before any record
+    write_journal(journal)
+
+    book = new_store()
+    meta = recovery.load_snapshot(book, snap, NAMES)
+    assert meta["accounts"] == 3
+    st = recovery.replay_journal(book, journal, meta["journal_offset"], NAMES)
+    assert (st.records, st.fills, st.fills_rejected, st.legs_rejected, st.deposits, st.withdrawals) == \
+        (5, 3, 1, 0, 1, 1)
+    assert st.reject_codes == {int(Code.FILL_UNKNOWN_ACCOUNT): 1}
+    # Positions (V = |qty| x price, in USDT units):
+    #   1: +1 BTC for 95,000; then sells 0.2 (reduce): cost removed 95,000 x 0.2 = 19,000,
+    #      so +0.8 BTC costing 76,000; realized 0.2 x 97,000 - 19,000 = +400
+    #   2: -1 BTC for -95,000, sells 0.5 more at 96,000: -1.5 BTC, cost -143,000
+    #   3: +0.5 at 96,000 (48,000) and +0.2 at 97,000 (19,400): +0.7 BTC, cost 67,400
+    assert position(book, 1) == (800, 76_000 * U)
+    assert position(book, 2) == (-1500, -143_000 * U)
+    assert position(book, 3) == (700, 67_400 * U)
+    # Balances: 1: 10,000 - 50 fee + 400 realized - 100 withdrawn = 10,250
+    #           2: 10,000 + 10 rebate = 10,010;  3: 10,000 + 1,000 deposited = 11,000
+    assert [balance(book, a) for a in (1, 2, 3)] == [10_250 * U, 10_010 * U, 11_000 * U]
+    # Fee pools: partition 1 (taker 1) +50, partition 0 (maker 2) -10
+    assert book.partitions["fee_pool"][:, USDT].tolist() == [-10 * U, 50 * U]
+    # Records applied per partition: 0 holds account 2, in two legs (fills 1 and 3);
+    # 1 holds accounts 1 and 3: four legs (1 and 3 in fill 5, one each in 1 and 3) and
+    # the two collateral records
+    assert book.partitions["fills_applied"].tolist() == [2, 6]
+
+
+def test_a_snapshot_after_some_records_replays_only_the_rest(tmp_path):
+    """The book after record 1, snapshotted at the offset after it, plus records 2..5 is
+    the book of the whole journal replayed onto the new book."""
+    journal, snap = str(tmp_path / "fills.journal"), str(tmp_path / "state.snapshot")
+    ends = write_journal(journal)
+    whole = new_store()
+    three_accounts(whole)
+    recovery.replay_journal(whole, journal, 0, NAMES)
+
+    partial = new_store()
+    three_accounts(partial)
+    first_only = str(tmp_path / "first.journal")
+    with open(journal, "rb") as f, open(first_only, "wb") as g:
+        g.write(f.read(ends[0]))
+    assert recovery.replay_journal(partial, first_only, 0, NAMES).records == 1
+    recovery.write_snapshot(partial, snap, ends[0], NAMES)
+
+    book = new_store()
+    st = recovery.replay_journal(book, journal, recovery.load_snapshot(book, snap, NAMES)["journal_offset"], NAMES)
+    assert st.records == 4
+    for t in ("accounts", "positions", "partitions"):
+        a, b = getattr(whole, t).copy(), getattr(book, t).copy()
+        if "seq" in a.dtype.names:        # seqlock counters: how often a row was written
+            a["seq"] = b["seq"] = 0
+        assert a.tobytes() == b.tobytes(), t
+
+
+def test_a_torn_journal_tail_replays_every_whole_record(tmp_path):
+    journal, snap = str(tmp_path / "fills.journal"), str(tmp_path / "state.snapshot")
+    ends = write_journal(journal)
+    with open(journal, "r+b") as f:
+        f.truncate(ends[3] + 7)           # record 5 cut in its header: a power loss mid-write
+    book = new_store()
+    three_accounts(book)
+    st = recovery.replay_journal(book, journal, 0, NAMES)
+    assert (st.records, st.deposits, st.withdrawals) == (4, 1, 0)
+    assert balance(book, 1) == 10_350 * U                      # the withdrawal of 100 never landed
+
+
+def test_open_book_provisions_a_new_book_recovers_one_and_refuses_a_journal_without_snapshot(tmp_path):
+    d = str(tmp_path)
+    made = []
+    store = new_store()
+    opened = recovery.open_book(store, d, NAMES, lambda s: made.append(three_accounts(s)))
+    assert not opened.recovered and len(made) == 1 and int(store.partitions["n_accounts"].sum()) == 3
+    recovery.rebase(store, d, NAMES)                                  # offset: no journal yet -> len(MAGIC)
+    write_journal(os.path.join(d, recovery.JOURNAL_FILE))
+
+    again = new_store()
+    opened = recovery.open_book(again, d, NAMES, lambda s: made.append(1))
+    assert opened.recovered and len(made) == 1                 # not provisioned again
+    assert (opened.snapshot_accounts, opened.replay.records) == (3, 5)
+    assert balance(again, 3) == 11_000 * U
+
+    os.remove(os.path.join(d, recovery.SNAPSHOT_FILE))
+    with pytest.raises(recovery.RecoveryError, match="no state.snapshot beside it.*--fresh"):
+        recovery.open_book(new_store(), d, NAMES, lambda s: made.append(1))
+    moved = recovery.set_aside(d)
+    assert [os.path.basename(m).split(".set-aside-")[0] for m in moved] == [recovery.JOURNAL_FILE]
+    assert all(os.path.exists(m) for m in moved)               # renamed, not deleted
+    assert not recovery.open_book(new_store(), d, NAMES, lambda s: made.append(1)).recovered and len(made) == 2
+
+
+def test_a_snapshot_refuses_a_configuration_that_changes_what_units_mean(tmp_path):
+    snap = str(tmp_path / "state.snapshot")
+    store = new_store()
+    three_accounts(store)
+    recovery.write_snapshot(store, snap, len(MAGIC), NAMES)
+    cfg = load_default()
+    btc = dataclasses.replace(cfg.instruments[0], qty_scale=100)
+    changed = dataclasses.replace(cfg, instruments=(btc, *cfg.instruments[1:]))
+    with pytest.raises(recovery.RecoveryError, match="instruments BTCUSDT: qty_scale is 100 in the "
+                                                     "configuration, 1000 in the snapshot"):
+        recovery.load_snapshot(new_store(changed), snap, NAMES)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flip", "not-a-snapshot"])
+def test_a_damaged_snapshot_is_a_clear_error_and_loads_nothing(tmp_path, damage):
+    snap = str(tmp_path / "state.snapshot")
+    store = new_store()
+    three_accounts(store)
+    size = recovery.write_snapshot(store, snap, len(MAGIC), NAMES)
+    data = bytearray(open(snap, "rb").read())
+    if damage == "truncated":
+        data = data[: size // 2]
+    elif damage == "bit-flip":            # inside the accounts member: its CRC-32 no longer matches
+        at = data.index(b"accounts.npy") + 200
+        data[at] ^= 0x01
+    else:
+        data = b"hello"
+    open(snap, "wb").write(bytes(data))
+    book = new_store()
+    with pytest.raises(recovery.RecoveryError, match="not a readable snapshot"):
+        recovery.load_snapshot(book, snap, NAMES)
+    assert int(book.partitions["n_accounts"].sum()) == 0
