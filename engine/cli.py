@@ -78,7 +78,7 @@ def _cmd_run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     eng = Engine(cfg, n_workers=args.workers, durable=True)
     if args.fresh:
-        for path in recovery.set_aside(eng.runtime_dir):
+        for path in recovery.set_aside(eng.state_dir):
             print(f"margin-engine run: --fresh: kept the old book's file as {path}", file=sys.stderr)
 
     def new_book(store) -> None:
@@ -91,8 +91,8 @@ def _cmd_run(args) -> int:
     store = eng.create_state()
     try:                                       # 1. open the book (recover or provision), 2. re-base
         names = [a.name for a in cfg.assets]
-        opened = recovery.open_book(store, eng.runtime_dir, names, new_book)
-        recovery.rebase(store, eng.runtime_dir, names)
+        opened = recovery.open_book(store, eng.state_dir, names, new_book)
+        recovery.rebase(store, eng.state_dir, names)
     except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()
@@ -101,7 +101,7 @@ def _cmd_run(args) -> int:
     if opened.recovered:
         r = opened.replay
         print(f"margin-engine run: recovered {opened.snapshot_accounts:,} accounts from "
-              f"{eng.runtime_dir}/{recovery.SNAPSHOT_FILE} ({opened.snapshot_age_s:.1f} s old, "
+              f"{eng.state_dir}/{recovery.SNAPSHOT_FILE} ({opened.snapshot_age_s:.1f} s old, "
               f"loaded in {opened.load_seconds:.2f} s) and replayed {r.records:,} journal records in "
               f"{r.seconds:.2f} s: {r.fills:,} fills ({r.fills_rejected} rejected by routing, "
               f"{r.legs_rejected} legs by the kernel), {r.deposits} deposits, {r.withdrawals} withdrawals"

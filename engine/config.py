@@ -42,6 +42,10 @@ class EngineSettings:
     # Holders per slice of a worker's holders' pass (stage 1b): a new tick waits at most
     # one slice (~2 ns a holder); smaller slices cost more Python per pass.
     holders_slice: int = 8192
+    # The fills journal and the book's snapshots (what a restart recovers from): a
+    # directory that survives a restart and a reboot (systemd: the StateDirectory).
+    # Empty: the endpoints' runtime_dir.
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ def from_dict(doc: dict) -> Config:
         liqgw_cpu=_int(e, "liqgw_cpu", "engine", -1, lo=-1),
         price_stage=price_stage,
         holders_slice=_int(e, "holders_slice", "engine", EngineSettings.holders_slice, lo=1),
+        state_dir=_str(e, "state_dir", "engine") if "state_dir" in e else "",
     )
 
     raw_assets = doc.get("assets")

@@ -12,7 +12,7 @@ it did live; a collateral record credits or debits its balance without deciding 
 so a collateral record journaled after fills it was applied before still gives the same
 book.
 
-Stages of ``margin-engine run`` with ``durable`` state (the runtime directory's
+Stages of ``margin-engine run`` with ``durable`` state (``engine.state_dir``'s
 ``state.snapshot`` and ``fills.journal``)::
 
     1. open      snapshot present: load it, replay the journal from its offset (recover);
@@ -275,10 +275,10 @@ class Opened:
     load_seconds: float = 0.0
 
 
-def open_book(store: Store, runtime_dir: str, asset_names: list[str], provision) -> Opened:
+def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -> Opened:
     """Stage 1 (module doc): recover the book into the new ``store`` from
-    ``runtime_dir``, or call ``provision(store)`` for a new one."""
-    snap, journal = os.path.join(runtime_dir, SNAPSHOT_FILE), os.path.join(runtime_dir, JOURNAL_FILE)
+    ``state_dir``, or call ``provision(store)`` for a new one."""
+    snap, journal = os.path.join(state_dir, SNAPSHOT_FILE), os.path.join(state_dir, JOURNAL_FILE)
     if os.path.exists(snap):
         t0 = time.perf_counter()
         meta = load_snapshot(store, snap, asset_names)
@@ -296,18 +296,18 @@ def open_book(store: Store, runtime_dir: str, asset_names: list[str], provision)
     return Opened(False)
 
 
-def rebase(store: Store, runtime_dir: str, asset_names: list[str]) -> int:
+def rebase(store: Store, state_dir: str, asset_names: list[str]) -> int:
     """Stage 2 (and 4): a snapshot of ``store`` at the journal's current end; return its size."""
-    return write_snapshot(store, os.path.join(runtime_dir, SNAPSHOT_FILE),
-                          journal_end(os.path.join(runtime_dir, JOURNAL_FILE)), asset_names)
+    return write_snapshot(store, os.path.join(state_dir, SNAPSHOT_FILE),
+                          journal_end(os.path.join(state_dir, JOURNAL_FILE)), asset_names)
 
 
-def set_aside(runtime_dir: str) -> list[str]:
+def set_aside(state_dir: str) -> list[str]:
     """``--fresh``: rename the snapshot and the journal (never delete them); return the new names."""
     moved = []
     suffix = time.strftime(".set-aside-%Y%m%dT%H%M%S", time.gmtime())
     for name in (SNAPSHOT_FILE, JOURNAL_FILE):
-        src = os.path.join(runtime_dir, name)
+        src = os.path.join(state_dir, name)
         if os.path.exists(src):
             os.replace(src, src + suffix)
             moved.append(src + suffix)

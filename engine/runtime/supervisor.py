@@ -87,7 +87,9 @@ class Engine:
         self.store: Store | None = None
         self.ctl: Control | None = None
         self.internal = {k: f"ipc://{self.runtime_dir}/{k}.sock" for k in ("orders", "events", "replies")}
-        self.journal_path = os.path.join(self.runtime_dir, "fills.journal")
+        self.state_dir = e.state_dir or self.runtime_dir       # journal and snapshots
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.journal_path = os.path.join(self.state_dir, "fills.journal")
 
     # ------------------------------------------------------------------ state
     def create_state(self) -> Store:
@@ -230,7 +232,7 @@ class Engine:
         self.snapshot_written = False
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
-            rebase(self.store, self.runtime_dir, [x.name for x in self.config.assets])
+            rebase(self.store, self.state_dir, [x.name for x in self.config.assets])
             self.snapshot_written = True
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()

@@ -12,8 +12,10 @@ USDT is asset 0, 1e6 units per USDT. Accounts 1 and 2 live in partitions 1 and 0
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -88,8 +90,10 @@ def start(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Pop
 def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move(spawn, ops_dir):
     root = Path(ops_dir)
     name = unique_name()
-    cfg = write_config(root / "engine.toml", name, endpoints=ipc_endpoints(ops_dir))
     ep = ipc_endpoints(ops_dir)
+    # the journal and snapshots in a state directory of their own, as under systemd
+    cfg = write_config(root / "engine.toml", name, endpoints=ep,
+                       engine={"state_dir": json.dumps(str(root / "state"))})
     proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
 
     ctx = zmq.Context()
@@ -131,6 +135,8 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     os.kill(gateway_pid(name), signal.SIGKILL)
     assert proc.wait(timeout=20) == 1                            # an engine failure: systemd restarts it
     assert not shm_exists(name)                                  # its shared memory is gone with it
+    shutil.rmtree(ep["runtime_dir"])                             # systemd removes RuntimeDirectory= on stop
+    assert sorted(os.listdir(root / "state")) == ["fills.journal", "state.snapshot"]
 
     log2 = root / "run2.err"
     proc2 = start(spawn, cfg, name, log2)                        # what Restart=on-failure runs
