@@ -48,7 +48,7 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
-PASS_THROUGH_BENCHES = ("feeds", "latency")   # their options are bench/NAME.py's own
+PASS_THROUGH_BENCHES = ("feeds", "latency", "recovery")   # their options are bench/NAME.py's own
 
 
 def _load_config(path):
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "gateway (options: margin-engine bench feeds --help)")
     bsub.add_parser("latency", help="tick-to-decision vs a bare relay, HdrHistogram percentiles, rate "
                                     "sweep (options: margin-engine bench latency --help)")
+    bsub.add_parser("recovery", help="restart recovery: snapshot write/load vs raw bytes, journal replay vs "
+                                     "decoding alone (options: margin-engine bench recovery --help)")
     return p
 
 
