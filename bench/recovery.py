@@ -5,7 +5,10 @@ benchmark's book (N accounts x 4 positions over 40 instruments, ``bench.kernel``
 anonymous memory and times, in one run, each against a baseline measured beside it:
 
 1. snapshot write (``write_snapshot``: npz, fsync, rename) against one ``write(2)`` of the
-   same table bytes plus ``fsync`` (the file system's floor for those bytes);
+   same table bytes plus ``fsync`` (the file system's floor for those bytes), and the
+   copy of the book alone (``copy_book`` into the supervisor's touched buffers: what a
+   snapshot while running pauses fills intake for, beside the rings' drain) against
+   ``numpy.copyto`` of the same bytes into new memory;
 2. snapshot load into a new store (``load_snapshot``: CRC-checked read, identity check,
    copy) against ``numpy.fromfile`` of the raw bytes;
 3. journal replay (``replay_journal``) of F fills in BATCH frames of 100 (a taker trading
@@ -111,8 +114,19 @@ def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
     work = tempfile.mkdtemp(prefix="me-bench-recovery-", dir=out_dir)
     try:
         snap, raw, journal = (os.path.join(work, f) for f in ("state.snapshot", "raw.bin", "fills.journal"))
-        w_snap, w_raw, l_snap, l_raw = [], [], [], []
+        w_snap, w_raw, l_snap, l_raw, c_book, c_raw = [], [], [], [], [], []
+        buffers = recovery.book_buffers(store)                 # as the supervisor keeps them
         for _ in range(reps):
+            t0 = time.perf_counter()
+            recovery.copy_book(store, names, buffers)
+            c_book.append(time.perf_counter() - t0)
+            tables = _raw_tables(store)
+            dst = [np.empty_like(t) for t in tables]
+            t0 = time.perf_counter()
+            for d, t in zip(dst, tables):
+                np.copyto(d, t)
+            c_raw.append(time.perf_counter() - t0)
+            del dst
             t0 = time.perf_counter()
             size = recovery.write_snapshot(store, snap, len(MAGIC), names)
             w_snap.append(time.perf_counter() - t0)
@@ -136,6 +150,7 @@ def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
             "snapshot_bytes": size, "raw_bytes": os.path.getsize(raw),
             "snapshot_write_s": _median(w_snap), "raw_write_fsync_s": _median(w_raw),
             "snapshot_load_s": _median(l_snap), "raw_read_s": _median(l_raw),
+            "copy_book_s": _median(c_book), "raw_copy_s": _median(c_raw),
             "journal_bytes": jbytes, "journal_build_s": built_s,
             "replay_s": st.seconds, "replay_fills_per_s": st.fills / st.seconds if st.seconds else None,
             "replay_legs_rejected": st.legs_rejected,
@@ -153,10 +168,11 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    x = np.arange(2)
-    a1.bar(x - 0.2, [r["snapshot_write_s"], r["snapshot_load_s"]], 0.4, label="snapshot (npz, CRC, fsync)")
-    a1.bar(x + 0.2, [r["raw_write_fsync_s"], r["raw_read_s"]], 0.4, label="raw bytes (floor)")
-    a1.set_xticks(x, ["write", "load"])
+    x = np.arange(3)
+    a1.bar(x - 0.2, [r["snapshot_write_s"], r["snapshot_load_s"], r["copy_book_s"]], 0.4,
+           label="snapshot (npz, CRC, fsync; copy: copy_book)")
+    a1.bar(x + 0.2, [r["raw_write_fsync_s"], r["raw_read_s"], r["raw_copy_s"]], 0.4, label="raw bytes (floor)")
+    a1.set_xticks(x, ["write", "load", "copy (the cut's pause)"])
     a1.set_ylabel("seconds")
     a1.set_title(f"Snapshot of {r['accounts']:,} accounts ({r['snapshot_bytes'] / 2**20:.0f} MiB)")
     a1.legend()

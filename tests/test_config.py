@@ -237,6 +237,7 @@ BAD = [
     ("cpus-negative", "[engine]\ncpus = [0, -1]\n" + VALID, "engine.cpus"),
     ("keep-shm-string", "[engine]\nkeep_shm_on_exit = \"yes\"\n" + VALID, "engine.keep_shm_on_exit"),
     ("state-dir-number", "[engine]\nstate_dir = 5\n" + VALID, "engine.state_dir"),
+    ("snapshot-interval-negative", "[engine]\nsnapshot_interval_s = -1\n" + VALID, "engine.snapshot_interval_s"),
     ("gateway-cpu-below-minus-one", "[engine]\ngateway_cpu = -2\n" + VALID, "engine.gateway_cpu"),
     ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),
     ("liqgw-cpu-bool", "[engine]\nliqgw_cpu = true\n" + VALID, "engine.liqgw_cpu"),

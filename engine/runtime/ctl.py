@@ -31,7 +31,7 @@ from engine import _shm
 from engine.store.layout import ACCOUNT, PARTITION, POSITION, PAGE, _align
 
 CTL_MAGIC = int.from_bytes(b"MRGNCTL\x00", "little")
-CTL_VERSION = 1
+CTL_VERSION = 2
 
 
 class Role(enum.IntEnum):
@@ -53,7 +53,12 @@ CTL_HEADER = np.dtype([
     ("ring_capacity", "<i4"), ("shutdown", "<u4"), ("_pad0", "<u4"),
     ("slots_per_account", "<i4"), ("_pad1", "<i4"),
     ("ready_pid", "<i8", (4,)),     # pid of each singleton process once its sockets are bound
-    ("_pad", "<i8", (7,)),
+    # A snapshot's consistent cut (engine/runtime/recovery.py, "snapshots while running"):
+    ("cut_request", "<u8"),         # supervisor: the number of the cut it wants
+    ("cut_ready", "<u8"),           # gateway: that number, once intake is paused and the rings drained
+    ("cut_offset", "<i8"),          # gateway: the journal's size at the cut (-1: refused), before cut_ready
+    ("cut_done", "<u8"),            # supervisor: that number, once the book is copied; intake resumes
+    ("_pad", "<i8", (3,)),
 ])  # 128 bytes
 DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
 RING_HEADER = np.dtype([
@@ -176,6 +181,15 @@ class Control:
              fee: int, ref: int, ts_ns: int, aux: int) -> bool:
         h, r = self.ring_addrs(partition)
         return _shm.ring_push(h, r, kind, instrument, row, delta, price, fee, ref, ts_ns, aux)
+
+    def drained(self) -> bool:
+        """Every partition's ring is empty and no record is half applied: the book holds
+        everything routed so far."""
+        for p in range(self.n_partitions):
+            r, w = _shm.ring_pending(self.rings[p].ctypes.data)
+            if r != w or int(self.undo[p][0]["state"]) != UNDO_IDLE:
+                return False
+        return True
 
     def backlog(self, partition: int) -> int:
         r, w = _shm.ring_pending(self.rings[partition].ctypes.data)

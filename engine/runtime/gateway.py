@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import time
 
@@ -80,6 +81,12 @@ class Gateway:
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal = Journal(journal_path)
+        # A snapshot's cut (``cut_step``): the last cut served, when the one in progress
+        # began, and the collateral requests held back meanwhile.
+        self._cut_served = int(self.ctl.header[0]["cut_request"])
+        self._cut_since: int | None = None
+        self._held: list[tuple[bytes, bytes, int]] = []
+        self._parent = os.getppid()
         # collateral request id -> (ROUTER identity, request frame, receive time): the
         # frame is journaled when the worker's reply says it was applied
         self.pending: dict[int, tuple[bytes, bytes, int]] = {}
@@ -325,6 +332,9 @@ class Gateway:
                 self._reply(ident, MsgType.COLLATERAL_REPLY, {"request_id": f["request_id"], "code": int(code),
                                                               "balance_units": 0})
                 return
+            if self._cut_since is not None:                     # a cut: applied after it
+                self._held.append((ident, frame, recv_ns))
+                return
             p = int(self.store.accounts[row]["partition"])
             kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
             self.pending[f["request_id"]] = (ident, frame, recv_ns)
@@ -375,6 +385,43 @@ class Gateway:
             self.journal.append(0, recv_ns, request)
         self._reply(ident, MsgType.COLLATERAL_REPLY, dict(m.fields))
 
+    # ------------------------------------------------------------------ snapshot cut
+    CUT_DRAIN_TIMEOUT_NS = 1_000_000_000     # a cut not drained by then is refused
+
+    def cut_step(self) -> None:
+        """Serve the supervisor's snapshot cut (control header ``cut_*``), one step a turn.
+
+        1. A new ``cut_request``: stop taking fills and collateral requests (order checks
+           go on; collateral requests are held and taken after the cut).
+        2. Once no collateral reply is pending and every ring is drained, the book holds
+           exactly the journal: fsync it, publish its size (``cut_offset``), then
+           ``cut_ready``. Not drained within ``CUT_DRAIN_TIMEOUT_NS``: refuse (offset -1).
+        3. When the supervisor has copied the book (``cut_done``), or is gone, resume.
+        """
+        h = self.ctl.header[0]
+        req = int(h["cut_request"])
+        if req == self._cut_served:
+            return
+        if self._cut_since is None:
+            self._cut_since = time.monotonic_ns()
+            self.flush_fills(time.time_ns())
+        if int(h["cut_ready"]) != req:
+            if not self.pending and self.ctl.drained():
+                os.fsync(self.journal.fd)
+                h["cut_offset"] = os.fstat(self.journal.fd).st_size
+                h["cut_ready"] = req
+            elif time.monotonic_ns() - self._cut_since > self.CUT_DRAIN_TIMEOUT_NS:
+                h["cut_offset"] = -1
+                h["cut_ready"] = req
+                self.counters["cuts_refused"] += 1
+            return
+        if int(h["cut_done"]) == req or os.getppid() != self._parent:
+            self._cut_served, self._cut_since = req, None
+            self.counters["cuts"] += 1
+            held, self._held = self._held, []
+            for ident, frame, recv_ns in held:
+                self.on_request(ident, frame, recv_ns)
+
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         poller = zmq.Poller()
@@ -383,7 +430,9 @@ class Gateway:
         process.short_slices()              # its sockets (and so its I/O thread) exist
         checks, fills, POLLIN, EVENTS = self.checks, self.fills, zmq.POLLIN, zmq.EVENTS
         while not self.ctl.shutdown:
-            ready = dict(poller.poll(100))
+            self.cut_step()
+            cutting = self._cut_since is not None
+            ready = dict(poller.poll(1 if cutting else 100))
             now = time.time_ns()
             # Drain while the socket says a message waits (no exception per empty read).
             n = 0
@@ -392,7 +441,7 @@ class Gateway:
                 n += 1
                 if len(parts) >= 2:
                     self.on_request(parts[-2], parts[-1], now)
-            n = 0
+            n = 1000 if cutting else 0                              # a cut: fills wait in the socket
             while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:   # a burst: taken, then flushed
                 if self.fills_acks:
                     parts = fills.recv_multipart(zmq.NOBLOCK)

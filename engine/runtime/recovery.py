@@ -20,10 +20,16 @@ Stages of ``margin-engine run`` with ``durable`` state (``engine.state_dir``'s
                  refuse (its book is unknown), unless ``--fresh`` set both aside
     2. re-base   write a snapshot of the book just built (offset: the journal's end), so
                  the next start replays only what comes after
-    3. run       the engine's processes; the journal grows
+    3. run       every ``engine.snapshot_interval_s`` (supervisor, ``Engine.snapshot_now``)
+                 a snapshot at a consistent cut: the gateway pauses fills and collateral
+                 intake (order checks go on), waits until no collateral reply is pending
+                 and every ring is drained, fsyncs the journal and publishes its size; the
+                 supervisor copies the book (``copy_book``, into buffers it keeps) and lets
+                 intake resume, then writes the copy in a thread. A cut not drained
+                 within 1 s is refused (nothing written, intake resumes).
     4. stop      every process exited 0 and every ring drained: the book holds exactly
                  the journal's records, so a snapshot at its end is written; otherwise
-                 (a crash) nothing is written and the next start replays from 2's
+                 (a crash) nothing is written and the next start replays from the last
 
 Snapshot file: a numpy ``.npz`` (a zip whose members carry a CRC-32, checked on load)
 with ``meta`` (JSON: format, layout version, journal offset, the book's identity --
@@ -38,6 +44,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -97,22 +104,53 @@ def _identity_mismatch(saved: dict, now: dict) -> str | None:
 
 
 # --------------------------------------------------------------------------- snapshot
-def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str]) -> int:
-    """Write the book (every partition's used account rows, their position slots, the
-    partition rows) with the journal offset it is the state at; return the file's size.
-    Atomic: a reader sees the old file or the new one, whole."""
+@dataclass
+class BookCopy:
+    """A copy of the book's durable part (``copy_book``): what a snapshot file holds."""
+
+    partitions: np.ndarray
+    accounts: np.ndarray
+    positions: np.ndarray
+    identity: dict
+
+
+def book_buffers(store: Store) -> tuple[np.ndarray, np.ndarray]:
+    """Account and position arrays the size of the store's capacity, every page touched:
+    what ``copy_book`` copies into, so that the copy does not wait on fresh pages (at 1M
+    accounts a copy into new memory took 0.12-0.88 s, into touched memory ~0.1 s)."""
+    acc = np.zeros(store.accounts_cap, L.ACCOUNT)
+    pos = np.zeros(store.accounts_cap * store.slots_per_account, L.POSITION)
+    return acc, pos
+
+
+def copy_book(store: Store, asset_names: list[str],
+              buffers: tuple[np.ndarray, np.ndarray] | None = None) -> BookCopy:
+    """Copy every partition's used account rows, their position slots and the partition
+    rows (the part of a snapshot that must be taken at the cut; writing it can follow),
+    into ``buffers`` (``book_buffers``; the copy is views of them) or new arrays."""
     counts = store.partitions["n_accounts"].astype(np.int64)
-    rows = np.concatenate([np.arange(*store.partition_rows(p))[: int(counts[p])]
-                           for p in range(store.n_partitions)]).astype(np.int64)
-    s = store.slots_per_account
-    slot_idx = (rows[:, None] * s + np.arange(s)[None, :]).ravel()
+    s, total = store.slots_per_account, int(counts.sum())
+    if buffers is None or len(buffers[0]) < total:
+        buffers = (np.empty(total, L.ACCOUNT), np.empty(total * s, L.POSITION))
+    acc, pos = buffers[0][:total], buffers[1][: total * s]
+    k = 0
+    for p in range(store.n_partitions):
+        lo, n = store.partition_rows(p)[0], int(counts[p])
+        np.copyto(acc[k: k + n], store.accounts[lo: lo + n])
+        np.copyto(pos[k * s: (k + n) * s], store.positions[lo * s: (lo + n) * s])
+        k += n
+    return BookCopy(store.partitions.copy(), acc, pos, book_identity(store, asset_names))
+
+
+def write_book(book: BookCopy, path: str, journal_offset: int) -> int:
+    """Write ``book`` as the snapshot at ``journal_offset``; return the file's size.
+    Atomic: a reader sees the old file or the new one, whole."""
     meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION, "journal_offset": int(journal_offset),
-            "created_ns": time.time_ns(), "accounts": int(len(rows)), "identity": book_identity(store, asset_names)}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+            "created_ns": time.time_ns(), "accounts": int(len(book.accounts)), "identity": book.identity}
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
         np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                 partitions=store.partitions.copy(), accounts=store.accounts[rows],
-                 positions=store.positions[slot_idx])
+                 partitions=book.partitions, accounts=book.accounts, positions=book.positions)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -122,6 +160,11 @@ def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: li
     finally:
         os.close(dfd)
     return os.path.getsize(path)
+
+
+def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str]) -> int:
+    """``write_book(copy_book(store))``: for a book nothing else is writing."""
+    return write_book(copy_book(store, asset_names), path, journal_offset)
 
 
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:

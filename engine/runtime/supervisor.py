@@ -25,14 +25,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.config import Config
-from engine import _shm
-from engine.runtime.ctl import UNDO_IDLE, Control, Role
+from engine.runtime.ctl import Control, Role
 from engine.store.shm import Store
 
 
@@ -90,6 +90,10 @@ class Engine:
         self.state_dir = e.state_dir or self.runtime_dir       # journal and snapshots
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.journal_path = os.path.join(self.state_dir, "fills.journal")
+        self._next_snapshot = time.monotonic() + e.snapshot_interval_s
+        self._writer: threading.Thread | None = None     # the snapshot being written (from the buffers)
+        self._book_buffers = None                         # recovery.book_buffers, for every snapshot
+        self.snapshots: list[dict] = []                  # what each snapshot_now did
 
     # ------------------------------------------------------------------ state
     def create_state(self) -> Store:
@@ -188,10 +192,61 @@ class Engine:
         return restarted
 
     def watch_once(self) -> list[str]:
-        """One supervision step: restart dead workers; keep systemd's watchdog fed."""
+        """One supervision step: restart dead workers; keep systemd's watchdog fed; take
+        a snapshot of the book when one is due (``durable``)."""
         restarted = self._check_alive()
         sd_notify("WATCHDOG=1")
+        interval = self.config.engine.snapshot_interval_s
+        if self.durable and interval > 0 and time.monotonic() >= self._next_snapshot \
+                and not (self._writer and self._writer.is_alive()):
+            self._next_snapshot = time.monotonic() + interval
+            self.snapshot_now()
         return restarted
+
+    def snapshot_now(self, timeout_s: float = 2.0) -> dict:
+        """A snapshot of the running book at a consistent cut (recovery.py, "snapshots
+        while running"): ask the gateway for a cut (``cut_request``), wait until it has
+        paused intake and the rings are drained (``cut_ready``, with the journal's size),
+        copy the book, let intake resume (``cut_done``), then write the copy in a thread.
+        Returns what happened: ``written`` (the offset) or ``refused`` / ``timed out``,
+        with the intake pause in ms (request to resume)."""
+        from engine.runtime import recovery
+
+        h = self.ctl.header[0]
+        req = int(h["cut_request"]) + 1
+        t0 = time.monotonic_ns()
+        h["cut_request"] = req
+        deadline = time.monotonic() + timeout_s
+        while int(h["cut_ready"]) != req:
+            if time.monotonic() > deadline:
+                h["cut_done"] = req                  # the gateway resumes once it gets there
+                return self._snapshot_done({"result": "timed out", "pause_ms": (time.monotonic_ns() - t0) / 1e6})
+            time.sleep(0.0002)
+        offset = int(h["cut_offset"])
+        t_ready = time.monotonic_ns()
+        if self._book_buffers is None:               # first snapshot: its copy waits on fresh pages
+            self._book_buffers = recovery.book_buffers(self.store)
+        book = recovery.copy_book(self.store, [a.name for a in self.config.assets],
+                                  self._book_buffers) if offset >= 0 else None
+        h["cut_done"] = req
+        t_done = time.monotonic_ns()
+        info = {"cut": req, "pause_ms": (t_done - t0) / 1e6, "drain_ms": (t_ready - t0) / 1e6,
+                "copy_ms": (t_done - t_ready) / 1e6, "offset": offset}
+        if book is None:
+            return self._snapshot_done({**info, "result": "refused"})
+        path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
+        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, offset),
+                                        name="snapshot-writer", daemon=True)
+        self._writer.start()
+        return self._snapshot_done({**info, "result": "written"})
+
+    def _snapshot_done(self, info: dict) -> dict:
+        self.snapshots.append(info)
+        if not self.quiet or self.durable:
+            print(f"margin-engine: snapshot {info.get('cut', '')}: {info['result']}, fills intake paused "
+                  f"{info['pause_ms']:.1f} ms" + (f" (drain {info['drain_ms']:.1f}, copy {info['copy_ms']:.1f})"
+                                                  if "copy_ms" in info else ""), file=sys.stderr)
+        return info
 
     def worker_pid(self, w: int) -> int:
         return self.pid_of(f"worker{w}")
@@ -205,11 +260,7 @@ class Engine:
         no record is half applied, so the book holds exactly what the journal holds."""
         if not codes or any(c != 0 for c in codes.values()) or self.ctl is None:
             return False
-        for p in range(self.store.n_partitions):
-            r, w = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
-            if r != w or int(self.ctl.undo[p][0]["state"]) != UNDO_IDLE:
-                return False
-        return True
+        return self.ctl.drained()
 
     def stop(self, timeout_s: float = 10.0) -> dict:
         """Stop intake, let workers drain, flush the journal, release the shared memory."""
@@ -230,6 +281,8 @@ class Engine:
             if c.log:
                 c.log.close()
         self.snapshot_written = False
+        if self._writer is not None:
+            self._writer.join()                      # the periodic one first: the stop's is newer
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
             rebase(self.store, self.state_dir, [x.name for x in self.config.assets])

@@ -137,6 +137,8 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert not shm_exists(name)                                  # its shared memory is gone with it
     shutil.rmtree(ep["runtime_dir"])                             # systemd removes RuntimeDirectory= on stop
     assert sorted(os.listdir(root / "state")) == ["fills.journal", "state.snapshot"]
+    for f in ("fills.journal", "state.snapshot"):                # the book's money: owner-only
+        assert os.stat(root / "state" / f).st_mode & 0o777 == 0o600, f
 
     log2 = root / "run2.err"
     proc2 = start(spawn, cfg, name, log2)                        # what Restart=on-failure runs
@@ -181,3 +183,70 @@ def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spa
     assert sorted(book(name)["accounts"]) == [1, 2, 3, 4, 5]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def snapshot_offset(path: Path) -> int:
+    with np.load(path) as z:
+        return json.loads(bytes(z["meta"]).decode())["journal_offset"]
+
+
+def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
+    """With ``snapshot_interval_s = 0.3`` the supervisor snapshots the running book at a
+    cut the gateway makes (intake paused, rings drained): once a snapshot covers the
+    deposits and the first batch, a crash and restart replays only the records after it,
+    and the book is again the one before the crash."""
+    root = Path(ops_dir)
+    name = unique_name()
+    ep = ipc_endpoints(ops_dir)
+    state = root / "state"
+    cfg = write_config(root / "engine.toml", name, endpoints=ep,
+                       engine={"state_dir": json.dumps(str(state)), "snapshot_interval_s": "0.3"})
+    log = root / "run1.err"
+    proc = start(spawn, cfg, name, log, "--accounts", "10")
+    journal, snap = state / "fills.journal", state / "state.snapshot"
+    genesis = snapshot_offset(snap)
+    assert genesis == 8                                          # the journal's header: nothing before
+
+    ctx = zmq.Context()
+    try:
+        checks, fills = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+        for s, e in ((checks, ep["checks"]), (fills, ep["fills"])):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(e)
+        cseq, fseq = Sequencer(), Sequencer()
+        assert collateral(checks, cseq, MsgType.DEPOSIT, 1, 1, 10_000)["code"] == 0
+        assert collateral(checks, cseq, MsgType.DEPOSIT, 2, 2, 10_000)["code"] == 0
+
+        def send(k0: int, n: int) -> None:       # account 1 buys 0.01 BTC from 2 at 95,000 + k, n times
+            batch = [{"trade_id": k + 1, "instrument_id": BTC, "maker_account": 2, "taker_account": 1,
+                      "qty_units": 10, "price_units": (95_000 + k) * 10, "maker_fee_units": 0,
+                      "taker_fee_units": 0, "taker_side": "buy"} for k in range(k0, k0 + n)]
+            fills.send(encode_batch(MsgType.FILL, batch, first_seq=fseq.next(n), ts_ns=time.time_ns()))
+
+        send(0, 20)
+        # a snapshot taken after the batch was journaled covers the three records so far
+        covered = wait_until(lambda: snapshot_offset(snap) == journal.stat().st_size and snapshot_offset(snap),
+                             10.0, "a snapshot covering the deposits and the first batch")
+        assert covered > genesis
+        send(20, 10)
+        # 30 fills of 10 units: +300 units for 0.01 x sum(95,000 + k, k < 30) = 28,504.35 USDT
+        before = wait_until(lambda: (b := book(name))["accounts"][1][3] == [(BTC, 0, 300, 28_504_350_000, 0)]
+                            and b, 10.0, "both batches applied")
+    finally:
+        ctx.destroy(linger=0)
+
+    os.kill(gateway_pid(name), signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1
+    text = log.read_text()
+    assert re.search(r"snapshot \d+: written, fills intake paused [\d.]+ ms \(drain [\d.]+, copy [\d.]+\)", text), text
+    from engine.runtime.journal import replay
+    after_snapshot = sum(1 for _ in replay(str(journal), snapshot_offset(snap)))
+    assert after_snapshot <= 1                                   # the second batch, unless a later snapshot has it
+
+    log2 = root / "run2.err"
+    proc2 = start(spawn, cfg, name, log2)
+    m = re.search(r"replayed (\d+) journal records", log2.read_text())
+    assert m and int(m.group(1)) == after_snapshot, log2.read_text()
+    assert book(name) == before
+    proc2.send_signal(signal.SIGTERM)
+    assert proc2.wait(timeout=20) == 0

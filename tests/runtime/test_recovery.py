@@ -213,3 +213,48 @@ def test_a_damaged_snapshot_is_a_clear_error_and_loads_nothing(tmp_path, damage)
     with pytest.raises(recovery.RecoveryError, match="not a readable snapshot"):
         recovery.load_snapshot(book, snap, NAMES)
     assert int(book.partitions["n_accounts"].sum()) == 0
+
+
+# --------------------------------------------------------------------------- the cut, live
+def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_engine):
+    """A snapshot while running needs the rings drained (the book must hold exactly the
+    journal). With the only worker stopped (SIGSTOP) and a fill waiting in its ring, the
+    gateway refuses the cut after its 1 s drain timeout, nothing is written, and intake
+    resumes: a fill sent after the refusal is taken and, once the worker runs again,
+    applied with the first. Then a cut on the idle engine is written at the journal's end."""
+    import signal
+    import time
+
+    from engine.runtime.harness import wait_until
+    from runtime_support import fill, position
+
+    def two_accounts(store):
+        for acct in (1, 2):
+            store.set_balance(store.add_account(acct), USDT, 100_000 * U)
+
+    run = start_engine(two_accounts)
+    eng = run.engine
+    eng.durable = True                            # what `margin-engine run` sets
+    worker = eng.worker_pid(0)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        run.client.send_fills([fill(1, 1, 2, 10, 950_000)])          # 1 buys 0.01 BTC: stuck in the ring
+        wait_until(lambda: not run.idle(), 5.0, "the fill routed into the stopped worker's ring")
+        t0 = time.monotonic()
+        info = eng.snapshot_now(timeout_s=5.0)
+        assert info["result"] == "refused" and info["offset"] == -1, info
+        assert 1.0 <= time.monotonic() - t0 < 5.0                   # the gateway's drain timeout
+        run.client.send_fills([fill(2, 1, 2, 20, 950_000)])          # after the refused cut
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    wait_until(lambda: position(run.store, 1)[0] == 30, 5.0, "both fills applied (10 + 20 units)")
+    assert not os.path.exists(os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE))
+
+    info = eng.snapshot_now()
+    assert info["result"] == "written", info
+    eng._writer.join()
+    snap = os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE)
+    assert info["offset"] == os.path.getsize(eng.journal_path)      # both fills records are before it
+    book = new_store()
+    assert recovery.load_snapshot(book, snap, NAMES)["journal_offset"] == info["offset"]
+    assert position(book, 1) == (30, 30 * 95_000 * U // 1000)       # 0.03 BTC at 95,000 = 2,850 USDT
