@@ -87,9 +87,12 @@ class Gateway:
         self._cut_since: int | None = None
         self._held: list[tuple[bytes, bytes, int]] = []
         self._parent = os.getppid()
-        # collateral request id -> (ROUTER identity, request frame, receive time): the
-        # frame is journaled when the worker's reply says it was applied
-        self.pending: dict[int, tuple[bytes, bytes, int]] = {}
+        # Collateral requests at a worker, by the gateway's own ticket (the ring record's
+        # ref: two clients may both use request_id 1): (ROUTER identity, the client's
+        # request_id, request frame, receive time). The frame is journaled when the
+        # worker's reply says it was applied.
+        self.pending: dict[int, tuple[bytes, int, bytes, int]] = {}
+        self._last_ticket = 0
         self.counters = collections.Counter()
         self.snap = self.store.price_snapshot()
         self._snap_ns = 0
@@ -337,8 +340,9 @@ class Gateway:
                 return
             p = int(self.store.accounts[row]["partition"])
             kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
-            self.pending[f["request_id"]] = (ident, frame, recv_ns)
-            self._push(p, kind, 0, row, f["amount_units"], 0, 0, f["request_id"], recv_ns, asset)
+            self._last_ticket += 1
+            self.pending[self._last_ticket] = (ident, f["request_id"], frame, recv_ns)
+            self._push(p, kind, 0, row, f["amount_units"], 0, 0, self._last_ticket, recv_ns, asset)
             _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
         else:
             self._reply(ident, MsgType.REJECT, {"ref_seq": m.seq, "ref_type": int(m.type),
@@ -377,13 +381,13 @@ class Gateway:
         m = decode(frame)
         if type(m) is Rejected:
             return
-        pending = self.pending.pop(m.fields["request_id"], None)
+        pending = self.pending.pop(m.fields["request_id"], None)     # our ticket
         if pending is None:
             return
-        ident, request, recv_ns = pending
+        ident, request_id, request, recv_ns = pending
         if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
             self.journal.append(0, recv_ns, request)
-        self._reply(ident, MsgType.COLLATERAL_REPLY, dict(m.fields))
+        self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
     # ------------------------------------------------------------------ snapshot cut
     CUT_DRAIN_TIMEOUT_NS = 1_000_000_000     # a cut not drained by then is refused

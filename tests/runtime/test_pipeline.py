@@ -30,7 +30,7 @@ from engine.liquidation.decide import decide
 from engine.risk.margin import account_detail, pretrade_check
 from engine.runtime.journal import replay
 from engine.store.layout import PRICE_FROZEN, AccountFlag
-from feeds.protocol import MsgType
+from feeds.protocol import MsgType, Sequencer, decode
 from runtime_support import (MALFORMED, USDT, apply_privately, balance, book, fee_pools, fill, money,
                              position, private_store, process_counters, wait_until)
 
@@ -168,6 +168,42 @@ def test_deposit_credits_and_withdrawal_below_initial_margin_is_refused(start_en
     assert c.reply().fields == {"request_id": 34, "code": Code.WITHDRAWAL_INSUFFICIENT_BALANCE,
                                 "balance_units": 900 * USDT}
     assert position(st, CAROL) == (1000, 95_000 * USDT)
+
+
+def test_two_custody_clients_with_the_same_request_id_each_get_their_own_reply(start_engine):
+    """request_id is unique per requester only (docs/protocol.md: "a counter is fine"),
+    so two custody clients may both have request 1 at the worker at once. With the only
+    worker stopped both deposits wait in the rings; each client must then get its own
+    reply: Alice's balance 100,000 + 1 = 100,001 USDT, Bob's 100,000 + 2 = 100,002."""
+    import zmq
+
+    run = start_engine(alice_and_bob_100k_usdt)
+    ctx = zmq.Context()
+    try:
+        custody = []
+        for _ in range(2):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(run.config.endpoints.checks)
+            custody.append(s)
+        worker = run.engine.worker_pid(0)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for s, acct, usdt in zip(custody, (ALICE, BOB), (1, 2)):
+                s.send(Sequencer().encode(MsgType.DEPOSIT, {"request_id": 1, "account": acct, "asset": "USDT",
+                                                            "amount_units": usdt * USDT}))
+            wait_until(lambda: not run.idle(), 5.0, "both deposits in the rings")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        got = []
+        for s in custody:
+            assert s.poll(5_000), "a custody client got no reply within 5 s"
+            m = decode(s.recv())
+            got.append((m.type, m.fields))
+    finally:
+        ctx.destroy(linger=0)
+    assert got == [(MsgType.COLLATERAL_REPLY, {"request_id": 1, "code": 0, "balance_units": 100_001 * USDT}),
+                   (MsgType.COLLATERAL_REPLY, {"request_id": 1, "code": 0, "balance_units": 100_002 * USDT})]
 
 
 # --------------------------------------------------------------------------- 4. order checks
