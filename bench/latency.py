@@ -56,7 +56,7 @@ One run, top to bottom:
 Usage::
 
     python -m bench.latency --accounts 1000000 --holders-fraction 0.1 --rate 200 \\
-        --json bench/results/latency_1M.json
+        --json bench/results/latency_1M.json        # --price-stage process: latency_1M_process_stage.json
 """
 
 from __future__ import annotations
@@ -675,7 +675,7 @@ def pool_engine(parts: list[dict]) -> dict:
 # --------------------------------------------------------------------------- 5. engine
 
 def bench_config(root: str, n: int, wait: str, cpus: tuple[int, ...], orders_direct: bool = False,
-                 price_stage: str = "process", markprice_cpu: int = -1,
+                 price_stage: str = EngineSettings.price_stage, markprice_cpu: int = -1,
                  holders_slice: int = EngineSettings.holders_slice) -> Config:
     assets, instruments = kernel.make_universe()
     base = Config(EngineSettings(), tuple(assets), tuple(instruments))
@@ -703,7 +703,7 @@ def run(accounts: int = 1_000_000, holders_fraction: float = 0.1, rate: float = 
         per_tick: int = 2, positions: int = 2, wait: str = "blocking", cpus: tuple[int, ...] = (),
         leg_s: float = 0.5, sweep: bool = True, sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES,
         sweep_duration_s: float = 2.6, plot_out: str | os.PathLike | None = None, seed: int = 1,
-        quiet: bool = False, orders_direct: bool = False, price_stage: str = "process",
+        quiet: bool = False, orders_direct: bool = False, price_stage: str = EngineSettings.price_stage,
         rounds: int = 8, markprice_cpu: int = -1, holders_slice: int = EngineSettings.holders_slice) -> dict:
     """Run the whole benchmark (module doc); write ``json_out`` and the PNG next to it."""
     n, k = int(accounts), int(per_tick)
@@ -1008,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds of ticks for the engine and for each floor (the interleaved ones in all)")
     ap.add_argument("--rounds", type=int, default=8,
                     help="interleaved rounds: a floor block, then an engine block, each duration/rounds")
-    ap.add_argument("--json", default=None, help="default: bench/results/latency_<N>.json")
+    ap.add_argument("--json", default=None, help="default: bench/results/latency_<N>.json (the "
+                    "default price stage), latency_<N>_process_stage.json (the other)")
     ap.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
     ap.add_argument("--per-tick", type=int, default=2, help="accounts breached per tick (k)")
     ap.add_argument("--positions", type=int, default=2, help="positions per background account")
@@ -1025,14 +1026,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="workers send orders straight to the load process's PULL (no liquidation-gateway hop)")
     ap.add_argument("--holders-slice", type=int, default=EngineSettings.holders_slice,
                     help="holders per slice of the worker's holders' pass (engine.holders_slice)")
-    ap.add_argument("--price-stage", default="process", choices=("process", "worker"),
-                    help="worker: the mark-price stage runs in the worker (engine.price_stage), one hop less")
+    ap.add_argument("--price-stage", default=EngineSettings.price_stage, choices=("process", "worker"),
+                    help="engine.price_stage: worker (the default: worker 0 hears the ticks, one hop less) "
+                         "or process (the mark-price stage in its own process)")
     a = ap.parse_args(argv)
     if a.accounts < 100 or not 0 < a.holders_fraction <= 1 or a.rate <= 0 or a.duration <= 0 or a.holders_slice < 1 \
             or not 1 <= a.rounds <= 50:
         ap.error("need --accounts >= 100, 0 < --holders-fraction <= 1, --rate > 0, --duration > 0, "
                  "--holders-slice >= 1, 1 <= --rounds <= 50")
-    out = a.json or f"bench/results/latency_{_label(a.accounts)}.json"
+    stage = "" if a.price_stage == EngineSettings.price_stage else f"_{a.price_stage}_stage"
+    out = a.json or f"bench/results/latency_{_label(a.accounts)}{stage}.json"
     run(a.accounts, a.holders_fraction, a.rate, out, a.duration, per_tick=a.per_tick, positions=a.positions,
         wait=a.wait, cpus=tuple(int(x) for x in a.cpus.split(",") if x), leg_s=a.leg_s,
         sweep=not a.no_sweep, sweep_rates=tuple(float(x) for x in a.sweep_rates.split(",") if x),

@@ -35,10 +35,11 @@ class EngineSettings:
     gateway_cpu: int = -1              # CPU for the fills/order-check gateway; -1: not pinned
     markprice_cpu: int = -1            # CPU for the mark-price process; -1: not pinned
     liqgw_cpu: int = -1                # CPU for the liquidation gateway; -1: not pinned
-    # Where the mark-price stage runs: "process" (its own process, waking the workers
-    # through their doorbells) or "worker" (inside worker 0, which binds the oracle
-    # socket and re-margins its partitions on the same wake-up: one hop less per tick).
-    price_stage: str = "process"
+    # Where the mark-price stage runs: "worker" (inside worker 0, which binds the oracle
+    # socket and re-margins its partitions on the same wake-up: one hop less per tick;
+    # the default since session 14, docs/architecture.md) or "process" (its own process,
+    # waking the workers through their doorbells).
+    price_stage: str = "worker"
     # Holders per slice of a worker's holders' pass (stage 1b): a new tick waits at most
     # one slice (~2 ns a holder); smaller slices cost more Python per pass.
     holders_slice: int = 8192
@@ -185,7 +186,7 @@ def from_dict(doc: dict) -> Config:
     keep = e.get("keep_shm_on_exit", False)
     if not isinstance(keep, bool):
         raise ConfigError("engine.keep_shm_on_exit: must be true or false")
-    price_stage = _str(e, "price_stage", "engine", "process")
+    price_stage = _str(e, "price_stage", "engine", EngineSettings.price_stage)
     if price_stage not in PRICE_STAGES:
         raise ConfigError(f"engine.price_stage: one of {PRICE_STAGES}, got {price_stage!r}")
     snapshot_interval_s = _num(e, "snapshot_interval_s", "engine", EngineSettings.snapshot_interval_s)

@@ -3,8 +3,9 @@ and a simulated matching engine, watched live in the terminal.
 
 What runs (all real processes and sockets, on private ipc endpoints):
 
-1. the engine: supervisor, mark-price process, fills/order-check gateway, margin
-   workers, liquidation gateway, over shared memory loaded with ``--accounts``
+1. the engine: supervisor, fills/order-check gateway, margin workers (worker 0 also
+   runs the mark-price stage: ``engine.price_stage``), liquidation gateway, over shared
+   memory loaded with ``--accounts``
    leveraged accounts and a house account (the backstop liquidity provider);
 2. an "exchange" process: three simulated oracle venues (random walk with jumps, venue
    outages and spikes) and a simulated matching engine (random trades between the

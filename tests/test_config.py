@@ -22,7 +22,7 @@ def test_default_engine_settings(default):
     assert (e.name, e.accounts_capacity, e.partitions, e.slots_per_account) == ("margin-engine", 20000, 2, 8)
     assert (e.cpus, e.wait, e.keep_shm_on_exit) == ((), "blocking", False)
     assert (e.gateway_cpu, e.markprice_cpu, e.liqgw_cpu) == (-1, -1, -1)      # not pinned
-    assert e.price_stage == "process"             # its own process unless configured
+    assert e.price_stage == "worker"              # worker 0 hears the ticks unless configured
     assert e.holders_slice == 8192                # holders' pass slices: ~20 us each at ~2 ns a holder
 
 

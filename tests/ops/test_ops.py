@@ -173,7 +173,7 @@ def test_workers_are_pinned_and_a_restarted_worker_keeps_its_cpu(local_engine, c
 def test_singleton_processes_are_pinned_where_configured(local_engine):
     # engine.gateway_cpu / markprice_cpu / liqgw_cpu: each process pins itself at start;
     # -1 (the default, here the mark-price process) leaves it where the scheduler likes.
-    le = local_engine(gateway_cpu=1, liqgw_cpu=0)
+    le = local_engine(gateway_cpu=1, liqgw_cpu=0, price_stage="process")
     eng = le.engine
     assert os.sched_getaffinity(eng.pid_of("gateway")) == {1}
     assert os.sched_getaffinity(eng.pid_of("liqgw")) == {0}

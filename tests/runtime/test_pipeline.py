@@ -251,7 +251,7 @@ def _raw(t: int, seq: int, **fields) -> bytes:
 
 
 def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
-    run = start_engine(alice_and_bob_100k_usdt)
+    run = start_engine(alice_and_bob_100k_usdt, price_stage="process")    # its counters in its own log
     st, c = run.store, run.client
     books0, pools0 = book(st), fee_pools(st)
     prices0 = st.prices[:3].copy()
@@ -453,7 +453,7 @@ def test_frozen_engine_is_stopped_then_decides_as_before(start_engine):
     arithmetic of test_price_path_gives_exactly_the_expected_liquidation)."""
     run = start_engine(eve_long_1btc_5k_usdt)
     with run.le.frozen() as pids:
-        assert len(pids) == len(run.engine.children) >= 4          # liqgw, worker, markprice, gateway
+        assert len(pids) == len(run.engine.children) >= 3          # liqgw, worker (with the price stage), gateway
         time.sleep(0.05)
         assert {_proc_state(p) for p in pids} == {"T"}
     time.sleep(0.05)
@@ -658,7 +658,7 @@ def test_clean_shutdown_exits_zero_keeps_a_full_journal_and_releases_shm(start_e
     wait_until(lambda: applied(run, ALICE, 45) and applied(run, BOB, -45), what="all fills")
 
     run.le.__exit__(None, None, None)
-    assert run.le.exit_codes == {"liqgw": 0, "worker0": 0, "markprice": 0, "gateway": 0}
+    assert run.le.exit_codes == {"liqgw": 0, "worker0": 0, "gateway": 0}      # worker 0 runs the price stage
     records = list(replay(run.engine.journal_path))
     assert [(r.first_seq, r.frame) for r in records] == [(1, f1), (2, f2), (10, f3), (11, f4)]
     assert all(a.recv_ns <= b.recv_ns for a, b in zip(records, records[1:]))

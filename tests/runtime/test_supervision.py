@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def test_dead_mark_price_process_is_an_engine_failure(start_engine):
-    run = start_engine()
+    run = start_engine(price_stage="process")
     eng = run.engine
     mark = next(c for c in eng.children if c.role == "markprice")
     os.kill(mark.proc.pid, signal.SIGKILL)
