@@ -92,7 +92,7 @@ def _cmd_run(args) -> int:
     try:                                       # 1. open the book (recover or provision), 2. re-base
         names = [a.name for a in cfg.assets]
         opened = recovery.open_book(store, eng.state_dir, names, new_book)
-        recovery.rebase(store, eng.state_dir, names)
+        recovery.rebase(store, eng.state_dir, names, eng.journal_generation)
     except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()
@@ -102,7 +102,8 @@ def _cmd_run(args) -> int:
         r = opened.replay
         print(f"margin-engine run: recovered {opened.snapshot_accounts:,} accounts from "
               f"{eng.state_dir}/{recovery.SNAPSHOT_FILE} ({opened.snapshot_age_s:.1f} s old, "
-              f"loaded in {opened.load_seconds:.2f} s) and replayed {r.records:,} journal records in "
+              f"loaded in {opened.load_seconds:.2f} s) and replayed {r.records:,} journal records "
+              f"({r.generations} files) in "
               f"{r.seconds:.2f} s: {r.fills:,} fills ({r.fills_rejected} rejected by routing, "
               f"{r.legs_rejected} legs by the kernel), {r.deposits} deposits, {r.withdrawals} withdrawals"
               + (f", {r.unreadable} unreadable" if r.unreadable else ""), file=sys.stderr)

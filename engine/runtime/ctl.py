@@ -58,7 +58,8 @@ CTL_HEADER = np.dtype([
     ("cut_ready", "<u8"),           # gateway: that number, once intake is paused and the rings drained
     ("cut_offset", "<i8"),          # gateway: the journal's size at the cut (-1: refused), before cut_ready
     ("cut_done", "<u8"),            # supervisor: that number, once the book is copied; intake resumes
-    ("_pad", "<i8", (3,)),
+    ("cut_generation", "<u8"),      # gateway: the journal generation it went on in (cut_offset: its start)
+    ("_pad", "<i8", (2,)),
 ])  # 128 bytes
 DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
 RING_HEADER = np.dtype([

@@ -43,7 +43,7 @@ from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
-from engine.runtime.journal import Journal, journal_record
+from engine.runtime.journal import MAGIC, Journal, journal_file, journal_record
 from engine.store.shm import Store
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
                             SequenceTracker, decode, decode_fills)
@@ -58,7 +58,7 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
-                 events_endpoint: str, journal_path: str, partition_owner: list[int],
+                 events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
                  fills_acks: bool = False):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
@@ -80,7 +80,8 @@ class Gateway:
         self.seq_out = Sequencer()
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
-        self.journal = Journal(journal_path)
+        self.journal_dir, self.journal_generation = journal_dir, journal_generation
+        self.journal = Journal(journal_file(journal_dir, journal_generation))
         # A snapshot's cut (``cut_step``): the last cut served, when the one in progress
         # began, and the collateral requests held back meanwhile.
         self._cut_served = int(self.ctl.header[0]["cut_request"])
@@ -398,7 +399,8 @@ class Gateway:
         1. A new ``cut_request``: stop taking fills and collateral requests (order checks
            go on; collateral requests are held and taken after the cut).
         2. Once no collateral reply is pending and every ring is drained, the book holds
-           exactly the journal: fsync it, publish its size (``cut_offset``), then
+           exactly the journal: fsync it and go on in the next generation's file
+           (``cut_generation``, ``cut_offset``: the start of that file), then
            ``cut_ready``. Not drained within ``CUT_DRAIN_TIMEOUT_NS``: refuse (offset -1).
         3. When the supervisor has copied the book (``cut_done``), or is gone, resume.
         """
@@ -411,8 +413,10 @@ class Gateway:
             self.flush_fills(time.time_ns())
         if int(h["cut_ready"]) != req:
             if not self.pending and self.ctl.drained():
-                os.fsync(self.journal.fd)
-                h["cut_offset"] = os.fstat(self.journal.fd).st_size
+                self.journal_generation += 1
+                self.journal.rotate(journal_file(self.journal_dir, self.journal_generation))
+                h["cut_generation"] = self.journal_generation
+                h["cut_offset"] = len(MAGIC)
                 h["cut_ready"] = req
             elif time.monotonic_ns() - self._cut_since > self.CUT_DRAIN_TIMEOUT_NS:
                 h["cut_offset"] = -1
@@ -476,14 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checks", required=True)
     ap.add_argument("--replies", required=True)
     ap.add_argument("--events", required=True)
-    ap.add_argument("--journal", required=True)
+    ap.add_argument("--journal-dir", required=True)
+    ap.add_argument("--journal-generation", type=int, required=True, help="the journal file to write first")
     ap.add_argument("--owners", required=True, help="worker of each partition, comma-separated")
     ap.add_argument("--assets", default="")
     ap.add_argument("--cpu", type=int, default=-1)
     ap.add_argument("--fills-acks", action="store_true", help="ROUTER fills socket answering ACK/REJECT")
     a = ap.parse_args(argv)
     process.enter(a.cpu)
-    g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal,
+    g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
                 [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks)
     if a.assets:
         g.set_asset_names(a.assets.split(","))

@@ -11,6 +11,12 @@ the gateway leaves whole records in the page cache; ``fsync`` runs every
 ``fsync_interval_s`` (0: never, leave it to the OS). ``replay`` yields the records
 in order and stops at a torn tail (a record cut short by a power loss).
 
+Files: ``journal-<generation>.log`` (8 digits) in ``engine.state_dir``, each starting
+with the header. A start of ``margin-engine run`` and every snapshot taken while running
+begin a new generation, so a snapshot always points to the start of a file and the
+files before its generation are no longer needed to recover (archive them, or delete
+them).
+
 Besides fills frames, the gateway appends each DEPOSIT and WITHDRAWAL frame the owning
 worker *applied*, once its reply is back and before the client is answered (first
 sequence number 0): replaying it credits or debits the balance without deciding again.
@@ -19,12 +25,26 @@ sequence number 0): replaying it credits or debits the balance without deciding 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from typing import Iterator, NamedTuple
 
 MAGIC = b"MEJRNL01"
 _REC = struct.Struct("<IQq")
+_NAME = re.compile(r"journal-(\d{8})\.log$")
+
+
+def journal_file(directory: str, generation: int) -> str:
+    """The path of one generation's journal file."""
+    return os.path.join(directory, f"journal-{generation:08d}.log")
+
+
+def journal_generations(directory: str) -> list[int]:
+    """The generations whose journal files are in ``directory``, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
 
 
 def journal_record(first_seq: int, recv_ns: int, frame: bytes) -> bytes:
@@ -58,6 +78,11 @@ class Journal:
         while view:                          # a regular file takes it whole; be safe anyway
             view = view[os.write(self.fd, view):]
         self.records += n
+
+    def rotate(self, path: str) -> None:
+        """Fsync and close this file; go on in a new one at ``path`` (the next generation)."""
+        self.close()
+        self.__init__(path, self.fsync_interval_s)
 
     def maybe_sync(self) -> None:
         if self.fsync_interval_s and time.monotonic() - self._last_sync >= self.fsync_interval_s:

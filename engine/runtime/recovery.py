@@ -13,26 +13,29 @@ so a collateral record journaled after fills it was applied before still gives t
 book.
 
 Stages of ``margin-engine run`` with ``durable`` state (``engine.state_dir``'s
-``state.snapshot`` and ``fills.journal``)::
+``state.snapshot`` and journal files ``journal-<generation>.log``)::
 
-    1. open      snapshot present: load it, replay the journal from its offset (recover);
+    1. open      snapshot present: load it, replay the journal from its generation and
+                 offset through every later generation (recover);
                  neither present: provision a new book; a journal without a snapshot:
                  refuse (its book is unknown), unless ``--fresh`` set both aside
-    2. re-base   write a snapshot of the book just built (offset: the journal's end), so
-                 the next start replays only what comes after
+    2. re-base   write a snapshot of the book just built at the start of a new journal
+                 generation (the gateway's first file), so the next start replays only
+                 what comes after
     3. run       every ``engine.snapshot_interval_s`` (supervisor, ``Engine.snapshot_now``)
                  a snapshot at a consistent cut: the gateway pauses fills and collateral
                  intake (order checks go on), waits until no collateral reply is pending
-                 and every ring is drained, fsyncs the journal and publishes its size; the
-                 supervisor copies the book (``copy_book``, into buffers it keeps) and lets
+                 and every ring is drained, fsyncs the journal and goes on in the next
+                 generation's file, which it publishes; the supervisor copies the book (``copy_book``, into buffers it keeps) and lets
                  intake resume, then writes the copy in a thread. A cut not drained
                  within 1 s is refused (nothing written, intake resumes).
     4. stop      every process exited 0 and every ring drained: the book holds exactly
-                 the journal's records, so a snapshot at its end is written; otherwise
+                 the journal's records, so a snapshot at the latest file's end is written;
+                 otherwise
                  (a crash) nothing is written and the next start replays from the last
 
 Snapshot file: a numpy ``.npz`` (a zip whose members carry a CRC-32, checked on load)
-with ``meta`` (JSON: format, layout version, journal offset, the book's identity --
+with ``meta`` (JSON: format, layout version, journal generation and offset, the book's identity --
 assets and instruments with what gives their integer units a meaning), ``partitions``,
 ``accounts`` and ``positions`` (the used rows, partition by partition). Written to a
 temporary file, fsynced, renamed over the old one, the directory fsynced. Marks are not
@@ -53,13 +56,12 @@ import numpy as np
 
 from engine.accounting.fills import apply_fill_legs, route_reject
 from engine.codes import Code
-from engine.runtime.journal import MAGIC, replay
+from engine.runtime.journal import MAGIC, journal_file, journal_generations, replay
 from engine.store import layout as L
 from engine.store.shm import Store
 from feeds.protocol import MsgType, Rejected, decode, decode_fills
 
 SNAPSHOT_FILE = "state.snapshot"
-JOURNAL_FILE = "fills.journal"
 SNAPSHOT_FORMAT = 1
 REPLAY_LEGS_PER_CALL = 65_536       # legs gathered before one apply_fill_legs call
 
@@ -142,10 +144,12 @@ def copy_book(store: Store, asset_names: list[str],
     return BookCopy(store.partitions.copy(), acc, pos, book_identity(store, asset_names))
 
 
-def write_book(book: BookCopy, path: str, journal_offset: int) -> int:
-    """Write ``book`` as the snapshot at ``journal_offset``; return the file's size.
-    Atomic: a reader sees the old file or the new one, whole."""
-    meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION, "journal_offset": int(journal_offset),
+def write_book(book: BookCopy, path: str, journal_generation: int, journal_offset: int) -> int:
+    """Write ``book`` as the snapshot at byte ``journal_offset`` of journal generation
+    ``journal_generation``; return the file's size. Atomic: a reader sees the old file
+    or the new one, whole."""
+    meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION,
+            "journal_generation": int(journal_generation), "journal_offset": int(journal_offset),
             "created_ns": time.time_ns(), "accounts": int(len(book.accounts)), "identity": book.identity}
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
@@ -162,9 +166,10 @@ def write_book(book: BookCopy, path: str, journal_offset: int) -> int:
     return os.path.getsize(path)
 
 
-def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str]) -> int:
+def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str],
+                   journal_generation: int = 1) -> int:
     """``write_book(copy_book(store))``: for a book nothing else is writing."""
-    return write_book(copy_book(store, asset_names), path, journal_offset)
+    return write_book(copy_book(store, asset_names), path, journal_generation, journal_offset)
 
 
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
@@ -225,6 +230,7 @@ class ReplayStats:
     deposits: int = 0
     withdrawals: int = 0
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
+    generations: int = 0           # journal files replayed (replay_generations)
     end_offset: int = 0
     seconds: float = 0.0
     reject_codes: dict = field(default_factory=dict)
@@ -297,12 +303,27 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
 
 
 def journal_end(path: str) -> int:
-    """The journal's size in bytes (``len(MAGIC)`` for none yet: nothing to replay)."""
+    """A journal file's size in bytes (``len(MAGIC)`` for none yet: nothing to replay)."""
     return os.path.getsize(path) if os.path.exists(path) else len(MAGIC)
 
 
-def journal_has_records(path: str) -> bool:
-    return os.path.exists(path) and os.path.getsize(path) > len(MAGIC)
+def replay_generations(store: Store, state_dir: str, generation: int, offset: int,
+                       asset_names: list[str]) -> ReplayStats:
+    """Replay generation ``generation`` from byte ``offset``, then every later one whole."""
+    total = ReplayStats()
+    t0 = time.perf_counter()
+    for g in journal_generations(state_dir):
+        if g < generation:
+            continue
+        st = replay_journal(store, journal_file(state_dir, g), offset if g == generation else 0, asset_names)
+        for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals", "unreadable"):
+            setattr(total, f, getattr(total, f) + getattr(st, f))
+        for c, n in st.reject_codes.items():
+            total.reject_codes[c] = total.reject_codes.get(c, 0) + n
+        total.end_offset = st.end_offset
+        total.generations = total.generations + 1
+    total.seconds = time.perf_counter() - t0
+    return total
 
 
 # --------------------------------------------------------------------------- start-up
@@ -321,35 +342,42 @@ class Opened:
 def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -> Opened:
     """Stage 1 (module doc): recover the book into the new ``store`` from
     ``state_dir``, or call ``provision(store)`` for a new one."""
-    snap, journal = os.path.join(state_dir, SNAPSHOT_FILE), os.path.join(state_dir, JOURNAL_FILE)
+    snap = os.path.join(state_dir, SNAPSHOT_FILE)
+    gens = journal_generations(state_dir)
     if os.path.exists(snap):
         t0 = time.perf_counter()
         meta = load_snapshot(store, snap, asset_names)
         loaded = time.perf_counter() - t0
-        offset = int(meta["journal_offset"])
-        if offset > journal_end(journal):
-            raise RecoveryError(f"{journal} is {journal_end(journal)} bytes, shorter than the snapshot's offset "
+        gen, offset = int(meta.get("journal_generation", 1)), int(meta["journal_offset"])
+        first = journal_file(state_dir, gen)
+        if offset > journal_end(first):
+            raise RecoveryError(f"{first} is {journal_end(first)} bytes, shorter than the snapshot's offset "
                                 f"{offset}: it is not the journal this snapshot was taken against")
-        stats = replay_journal(store, journal, offset, asset_names)
+        stats = replay_generations(store, state_dir, gen, offset, asset_names)
         return Opened(True, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9, stats, loaded)
-    if journal_has_records(journal):
-        raise RecoveryError(f"{journal} holds records but there is no {SNAPSHOT_FILE} beside it, so the book "
-                            f"they apply to is unknown; start with --fresh to set both aside and begin a new book")
+    with_records = [journal_file(state_dir, g) for g in gens if journal_end(journal_file(state_dir, g)) > len(MAGIC)]
+    if with_records:
+        raise RecoveryError(f"{with_records[0]} holds records but there is no {SNAPSHOT_FILE} beside it, so the "
+                            f"book they apply to is unknown; start with --fresh to set the files aside and begin "
+                            f"a new book")
     provision(store)
     return Opened(False)
 
 
-def rebase(store: Store, state_dir: str, asset_names: list[str]) -> int:
-    """Stage 2 (and 4): a snapshot of ``store`` at the journal's current end; return its size."""
+def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int) -> int:
+    """Stages 2 and 4: a snapshot of ``store`` at the end of journal ``generation``
+    (its start, when the gateway has not written it yet); return the file's size."""
     return write_snapshot(store, os.path.join(state_dir, SNAPSHOT_FILE),
-                          journal_end(os.path.join(state_dir, JOURNAL_FILE)), asset_names)
+                          journal_end(journal_file(state_dir, generation)), asset_names, generation)
 
 
 def set_aside(state_dir: str) -> list[str]:
-    """``--fresh``: rename the snapshot and the journal (never delete them); return the new names."""
+    """``--fresh``: rename the snapshot and the journal files (never delete them); return
+    the new names."""
     moved = []
     suffix = time.strftime(".set-aside-%Y%m%dT%H%M%S", time.gmtime())
-    for name in (SNAPSHOT_FILE, JOURNAL_FILE):
+    names = [SNAPSHOT_FILE] + [os.path.basename(journal_file(state_dir, g)) for g in journal_generations(state_dir)]
+    for name in names:
         src = os.path.join(state_dir, name)
         if os.path.exists(src):
             os.replace(src, src + suffix)

@@ -33,6 +33,7 @@ import numpy as np
 
 from engine.config import Config
 from engine.runtime.ctl import Control, Role
+from engine.runtime.journal import journal_file, journal_generations
 from engine.store.shm import Store
 
 
@@ -89,15 +90,26 @@ class Engine:
         self.internal = {k: f"ipc://{self.runtime_dir}/{k}.sock" for k in ("orders", "events", "replies")}
         self.state_dir = e.state_dir or self.runtime_dir       # journal and snapshots
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        self.journal_path = os.path.join(self.state_dir, "fills.journal")
+        self.journal_generation = 1                      # the gateway's first file (create_state decides)
         self._next_snapshot = time.monotonic() + e.snapshot_interval_s
         self._writer: threading.Thread | None = None     # the snapshot being written (from the buffers)
         self._book_buffers = None                         # recovery.book_buffers, for every snapshot
         self.snapshots: list[dict] = []                  # what each snapshot_now did
 
     # ------------------------------------------------------------------ state
+    @property
+    def journal_path(self) -> str:
+        """The journal file being written now: the latest generation in the state dir
+        (the gateway may have begun one after a cut the supervisor gave up waiting for)."""
+        return journal_file(self.state_dir, self.latest_generation())
+
+    def latest_generation(self) -> int:
+        return max(journal_generations(self.state_dir), default=self.journal_generation)
+
     def create_state(self) -> Store:
         e = self.config.engine
+        # a new journal generation every start: what the gateway writes first
+        self.journal_generation = max(journal_generations(self.state_dir), default=0) + 1
         self.store = Store.create(e.name, assets=list(self.config.assets),
                                   instruments=list(self.config.instruments),
                                   accounts_capacity=e.accounts_capacity, n_partitions=e.partitions,
@@ -145,7 +157,7 @@ class Engine:
         self.children.append(Child("gateway", [
             "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
             "--replies", self.internal["replies"], "--events", self.internal["events"],
-            "--journal", self.journal_path, "--owners", ",".join(map(str, self.owner)), "--assets", assets,
+            "--journal-dir", self.state_dir, "--journal-generation", str(self.journal_generation), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
             "--cpu", str(e.gateway_cpu)]
             + (["--fills-acks"] if ep.fills_acks else []), cpu=e.gateway_cpu))
         t0 = time.time_ns()
@@ -206,8 +218,8 @@ class Engine:
     def snapshot_now(self, timeout_s: float = 2.0) -> dict:
         """A snapshot of the running book at a consistent cut (recovery.py, "snapshots
         while running"): ask the gateway for a cut (``cut_request``), wait until it has
-        paused intake and the rings are drained (``cut_ready``, with the journal's size),
-        copy the book, let intake resume (``cut_done``), then write the copy in a thread.
+        paused intake, the rings are drained and it went on in a new journal generation
+        (``cut_ready``, ``cut_generation``), copy the book, let intake resume (``cut_done``), then write the copy in a thread.
         Returns what happened: ``written`` (the offset) or ``refused`` / ``timed out``,
         with the intake pause in ms (request to resume)."""
         from engine.runtime import recovery
@@ -222,7 +234,7 @@ class Engine:
                 h["cut_done"] = req                  # the gateway resumes once it gets there
                 return self._snapshot_done({"result": "timed out", "pause_ms": (time.monotonic_ns() - t0) / 1e6})
             time.sleep(0.0002)
-        offset = int(h["cut_offset"])
+        offset, generation = int(h["cut_offset"]), int(h["cut_generation"])
         t_ready = time.monotonic_ns()
         if self._book_buffers is None:               # first snapshot: its copy waits on fresh pages
             self._book_buffers = recovery.book_buffers(self.store)
@@ -231,11 +243,12 @@ class Engine:
         h["cut_done"] = req
         t_done = time.monotonic_ns()
         info = {"cut": req, "pause_ms": (t_done - t0) / 1e6, "drain_ms": (t_ready - t0) / 1e6,
-                "copy_ms": (t_done - t_ready) / 1e6, "offset": offset}
+                "copy_ms": (t_done - t_ready) / 1e6, "offset": offset, "generation": generation}
         if book is None:
             return self._snapshot_done({**info, "result": "refused"})
+        self.journal_generation = generation
         path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
-        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, offset),
+        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, generation, offset),
                                         name="snapshot-writer", daemon=True)
         self._writer.start()
         return self._snapshot_done({**info, "result": "written"})
@@ -285,7 +298,7 @@ class Engine:
             self._writer.join()                      # the periodic one first: the stop's is newer
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
-            rebase(self.store, self.state_dir, [x.name for x in self.config.assets])
+            rebase(self.store, self.state_dir, [x.name for x in self.config.assets], self.latest_generation())
             self.snapshot_written = True
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()

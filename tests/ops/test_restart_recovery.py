@@ -136,8 +136,8 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert proc.wait(timeout=20) == 1                            # an engine failure: systemd restarts it
     assert not shm_exists(name)                                  # its shared memory is gone with it
     shutil.rmtree(ep["runtime_dir"])                             # systemd removes RuntimeDirectory= on stop
-    assert sorted(os.listdir(root / "state")) == ["fills.journal", "state.snapshot"]
-    for f in ("fills.journal", "state.snapshot"):                # the book's money: owner-only
+    assert sorted(os.listdir(root / "state")) == ["journal-00000001.log", "state.snapshot"]
+    for f in ("journal-00000001.log", "state.snapshot"):         # the book's money: owner-only
         assert os.stat(root / "state" / f).st_mode & 0o777 == 0o600, f
 
     log2 = root / "run2.err"
@@ -170,7 +170,7 @@ def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spa
     cfg = write_config(root / "engine.toml", name, endpoints=ep)
     run_dir = Path(ep["runtime_dir"])
     run_dir.mkdir(parents=True)
-    (run_dir / "fills.journal").write_bytes(b"MEJRNL01" + np.zeros(28, np.uint8).tobytes())
+    (run_dir / "journal-00000001.log").write_bytes(b"MEJRNL01" + np.zeros(28, np.uint8).tobytes())
     r = subprocess.run(cli("run", "--config", str(cfg)), capture_output=True, text=True, timeout=30,
                        cwd=REPO, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stderr
@@ -179,15 +179,17 @@ def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spa
 
     proc = start(spawn, cfg, name, root / "fresh.err", "--fresh", "--accounts", "5")
     assert "kept the old book's file as" in (root / "fresh.err").read_text()
-    assert [p.name.split(".set-aside-")[0] for p in run_dir.glob("*.set-aside-*")] == ["fills.journal"]
+    assert [p.name.split(".set-aside-")[0] for p in run_dir.glob("*.set-aside-*")] == ["journal-00000001.log"]
     assert sorted(book(name)["accounts"]) == [1, 2, 3, 4, 5]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
 
 
-def snapshot_offset(path: Path) -> int:
+def snapshot_at(path: Path) -> tuple[int, int]:
+    """(journal generation, offset) a snapshot file was taken at."""
     with np.load(path) as z:
-        return json.loads(bytes(z["meta"]).decode())["journal_offset"]
+        meta = json.loads(bytes(z["meta"]).decode())
+    return meta["journal_generation"], meta["journal_offset"]
 
 
 def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
@@ -203,9 +205,8 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
                        engine={"state_dir": json.dumps(str(state)), "snapshot_interval_s": "0.3"})
     log = root / "run1.err"
     proc = start(spawn, cfg, name, log, "--accounts", "10")
-    journal, snap = state / "fills.journal", state / "state.snapshot"
-    genesis = snapshot_offset(snap)
-    assert genesis == 8                                          # the journal's header: nothing before
+    snap = state / "state.snapshot"
+    assert snapshot_at(snap) == (1, 8)                           # the new book: the start of generation 1
 
     ctx = zmq.Context()
     try:
@@ -224,10 +225,18 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
             fills.send(encode_batch(MsgType.FILL, batch, first_seq=fseq.next(n), ts_ns=time.time_ns()))
 
         send(0, 20)
-        # a snapshot taken after the batch was journaled covers the three records so far
-        covered = wait_until(lambda: snapshot_offset(snap) == journal.stat().st_size and snapshot_offset(snap),
-                             10.0, "a snapshot covering the deposits and the first batch")
-        assert covered > genesis
+        # every cut begins a new journal generation: once a snapshot points past the
+        # generation that holds the first batch (the record numbered 1), the book it
+        # holds has the deposits and that batch
+        from engine.runtime.journal import journal_file, journal_generations, replay
+
+        def batch_generation() -> int | None:
+            for g in journal_generations(str(state)):
+                if any(r.first_seq == 1 for r in replay(journal_file(str(state), g))):
+                    return g
+            return None
+        g_batch = wait_until(batch_generation, 10.0, "the first batch journaled")
+        wait_until(lambda: snapshot_at(snap)[0] > g_batch, 10.0, "a snapshot after the first batch")
         send(20, 10)
         # 30 fills of 10 units: +300 units for 0.01 x sum(95,000 + k, k < 30) = 28,504.35 USDT
         before = wait_until(lambda: (b := book(name))["accounts"][1][3] == [(BTC, 0, 300, 28_504_350_000, 0)]
@@ -239,8 +248,9 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
     assert proc.wait(timeout=20) == 1
     text = log.read_text()
     assert re.search(r"snapshot \d+: written, fills intake paused [\d.]+ ms \(drain [\d.]+, copy [\d.]+\)", text), text
-    from engine.runtime.journal import replay
-    after_snapshot = sum(1 for _ in replay(str(journal), snapshot_offset(snap)))
+    gen, offset = snapshot_at(snap)
+    after_snapshot = sum(1 for g in journal_generations(str(state)) if g >= gen
+                         for _ in replay(journal_file(str(state), g), offset if g == gen else 0))
     assert after_snapshot <= 1                                   # the second batch, unless a later snapshot has it
 
     log2 = root / "run2.err"

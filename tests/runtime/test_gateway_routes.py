@@ -39,7 +39,7 @@ def gw(tmp_path_factory):
         store.add_account(a)
     ep = {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}
     g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"],
-                  os.path.join(root, "journal"), [0, 1])
+                  root, 1, [0, 1])
     events = []
     g.emit = lambda code, detail, account=None: events.append((int(code), detail))
     yield g, ctl, events

@@ -18,7 +18,7 @@ import pytest
 from engine.codes import Code
 from engine.config import load_default
 from engine.runtime import recovery
-from engine.runtime.journal import Journal, MAGIC, journal_record
+from engine.runtime.journal import MAGIC, Journal, journal_file, replay
 from engine.store.shm import Store
 from feeds.protocol import MsgType, encode, encode_batch
 
@@ -163,20 +163,20 @@ def test_open_book_provisions_a_new_book_recovers_one_and_refuses_a_journal_with
     store = new_store()
     opened = recovery.open_book(store, d, NAMES, lambda s: made.append(three_accounts(s)))
     assert not opened.recovered and len(made) == 1 and int(store.partitions["n_accounts"].sum()) == 3
-    recovery.rebase(store, d, NAMES)                                  # offset: no journal yet -> len(MAGIC)
-    write_journal(os.path.join(d, recovery.JOURNAL_FILE))
+    recovery.rebase(store, d, NAMES, 1)                               # generation 1 not written yet: its start
+    write_journal(journal_file(d, 1))
 
     again = new_store()
     opened = recovery.open_book(again, d, NAMES, lambda s: made.append(1))
     assert opened.recovered and len(made) == 1                 # not provisioned again
-    assert (opened.snapshot_accounts, opened.replay.records) == (3, 5)
+    assert (opened.snapshot_accounts, opened.replay.records, opened.replay.generations) == (3, 5, 1)
     assert balance(again, 3) == 11_000 * U
 
     os.remove(os.path.join(d, recovery.SNAPSHOT_FILE))
     with pytest.raises(recovery.RecoveryError, match="no state.snapshot beside it.*--fresh"):
         recovery.open_book(new_store(), d, NAMES, lambda s: made.append(1))
     moved = recovery.set_aside(d)
-    assert [os.path.basename(m).split(".set-aside-")[0] for m in moved] == [recovery.JOURNAL_FILE]
+    assert [os.path.basename(m).split(".set-aside-")[0] for m in moved] == ["journal-00000001.log"]
     assert all(os.path.exists(m) for m in moved)               # renamed, not deleted
     assert not recovery.open_book(new_store(), d, NAMES, lambda s: made.append(1)).recovered and len(made) == 2
 
@@ -250,11 +250,50 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
     wait_until(lambda: position(run.store, 1)[0] == 30, 5.0, "both fills applied (10 + 20 units)")
     assert not os.path.exists(os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE))
 
+    first = eng.journal_path
     info = eng.snapshot_now()
     assert info["result"] == "written", info
     eng._writer.join()
     snap = os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE)
-    assert info["offset"] == os.path.getsize(eng.journal_path)      # both fills records are before it
+    # the gateway went on in generation 2 and the snapshot points to its start; both
+    # fills records are in generation 1, before it
+    assert (info["generation"], info["offset"]) == (2, len(MAGIC))
+    assert eng.journal_path == journal_file(eng.state_dir, 2) and os.path.getsize(eng.journal_path) == len(MAGIC)
+    assert [r.first_seq for r in replay(first)] == [1, 2]
     book = new_store()
-    assert recovery.load_snapshot(book, snap, NAMES)["journal_offset"] == info["offset"]
+    meta = recovery.load_snapshot(book, snap, NAMES)
+    assert (meta["journal_generation"], meta["journal_offset"]) == (2, len(MAGIC))
     assert position(book, 1) == (30, 30 * 95_000 * U // 1000)       # 0.03 BTC at 95,000 = 2,850 USDT
+
+
+def test_replay_runs_from_the_snapshots_generation_through_every_later_one(tmp_path):
+    """The five records split over two journal files (records 1-3 in generation 1, 4-5 in
+    generation 2, as a cut between them would leave them), a snapshot taken after record
+    1 (generation 1, the offset after it), and an older generation 0 file that must be
+    ignored: the chain replays records 2-5 and gives the book of the whole journal."""
+    d = str(tmp_path)
+    whole_journal = str(tmp_path / "whole.log")
+    ends = write_journal(whole_journal)
+    data = open(whole_journal, "rb").read()
+    open(journal_file(d, 1), "wb").write(data[: ends[2]])
+    open(journal_file(d, 2), "wb").write(MAGIC + data[ends[2]:])
+    open(journal_file(d, 0), "wb").write(data)                       # before the snapshot: not replayed
+    whole = new_store()
+    three_accounts(whole)
+    recovery.replay_journal(whole, whole_journal, 0, NAMES)
+
+    partial = new_store()
+    three_accounts(partial)
+    first_only = str(tmp_path / "first.log")
+    open(first_only, "wb").write(data[: ends[0]])
+    recovery.replay_journal(partial, first_only, 0, NAMES)
+    recovery.write_snapshot(partial, os.path.join(d, recovery.SNAPSHOT_FILE), ends[0], NAMES, 1)
+
+    book = new_store()
+    opened = recovery.open_book(book, d, NAMES, lambda s: pytest.fail("provisioned"))
+    assert (opened.replay.records, opened.replay.generations) == (4, 2)
+    for t in ("accounts", "positions", "partitions"):
+        a, b = getattr(whole, t).copy(), getattr(book, t).copy()
+        if "seq" in a.dtype.names:
+            a["seq"] = b["seq"] = 0
+        assert a.tobytes() == b.tobytes(), t
