@@ -79,6 +79,19 @@ def collateral(sock: zmq.Socket, seq: Sequencer, kind: MsgType, request_id: int,
     return m.fields
 
 
+def custody_and_matching(ctx: zmq.Context, ep: dict) -> tuple[zmq.Socket, Sequencer, zmq.Socket, Sequencer]:
+    """A custody DEALER and a matching-engine fills PUSH, connected; 10,000 USDT deposited
+    to accounts 1 and 2 (both applied)."""
+    checks, fills = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+    for s, e in ((checks, ep["checks"]), (fills, ep["fills"])):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(e)
+    cseq, fseq = Sequencer(), Sequencer()
+    assert collateral(checks, cseq, MsgType.DEPOSIT, 1, 1, 10_000)["code"] == 0
+    assert collateral(checks, cseq, MsgType.DEPOSIT, 2, 2, 10_000)["code"] == 0
+    return checks, cseq, fills, fseq
+
+
 def start(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
     with open(log, "wb") as err:
         proc = spawn(cli("run", "--config", str(cfg), *extra), segments=[name, name + "-ctl"],
@@ -98,13 +111,7 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
 
     ctx = zmq.Context()
     try:
-        checks, fills = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
-        for s, e in ((checks, ep["checks"]), (fills, ep["fills"])):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(e)
-        cseq, fseq = Sequencer(), Sequencer()
-        assert collateral(checks, cseq, MsgType.DEPOSIT, 1, 1, 10_000)["code"] == 0
-        assert collateral(checks, cseq, MsgType.DEPOSIT, 2, 2, 10_000)["code"] == 0
+        checks, cseq, fills, fseq = custody_and_matching(ctx, ep)
         # Fill k (k = 0..49): account 1 buys 0.01 BTC (10 units) from account 2 at
         # 95,000 + k, paying a 1 USDT taker fee; then one fill naming an unknown account 99.
         batch = [{"trade_id": k + 1, "instrument_id": BTC, "maker_account": 2, "taker_account": 1,
@@ -210,13 +217,7 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
 
     ctx = zmq.Context()
     try:
-        checks, fills = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
-        for s, e in ((checks, ep["checks"]), (fills, ep["fills"])):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(e)
-        cseq, fseq = Sequencer(), Sequencer()
-        assert collateral(checks, cseq, MsgType.DEPOSIT, 1, 1, 10_000)["code"] == 0
-        assert collateral(checks, cseq, MsgType.DEPOSIT, 2, 2, 10_000)["code"] == 0
+        checks, cseq, fills, fseq = custody_and_matching(ctx, ep)
 
         def send(k0: int, n: int) -> None:       # account 1 buys 0.01 BTC from 2 at 95,000 + k, n times
             batch = [{"trade_id": k + 1, "instrument_id": BTC, "maker_account": 2, "taker_account": 1,

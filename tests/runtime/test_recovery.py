@@ -85,6 +85,27 @@ def balance(store: Store, acct: int) -> int:
     return int(store.accounts[store.row_of(acct)]["balance"][USDT])
 
 
+def assert_same_book(a: Store, b: Store) -> None:
+    """Every account row, position slot and partition row equal, seqlock counters aside
+    (they count how often a row was written)."""
+    for t in ("accounts", "positions", "partitions"):
+        x, y = getattr(a, t).copy(), getattr(b, t).copy()
+        if "seq" in x.dtype.names:
+            x["seq"] = y["seq"] = 0
+        assert x.tobytes() == y.tobytes(), t
+
+
+def book_after_first_record(tmp_path, journal: str, end_of_first: int) -> Store:
+    """The three accounts with only the journal's first record replayed."""
+    book = new_store()
+    three_accounts(book)
+    first_only = str(tmp_path / "first.log")
+    with open(journal, "rb") as f, open(first_only, "wb") as g:
+        g.write(f.read(end_of_first))
+    assert recovery.replay_journal(book, first_only, 0, NAMES).records == 1
+    return book
+
+
 def test_snapshot_plus_replay_gives_the_book_the_fills_and_collateral_made(tmp_path):
     journal, snap = str(tmp_path / "fills.journal"), str(tmp_path / "state.snapshot")
     before = new_store()
@@ -127,22 +148,12 @@ def test_a_snapshot_after_some_records_replays_only_the_rest(tmp_path):
     three_accounts(whole)
     recovery.replay_journal(whole, journal, 0, NAMES)
 
-    partial = new_store()
-    three_accounts(partial)
-    first_only = str(tmp_path / "first.journal")
-    with open(journal, "rb") as f, open(first_only, "wb") as g:
-        g.write(f.read(ends[0]))
-    assert recovery.replay_journal(partial, first_only, 0, NAMES).records == 1
-    recovery.write_snapshot(partial, snap, ends[0], NAMES)
+    recovery.write_snapshot(book_after_first_record(tmp_path, journal, ends[0]), snap, ends[0], NAMES)
 
     book = new_store()
     st = recovery.replay_journal(book, journal, recovery.load_snapshot(book, snap, NAMES)["journal_offset"], NAMES)
     assert st.records == 4
-    for t in ("accounts", "positions", "partitions"):
-        a, b = getattr(whole, t).copy(), getattr(book, t).copy()
-        if "seq" in a.dtype.names:        # seqlock counters: how often a row was written
-            a["seq"] = b["seq"] = 0
-        assert a.tobytes() == b.tobytes(), t
+    assert_same_book(whole, book)
 
 
 def test_a_torn_journal_tail_replays_every_whole_record(tmp_path):
@@ -282,18 +293,10 @@ def test_replay_runs_from_the_snapshots_generation_through_every_later_one(tmp_p
     three_accounts(whole)
     recovery.replay_journal(whole, whole_journal, 0, NAMES)
 
-    partial = new_store()
-    three_accounts(partial)
-    first_only = str(tmp_path / "first.log")
-    open(first_only, "wb").write(data[: ends[0]])
-    recovery.replay_journal(partial, first_only, 0, NAMES)
-    recovery.write_snapshot(partial, os.path.join(d, recovery.SNAPSHOT_FILE), ends[0], NAMES, 1)
+    recovery.write_snapshot(book_after_first_record(tmp_path, whole_journal, ends[0]),
+                            os.path.join(d, recovery.SNAPSHOT_FILE), ends[0], NAMES, 1)
 
     book = new_store()
     opened = recovery.open_book(book, d, NAMES, lambda s: pytest.fail("provisioned"))
     assert (opened.replay.records, opened.replay.generations) == (4, 2)
-    for t in ("accounts", "positions", "partitions"):
-        a, b = getattr(whole, t).copy(), getattr(book, t).copy()
-        if "seq" in a.dtype.names:
-            a["seq"] = b["seq"] = 0
-        assert a.tobytes() == b.tobytes(), t
+    assert_same_book(whole, book)
