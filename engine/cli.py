@@ -92,7 +92,8 @@ def _cmd_run(args) -> int:
     try:                                       # 1. open the book (recover or provision), 2. re-base
         names = [a.name for a in cfg.assets]
         opened = recovery.open_book(store, eng.state_dir, names, new_book)
-        recovery.rebase(store, eng.state_dir, names, eng.journal_generation)
+        eng.fills_last_seq = opened.fills_last_seq      # the gateway drops what it had taken before
+        recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq)
     except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()
@@ -106,7 +107,8 @@ def _cmd_run(args) -> int:
               f"({r.generations} files) in "
               f"{r.seconds:.2f} s: {r.fills:,} fills ({r.fills_rejected} rejected by routing, "
               f"{r.legs_rejected} legs by the kernel), {r.deposits} deposits, {r.withdrawals} withdrawals"
-              + (f", {r.unreadable} unreadable" if r.unreadable else ""), file=sys.stderr)
+              + (f", {r.unreadable} unreadable" if r.unreadable else "")
+              + f"; fills stream goes on after seq {opened.fills_last_seq:,}", file=sys.stderr)
         if args.accounts or args.demo_accounts:
             print("margin-engine run: --accounts / --demo-accounts ignored: they shape a new book only "
                   "(--fresh starts one)", file=sys.stderr)

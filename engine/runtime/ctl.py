@@ -59,7 +59,8 @@ CTL_HEADER = np.dtype([
     ("cut_offset", "<i8"),          # gateway: the journal's size at the cut (-1: refused), before cut_ready
     ("cut_done", "<u8"),            # supervisor: that number, once the book is copied; intake resumes
     ("cut_generation", "<u8"),      # gateway: the journal generation it went on in (cut_offset: its start)
-    ("_pad", "<i8", (2,)),
+    ("fills_last_seq", "<u8"),      # gateway: its PULL fills stream's last accepted seq, at a cut and at exit
+    ("_pad", "<i8", (1,)),
 ])  # 128 bytes
 DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
 RING_HEADER = np.dtype([

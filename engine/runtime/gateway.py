@@ -59,7 +59,7 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
                  events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
-                 fills_acks: bool = False):
+                 fills_acks: bool = False, fills_last_seq: int = 0):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
@@ -79,6 +79,8 @@ class Gateway:
         self.seq_events = Sequencer()
         self.seq_out = Sequencer()
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
+        if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
+            self.trackers[None] = SequenceTracker(fills_last_seq)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal_dir, self.journal_generation = journal_dir, journal_generation
         self.journal = Journal(journal_file(journal_dir, journal_generation))
@@ -390,6 +392,12 @@ class Gateway:
             self.journal.append(0, recv_ns, request)
         self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
+    def _publish_fills_last(self) -> None:
+        """The PULL stream's last accepted sequence number into the control header (a
+        snapshot keeps it, so that a restarted engine still drops what it had taken)."""
+        t = self.trackers.get(None)
+        self.ctl.header[0]["fills_last_seq"] = t.last if t is not None else 0
+
     # ------------------------------------------------------------------ snapshot cut
     CUT_DRAIN_TIMEOUT_NS = 1_000_000_000     # a cut not drained by then is refused
 
@@ -413,6 +421,7 @@ class Gateway:
             self.flush_fills(time.time_ns())
         if int(h["cut_ready"]) != req:
             if not self.pending and self.ctl.drained():
+                self._publish_fills_last()
                 self.journal_generation += 1
                 self.journal.rotate(journal_file(self.journal_dir, self.journal_generation))
                 h["cut_generation"] = self.journal_generation
@@ -469,6 +478,7 @@ class Gateway:
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
         self.flush_fills(time.time_ns())
         self.journal.close()
+        self._publish_fills_last()
         for s in (self.fills, self.checks, self.replies, self.events):
             s.close()
 
@@ -486,10 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assets", default="")
     ap.add_argument("--cpu", type=int, default=-1)
     ap.add_argument("--fills-acks", action="store_true", help="ROUTER fills socket answering ACK/REJECT")
+    ap.add_argument("--fills-last-seq", type=int, default=0,
+                    help="the PULL fills stream's last accepted sequence number before this start")
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
-                [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks)
+                [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq)
     if a.assets:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)

@@ -144,12 +144,15 @@ def copy_book(store: Store, asset_names: list[str],
     return BookCopy(store.partitions.copy(), acc, pos, book_identity(store, asset_names))
 
 
-def write_book(book: BookCopy, path: str, journal_generation: int, journal_offset: int) -> int:
+def write_book(book: BookCopy, path: str, journal_generation: int, journal_offset: int,
+               fills_last_seq: int = 0) -> int:
     """Write ``book`` as the snapshot at byte ``journal_offset`` of journal generation
-    ``journal_generation``; return the file's size. Atomic: a reader sees the old file
-    or the new one, whole."""
+    ``journal_generation``, with the gateway's PULL fills stream's last accepted sequence
+    number at that point; return the file's size. Atomic: a reader sees the old file or
+    the new one, whole."""
     meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION,
             "journal_generation": int(journal_generation), "journal_offset": int(journal_offset),
+            "fills_last_seq": int(fills_last_seq),
             "created_ns": time.time_ns(), "accounts": int(len(book.accounts)), "identity": book.identity}
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
@@ -167,9 +170,9 @@ def write_book(book: BookCopy, path: str, journal_generation: int, journal_offse
 
 
 def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str],
-                   journal_generation: int = 1) -> int:
+                   journal_generation: int = 1, fills_last_seq: int = 0) -> int:
     """``write_book(copy_book(store))``: for a book nothing else is writing."""
-    return write_book(copy_book(store, asset_names), path, journal_generation, journal_offset)
+    return write_book(copy_book(store, asset_names), path, journal_generation, journal_offset, fills_last_seq)
 
 
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
@@ -231,6 +234,7 @@ class ReplayStats:
     withdrawals: int = 0
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
     generations: int = 0           # journal files replayed (replay_generations)
+    fills_last_seq: int = 0        # the highest fill sequence number replayed (0: none)
     end_offset: int = 0
     seconds: float = 0.0
     reject_codes: dict = field(default_factory=dict)
@@ -264,6 +268,7 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
         st.records += 1
         run = decode_fills(rec.frame)
         if type(run) is not Rejected:
+            st.fills_last_seq = max(st.fills_last_seq, run.first_seq + len(run.fills) - 1)
             for f in run.fills[max(0, rec.first_seq - run.first_seq):]:
                 taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
                 code = route_reject(f, n_ins, taker, maker)
@@ -321,6 +326,7 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n
         total.end_offset = st.end_offset
+        total.fills_last_seq = max(total.fills_last_seq, st.fills_last_seq)
         total.generations = total.generations + 1
     total.seconds = time.perf_counter() - t0
     return total
@@ -333,6 +339,7 @@ class Opened:
     replay), or ``new`` (provisioned)."""
 
     recovered: bool
+    fills_last_seq: int = 0        # the PULL fills stream's last accepted number: snapshot's or replayed
     snapshot_accounts: int = 0
     snapshot_age_s: float = 0.0
     replay: ReplayStats | None = None
@@ -354,7 +361,9 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
             raise RecoveryError(f"{first} is {journal_end(first)} bytes, shorter than the snapshot's offset "
                                 f"{offset}: it is not the journal this snapshot was taken against")
         stats = replay_generations(store, state_dir, gen, offset, asset_names)
-        return Opened(True, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9, stats, loaded)
+        last = max(int(meta.get("fills_last_seq", 0)), stats.fills_last_seq)
+        return Opened(True, last, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9,
+                      stats, loaded)
     with_records = [journal_file(state_dir, g) for g in gens if journal_end(journal_file(state_dir, g)) > len(MAGIC)]
     if with_records:
         raise RecoveryError(f"{with_records[0]} holds records but there is no {SNAPSHOT_FILE} beside it, so the "
@@ -364,11 +373,12 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
     return Opened(False)
 
 
-def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int) -> int:
+def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int, fills_last_seq: int) -> int:
     """Stages 2 and 4: a snapshot of ``store`` at the end of journal ``generation``
     (its start, when the gateway has not written it yet); return the file's size."""
     return write_snapshot(store, os.path.join(state_dir, SNAPSHOT_FILE),
-                          journal_end(journal_file(state_dir, generation)), asset_names, generation)
+                          journal_end(journal_file(state_dir, generation)), asset_names, generation,
+                          fills_last_seq)
 
 
 def set_aside(state_dir: str) -> list[str]:

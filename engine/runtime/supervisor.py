@@ -91,6 +91,7 @@ class Engine:
         self.state_dir = e.state_dir or self.runtime_dir       # journal and snapshots
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.journal_generation = 1                      # the gateway's first file (create_state decides)
+        self.fills_last_seq = 0                          # the PULL fills stream's last seq before this start
         self._next_snapshot = time.monotonic() + e.snapshot_interval_s
         self._writer: threading.Thread | None = None     # the snapshot being written (from the buffers)
         self._book_buffers = None                         # recovery.book_buffers, for every snapshot
@@ -157,7 +158,8 @@ class Engine:
         self.children.append(Child("gateway", [
             "engine.runtime.gateway", "--name", name, "--fills", ep.fills, "--checks", ep.checks,
             "--replies", self.internal["replies"], "--events", self.internal["events"],
-            "--journal-dir", self.state_dir, "--journal-generation", str(self.journal_generation), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
+            "--journal-dir", self.state_dir, "--journal-generation", str(self.journal_generation),
+            "--fills-last-seq", str(self.fills_last_seq), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
             "--cpu", str(e.gateway_cpu)]
             + (["--fills-acks"] if ep.fills_acks else []), cpu=e.gateway_cpu))
         t0 = time.time_ns()
@@ -248,7 +250,8 @@ class Engine:
             return self._snapshot_done({**info, "result": "refused"})
         self.journal_generation = generation
         path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
-        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, generation, offset),
+        last = int(h["fills_last_seq"])
+        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, generation, offset, last),
                                         name="snapshot-writer", daemon=True)
         self._writer.start()
         return self._snapshot_done({**info, "result": "written"})
@@ -298,7 +301,8 @@ class Engine:
             self._writer.join()                      # the periodic one first: the stop's is newer
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
-            rebase(self.store, self.state_dir, [x.name for x in self.config.assets], self.latest_generation())
+            rebase(self.store, self.state_dir, [x.name for x in self.config.assets], self.latest_generation(),
+                   int(self.ctl.header[0]["fills_last_seq"]))       # the gateway's, at its exit
             self.snapshot_written = True
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()

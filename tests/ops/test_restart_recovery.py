@@ -119,7 +119,8 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
                   "taker_fee_units": 1 * USDT, "taker_side": "buy"} for k in range(N_FILLS)]
         batch.append({**batch[0], "trade_id": 99, "maker_account": 99})
         first = fseq.next(len(batch))
-        fills.send(encode_batch(MsgType.FILL, batch, first_seq=first, ts_ns=time.time_ns()))
+        batch_frame = encode_batch(MsgType.FILL, batch, first_seq=first, ts_ns=time.time_ns())
+        fills.send(batch_frame)
         # Account 2 (short 0.5 BTC, ~19,999 USDT after the fills' cost) may withdraw 1,000
         assert collateral(checks, cseq, MsgType.WITHDRAWAL, 3, 2, 1_000)["code"] == 0
         # A withdrawal beyond the balance is refused (3103-class code) and never journaled
@@ -157,6 +158,26 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert m, err
     assert tuple(map(int, m.groups())) == (4, N_FILLS, 1, 0, 2, 1), err
     assert book(name) == before
+    assert f"fills stream goes on after seq {N_FILLS + 1}" in err        # the batch took 1..51
+
+    # The matching engine resends the batch (it never heard back: PUSH has no acks),
+    # then fill 52, account 1 buying 0.01 BTC more at 96,000. The restarted gateway knows
+    # 1..51 were taken and drops the batch; only fill 52 moves the book.
+    ctx = zmq.Context()
+    try:
+        fills = ctx.socket(zmq.PUSH)
+        fills.connect(ep["fills"])
+        fills.send(batch_frame)
+        fills.send(encode_batch(MsgType.FILL, [{**batch[0], "trade_id": 52, "price_units": 960_000}],
+                                first_seq=N_FILLS + 2, ts_ns=time.time_ns()))
+        moved = wait_until(lambda: (a := book(name)["accounts"][1][3]) != before["accounts"][1][3] and a,
+                           10.0, "account 1's position to move")
+    finally:
+        ctx.destroy(linger=0)
+    # +10 units for 960 USDT: 510 units costing 47,512.25 + 960 = 48,472.25 (the batch
+    # applied again would have made it 1,010)
+    assert moved == [(BTC, 0, 510, 48_472_250_000, 0)]
+    before = book(name)
 
     proc2.send_signal(signal.SIGTERM)                            # clean: a snapshot at the journal's end
     assert proc2.wait(timeout=20) == 0, log2.read_text()
@@ -238,6 +259,8 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
             return None
         g_batch = wait_until(batch_generation, 10.0, "the first batch journaled")
         wait_until(lambda: snapshot_at(snap)[0] > g_batch, 10.0, "a snapshot after the first batch")
+        with np.load(snap) as z:                                 # the gateway's fills stream at the cut
+            assert json.loads(bytes(z["meta"]).decode())["fills_last_seq"] == 20
         send(20, 10)
         # 30 fills of 10 units: +300 units for 0.01 x sum(95,000 + k, k < 30) = 28,504.35 USDT
         before = wait_until(lambda: (b := book(name))["accounts"][1][3] == [(BTC, 0, 300, 28_504_350_000, 0)]

@@ -174,13 +174,15 @@ def test_open_book_provisions_a_new_book_recovers_one_and_refuses_a_journal_with
     store = new_store()
     opened = recovery.open_book(store, d, NAMES, lambda s: made.append(three_accounts(s)))
     assert not opened.recovered and len(made) == 1 and int(store.partitions["n_accounts"].sum()) == 3
-    recovery.rebase(store, d, NAMES, 1)                               # generation 1 not written yet: its start
+    recovery.rebase(store, d, NAMES, 1, 0)                            # generation 1 not written yet: its start
     write_journal(journal_file(d, 1))
 
     again = new_store()
     opened = recovery.open_book(again, d, NAMES, lambda s: made.append(1))
     assert opened.recovered and len(made) == 1                 # not provisioned again
     assert (opened.snapshot_accounts, opened.replay.records, opened.replay.generations) == (3, 5, 1)
+    # the fills stream's last number: record 3 is the batch numbered 4..5 (4 skipped)
+    assert opened.fills_last_seq == 5
     assert balance(again, 3) == 11_000 * U
 
     os.remove(os.path.join(d, recovery.SNAPSHOT_FILE))
