@@ -155,12 +155,17 @@ def write_book(book: BookCopy, path: str, journal_generation: int, journal_offse
             "fills_last_seq": int(fills_last_seq),
             "created_ns": time.time_ns(), "accounts": int(len(book.accounts)), "identity": book.identity}
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
-        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                 partitions=book.partitions, accounts=book.accounts, positions=book.positions)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                     partitions=book.partitions, accounts=book.accounts, positions=book.positions)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                    # e.g. the disk full: the old snapshot stays, no litter
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -251,10 +251,18 @@ class Engine:
         self.journal_generation = generation
         path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
         last = int(h["fills_last_seq"])
-        self._writer = threading.Thread(target=recovery.write_book, args=(book, path, generation, offset, last),
-                                        name="snapshot-writer", daemon=True)
+
+        def write() -> None:
+            try:
+                recovery.write_book(book, path, generation, offset, last)
+            except OSError as e:             # the previous snapshot stays; recovery replays more
+                print(f"margin-engine: snapshot {req}: writing {path} failed: {e}", file=sys.stderr)
+                info["write_error"] = str(e)
+
+        self._writer = threading.Thread(target=write, name="snapshot-writer", daemon=True)
         self._writer.start()
-        return self._snapshot_done({**info, "result": "written"})
+        info["result"] = "written"                   # the same dict: a failed write adds write_error
+        return self._snapshot_done(info)
 
     def _snapshot_done(self, info: dict) -> dict:
         self.snapshots.append(info)

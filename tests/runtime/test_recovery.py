@@ -302,3 +302,39 @@ def test_replay_runs_from_the_snapshots_generation_through_every_later_one(tmp_p
     opened = recovery.open_book(book, d, NAMES, lambda s: pytest.fail("provisioned"))
     assert (opened.replay.records, opened.replay.generations) == (4, 2)
     assert_same_book(whole, book)
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_no_litter(tmp_path):
+    """A real write failure: a child process limited to 64 KiB files (RLIMIT_FSIZE, so
+    write(2) fails with EFBIG) writes a snapshot of 2,000 accounts (~770 KB). It gets
+    an OSError; the snapshot written before is untouched and no temporary file is left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    snap = tmp_path / "state.snapshot"
+    small = new_store()
+    three_accounts(small)
+    recovery.write_snapshot(small, str(snap), len(MAGIC), NAMES)
+    before = snap.read_bytes()
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_recovery as t
+        from engine.runtime import recovery
+        big = t.Store.create(None, assets=list(t.load_default().assets),
+                             instruments=list(t.load_default().instruments),
+                             accounts_capacity=4000, n_partitions=2, slots_per_account=8)
+        for a in range(1, 2001):
+            big.add_account(a)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+        try:
+            recovery.write_snapshot(big, {str(snap)!r}, 8, t.NAMES)
+        except OSError as e:
+            print("OSError", e.errno)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "OSError 27", (r.stdout, r.stderr)        # EFBIG
+    assert snap.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.snapshot"]
