@@ -21,8 +21,9 @@ each order (tick received -> order sent, inside the engine), by the stage that f
 the breach (the ``stage`` of each order's event): the trigger index on the tick's hot
 path (1a), or the holders' pass right after it (1b), which catches the breaches whose
 trigger went stale because another mark moved -- in a crash of BTC and ETH together,
-many. Orders found by a collateral price move or re-sent after 2 s have no tick of their
-own and are counted only.
+many; or the collateral pass, when the price of a collateral asset (BTC, ETH held as
+margin) moved, timed from the tick that moved it. Orders re-sent after 2 s have no tick
+of their own and are counted only.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _by_stage(t2d: dict, counts: dict) -> str:
     """Orders by the stage that found them, with tick->order percentiles where a tick did."""
     return (f"trigger index (1a) {counts[STAGE_TRIGGER]}: tick->order p50/p90/p99 {_percentiles(t2d[STAGE_TRIGGER])}; "
             f"holders' pass (1b) {counts[STAGE_HOLDERS]}: {_percentiles(t2d[STAGE_HOLDERS])}; "
-            f"collateral move {counts[STAGE_COLLATERAL]}; re-sent {counts[STAGE_RESEND]}")
+            f"collateral move {counts[STAGE_COLLATERAL]}: {_percentiles(t2d[STAGE_COLLATERAL])}; "
+            f"re-sent {counts[STAGE_RESEND]}")
 
 
 class Screen:
@@ -160,7 +162,7 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
         liqs: deque = deque(maxlen=8)
         n_liq = 0
         n_accounts_liquidated: set[int] = set()
-        t2d: dict[str, list[float]] = {STAGE_TRIGGER: [], STAGE_HOLDERS: []}   # us, by stage
+        t2d: dict[str, list[float]] = {STAGE_TRIGGER: [], STAGE_HOLDERS: [], STAGE_COLLATERAL: []}   # us
         by_stage = dict.fromkeys(STAGES, 0)
         other_events: deque = deque(maxlen=4)
         t0 = time.monotonic()

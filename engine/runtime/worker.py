@@ -360,13 +360,13 @@ class Worker:
         Marks that arrive meanwhile wait for the next pass, which subsumes the ones
         before it."""
         if self.holders_job is None:
-            if self.pending_collateral:          # collateral prices first: equity moves (whole,
-                self.pending_collateral = False  # it is rare: a collateral asset's price moved)
-                now = time.time_ns()
+            if self.pending_collateral:          # collateral prices first: equity moves (whole:
+                self.pending_collateral = False  # every holder of the asset that moved)
                 for p in self.partitions:
+                    recv_ns = self._collateral_recv_ns(self.index[p].asset_px)
                     n = self.index[p].collateral_tick(self.snap, self.breach)
                     if n:
-                        self.liquidate(self.breach[: min(n, len(self.breach))], 0, now, STAGE_COLLATERAL)
+                        self.liquidate(self.breach[: min(n, len(self.breach))], 0, recv_ns, STAGE_COLLATERAL)
                     self.index[p].mark_drifted()
             if not self.pending_pass:
                 return False
@@ -404,6 +404,15 @@ class Worker:
             return False
         self.holders_job[2] = start
         return True
+
+    def _collateral_recv_ns(self, asset_px: np.ndarray) -> int:
+        """The tick time of a collateral move's orders: when the latest tick that moved
+        one of the assets whose price differs from ``asset_px`` (the aggregates' prices)
+        was received (the mark-price stage publishes an asset price with it); now, if
+        none is known."""
+        moved = np.flatnonzero(self.snap.asset_px != asset_px)
+        ts = self.store.assets["ts_ns"][moved] if moved.size else ()
+        return int(max(ts)) if len(ts) and int(max(ts)) > 0 else time.time_ns()
 
     def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, stage: str,
                   reissue: bool = False) -> None:

@@ -28,7 +28,7 @@ import json
 import pytest
 
 from engine.codes import Code
-from engine.runtime.worker import STAGE_HOLDERS, STAGE_TRIGGER, STAGES, Worker
+from engine.runtime.worker import STAGE_COLLATERAL, STAGE_HOLDERS, STAGE_TRIGGER, STAGES, Worker
 from feeds.protocol import Message, MsgType, decode
 from runtime_support import USDT, in_process_worker
 
@@ -123,3 +123,39 @@ def test_a_trigger_left_stale_by_another_mark_is_re_solved_and_1a_finds_the_brea
     assert (ev["account"], ev["instrument"]) == (B, "BTCUSDT")
     assert ev["detail"]["stage"] == STAGE_TRIGGER and ev["detail"]["tick_seq"] == 3
     assert w.counters["orders_holders"] == 0
+
+
+C = 300
+BTC_ASSET = 2                              # assets of the embedded config: USDT, USDC, BTC, ...
+
+
+def _c_borrowed_usdt_against_btc(store) -> None:
+    """C: -8,500 USDT (borrowed: counts in full), 0.1 BTC of collateral (haircut 5 %),
+    long 1 BTC perp from 95,000 at the mark 95,000. Equity 0.95 x 0.1 x Pa - 8,500
+    against maintenance 0.005 x 95,000 - 50 = 425: at Pa = 95,000 it is 525 (healthy),
+    at 93,000 it is 335 (in breach) -- a move of the collateral's price alone."""
+    c = store.add_account(C)
+    store.set_balance(c, 0, -8_500 * USDT)
+    store.set_balance(c, BTC_ASSET, 10_000_000)                   # 0.1 BTC in satoshi
+    store.set_position(c, BTC, 1000, 95_000 * USDT)
+    store.publish_mark(BTC, 95_000.0, tick_seq=1)
+    store.publish_asset_price(BTC_ASSET, 95_000.0)
+
+
+def test_an_order_found_by_a_collateral_move_is_timed_from_the_tick_that_moved_it():
+    """The collateral pass's orders carry, as their tick time, the receive time of the
+    tick that moved the asset (the asset row's ts_ns, as the mark-price stage publishes
+    it): here a tick received 5 s earlier, so tick->sent is at least 5,000,000 us
+    (before, the pass's own start: a few us)."""
+    import time
+
+    with in_process_worker(_c_borrowed_usdt_against_btc, events=True, accounts_capacity=16) as (w, store, events):
+        received = time.time_ns() - 5_000_000_000
+        store.publish_asset_price(BTC_ASSET, 93_000.0, ts_ns=received)
+        w.on_prices()
+        w.book_orders(STAGE_TRIGGER)
+        while w.holders_pass():
+            pass
+        [ev] = _events(w, events)
+    assert (ev["account"], ev["instrument"], ev["detail"]["stage"]) == (C, "BTCUSDT", STAGE_COLLATERAL)
+    assert 5_000_000 <= ev["detail"]["tick_to_sent_us"] < 5_000_000 + 60_000_000
