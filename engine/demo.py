@@ -47,7 +47,7 @@ from engine.config import load_default
 from engine.runtime.harness import LocalEngine, local_config
 from engine.runtime.provision import HOUSE_ACCOUNT, provision
 from engine.runtime.status import snapshot
-from engine.runtime.worker import STAGE_COLLATERAL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER, STAGES
+from engine.runtime.worker import STAGE_COLLATERAL, STAGE_FILL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER, STAGES
 from feeds.protocol import MsgType, Rejected, decode
 
 LIQ_CODES = {int(Code.LIQ_BELOW_MAINTENANCE): "below maintenance",
@@ -108,7 +108,8 @@ def _by_stage(t2d: dict, counts: dict) -> str:
     """Orders by the stage that found them, with tick->order percentiles where a tick did."""
     return (f"trigger index (1a) {counts[STAGE_TRIGGER]}: tick->order p50/p90/p99 {_percentiles(t2d[STAGE_TRIGGER])}; "
             f"holders' pass (1b) {counts[STAGE_HOLDERS]}: {_percentiles(t2d[STAGE_HOLDERS])}; "
-            f"collateral move {counts[STAGE_COLLATERAL]}: {_percentiles(t2d[STAGE_COLLATERAL])}; "
+            f"collateral pass {counts[STAGE_COLLATERAL]}: {_percentiles(t2d[STAGE_COLLATERAL])}; "
+            f"after a fill {counts[STAGE_FILL]}: fill->order {_percentiles(t2d[STAGE_FILL])}; "
             f"re-sent {counts[STAGE_RESEND]}")
 
 
@@ -162,7 +163,7 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
         liqs: deque = deque(maxlen=8)
         n_liq = 0
         n_accounts_liquidated: set[int] = set()
-        t2d: dict[str, list[float]] = {STAGE_TRIGGER: [], STAGE_HOLDERS: [], STAGE_COLLATERAL: []}   # us
+        t2d: dict[str, list[float]] = {s: [] for s in STAGES if s != STAGE_RESEND}   # us, by stage
         by_stage = dict.fromkeys(STAGES, 0)
         other_events: deque = deque(maxlen=4)
         t0 = time.monotonic()

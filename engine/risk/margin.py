@@ -199,6 +199,27 @@ def holder_keys(mode: np.ndarray, qty: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(mode) == int(Mode.ISOLATED), np.float32(np.inf), key).astype(np.float32)
 
 
+def _crossed(tables: tuple, mark: float, prev_mark: float | None) -> np.ndarray:
+    """Rows of trigger ``tables`` (longs ascending, their rows, shorts ascending, their
+    rows) that ``mark`` has crossed, most breached first: with ``prev_mark``, only those
+    crossed on the way from it (longs ``mark <= t < prev``, shorts ``prev < t <= mark``);
+    without, every trigger at or beyond ``mark``. Binary searches only."""
+    long_t, long_rows, short_t, short_rows = tables
+    if prev_mark is None:
+        k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
+        j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
+        return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
+    if mark < prev_mark:                                      # longs: mark <= t < prev
+        k0 = np.searchsorted(long_t, mark, side="left")
+        k1 = np.searchsorted(long_t, prev_mark, side="left")
+        return long_rows[k0:k1][::-1]
+    if mark > prev_mark:                                      # shorts: prev < t <= mark
+        j0 = np.searchsorted(short_t, prev_mark, side="right")
+        j1 = np.searchsorted(short_t, mark, side="right")
+        return short_rows[j0:j1]
+    return long_rows[:0]
+
+
 BASIS_DRIFT_COLUMNS = [1, 4]   # of a basis row (ext/_margin.pyx BASIS_*): notional per unit, settle price
 
 
@@ -254,6 +275,7 @@ class HolderIndex:
         # when its refresh started (``mark_drifted`` compares them with the current ones).
         self.solved_at = np.full((n_i, n_i, 2), np.nan)
         self.solved_asset_px = np.full((n_i, 0), np.nan)
+        self.asset_triggers: dict[int, tuple] = {}   # asset -> collateral trigger tables (solve_asset_triggers)
         self.on_triggers = None                  # called with each refreshed table (see refresh_triggers)
         self._trigger_job: list | None = None    # the table refresh_triggers_slice is solving
         self.rebuild()
@@ -455,20 +477,48 @@ class HolderIndex:
         the triggers were refreshed; the incremental pass that follows catches what stale
         triggers miss.
         """
-        long_t, long_rows, short_t, short_rows = self.triggers[instrument]
-        if prev_mark is None:
-            k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
-            j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
-            return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
-        if mark < prev_mark:                                      # longs: mark <= t < prev
-            k0 = np.searchsorted(long_t, mark, side="left")
-            k1 = np.searchsorted(long_t, prev_mark, side="left")
-            return long_rows[k0:k1][::-1]
-        if mark > prev_mark:                                      # shorts: prev < t <= mark
-            j0 = np.searchsorted(short_t, prev_mark, side="right")
-            j1 = np.searchsorted(short_t, mark, side="right")
-            return short_rows[j0:j1]
-        return long_rows[:0]
+        return _crossed(self.triggers[instrument], mark, prev_mark)
+
+    # ------------------------------------------------------------------ collateral triggers
+    def asset_candidates(self, asset: int, px: float, prev_px: float) -> np.ndarray:
+        """Account rows whose collateral trigger for ``asset`` the move from ``prev_px``
+        to ``px`` crossed (``solve_asset_triggers``), most breached first: the hot path's
+        answer to a collateral price move, before the whole collateral pass (which
+        stays, as the holders' pass does for marks, for what stale triggers miss)."""
+        tables = self.asset_triggers.get(asset)
+        return _crossed(tables, px, prev_px) if tables is not None else np.empty(0, np.int64)
+
+    def solve_asset_triggers(self, assets: list[int]) -> None:
+        """Re-solve the collateral triggers of ``assets`` from the aggregates (consistent
+        at ``asset_px``). Cross equity is linear in a collateral price (no tiers), so for
+        a holder of ``bal`` units, ``w = bal / scale x (1 - haircut if bal > 0 else 1)``
+        USD per USD of price, with cross equity ``E`` and maintenance ``MM``::
+
+            E + w (p - p0) < MM   <=>   p < t = p0 - (E - MM) / w    (w > 0: a long holder)
+                                        p > t                        (w < 0: borrowed)
+
+        exact while no other price moves. Left out: holders with no maintenance (never in
+        breach) and holders of an instrument settled in the asset (its USD value moves
+        with the asset price too: not linear); the collateral pass finds those."""
+        st = self.store
+        base = self.row_base
+        for a in assets:
+            rows = self.asset_rows[a]
+            if not len(rows):
+                self.asset_triggers.pop(a, None)
+                continue
+            settled = [self.holder_rows(i) for i in np.flatnonzero(st.instruments["settle_asset"] == a).tolist()]
+            ag = self.agg[rows - base]
+            bal = st.accounts["balance"][rows, a] / float(st.assets["scale"][a])
+            w = bal * np.where(bal > 0, 1.0 - float(st.assets["haircut"][a]), 1.0)
+            ok = (ag[:, 2] > 0) & (w != 0)
+            if settled:
+                ok &= ~np.isin(rows, np.concatenate(settled))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = float(self.asset_px[a]) - (ag[:, 0] - ag[:, 2]) / w
+            lo, sh = ok & (w > 0), ok & (w < 0)
+            ol, os_ = np.argsort(t[lo], kind="stable"), np.argsort(t[sh], kind="stable")
+            self.asset_triggers[a] = (t[lo][ol], rows[lo][ol], t[sh][os_], rows[sh][os_])
 
     # A table's triggers are exact while only its own mark moves. Once another price they
     # hold fixed -- another instrument's (its notional per unit) or a settle or collateral
@@ -546,6 +596,7 @@ class HolderIndex:
             k = min(len(hit), max(0, len(out) - n))
             out[n:n + k] = hit[:k]
             n += len(hit)
+        self.solve_asset_triggers(moved)          # at the new prices, for the hot path's next move
         return n
 
     def _load_agg(self, lo: int, hi: int) -> None:
@@ -670,6 +721,7 @@ class HolderIndex:
         _margin.instrument_basis(st.addr(st.instruments), snap.marks, snap.asset_px,
                                  snap.asset_scale, self.basis)
         self.dirty[:] = True
+        self.solve_asset_triggers(list(range(len(self.asset_rows))))
 
     def tick(self, instrument: int, snap: PriceSnapshot, out: np.ndarray) -> int:
         """Incremental pass for ``instrument`` at ``snap``, then for the options written on

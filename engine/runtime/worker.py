@@ -89,9 +89,11 @@ ORDERS_OUT_QUIET_NS = 200_000
 STAGE_TRIGGER = "trigger"            # 1a: the mark crossed the account's trigger price (hot path)
 STAGE_HOLDERS = "holders"            # 1b: the holders' pass, a breach the triggers missed (stale
                                      #   after other marks moved); timed from that mark's receipt
-STAGE_COLLATERAL = "collateral"      # a collateral asset's price moved
+STAGE_COLLATERAL = "collateral"      # the collateral pass, after a collateral asset's price moved
+STAGE_FILL = "fill"                  # a fill of an account with an order out left it in breach
+                                     #   (a partial liquidation's next step); timed from the fill
 STAGE_RESEND = "resend"              # still in breach REISSUE_AFTER_NS after its order: no tick
-STAGES = (STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_RESEND)
+STAGES = (STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_FILL, STAGE_RESEND)
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
 
@@ -343,8 +345,9 @@ class Worker:
         collateral = tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen)
         tp.assets_moved = False
         if collateral:
-            self.asset_px_seen = tp.asset_px.copy()
-            self.pending_collateral = True       # collateral prices moved: 1b revalues
+            prev, self.asset_px_seen = self.asset_px_seen, tp.asset_px.copy()
+            self.pending_collateral = True       # collateral prices moved: the whole pass follows in 1b
+            self.collateral_triggers(prev, self.asset_px_seen)
         if tp.changed:
             self.counters["ticks"] += len(tp.changed)
             self.pending_pass.update(dict.fromkeys(tp.changed))
@@ -404,6 +407,19 @@ class Worker:
             return False
         self.holders_job[2] = start
         return True
+
+    def collateral_triggers(self, prev_px: np.ndarray, px: np.ndarray) -> None:
+        """1a for collateral prices: the accounts whose collateral trigger the move from
+        ``prev_px`` to ``px`` crossed (``HolderIndex.asset_candidates``, binary searches),
+        decided and sent at once, stage "trigger"; the whole collateral pass in 1b still
+        follows for what stale triggers miss (accounts already sent an order are skipped)."""
+        moved = np.flatnonzero(px != prev_px).tolist()
+        found = [self.index[p].asset_candidates(a, float(px[a]), float(prev_px[a]))
+                 for p in self.partitions for a in moved]
+        rows = np.concatenate(found) if found else ()
+        if len(rows):
+            recv_ns = int(max(self.store.assets["ts_ns"][moved]))
+            self.liquidate(rows, 0, recv_ns if recv_ns > 0 else time.time_ns(), STAGE_TRIGGER)
 
     def _collateral_recv_ns(self, asset_px: np.ndarray) -> int:
         """The tick time of a collateral move's orders: when the latest tick that moved
@@ -493,6 +509,7 @@ class Worker:
         u = self.ctl.undo[p][0]
         touched: set[int] = set()
         done = 0
+        recv_ns = 0                                    # the latest record's gateway receive time
         while r < w:
             rec = recs[r & (cap - 1)]
             kind = int(rec["kind"])
@@ -503,6 +520,7 @@ class Worker:
                 if bad.any():
                     self.counters["legs_rejected"] += int(bad.sum())
                 last_ref = int(recs[(r + n - 1) & (cap - 1)]["ref"])
+                recv_ns = max(recv_ns, int(recs[(r + n - 1) & (cap - 1)]["ts_ns"]))
                 r += n
             else:
                 row = int(rec["row"])
@@ -529,8 +547,11 @@ class Worker:
             rows = np.fromiter(touched, np.int64, len(touched))
             rows.sort()                                # the aggregates walked forward
             self.index[p].update_accounts(rows, snap)
-            for row in touched.intersection(self.outstanding_since):
+            cleared = sorted(touched.intersection(self.outstanding_since))
+            for row in cleared:
                 self._set_outstanding(row, False)
+            if cleared:        # a fill of an account with an order out: still in breach -> the next order now
+                self.liquidate(np.asarray(cleared, np.int64), 0, recv_ns or time.time_ns(), STAGE_FILL)
         self.counters["records"] += done
         return done
 

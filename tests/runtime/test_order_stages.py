@@ -99,7 +99,7 @@ def test_each_order_event_names_the_stage_that_found_the_breach(worker):
     assert (ev["account"], ev["instrument"]) == (A, "BTCUSDT")
     assert ev["detail"]["stage"] == STAGE_TRIGGER and ev["detail"]["tick_seq"] == 4
     assert {k: w.counters[f"orders_{k}"] for k in STAGES} == {
-        "trigger": 1, "holders": 1, "collateral": 0, "resend": 0}
+        "trigger": 1, "holders": 1, "collateral": 0, "fill": 0, "resend": 0}
     assert w.counters["orders"] == 2
 
 
@@ -129,33 +129,82 @@ C = 300
 BTC_ASSET = 2                              # assets of the embedded config: USDT, USDC, BTC, ...
 
 
-def _c_borrowed_usdt_against_btc(store) -> None:
-    """C: -8,500 USDT (borrowed: counts in full), 0.1 BTC of collateral (haircut 5 %),
-    long 1 BTC perp from 95,000 at the mark 95,000. Equity 0.95 x 0.1 x Pa - 8,500
-    against maintenance 0.005 x 95,000 - 50 = 425: at Pa = 95,000 it is 525 (healthy),
-    at 93,000 it is 335 (in breach) -- a move of the collateral's price alone."""
-    c = store.add_account(C)
-    store.set_balance(c, 0, -8_500 * USDT)
-    store.set_balance(c, BTC_ASSET, 10_000_000)                   # 0.1 BTC in satoshi
-    store.set_position(c, BTC, 1000, 95_000 * USDT)
-    store.publish_mark(BTC, 95_000.0, tick_seq=1)
-    store.publish_asset_price(BTC_ASSET, 95_000.0)
+def _c_against_btc(usdt_debt: int):
+    """C: -``usdt_debt`` USDT (borrowed: counts in full), 0.1 BTC of collateral (haircut
+    5 %: 0.095 x the BTC price in USD), long 1 BTC perp from 95,000 at the mark 95,000."""
+    def setup(store) -> None:
+        c = store.add_account(C)
+        store.set_balance(c, 0, -usdt_debt * USDT)
+        store.set_balance(c, BTC_ASSET, 10_000_000)                   # 0.1 BTC in satoshi
+        store.set_position(c, BTC, 1000, 95_000 * USDT)
+        store.publish_mark(BTC, 95_000.0, tick_seq=1)
+        store.publish_asset_price(BTC_ASSET, 95_000.0)
+    return setup
 
 
-def test_an_order_found_by_a_collateral_move_is_timed_from_the_tick_that_moved_it():
-    """The collateral pass's orders carry, as their tick time, the receive time of the
-    tick that moved the asset (the asset row's ts_ns, as the mark-price stage publishes
-    it): here a tick received 5 s earlier, so tick->sent is at least 5,000,000 us
-    (before, the pass's own start: a few us)."""
+def test_a_collateral_move_crossing_a_trigger_is_sent_by_1a_timed_from_its_tick():
+    """C owes 8,500 USDT: equity 0.095 Pa - 8,500 against maintenance 0.005 x 95,000 - 50
+    = 425, so its collateral trigger (solved at start-up) is Pa = 95,000 - (525 - 425) /
+    0.095 = 93,947.37. BTC's collateral price falls to 93,000 (a tick received 5 s ago):
+    the trigger is crossed and stage 1a's bookkeeping sends C's order at once -- no
+    holders' pass, no collateral pass -- stamped with that tick's receive time, so
+    tick->sent is at least 5,000,000 us."""
     import time
 
-    with in_process_worker(_c_borrowed_usdt_against_btc, events=True, accounts_capacity=16) as (w, store, events):
+    with in_process_worker(_c_against_btc(8_500), events=True, accounts_capacity=16) as (w, store, events):
         received = time.time_ns() - 5_000_000_000
         store.publish_asset_price(BTC_ASSET, 93_000.0, ts_ns=received)
         w.on_prices()
         w.book_orders(STAGE_TRIGGER)
+        [ev] = _events(w, events)
+        assert w.counters["orders_trigger"] == 1 and w.counters["orders_collateral"] == 0
+    assert (ev["account"], ev["instrument"], ev["detail"]["stage"]) == (C, "BTCUSDT", STAGE_TRIGGER)
+    assert 5_000_000 <= ev["detail"]["tick_to_sent_us"] < 5_000_000 + 60_000_000
+
+
+def test_a_breach_a_stale_collateral_trigger_misses_is_found_by_the_collateral_pass():
+    """C owes 8,000 USDT: equity 1,025 at the start, trigger Pa = 95,000 - 600 / 0.095 =
+    88,684.21. BTC's mark falls to 94,500 (C loses 500: equity 525 against maintenance
+    0.005 x 94,500 - 50 = 422.5, healthy), which leaves that trigger stale (at the new
+    mark it would be 95,000 - 102.5 / 0.095 = 93,921.05). BTC's collateral price then
+    falls to 93,500 (a tick received 5 s ago): above the stale trigger, so 1a sends
+    nothing, but C is in breach (0.095 x 93,500 - 8,500 = 382.5 < 422.5): the collateral
+    pass in 1b sends it, stage "collateral", timed from that tick."""
+    import time
+
+    with in_process_worker(_c_against_btc(8_000), events=True, accounts_capacity=16) as (w, store, events):
+        _tick(w, store, BTC, 94_500.0, 2)
+        assert w.counters["orders"] == 0
+        received = time.time_ns() - 5_000_000_000
+        store.publish_asset_price(BTC_ASSET, 93_500.0, ts_ns=received)
+        w.on_prices()
+        w.book_orders(STAGE_TRIGGER)
+        assert w.counters["orders"] == 0                        # the stale trigger: 1a misses it
         while w.holders_pass():
             pass
         [ev] = _events(w, events)
     assert (ev["account"], ev["instrument"], ev["detail"]["stage"]) == (C, "BTCUSDT", STAGE_COLLATERAL)
     assert 5_000_000 <= ev["detail"]["tick_to_sent_us"] < 5_000_000 + 60_000_000
+
+
+def test_a_fill_that_leaves_an_account_in_breach_gets_its_next_order_at_once(worker):
+    """A (3,000 USDT, long 1 BTC from 95,000; its trigger 92,412.06): BTC at 92,000
+    crosses it and 1a sends A's order. Its fill comes back worse than the mark: A sells
+    0.1 BTC at 91,000, realizing 0.1 x (91,000 - 95,000) = -400, so the balance is 2,600
+    and the 0.9 BTC left are worth 0.9 x (92,000 - 95,000) = -2,700: equity -100, below
+    bankruptcy. The fill clears A's outstanding flag and, applied, is checked at once:
+    the next order (the rest, 900 units, in full) goes out from the drain itself, stage
+    "fill", before any holders' pass or sweep."""
+    from engine.runtime.ctl import RecordKind
+    from engine.runtime.worker import STAGE_FILL
+
+    w, store, events = worker
+    _tick(w, store, BTC, 92_000.0, 2)
+    [first] = _events(w, events)
+    assert (first["account"], first["detail"]["stage"]) == (A, STAGE_TRIGGER)
+    row = store.row_of(A)
+    assert w.ctl.push(0, RecordKind.FILL_LEG, BTC, row, -100, 910_000, 0, 1, 1_000, 0)  # sell 0.1 at 91,000
+    w.drain(0, w.snap)
+    [ev] = _events(w, events)
+    assert (ev["account"], ev["detail"]["stage"], ev["detail"]["qty_units"]) == (A, STAGE_FILL, -900)
+    assert w.counters["orders_fill"] == 1
