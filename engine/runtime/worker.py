@@ -85,6 +85,9 @@ RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this
 # 174 us, and 143 us with short scheduler slices too (process.short_slices). Bench
 # latency, 1M accounts, --price-stage worker; the A/B is in docs/architecture.md.
 ORDERS_OUT_QUIET_NS = 200_000
+# Fills wait behind newer ticks at most this long (measured from the gateway's receipt):
+# then the worker applies them before taking the next tick.
+FILLS_MAX_WAIT_NS = 500_000
 # Which stage found a breach (the ``stage`` of a liquidation's ENGINE_EVENT detail):
 STAGE_TRIGGER = "trigger"            # 1a: the mark crossed the account's trigger price (hot path)
 STAGE_HOLDERS = "holders"            # 1b: the holders' pass, a breach the triggers missed (stale
@@ -421,6 +424,16 @@ class Worker:
             recv_ns = int(max(self.store.assets["ts_ns"][moved]))
             self.liquidate(rows, 0, recv_ns if recv_ns > 0 else time.time_ns(), STAGE_TRIGGER)
 
+    def _records_waited(self, wait_ns: int) -> bool:
+        """The oldest record in one of this worker's rings was received (gateway clock)
+        more than ``wait_ns`` ago."""
+        cap = self.ctl.capacity
+        for p in self.partitions:
+            r, w = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
+            if r < w and time.time_ns() - int(self.ctl.records[p][r & (cap - 1)]["ts_ns"]) > wait_ns:
+                return True
+        return False
+
     def _collateral_recv_ns(self, asset_px: np.ndarray) -> int:
         """The tick time of a collateral move's orders: when the latest tick that moved
         one of the assets whose price differs from ``asset_px`` (the aggregates' prices)
@@ -601,6 +614,9 @@ class Worker:
             self.book_orders(STAGE_TRIGGER)
             wake.timer()                                          # after the orders, not before
             snap = self.snap
+            if self.holders_job is None and self._records_waited(FILLS_MAX_WAIT_NS):
+                for p in self.partitions:                         # 2. fills that waited long enough
+                    self.drain(p, snap)                           # go before more ticks
             if wake.more():
                 continue                                          # a newer mark or record waits
             if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:

@@ -208,3 +208,23 @@ def test_a_fill_that_leaves_an_account_in_breach_gets_its_next_order_at_once(wor
     [ev] = _events(w, events)
     assert (ev["account"], ev["detail"]["stage"], ev["detail"]["qty_units"]) == (A, STAGE_FILL, -900)
     assert w.counters["orders_fill"] == 1
+
+
+def test_records_that_waited_longer_than_the_bound_are_seen_as_due(worker):
+    """The loop applies fills before taking newer ticks once the oldest waiting record
+    was received more than FILLS_MAX_WAIT_NS (500 us) ago: a record stamped 1 ms ago is
+    due, one stamped now is not, an empty ring never is."""
+    import time
+
+    from engine.runtime.ctl import RecordKind
+    from engine.runtime.worker import FILLS_MAX_WAIT_NS
+
+    w, store, _ = worker
+    assert FILLS_MAX_WAIT_NS == 500_000
+    assert not w._records_waited(FILLS_MAX_WAIT_NS)                              # nothing waits
+    row = store.row_of(A)
+    assert w.ctl.push(0, RecordKind.FILL_LEG, BTC, row, 1, 950_000, 0, 1, time.time_ns(), 0)
+    assert not w._records_waited(FILLS_MAX_WAIT_NS)                              # just received
+    w.drain(0, w.snap)
+    assert w.ctl.push(0, RecordKind.FILL_LEG, BTC, row, 1, 950_000, 0, 2, time.time_ns() - 1_000_000, 0)
+    assert w._records_waited(FILLS_MAX_WAIT_NS)                                  # 1 ms: due
