@@ -43,6 +43,10 @@ class EngineSettings:
     # Holders per slice of a worker's holders' pass (stage 1b): a new tick waits at most
     # one slice (~2 ns a holder); smaller slices cost more Python per pass.
     holders_slice: int = 8192
+    # Microseconds a fill may wait behind newer ticks (from the gateway's receipt) before
+    # a worker applies it first: fresher positions and sooner next liquidation steps
+    # against a longer tail for the ticks that wait (docs/architecture.md, stage 1a).
+    fills_max_wait_us: int = 500
     # The fills journal and the book's snapshots (what a restart recovers from): a
     # directory that survives a restart and a reboot (systemd: the StateDirectory).
     # Empty: the endpoints' runtime_dir.
@@ -206,6 +210,7 @@ def from_dict(doc: dict) -> Config:
         liqgw_cpu=_int(e, "liqgw_cpu", "engine", -1, lo=-1),
         price_stage=price_stage,
         holders_slice=_int(e, "holders_slice", "engine", EngineSettings.holders_slice, lo=1),
+        fills_max_wait_us=_int(e, "fills_max_wait_us", "engine", EngineSettings.fills_max_wait_us, lo=0),
         state_dir=_str(e, "state_dir", "engine") if "state_dir" in e else "",
         snapshot_interval_s=snapshot_interval_s,
     )

@@ -238,6 +238,7 @@ BAD = [
     ("keep-shm-string", "[engine]\nkeep_shm_on_exit = \"yes\"\n" + VALID, "engine.keep_shm_on_exit"),
     ("state-dir-number", "[engine]\nstate_dir = 5\n" + VALID, "engine.state_dir"),
     ("snapshot-interval-negative", "[engine]\nsnapshot_interval_s = -1\n" + VALID, "engine.snapshot_interval_s"),
+    ("fills-max-wait-negative", "[engine]\nfills_max_wait_us = -5\n" + VALID, "engine.fills_max_wait_us"),
     ("gateway-cpu-below-minus-one", "[engine]\ngateway_cpu = -2\n" + VALID, "engine.gateway_cpu"),
     ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),
     ("liqgw-cpu-bool", "[engine]\nliqgw_cpu = true\n" + VALID, "engine.liqgw_cpu"),

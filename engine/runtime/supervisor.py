@@ -148,7 +148,7 @@ class Engine:
             self.children.append(Child(f"worker{w}", [
                 "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
                 "--cpu", str(cpu), "--wait", e.wait, "--orders", orders_for_workers,
-                "--holders-slice", str(e.holders_slice),
+                "--holders-slice", str(e.holders_slice), "--fills-max-wait-us", str(e.fills_max_wait_us),
                 "--replies", self.internal["replies"], "--events", self.internal["events"]]
                 + (price_args if w == 0 and e.price_stage == "worker" else []), cpu=cpu))
         if e.price_stage == "process":

@@ -86,8 +86,8 @@ RESYNC_INTERVAL_S = 30.0             # re-sort every trigger table at least this
 # latency, 1M accounts, --price-stage worker; the A/B is in docs/architecture.md.
 ORDERS_OUT_QUIET_NS = 200_000
 # Fills wait behind newer ticks at most this long (measured from the gateway's receipt):
-# then the worker applies them before taking the next tick.
-FILLS_MAX_WAIT_NS = 500_000
+# then the worker applies them before taking the next tick (engine.fills_max_wait_us).
+FILLS_MAX_WAIT_NS = EngineSettings.fills_max_wait_us * 1000
 # Which stage found a breach (the ``stage`` of a liquidation's ENGINE_EVENT detail):
 STAGE_TRIGGER = "trigger"            # 1a: the mark crossed the account's trigger price (hot path)
 STAGE_HOLDERS = "holders"            # 1b: the holders' pass, a breach the triggers missed (stale
@@ -104,7 +104,7 @@ class Worker:
     def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
                  orders_endpoint: str, replies_endpoint: str, events_endpoint: str | None = None,
                  full_pass_interval_s: float | None = None, order_id_base: int = 0,
-                 holders_slice: int = HOLDERS_SLICE):
+                 holders_slice: int = HOLDERS_SLICE, fills_max_wait_ns: int = FILLS_MAX_WAIT_NS):
         self.name = name
         self.worker_id = worker_id
         self.partitions = partitions
@@ -112,6 +112,9 @@ class Worker:
         if holders_slice < 1:
             raise ValueError(f"holders_slice: at least 1, got {holders_slice}")
         self.holders_slice = holders_slice
+        if fills_max_wait_ns < 0:
+            raise ValueError(f"fills_max_wait_ns: at least 0, got {fills_max_wait_ns}")
+        self.fills_max_wait_ns = fills_max_wait_ns
         self.store = Store.attach(name, readonly=False)
         rows = sum(hi - lo for lo, hi in map(self.store.partition_rows, partitions))
         self.full_pass_interval_s = full_pass_interval_s if full_pass_interval_s is not None else \
@@ -614,7 +617,7 @@ class Worker:
             self.book_orders(STAGE_TRIGGER)
             wake.timer()                                          # after the orders, not before
             snap = self.snap
-            if self.holders_job is None and self._records_waited(FILLS_MAX_WAIT_NS):
+            if self.holders_job is None and self._records_waited(self.fills_max_wait_ns):
                 for p in self.partitions:                         # 2. fills that waited long enough
                     self.drain(p, snap)                           # go before more ticks
             if wake.more():
@@ -810,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds between full passes (default: max(1, accounts / 250,000))")
     ap.add_argument("--holders-slice", type=int, default=HOLDERS_SLICE,
                     help="holders per slice of the holders' pass (engine.holders_slice)")
+    ap.add_argument("--fills-max-wait-us", type=int, default=FILLS_MAX_WAIT_NS // 1000,
+                    help="microseconds a fill may wait behind newer ticks (engine.fills_max_wait_us)")
     ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
     ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
     ap.add_argument("--staleness-ms", type=int, default=5000)
@@ -819,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     process.enter(a.cpu)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
-               full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice)
+               full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice,
+               fills_max_wait_ns=a.fills_max_wait_us * 1000)
     if a.oracle and not a.events:
         ap.error("--oracle needs --events (the price stage's freeze and venue events)")
     if a.oracle:

@@ -356,6 +356,15 @@ def zctx():
     ctx.destroy(linger=0)
 
 
+def test_fills_max_wait_reaches_every_worker(local_engine):
+    """engine.fills_max_wait_us (how long a fill may wait behind newer ticks) is each
+    worker's --fills-max-wait-us: 250 configured, 250 on both workers' command lines."""
+    le = local_engine(n_workers=2, fills_max_wait_us=250)
+    for w in range(2):
+        with open(f"/proc/{le.engine.worker_pid(w)}/cmdline", "rb") as f:
+            assert b"--fills-max-wait-us\x00250\x00" in f.read(), w
+
+
 def test_yielding_engine_liquidates_a_breaching_tick(local_engine, zctx):
     le = local_engine(eve_long_1btc_5k_usdt, n_workers=1, wait="yielding")
     with open(f"/proc/{le.engine.worker_pid(0)}/cmdline", "rb") as f:
