@@ -90,7 +90,7 @@ def _cmd_run(args) -> int:
 
     store = eng.create_state()
     try:                                       # 1. open the book (recover or provision), 2. re-base
-        names = [a.name for a in cfg.assets]
+        names = eng.asset_names
         opened = recovery.open_book(store, eng.state_dir, names, new_book)
         eng.fills_last_seq = opened.fills_last_seq      # the gateway drops what it had taken before
         recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq)

@@ -240,7 +240,6 @@ class ReplayStats:
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
     generations: int = 0           # journal files replayed (replay_generations)
     fills_last_seq: int = 0        # the highest fill sequence number replayed (0: none)
-    end_offset: int = 0
     seconds: float = 0.0
     reject_codes: dict = field(default_factory=dict)
 
@@ -307,7 +306,6 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
         else:
             st.withdrawals += 1
     apply_legs()
-    st.end_offset = journal_end(path)
     st.seconds = time.perf_counter() - t0
     return st
 
@@ -330,7 +328,6 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n
-        total.end_offset = st.end_offset
         total.fills_last_seq = max(total.fills_last_seq, st.fills_last_seq)
         total.generations = total.generations + 1
     total.seconds = time.perf_counter() - t0

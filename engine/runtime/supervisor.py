@@ -95,9 +95,13 @@ class Engine:
         self._next_snapshot = time.monotonic() + e.snapshot_interval_s
         self._writer: threading.Thread | None = None     # the snapshot being written (from the buffers)
         self._book_buffers = None                         # recovery.book_buffers, for every snapshot
-        self.snapshots: list[dict] = []                  # what each snapshot_now did
 
     # ------------------------------------------------------------------ state
+    @property
+    def asset_names(self) -> list[str]:
+        """The configuration's collateral assets, in the store's order (the store keeps no names)."""
+        return [a.name for a in self.config.assets]
+
     @property
     def journal_path(self) -> str:
         """The journal file being written now: the latest generation in the state dir
@@ -132,7 +136,7 @@ class Engine:
         if self.store is None:
             self.create_state()
         e, ep = self.config.engine, self.config.endpoints
-        assets = ",".join(a.name for a in self.config.assets)
+        assets = ",".join(self.asset_names)
         cpus = list(e.cpus)
         name = e.name
         liq_args = ["engine.runtime.liqgw", "--name", name,
@@ -240,8 +244,7 @@ class Engine:
         t_ready = time.monotonic_ns()
         if self._book_buffers is None:               # first snapshot: its copy waits on fresh pages
             self._book_buffers = recovery.book_buffers(self.store)
-        book = recovery.copy_book(self.store, [a.name for a in self.config.assets],
-                                  self._book_buffers) if offset >= 0 else None
+        book = recovery.copy_book(self.store, self.asset_names, self._book_buffers) if offset >= 0 else None
         h["cut_done"] = req
         t_done = time.monotonic_ns()
         info = {"cut": req, "pause_ms": (t_done - t0) / 1e6, "drain_ms": (t_ready - t0) / 1e6,
@@ -265,7 +268,6 @@ class Engine:
         return self._snapshot_done(info)
 
     def _snapshot_done(self, info: dict) -> dict:
-        self.snapshots.append(info)
         if not self.quiet or self.durable:
             print(f"margin-engine: snapshot {info.get('cut', '')}: {info['result']}, fills intake paused "
                   f"{info['pause_ms']:.1f} ms" + (f" (drain {info['drain_ms']:.1f}, copy {info['copy_ms']:.1f})"
@@ -304,14 +306,12 @@ class Engine:
             codes[c.role] = c.proc.returncode
             if c.log:
                 c.log.close()
-        self.snapshot_written = False
         if self._writer is not None:
             self._writer.join()                      # the periodic one first: the stop's is newer
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
-            rebase(self.store, self.state_dir, [x.name for x in self.config.assets], self.latest_generation(),
+            rebase(self.store, self.state_dir, self.asset_names, self.latest_generation(),
                    int(self.ctl.header[0]["fills_last_seq"]))       # the gateway's, at its exit
-            self.snapshot_written = True
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()
             self.ctl.unlink()

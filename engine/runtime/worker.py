@@ -372,7 +372,7 @@ class Worker:
             if self.pending_collateral:          # collateral prices first: equity moves (whole:
                 self.pending_collateral = False  # every holder of the asset that moved)
                 for p in self.partitions:
-                    recv_ns = self._collateral_recv_ns(self.index[p].asset_px)
+                    recv_ns = self._asset_tick_ns(np.flatnonzero(self.snap.asset_px != self.index[p].asset_px))
                     n = self.index[p].collateral_tick(self.snap, self.breach)
                     if n:
                         self.liquidate(self.breach[: min(n, len(self.breach))], 0, recv_ns, STAGE_COLLATERAL)
@@ -419,32 +419,29 @@ class Worker:
         ``prev_px`` to ``px`` crossed (``HolderIndex.asset_candidates``, binary searches),
         decided and sent at once, stage "trigger"; the whole collateral pass in 1b still
         follows for what stale triggers miss (accounts already sent an order are skipped)."""
-        moved = np.flatnonzero(px != prev_px).tolist()
+        moved = np.flatnonzero(px != prev_px)
         found = [self.index[p].asset_candidates(a, float(px[a]), float(prev_px[a]))
-                 for p in self.partitions for a in moved]
+                 for p in self.partitions for a in moved.tolist()]
         rows = np.concatenate(found) if found else ()
         if len(rows):
-            recv_ns = int(max(self.store.assets["ts_ns"][moved]))
-            self.liquidate(rows, 0, recv_ns if recv_ns > 0 else time.time_ns(), STAGE_TRIGGER)
+            self.liquidate(rows, 0, self._asset_tick_ns(moved), STAGE_TRIGGER)
 
     def _records_waited(self, wait_ns: int) -> bool:
         """The oldest record in one of this worker's rings was received (gateway clock)
         more than ``wait_ns`` ago."""
-        cap = self.ctl.capacity
+        cap, due = self.ctl.capacity, time.time_ns() - wait_ns
         for p in self.partitions:
             r, w = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
-            if r < w and time.time_ns() - int(self.ctl.records[p][r & (cap - 1)]["ts_ns"]) > wait_ns:
+            if r < w and int(self.ctl.records[p][r & (cap - 1)]["ts_ns"]) < due:
                 return True
         return False
 
-    def _collateral_recv_ns(self, asset_px: np.ndarray) -> int:
-        """The tick time of a collateral move's orders: when the latest tick that moved
-        one of the assets whose price differs from ``asset_px`` (the aggregates' prices)
-        was received (the mark-price stage publishes an asset price with it); now, if
-        none is known."""
-        moved = np.flatnonzero(self.snap.asset_px != asset_px)
-        ts = self.store.assets["ts_ns"][moved] if moved.size else ()
-        return int(max(ts)) if len(ts) and int(max(ts)) > 0 else time.time_ns()
+    def _asset_tick_ns(self, moved: np.ndarray) -> int:
+        """The tick time of orders a collateral move caused: when the latest tick that
+        moved one of the assets ``moved`` was received (the mark-price stage publishes an
+        asset price with it); now, if none is known."""
+        ts = int(self.store.assets["ts_ns"][moved].max()) if moved.size else 0
+        return ts if ts > 0 else time.time_ns()
 
     def liquidate(self, rows: np.ndarray, tick_seq: int, tick_recv_ns: int, stage: str,
                   reissue: bool = False) -> None:
