@@ -17,6 +17,7 @@ from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_nu
 
 WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
 PRICE_STAGES = ("process", "worker")
+JOURNAL_SYNC = ("ack", "interval")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,15 @@ class EngineSettings:
     # pauses fills intake for the copy, ~0.1 s at 1M accounts); 0: only at start and at
     # a clean stop. A restart replays the journal written since the last one.
     snapshot_interval_s: float = 300.0
+    # When the journal reaches the disk: "ack" (the default) fsyncs before anything it
+    # holds is acknowledged (a fills ACK with ``fills_acks``, a COLLATERAL_REPLY that
+    # says applied; one fdatasync per burst, a group commit), so an acknowledgement
+    # survives a power loss; "interval" acknowledges from the page cache (a gateway
+    # crash loses nothing; a power loss up to ``journal_fsync_interval_s``).
+    journal_sync: str = "ack"
+    # Seconds between fsyncs of what no acknowledgement has forced to disk (the PULL
+    # fills stream's frames); 0: leave it to the OS.
+    journal_fsync_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,14 @@ def from_dict(doc: dict) -> Config:
     snapshot_interval_s = _num(e, "snapshot_interval_s", "engine", EngineSettings.snapshot_interval_s)
     if snapshot_interval_s < 0:
         raise ConfigError(f"engine.snapshot_interval_s: 0 (off) or more seconds, got {snapshot_interval_s}")
+    journal_sync = _str(e, "journal_sync", "engine", EngineSettings.journal_sync)
+    if journal_sync not in JOURNAL_SYNC:
+        raise ConfigError(f"engine.journal_sync: one of {JOURNAL_SYNC}, got {journal_sync!r}")
+    journal_fsync_interval_s = _num(e, "journal_fsync_interval_s", "engine",
+                                    EngineSettings.journal_fsync_interval_s)
+    if journal_fsync_interval_s < 0:
+        raise ConfigError(f"engine.journal_fsync_interval_s: 0 (the OS decides) or more seconds, "
+                          f"got {journal_fsync_interval_s}")
     name = _str(e, "name", "engine", "margin-engine")
     if "/" in name or len(name) > 200:
         raise ConfigError(f"engine.name: one shared-memory name component without '/', got {name!r}")
@@ -213,6 +231,8 @@ def from_dict(doc: dict) -> Config:
         fills_max_wait_us=_int(e, "fills_max_wait_us", "engine", EngineSettings.fills_max_wait_us, lo=0),
         state_dir=_str(e, "state_dir", "engine") if "state_dir" in e else "",
         snapshot_interval_s=snapshot_interval_s,
+        journal_sync=journal_sync,
+        journal_fsync_interval_s=journal_fsync_interval_s,
     )
 
     raw_assets = doc.get("assets")

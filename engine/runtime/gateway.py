@@ -59,7 +59,8 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
                  events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
-                 fills_acks: bool = False, fills_last_seq: int = 0):
+                 fills_acks: bool = False, fills_last_seq: int = 0, journal_sync: str = "ack",
+                 journal_fsync_interval_s: float = 1.0):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
@@ -83,7 +84,10 @@ class Gateway:
             self.trackers[None] = SequenceTracker(fills_last_seq)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal_dir, self.journal_generation = journal_dir, journal_generation
-        self.journal = Journal(journal_file(journal_dir, journal_generation))
+        self.journal = Journal(journal_file(journal_dir, journal_generation), journal_fsync_interval_s)
+        # "ack": what an acknowledgement reports is on the disk before it is sent.
+        self.sync_before_ack = journal_sync == "ack"
+        self._collateral_out: list[tuple[bytes, dict]] = []   # replies of one drain
         # A snapshot's cut (``cut_step``): the last cut served, when the one in progress
         # began, and the collateral requests held back meanwhile.
         self._cut_served = int(self.ctl.header[0]["cut_request"])
@@ -198,6 +202,8 @@ class Gateway:
             return
         self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
         self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
+        if ident is not None and self.sync_before_ack:
+            self.journal.sync()
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
 
     def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +264,9 @@ class Gateway:
             time.sleep(0.0001)
         if n_ok:
             self.counters["fills"] += n_ok
-        self._ring_workers(workers)
+        self._ring_workers(workers)      # the workers apply while the journal is synced
+        if self._acks and self.sync_before_ack:
+            self.journal.sync()
         for ident, first_seq in self._acks:
             self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
         self._acks.clear()
@@ -381,6 +389,8 @@ class Gateway:
         self.checks.send_multipart([ident, self.seq_out.encode(mtype, fields)])
 
     def on_worker_reply(self, frame: bytes) -> None:
+        """A worker's COLLATERAL_REPLY: an applied request is journaled, and the reply
+        waits for ``send_collateral_replies`` (the drain's one sync, then the clients)."""
         m = decode(frame)
         if type(m) is Rejected:
             return
@@ -390,7 +400,18 @@ class Gateway:
         ident, request_id, request, recv_ns = pending
         if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
             self.journal.append(0, recv_ns, request)
-        self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
+        self._collateral_out.append((ident, {**m.fields, "request_id": request_id}))
+
+    def send_collateral_replies(self) -> None:
+        """Answer the clients of the replies taken; with ``journal_sync = "ack"`` the
+        journal is synced first, once for all of them."""
+        if not self._collateral_out:
+            return
+        if self.sync_before_ack:
+            self.journal.sync()
+        for ident, fields in self._collateral_out:
+            self._reply(ident, MsgType.COLLATERAL_REPLY, fields)
+        self._collateral_out.clear()
 
     def _publish_fills_last(self) -> None:
         """The PULL stream's last accepted sequence number into the control header (a
@@ -474,6 +495,7 @@ class Gateway:
                         self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
+                self.send_collateral_replies()
             self.journal.maybe_sync()
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
         self.flush_fills(time.time_ns())
@@ -498,15 +520,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fills-acks", action="store_true", help="ROUTER fills socket answering ACK/REJECT")
     ap.add_argument("--fills-last-seq", type=int, default=0,
                     help="the PULL fills stream's last accepted sequence number before this start")
+    ap.add_argument("--journal-sync", choices=("ack", "interval"), default="ack",
+                    help="ack: fsync the journal before acknowledging what it holds")
+    ap.add_argument("--journal-fsync-interval-s", type=float, default=1.0)
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
-                [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq)
+                [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq,
+                journal_sync=a.journal_sync, journal_fsync_interval_s=a.journal_fsync_interval_s)
     if a.assets:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)
     g.run()
-    print(json.dumps({"gateway": dict(g.counters)}), file=sys.stderr)
+    print(json.dumps({"gateway": dict(g.counters), "journal_syncs": g.journal.syncs}), file=sys.stderr)
     return 0
 
 

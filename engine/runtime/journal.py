@@ -7,9 +7,12 @@ File format (little-endian), documented in docs/protocol.md#journal::
              | frame (the msgpack body exactly as received: a FILL or a BATCH of FILLs)
 
 Records are written with one ``write(2)`` on an ``O_APPEND`` descriptor, so a crash of
-the gateway leaves whole records in the page cache; ``fsync`` runs every
-``fsync_interval_s`` (0: never, leave it to the OS). ``replay`` yields the records
-in order and stops at a torn tail (a record cut short by a power loss).
+the gateway leaves whole records in the page cache. ``sync`` puts them on the disk
+(``fdatasync``); the gateway calls it before it acknowledges anything the journal holds
+(``engine.journal_sync = "ack"``: one call per burst of acknowledgements, a group
+commit), and ``maybe_sync`` at least every ``fsync_interval_s`` (0: never, leave it to
+the OS). ``replay`` yields the records in order and stops at a torn tail (a record cut
+short by a power loss).
 
 Files: ``journal-<generation>.log`` (8 digits) in ``engine.state_dir``, each starting
 with the header. A start of ``margin-engine run`` and every snapshot taken while running
@@ -63,11 +66,19 @@ class Journal:
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        if new:
+        if new:                             # the header and the file's name on the disk
             os.write(self.fd, MAGIC)
+            os.fsync(self.fd)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         self.fsync_interval_s = fsync_interval_s
         self._last_sync = time.monotonic()
         self.records = 0
+        self.unsynced = 0                   # records written since the last sync
+        self.syncs = 0
 
     def append(self, first_seq: int, recv_ns: int, frame: bytes) -> None:
         self.append_records(journal_record(first_seq, recv_ns, frame), 1)
@@ -78,16 +89,27 @@ class Journal:
         while view:                          # a regular file takes it whole; be safe anyway
             view = view[os.write(self.fd, view):]
         self.records += n
+        self.unsynced += n
 
     def rotate(self, path: str) -> None:
         """Fsync and close this file; go on in a new one at ``path`` (the next generation)."""
+        syncs = self.syncs + 1
         self.close()
         self.__init__(path, self.fsync_interval_s)
+        self.syncs = syncs
+
+    def sync(self) -> None:
+        """Every record written so far on the disk (``fdatasync``: the data and the file
+        size, which is all an append changes); nothing to do when none is new."""
+        if self.unsynced:
+            os.fdatasync(self.fd)
+            self.syncs += 1
+            self.unsynced = 0
+        self._last_sync = time.monotonic()
 
     def maybe_sync(self) -> None:
         if self.fsync_interval_s and time.monotonic() - self._last_sync >= self.fsync_interval_s:
-            os.fsync(self.fd)
-            self._last_sync = time.monotonic()
+            self.sync()
 
     def close(self) -> None:
         os.fsync(self.fd)

@@ -164,6 +164,7 @@ class Engine:
             "--replies", self.internal["replies"], "--events", self.internal["events"],
             "--journal-dir", self.state_dir, "--journal-generation", str(self.journal_generation),
             "--fills-last-seq", str(self.fills_last_seq), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
+            "--journal-sync", e.journal_sync, "--journal-fsync-interval-s", repr(e.journal_fsync_interval_s),
             "--cpu", str(e.gateway_cpu)]
             + (["--fills-acks"] if ep.fills_acks else []), cpu=e.gateway_cpu))
         t0 = time.time_ns()

@@ -1,0 +1,168 @@
+"""``engine.journal_sync``: an acknowledgement never runs ahead of the disk.
+
+A real store and control segment, a real Gateway with its ROUTER fills socket and its
+checks ROUTER bound on ipc endpoints, real DEALER clients. The gateway's own methods run
+in this process, one step at a time, with the journal's ``sync`` and the gateway's two
+senders (``_ack``, ``_reply``) observed (each still does its work), so the test sees the
+order in which the disk and the client are told:
+
+- ``"ack"``: a fills ACK (code 0) and a COLLATERAL_REPLY that says applied leave only
+  after the ``fdatasync`` that covers their journal records; one sync for a burst.
+- ``"interval"``: they leave at once; the record is synced by the interval (or never,
+  when the interval is 0 as here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import zmq
+
+from engine.codes import Code
+from engine.config import load_default
+from engine.runtime import gateway as G
+from engine.runtime.ctl import Control, RecordKind
+from engine.runtime.harness import local_config
+from engine.runtime.journal import replay
+from engine.store.shm import Store
+from feeds.protocol import Message, MsgType, Sequencer, decode
+from runtime_support import fill
+
+pytestmark = pytest.mark.timeout(60)
+
+TAKER, MAKER = 1, 2
+
+
+class Observed:
+    """The gateway's journal sync and its sends, in the order they happen."""
+
+    def __init__(self, g: G.Gateway):
+        self.log: list[str] = []
+        sync = g.journal.sync
+
+        def observed_sync():
+            self.log.append(f"sync({g.journal.unsynced})")
+            sync()
+        g.journal.sync = observed_sync
+        for name, sock in (("_ack", "fills"), ("_reply", "checks")):
+            send = getattr(g, name)
+
+            def observed(ident, mtype, fields, _sock=sock, _send=send):
+                self.log.append(f"send:{_sock}:{MsgType(mtype).name}")
+                return _send(ident, mtype, fields)
+            setattr(g, name, observed)
+
+
+@pytest.fixture(params=["ack", "interval"])
+def gateway(request, tmp_path):
+    root = str(tmp_path)
+    cfg = local_config(root, load_default(), partitions=1)
+    e = cfg.engine
+    store = Store.create(e.name, assets=list(cfg.assets), instruments=list(cfg.instruments),
+                         accounts_capacity=8, n_partitions=1, slots_per_account=e.slots_per_account,
+                         replace=True)
+    ctl = Control.create("/" + e.name + "-ctl", 1, 1, e.slots_per_account, ring_capacity=64)
+    for a in (TAKER, MAKER):
+        store.add_account(a)
+    ep = {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}
+    g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"], root, 1, [0],
+                  fills_acks=True, journal_sync=request.param, journal_fsync_interval_s=0)
+    g.set_asset_names([a.name for a in cfg.assets])
+    g.emit = lambda code, detail, account=None: None
+    ctx = zmq.Context.instance()
+    clients = {}
+    for k in ("fills", "checks", "replies"):
+        s = ctx.socket(zmq.PUSH if k == "replies" else zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(ep[k])
+        clients[k] = s
+    yield request.param, g, ctl, clients
+    for s in clients.values():
+        s.close(0)
+    g.journal.close()
+    for s in (g.fills, g.checks, g.replies, g.events):
+        s.close(0)
+    ctl.unlink()
+    store.unlink()
+    store.detach()
+
+
+def recv(sock: zmq.Socket) -> list[bytes]:
+    assert sock.poll(5000), "nothing arrived within 5 s"
+    return sock.recv_multipart()
+
+
+def answer(sock: zmq.Socket) -> Message:
+    m = decode(recv(sock)[-1])
+    assert type(m) is Message
+    return m
+
+
+def test_fills_acks_leave_after_the_sync_that_covers_their_frames(gateway):
+    mode, g, ctl, c = gateway
+    seq = Sequencer()
+    obs = Observed(g)
+    # Three frames in one burst (1 BTC at 50,000.0 each: qty_units 1000, price_units 500,000).
+    for k in range(3):
+        c["fills"].send(seq.encode(MsgType.FILL, fill(10 + k, TAKER, MAKER, 1000, 500_000)))
+    frames = [recv(g.fills) for _ in range(3)]
+    for ident, frame in frames:
+        g.take_fills(frame, 1, ident)
+    g.flush_fills(1)
+    acks = [answer(c["fills"]) for _ in range(3)]
+    assert [(a.type, a.fields["ref_seq"], a.fields["code"]) for a in acks] == \
+        [(MsgType.ACK, s, 0) for s in (1, 2, 3)]
+    if mode == "ack":
+        # One fdatasync for the burst's three records, before the first ACK.
+        assert obs.log == ["sync(3)"] + ["send:fills:ACK"] * 3
+        assert g.journal.unsynced == 0 and g.journal.syncs == 1
+    else:
+        assert obs.log == ["send:fills:ACK"] * 3                 # from the page cache
+        assert g.journal.unsynced == 3 and g.journal.syncs == 0
+    # The duplicate of frame 2 is answered 3001 and needs no sync: nothing new was written.
+    obs.log.clear()
+    g.take_fills(frames[1][1], 1, frames[1][0])
+    dup = answer(c["fills"])
+    assert (dup.fields["ref_seq"], dup.fields["code"]) == (2, int(Code.FILL_DUPLICATE))
+    assert obs.log == ["send:fills:ACK"]
+    records = list(replay(g.journal.path))
+    assert [r.first_seq for r in records] == [1, 2, 3]
+
+
+def test_an_applied_deposit_is_answered_after_the_sync_a_refused_one_at_once(gateway):
+    mode, g, ctl, c = gateway
+    obs = Observed(g)
+    seq = Sequencer()
+    # DEPOSIT 5 USDT (5,000,000 units at scale 10**6) to the taker; WITHDRAWAL of 9 USDT refused.
+    c["checks"].send(seq.encode(MsgType.DEPOSIT, {"request_id": 7, "account": TAKER, "asset": "USDT",
+                                                  "amount_units": 5_000_000}))
+    c["checks"].send(seq.encode(MsgType.WITHDRAWAL, {"request_id": 8, "account": TAKER, "asset": "USDT",
+                                                     "amount_units": 9_000_000}))
+    for _ in range(2):
+        ident, frame = recv(g.checks)
+        g.on_request(ident, frame, 1)
+    # The worker's side, by hand: the ring holds both requests under the gateway's tickets.
+    r, w = (int(x) for x in ctl.rings[0][0][["read_idx", "write_idx"]])
+    recs = [ctl.records[0][i % ctl.capacity] for i in range(r, w)]
+    assert [int(x["kind"]) for x in recs] == [int(RecordKind.DEPOSIT), int(RecordKind.WITHDRAWAL)]
+    tickets = [int(x["ref"]) for x in recs]
+    worker = Sequencer()
+    c["replies"].send(worker.encode(MsgType.COLLATERAL_REPLY, {"request_id": tickets[0], "code": 0,
+                                                              "balance_units": 5_000_000}))
+    c["replies"].send(worker.encode(MsgType.COLLATERAL_REPLY, {
+        "request_id": tickets[1], "code": int(Code.WITHDRAWAL_INSUFFICIENT_BALANCE), "balance_units": 5_000_000}))
+    for _ in range(2):
+        assert g.replies.poll(5000)
+        g.on_worker_reply(g.replies.recv())
+    assert obs.log == []                            # nothing sent before the drain's sync
+    g.send_collateral_replies()
+    replies = [answer(c["checks"]) for _ in range(2)]
+    assert [(m.fields["request_id"], m.fields["code"]) for m in replies] == \
+        [(7, 0), (8, int(Code.WITHDRAWAL_INSUFFICIENT_BALANCE))]
+    if mode == "ack":
+        # The deposit's record (the one applied request) synced, then both replies.
+        assert obs.log == ["sync(1)", "send:checks:COLLATERAL_REPLY", "send:checks:COLLATERAL_REPLY"]
+    else:
+        assert obs.log == ["send:checks:COLLATERAL_REPLY"] * 2
+    assert [decode(r.frame).fields["request_id"] for r in replay(g.journal.path)] == [7]
