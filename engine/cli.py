@@ -48,7 +48,7 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
-PASS_THROUGH_BENCHES = ("feeds", "latency", "recovery")   # their options are bench/NAME.py's own
+PASS_THROUGH_BENCHES = ("acks", "feeds", "latency", "recovery")   # their options are bench/NAME.py's own
 
 
 def _load_config(path):
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--threads", type=int, default=0,
                     help="threads of the split pass and floor (default: the CPUs this process may use)")
     bk.set_defaults(func=_cmd_bench_kernel)
+    bsub.add_parser("acks", help="what a durable acknowledgement costs: fills ACK and deposit round trips, "
+                                 "acknowledged fills/s, journal_sync interval vs ack (options: margin-engine "
+                                 "bench acks --help)")
     bsub.add_parser("feeds", help="order-check round trip vs a bare ZeroMQ echo; fills/s through the "
                                   "gateway (options: margin-engine bench feeds --help)")
     bsub.add_parser("latency", help="tick-to-decision vs a bare relay, HdrHistogram percentiles, rate "

@@ -84,10 +84,20 @@ class Gateway:
             self.trackers[None] = SequenceTracker(fills_last_seq)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal_dir, self.journal_generation = journal_dir, journal_generation
-        self.journal = Journal(journal_file(journal_dir, journal_generation), journal_fsync_interval_s)
-        # "ack": what an acknowledgement reports is on the disk before it is sent.
+        # The journal's sync thread wakes the loop through an inproc pair when a sync is done.
+        self._wake_rx = self.zctx.socket(zmq.PAIR)
+        wake = f"inproc://journal-synced-{id(self)}"
+        self._wake_rx.bind(wake)
+        self._wake_tx = self.zctx.socket(zmq.PAIR)       # used by the sync thread only
+        self._wake_tx.connect(wake)
+        self.journal = Journal(journal_file(journal_dir, journal_generation), journal_fsync_interval_s,
+                               on_synced=lambda: self._wake_tx.send(b"", zmq.NOBLOCK))
+        # "ack": an answer that acknowledges what the journal holds (a fills ACK, an
+        # applied COLLATERAL_REPLY) waits until a sync has put that on the disk. Answers
+        # leave in the order they were made: (journal records it needs on the disk,
+        # socket, identity, type, fields).
         self.sync_before_ack = journal_sync == "ack"
-        self._collateral_out: list[tuple[bytes, dict]] = []   # replies of one drain
+        self._answers: collections.deque[tuple[int, zmq.Socket, bytes, MsgType, dict]] = collections.deque()
         # A snapshot's cut (``cut_step``): the last cut served, when the one in progress
         # began, and the collateral requests held back meanwhile.
         self._cut_served = int(self.ctl.header[0]["cut_request"])
@@ -144,8 +154,39 @@ class Gateway:
     # ------------------------------------------------------------------ fills
     def _ack(self, ident: bytes | None, mtype: MsgType, fields: dict) -> None:
         if ident is not None:
-            seq = self.ack_seqs.setdefault(ident, Sequencer())
-            self.fills.send_multipart([ident, seq.encode_known(mtype, fields)])
+            self._answer(self.fills, ident, mtype, fields)
+
+    def _answer(self, sock: zmq.Socket, ident: bytes, mtype: MsgType, fields: dict) -> None:
+        """Send an answer now, or hold it (``journal_sync = "ack"``) until the journal
+        records written so far are on the disk; never ahead of an answer held before it."""
+        need = self.journal.written if self.sync_before_ack else 0
+        if self._answers or need > self.journal.synced:
+            self._answers.append((need, sock, ident, mtype, fields))
+            return
+        self._send_answer(sock, ident, mtype, fields)
+
+    def _send_answer(self, sock: zmq.Socket, ident: bytes, mtype: MsgType, fields: dict) -> None:
+        if sock is self.fills:                       # the fills stream's ACKs: numbered per peer
+            frame = self.ack_seqs.setdefault(ident, Sequencer()).encode_known(mtype, fields)
+        else:
+            frame = self.seq_out.encode(mtype, fields)
+        sock.send_multipart([ident, frame])
+
+    def pump_answers(self) -> None:
+        """Send the held answers the disk has caught up with (in order); start the next
+        sync (a group commit) when some still wait."""
+        answers, journal = self._answers, self.journal
+        while answers and answers[0][0] <= journal.synced:
+            _, sock, ident, mtype, fields = answers.popleft()
+            self._send_answer(sock, ident, mtype, fields)
+        if answers:
+            journal.sync_in_background()
+
+    def settle_answers(self) -> None:
+        """Every held answer sent: sync on this thread what they wait for."""
+        if self._answers:
+            self.journal.sync()
+            self.pump_answers()
 
     def on_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
         """One fills frame, taken and flushed at once (``take_fills`` + ``flush_fills``)."""
@@ -160,9 +201,10 @@ class Gateway:
         and only then routes its fills (journal before apply). Anything else flushes the
         burst and takes the reference decoder, which decides the exact reject.
         ``ident``: the sender's DEALER identity when the socket answers (``fills_acks``):
-        ACK (code 0) once the frame is journaled and routed, ACK 3001 for a duplicate,
-        REJECT for a malformed one; fills rejected inside an accepted frame are reported
-        as events.
+        ACK (code 0) once the frame is journaled and routed (and, with ``journal_sync =
+        "ack"``, its record synced: ``pump_answers``), ACK 3001 for a duplicate, REJECT
+        for a malformed one; fills rejected inside an accepted frame are reported as
+        events.
         """
         intake = self._fill_intake()
         if not intake.room():
@@ -202,8 +244,6 @@ class Gateway:
             return
         self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
         self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
-        if ident is not None and self.sync_before_ack:
-            self.journal.sync()
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
 
     def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
@@ -264,9 +304,7 @@ class Gateway:
             time.sleep(0.0001)
         if n_ok:
             self.counters["fills"] += n_ok
-        self._ring_workers(workers)      # the workers apply while the journal is synced
-        if self._acks and self.sync_before_ack:
-            self.journal.sync()
+        self._ring_workers(workers)
         for ident, first_seq in self._acks:
             self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
         self._acks.clear()
@@ -386,11 +424,11 @@ class Gateway:
         return price_units / self.price_scales[instrument]
 
     def _reply(self, ident: bytes, mtype: MsgType, fields: dict) -> None:
-        self.checks.send_multipart([ident, self.seq_out.encode(mtype, fields)])
+        self._answer(self.checks, ident, mtype, fields)
 
     def on_worker_reply(self, frame: bytes) -> None:
-        """A worker's COLLATERAL_REPLY: an applied request is journaled, and the reply
-        waits for ``send_collateral_replies`` (the drain's one sync, then the clients)."""
+        """A worker's COLLATERAL_REPLY: an applied request is journaled, then answered
+        (held until that record is on the disk with ``journal_sync = "ack"``)."""
         m = decode(frame)
         if type(m) is Rejected:
             return
@@ -400,18 +438,7 @@ class Gateway:
         ident, request_id, request, recv_ns = pending
         if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
             self.journal.append(0, recv_ns, request)
-        self._collateral_out.append((ident, {**m.fields, "request_id": request_id}))
-
-    def send_collateral_replies(self) -> None:
-        """Answer the clients of the replies taken; with ``journal_sync = "ack"`` the
-        journal is synced first, once for all of them."""
-        if not self._collateral_out:
-            return
-        if self.sync_before_ack:
-            self.journal.sync()
-        for ident, fields in self._collateral_out:
-            self._reply(ident, MsgType.COLLATERAL_REPLY, fields)
-        self._collateral_out.clear()
+        self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
     def _publish_fills_last(self) -> None:
         """The PULL stream's last accepted sequence number into the control header (a
@@ -463,7 +490,7 @@ class Gateway:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         poller = zmq.Poller()
-        for s in (self.fills, self.checks, self.replies):
+        for s in (self.fills, self.checks, self.replies, self._wake_rx):
             poller.register(s, zmq.POLLIN)
         process.short_slices()              # its sockets (and so its I/O thread) exist
         checks, fills, POLLIN, EVENTS = self.checks, self.fills, zmq.POLLIN, zmq.EVENTS
@@ -495,13 +522,17 @@ class Gateway:
                         self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                self.send_collateral_replies()
+            if self._wake_rx in ready:
+                while self._wake_rx.getsockopt(EVENTS) & POLLIN:
+                    self._wake_rx.recv(zmq.NOBLOCK)
+            self.pump_answers()
             self.journal.maybe_sync()
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
         self.flush_fills(time.time_ns())
-        self.journal.close()
+        self.journal.close()                    # fsync: every held answer may go
+        self.pump_answers()
         self._publish_fills_last()
-        for s in (self.fills, self.checks, self.replies, self.events):
+        for s in (self.fills, self.checks, self.replies, self.events, self._wake_rx, self._wake_tx):
             s.close()
 
 

@@ -7,12 +7,14 @@ File format (little-endian), documented in docs/protocol.md#journal::
              | frame (the msgpack body exactly as received: a FILL or a BATCH of FILLs)
 
 Records are written with one ``write(2)`` on an ``O_APPEND`` descriptor, so a crash of
-the gateway leaves whole records in the page cache. ``sync`` puts them on the disk
-(``fdatasync``); the gateway calls it before it acknowledges anything the journal holds
-(``engine.journal_sync = "ack"``: one call per burst of acknowledgements, a group
-commit), and ``maybe_sync`` at least every ``fsync_interval_s`` (0: never, leave it to
-the OS). ``replay`` yields the records in order and stops at a torn tail (a record cut
-short by a power loss).
+the gateway leaves whole records in the page cache. ``fdatasync`` puts them on the disk,
+on a thread of the journal's own (``sync_in_background``) so that the gateway's loop
+goes on answering order checks meanwhile. With ``engine.journal_sync = "ack"`` the
+gateway holds each acknowledgement back until the sync that covers what it acknowledges
+is done (one sync covers every record written before it starts: a group commit); in
+any mode it syncs at least every ``fsync_interval_s`` (0: never, leave it to the OS).
+``replay`` yields the records in order and stops at a torn tail (a record cut short by
+a power loss).
 
 Files: ``journal-<generation>.log`` (8 digits) in ``engine.state_dir``, each starting
 with the header. A start of ``margin-engine run`` and every snapshot taken while running
@@ -30,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 import time
 from typing import Iterator, NamedTuple
 
@@ -62,7 +65,31 @@ class JournalRecord(NamedTuple):
 
 
 class Journal:
-    def __init__(self, path: str, fsync_interval_s: float = 1.0):
+    """Appends records and knows how many of them are on the disk.
+
+    ``written`` counts the records this object appended (across rotations), ``synced``
+    how many of them an ``fdatasync`` (or the ``fsync`` of a rotation or close) has put
+    on the disk. ``sync`` makes the two equal on the caller's thread;
+    ``sync_in_background`` hands the same to the journal's sync thread and returns at
+    once: one ``fdatasync`` at a time, covering everything written when it starts (a
+    group commit), then ``on_synced()`` is called from that thread. A failed
+    ``fdatasync`` is final (the kernel may have dropped the pages: retrying proves
+    nothing): the next call from the owner raises it.
+    """
+
+    def __init__(self, path: str, fsync_interval_s: float = 1.0, on_synced=None):
+        self.fsync_interval_s = fsync_interval_s
+        self.on_synced = on_synced
+        self.sync_fn = os.fdatasync          # the sync thread's call (a test may observe it)
+        self.written = self.synced = self.syncs = 0
+        self._cv = threading.Condition()
+        self._target: int | None = None      # a sync asked of the thread, not yet started
+        self._busy = False
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+        self._open(path)
+
+    def _open(self, path: str) -> None:
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -74,11 +101,16 @@ class Journal:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        self.fsync_interval_s = fsync_interval_s
         self._last_sync = time.monotonic()
-        self.records = 0
-        self.unsynced = 0                   # records written since the last sync
-        self.syncs = 0
+        self.records = 0                     # records in this file
+
+    @property
+    def unsynced(self) -> int:
+        return self.written - self.synced
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     def append(self, first_seq: int, recv_ns: int, frame: bytes) -> None:
         self.append_records(journal_record(first_seq, recv_ns, frame), 1)
@@ -89,31 +121,90 @@ class Journal:
         while view:                          # a regular file takes it whole; be safe anyway
             view = view[os.write(self.fd, view):]
         self.records += n
-        self.unsynced += n
+        self.written += n
+
+    def _raise_failed(self) -> None:
+        if self._error is not None:
+            raise OSError(self._error.errno, f"journal {self.path}: fdatasync failed: {self._error.strerror}")
+
+    def sync(self) -> None:
+        """Every record written so far on the disk, on this thread (``fdatasync``: the
+        data and the file size, all an append changes); nothing to do when none is new."""
+        self.wait_idle()
+        if self.written > self.synced:
+            self.sync_fn(self.fd)
+            self.syncs += 1
+            self.synced = self.written
+        self._last_sync = time.monotonic()
+
+    def sync_in_background(self) -> bool:
+        """Start an ``fdatasync`` of everything written so far on the sync thread, unless
+        one is running (its caller asks again when it is done) or nothing is new."""
+        self._raise_failed()
+        if self._busy or self.written == self.synced:
+            return False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="journal-sync", daemon=True)
+            self._thread.start()
+        with self._cv:
+            self._busy, self._target = True, self.written
+            self._cv.notify_all()
+        self._last_sync = time.monotonic()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._target is None:
+                    self._cv.wait()
+                target, self._target = self._target, None
+            if target < 0:
+                return
+            try:
+                self.sync_fn(self.fd)
+            except OSError as e:
+                self._error = e
+            with self._cv:
+                if self._error is None:
+                    self.synced = max(self.synced, target)
+                    self.syncs += 1
+                self._busy = False
+                self._cv.notify_all()
+            if self.on_synced is not None:
+                self.on_synced()
+
+    def wait_idle(self) -> None:
+        """Return once no background sync is running (then raise one that failed)."""
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
+        self._raise_failed()
+
+    def maybe_sync(self) -> None:
+        """The interval's sync, in the background: records no acknowledgement forced."""
+        if self.fsync_interval_s and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+            self.sync_in_background()
+
+    def _close_file(self) -> None:
+        self.wait_idle()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.syncs += 1
+        self.synced = self.written
 
     def rotate(self, path: str) -> None:
         """Fsync and close this file; go on in a new one at ``path`` (the next generation)."""
-        syncs = self.syncs + 1
-        self.close()
-        self.__init__(path, self.fsync_interval_s)
-        self.syncs = syncs
-
-    def sync(self) -> None:
-        """Every record written so far on the disk (``fdatasync``: the data and the file
-        size, which is all an append changes); nothing to do when none is new."""
-        if self.unsynced:
-            os.fdatasync(self.fd)
-            self.syncs += 1
-            self.unsynced = 0
-        self._last_sync = time.monotonic()
-
-    def maybe_sync(self) -> None:
-        if self.fsync_interval_s and time.monotonic() - self._last_sync >= self.fsync_interval_s:
-            self.sync()
+        self._close_file()
+        self._open(path)
 
     def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
+        self._close_file()
+        if self._thread is not None:
+            with self._cv:
+                self._target = -1
+                self._cv.notify_all()
+            self._thread.join(5)
+            self._thread = None
 
 
 def replay(path: str, offset: int = 0) -> Iterator[JournalRecord]:
