@@ -93,7 +93,9 @@ def _cmd_run(args) -> int:
         names = eng.asset_names
         opened = recovery.open_book(store, eng.state_dir, names, new_book)
         eng.fills_last_seq = opened.fills_last_seq      # the gateway drops what it had taken before
-        recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq)
+        eng.ctl.seed_transfers(opened.transfers)        # and answers a retried transfer_id
+        recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq,
+                        eng.ctl.transfers_in_order())
     except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()

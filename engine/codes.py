@@ -61,6 +61,9 @@ class Code(enum.IntEnum):
     COLLATERAL_BAD_AMOUNT = 3102
     WITHDRAWAL_BELOW_INITIAL_MARGIN = 3103
     WITHDRAWAL_INSUFFICIENT_BALANCE = 3104
+    TRANSFER_ALREADY_APPLIED = 3105  # this transfer_id was applied before: nothing applied now
+    TRANSFER_ID_REUSED = 3106      # this transfer_id was applied to another account, asset, amount or kind
+    TRANSFER_IN_FLIGHT = 3107      # a request with this transfer_id is being applied: ask again
 
     # 4xxx order check (pre-trade)
     CHECK_INSUFFICIENT_MARGIN = 4001  # post-trade equity below post-trade initial margin

@@ -65,6 +65,10 @@ class EngineSettings:
     # Seconds between fsyncs of what no acknowledgement has forced to disk (the PULL
     # fills stream's frames); 0: leave it to the OS.
     journal_fsync_interval_s: float = 1.0
+    # Applied DEPOSIT / WITHDRAWAL ``transfer_id``s remembered (custody's idempotency keys):
+    # a retry of one of the last this many is answered "already applied" (3105), across
+    # restarts; 32 bytes each in the control segment.
+    transfer_window: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,7 @@ def from_dict(doc: dict) -> Config:
         snapshot_interval_s=snapshot_interval_s,
         journal_sync=journal_sync,
         journal_fsync_interval_s=journal_fsync_interval_s,
+        transfer_window=_int(e, "transfer_window", "engine", EngineSettings.transfer_window, lo=1),
     )
 
     raw_assets = doc.get("assets")

@@ -140,12 +140,15 @@ SCHEMAS: dict[MsgType, dict[str, tuple[Kind, bool]]] = {
         "account": (ID, REQ),
         "asset": (NAME, REQ),              # collateral asset, e.g. "USDT"
         "amount_units": (POS, REQ),        # asset integer units, > 0
+        "transfer_id": (POS, OPT),         # custody's id of this transfer, never reused: a retry
+                                           #   carries it again and is applied at most once
     },
     MsgType.WITHDRAWAL: {
         "request_id": (ID, REQ),
         "account": (ID, REQ),
         "asset": (NAME, REQ),
         "amount_units": (POS, REQ),
+        "transfer_id": (POS, OPT),
     },
     MsgType.COLLATERAL_REPLY: {
         "request_id": (ID, REQ),
@@ -725,9 +728,9 @@ EXAMPLES: dict[MsgType, dict] = {
                    "taker_account": 2002, "qty_units": -250, "price_units": 9712350,
                    "maker_fee_units": -4856, "taker_fee_units": 12141, "taker_side": "sell"},
     MsgType.DEPOSIT: {"request_id": 77, "account": 2002, "asset": "USDT",
-                      "amount_units": 5_000_000_000},
+                      "amount_units": 5_000_000_000, "transfer_id": 7_700_031},
     MsgType.WITHDRAWAL: {"request_id": 78, "account": 2002, "asset": "USDT",
-                         "amount_units": 1_000_000_000},
+                         "amount_units": 1_000_000_000, "transfer_id": 7_700_032},
     MsgType.COLLATERAL_REPLY: {"request_id": 78, "code": 0, "balance_units": 4_000_000_000},
     MsgType.ORDER_CHECK: {"request_id": 5150, "account": 2002, "instrument_id": 1,
                           "qty_units": 1000, "price_units": 9712000},

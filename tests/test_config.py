@@ -240,6 +240,7 @@ BAD = [
     ("snapshot-interval-negative", "[engine]\nsnapshot_interval_s = -1\n" + VALID, "engine.snapshot_interval_s"),
     ("fills-max-wait-negative", "[engine]\nfills_max_wait_us = -5\n" + VALID, "engine.fills_max_wait_us"),
     ("journal-sync-unknown", "[engine]\njournal_sync = \"never\"\n" + VALID, "engine.journal_sync"),
+    ("transfer-window-zero", "[engine]\ntransfer_window = 0\n" + VALID, "engine.transfer_window"),
     ("journal-fsync-negative", "[engine]\njournal_fsync_interval_s = -1\n" + VALID, "engine.journal_fsync_interval_s"),
     ("gateway-cpu-below-minus-one", "[engine]\ngateway_cpu = -2\n" + VALID, "engine.gateway_cpu"),
     ("markprice-cpu-float", "[engine]\nmarkprice_cpu = 1.5\n" + VALID, "engine.markprice_cpu"),

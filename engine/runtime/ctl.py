@@ -4,6 +4,7 @@ Beside the data store (``/NAME``) the engine keeps a small control segment
 (``/NAME-ctl``)::
 
     header | doorbells[max_workers] | per partition: ring header, records[cap], undo area
+           | transfers[transfer_window]
 
 - A **doorbell** per worker (ext/doorbell.h): producers (the mark-price process on a new
   mark, the gateway on a new record) bump it; the worker sleeps on it in futex(2), or
@@ -16,6 +17,12 @@ Beside the data store (``/NAME``) the engine keeps a small control segment
   account row, its slots and the partition's fee pool there and marks it *applying*;
   after, it marks it *idle*. A replacement that finds *applying* restores the copy (a
   half-applied record is rolled back whole) and applies the record again.
+- The **transfer window**: the last ``transfer_window`` DEPOSIT / WITHDRAWAL requests
+  applied with a ``transfer_id`` (custody's idempotency key), in a circular table whose
+  only writer is the gateway (``transfers_count`` in the header counts every one ever
+  written: entry ``k`` is at slot ``k % transfer_window``). The gateway answers a retried
+  id from it; a snapshot copies it at its cut, and a restart seeds it from the snapshot
+  and the journal replayed after it, so the window survives restarts.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from engine import _shm
 from engine.store.layout import ACCOUNT, PARTITION, POSITION, PAGE, _align
 
 CTL_MAGIC = int.from_bytes(b"MRGNCTL\x00", "little")
-CTL_VERSION = 2
+CTL_VERSION = 3
 
 
 class Role(enum.IntEnum):
@@ -51,7 +58,7 @@ class RecordKind(enum.IntEnum):
 CTL_HEADER = np.dtype([
     ("magic", "<u8"), ("version", "<u4"), ("n_workers", "<i4"), ("n_partitions", "<i4"),
     ("ring_capacity", "<i4"), ("shutdown", "<u4"), ("_pad0", "<u4"),
-    ("slots_per_account", "<i4"), ("_pad1", "<i4"),
+    ("slots_per_account", "<i4"), ("transfer_window", "<i4"),
     ("ready_pid", "<i8", (4,)),     # pid of each singleton process once its sockets are bound
     # A snapshot's consistent cut (engine/runtime/recovery.py, "snapshots while running"):
     ("cut_request", "<u8"),         # supervisor: the number of the cut it wants
@@ -60,7 +67,7 @@ CTL_HEADER = np.dtype([
     ("cut_done", "<u8"),            # supervisor: that number, once the book is copied; intake resumes
     ("cut_generation", "<u8"),      # gateway: the journal generation it went on in (cut_offset: its start)
     ("fills_last_seq", "<u8"),      # gateway: its PULL fills stream's last accepted seq, at a cut and at exit
-    ("_pad", "<i8", (1,)),
+    ("transfers_count", "<u8"),     # gateway: transfers ever written to the window (entry k: slot k % window)
 ])  # 128 bytes
 DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
 RING_HEADER = np.dtype([
@@ -77,6 +84,15 @@ def undo_dtype(slots: int) -> np.dtype:
     return np.dtype([("state", "<u8"), ("ref", "<u8"), ("row", "<i8"), ("_pad", "<i8", (5,)),
                      ("account", ACCOUNT), ("slots", POSITION, (slots,)),
                      ("fee_pool", "<i8", (8,))])
+
+
+TRANSFER = np.dtype([
+    ("transfer_id", "<u8"),         # custody's id (> 0)
+    ("account", "<i8"),             # external account id
+    ("amount_units", "<i8"),        # asset units, > 0
+    ("asset", "<i4"),               # asset index
+    ("kind", "<i4"),                # MsgType: 11 DEPOSIT, 12 WITHDRAWAL
+])  # 32
 
 
 UNDO_IDLE = 0
@@ -99,7 +115,8 @@ class Control:
         self.n_partitions = int(h["n_partitions"])
         self.capacity = int(h["ring_capacity"])
         self.slots = int(h["slots_per_account"])
-        lay = _plan(self.n_workers, self.n_partitions, self.capacity, self.slots)
+        self.transfer_window = int(h["transfer_window"])
+        lay = _plan(self.n_workers, self.n_partitions, self.capacity, self.slots, self.transfer_window)
         self.doorbells = buf[lay["doorbells"]: lay["doorbells"] + DOORBELL.itemsize * self.n_workers].view(DOORBELL)
         udt = undo_dtype(self.slots)
         self.rings = []
@@ -112,14 +129,18 @@ class Control:
             self.records.append(buf[roff: roff + RECORD.itemsize * self.capacity].view(RECORD))
             uoff = roff + RECORD.itemsize * self.capacity
             self.undo.append(buf[uoff: uoff + udt.itemsize].view(udt))
+        toff = lay["transfers"]
+        self.transfers = buf[toff: toff + TRANSFER.itemsize * self.transfer_window].view(TRANSFER)
 
     @classmethod
     def create(cls, name: str | None, n_workers: int, n_partitions: int, slots_per_account: int,
-               ring_capacity: int = 1 << 16, mode: int = 0o600) -> "Control":
+               ring_capacity: int = 1 << 16, mode: int = 0o600, transfer_window: int = 4096) -> "Control":
         """Create a zeroed control segment (``name=None``: private, for tests)."""
         if ring_capacity & (ring_capacity - 1):
             raise ValueError("ring_capacity must be a power of two")
-        lay = _plan(n_workers, n_partitions, ring_capacity, slots_per_account)
+        if not 1 <= transfer_window < 2**31:
+            raise ValueError(f"transfer_window: 1 or more transfers, got {transfer_window}")
+        lay = _plan(n_workers, n_partitions, ring_capacity, slots_per_account, transfer_window)
         if name is None:
             mm = mmap.mmap(-1, lay["total"])
         else:
@@ -134,6 +155,7 @@ class Control:
         hdr["magic"], hdr["version"] = CTL_MAGIC, CTL_VERSION
         hdr["n_workers"], hdr["n_partitions"] = n_workers, n_partitions
         hdr["ring_capacity"], hdr["slots_per_account"] = ring_capacity, slots_per_account
+        hdr["transfer_window"] = transfer_window
         mm[:CTL_HEADER.itemsize] = hdr.tobytes()
         ctl = cls(name, mm)
         for r in ctl.rings:
@@ -193,12 +215,40 @@ class Control:
                 return False
         return True
 
+    # -------------------------------------------------------------- transfer window
+    def transfers_in_order(self) -> np.ndarray:
+        """A copy of the window's transfers, oldest first."""
+        count, w = int(self.header[0]["transfers_count"]), self.transfer_window
+        n = min(count, w)
+        slots = (np.arange(count - n, count, dtype=np.int64) % w) if n else np.zeros(0, np.int64)
+        return self.transfers[slots].copy()
+
+    def seed_transfers(self, transfers: np.ndarray) -> None:
+        """Fill the window with ``transfers`` (oldest first; the newest ``transfer_window``
+        kept), before the gateway starts."""
+        kept = transfers[-self.transfer_window:] if len(transfers) else transfers
+        self.transfers[: len(kept)] = kept
+        self.header[0]["transfers_count"] = len(kept)
+
+    def remember_transfer(self, transfer_id: int, account: int, amount_units: int, asset: int,
+                          kind: int) -> int:
+        """Write one applied transfer into the window (the gateway, its only writer);
+        return the id it pushed out of the window (0: none)."""
+        h = self.header[0]
+        count, w = int(h["transfers_count"]), self.transfer_window
+        slot = self.transfers[count % w]
+        evicted = int(slot["transfer_id"]) if count >= w else 0
+        slot["transfer_id"], slot["account"], slot["amount_units"] = transfer_id, account, amount_units
+        slot["asset"], slot["kind"] = asset, kind
+        h["transfers_count"] = count + 1
+        return evicted
+
     def backlog(self, partition: int) -> int:
         r, w = _shm.ring_pending(self.rings[partition].ctypes.data)
         return int(w - r)
 
 
-def _plan(n_workers: int, n_partitions: int, capacity: int, slots: int) -> dict:
+def _plan(n_workers: int, n_partitions: int, capacity: int, slots: int, transfer_window: int) -> dict:
     cursor = _align(CTL_HEADER.itemsize, 64)
     doorbells = cursor
     cursor = _align(cursor + DOORBELL.itemsize * n_workers, PAGE)
@@ -207,4 +257,6 @@ def _plan(n_workers: int, n_partitions: int, capacity: int, slots: int) -> dict:
     for _ in range(n_partitions):
         parts.append(cursor)
         cursor += per
-    return {"doorbells": doorbells, "partitions": parts, "total": cursor}
+    transfers = cursor
+    cursor = _align(cursor + TRANSFER.itemsize * transfer_window, PAGE)
+    return {"doorbells": doorbells, "partitions": parts, "transfers": transfers, "total": cursor}

@@ -106,9 +106,15 @@ class Gateway:
         self._parent = os.getppid()
         # Collateral requests at a worker, by the gateway's own ticket (the ring record's
         # ref: two clients may both use request_id 1): (ROUTER identity, the client's
-        # request_id, request frame, receive time). The frame is journaled when the
-        # worker's reply says it was applied.
-        self.pending: dict[int, tuple[bytes, int, bytes, int]] = {}
+        # request_id, request frame, receive time, the transfer it is or None). The frame
+        # is journaled when the worker's reply says it was applied.
+        self.pending: dict[int, tuple[bytes, int, bytes, int, tuple | None]] = {}
+        # Applied transfer_ids (custody's idempotency keys) of the control segment's window
+        # -> (kind, account, asset, amount); and those at a worker now -> ticket.
+        self.transfers: dict[int, tuple[int, int, int, int]] = {
+            int(t["transfer_id"]): (int(t["kind"]), int(t["account"]), int(t["asset"]), int(t["amount_units"]))
+            for t in self.ctl.transfers_in_order()}
+        self._transfers_in_flight: dict[int, int] = {}
         self._last_ticket = 0
         self.counters = collections.Counter()
         self.snap = self.store.price_snapshot()
@@ -387,16 +393,48 @@ class Gateway:
             if self._cut_since is not None:                     # a cut: applied after it
                 self._held.append((ident, frame, recv_ns))
                 return
+            transfer = None
+            if f["transfer_id"] is not None:            # idempotent: applied at most once
+                transfer = (f["transfer_id"], int(m.type), f["account"], asset, f["amount_units"])
+                code = self._transfer_seen(*transfer)
+                if code is not None:
+                    self.counters[f"transfer_{int(code)}"] += 1
+                    self._reply(ident, MsgType.COLLATERAL_REPLY, {
+                        "request_id": f["request_id"], "code": int(code),
+                        "balance_units": int(self.store.accounts[row]["balance"][asset])})
+                    return
             p = int(self.store.accounts[row]["partition"])
             kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
             self._last_ticket += 1
-            self.pending[self._last_ticket] = (ident, f["request_id"], frame, recv_ns)
+            self.pending[self._last_ticket] = (ident, f["request_id"], frame, recv_ns, transfer)
+            if transfer is not None:
+                self._transfers_in_flight[transfer[0]] = self._last_ticket
             self._push(p, kind, 0, row, f["amount_units"], 0, 0, self._last_ticket, recv_ns, asset)
             _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
         else:
             self._reply(ident, MsgType.REJECT, {"ref_seq": m.seq, "ref_type": int(m.type),
                                                 "code": int(Code.WIRE_UNKNOWN_TYPE),
                                                 "detail": "this socket takes ORDER_CHECK, DEPOSIT, WITHDRAWAL"})
+
+    def _transfer_seen(self, transfer_id: int, kind: int, account: int, asset: int, amount: int) -> Code | None:
+        """Why a request with this ``transfer_id`` must not be applied, or None: applied
+        before (3105; 3106 when account, asset, amount or type differ), or being applied
+        now (3107)."""
+        known = self.transfers.get(transfer_id)
+        if known is not None:
+            same = known == (kind, account, asset, amount)
+            return Code.TRANSFER_ALREADY_APPLIED if same else Code.TRANSFER_ID_REUSED
+        if transfer_id in self._transfers_in_flight:
+            return Code.TRANSFER_IN_FLIGHT
+        return None
+
+    def _remember_transfer(self, transfer_id: int, kind: int, account: int, asset: int, amount: int) -> None:
+        """An applied transfer into the window (shared memory: snapshots keep it) and the
+        lookup; the one it pushes out of the window is forgotten."""
+        evicted = self.ctl.remember_transfer(transfer_id, account, amount, asset, kind)
+        if evicted:
+            self.transfers.pop(evicted, None)
+        self.transfers[transfer_id] = (kind, account, asset, amount)
 
     def _answer_check(self, ident: bytes, request_id: int, account: int, instrument: int, qty_units: int,
                       price_units: int, recv_ns: int) -> None:
@@ -435,9 +473,13 @@ class Gateway:
         pending = self.pending.pop(m.fields["request_id"], None)     # our ticket
         if pending is None:
             return
-        ident, request_id, request, recv_ns = pending
+        ident, request_id, request, recv_ns, transfer = pending
+        if transfer is not None:
+            self._transfers_in_flight.pop(transfer[0], None)
         if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
             self.journal.append(0, recv_ns, request)
+            if transfer is not None:
+                self._remember_transfer(*transfer)
         self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
     def _publish_fills_last(self) -> None:

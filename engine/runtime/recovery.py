@@ -37,7 +37,9 @@ Stages of ``margin-engine run`` with ``durable`` state (``engine.state_dir``'s
 Snapshot file: a numpy ``.npz`` (a zip whose members carry a CRC-32, checked on load)
 with ``meta`` (JSON: format, layout version, journal generation and offset, the book's identity --
 assets and instruments with what gives their integer units a meaning), ``partitions``,
-``accounts`` and ``positions`` (the used rows, partition by partition). Written to a
+``accounts`` and ``positions`` (the used rows, partition by partition), and ``transfers``
+(the applied ``transfer_id`` window, oldest first: engine/runtime/ctl.py; absent in
+snapshots written before it existed, read as empty). Written to a
 temporary file, fsynced, renamed over the old one, the directory fsynced. Marks are not
 in it: a restarted engine takes fresh oracle quotes.
 """
@@ -56,6 +58,7 @@ import numpy as np
 
 from engine.accounting.fills import apply_fill_legs, route_reject
 from engine.codes import Code
+from engine.runtime.ctl import TRANSFER
 from engine.runtime.journal import MAGIC, journal_file, journal_generations, replay
 from engine.store import layout as L
 from engine.store.shm import Store
@@ -114,6 +117,7 @@ class BookCopy:
     accounts: np.ndarray
     positions: np.ndarray
     identity: dict
+    transfers: np.ndarray = field(default_factory=lambda: np.zeros(0, TRANSFER))   # oldest first
 
 
 def book_buffers(store: Store) -> tuple[np.ndarray, np.ndarray]:
@@ -126,10 +130,12 @@ def book_buffers(store: Store) -> tuple[np.ndarray, np.ndarray]:
 
 
 def copy_book(store: Store, asset_names: list[str],
-              buffers: tuple[np.ndarray, np.ndarray] | None = None) -> BookCopy:
+              buffers: tuple[np.ndarray, np.ndarray] | None = None,
+              transfers: np.ndarray | None = None) -> BookCopy:
     """Copy every partition's used account rows, their position slots and the partition
     rows (the part of a snapshot that must be taken at the cut; writing it can follow),
-    into ``buffers`` (``book_buffers``; the copy is views of them) or new arrays."""
+    into ``buffers`` (``book_buffers``; the copy is views of them) or new arrays;
+    ``transfers``: the transfer window at the cut (``Control.transfers_in_order``)."""
     counts = store.partitions["n_accounts"].astype(np.int64)
     s, total = store.slots_per_account, int(counts.sum())
     if buffers is None or len(buffers[0]) < total:
@@ -141,7 +147,8 @@ def copy_book(store: Store, asset_names: list[str],
         np.copyto(acc[k: k + n], store.accounts[lo: lo + n])
         np.copyto(pos[k * s: (k + n) * s], store.positions[lo * s: (lo + n) * s])
         k += n
-    return BookCopy(store.partitions.copy(), acc, pos, book_identity(store, asset_names))
+    return BookCopy(store.partitions.copy(), acc, pos, book_identity(store, asset_names),
+                    np.zeros(0, TRANSFER) if transfers is None else transfers)
 
 
 def write_book(book: BookCopy, path: str, journal_generation: int, journal_offset: int,
@@ -158,7 +165,8 @@ def write_book(book: BookCopy, path: str, journal_generation: int, journal_offse
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:   # owner-only
             np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                     partitions=book.partitions, accounts=book.accounts, positions=book.positions)
+                     partitions=book.partitions, accounts=book.accounts, positions=book.positions,
+                     transfers=book.transfers)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -175,9 +183,11 @@ def write_book(book: BookCopy, path: str, journal_generation: int, journal_offse
 
 
 def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str],
-                   journal_generation: int = 1, fills_last_seq: int = 0) -> int:
+                   journal_generation: int = 1, fills_last_seq: int = 0,
+                   transfers: np.ndarray | None = None) -> int:
     """``write_book(copy_book(store))``: for a book nothing else is writing."""
-    return write_book(copy_book(store, asset_names), path, journal_generation, journal_offset, fills_last_seq)
+    return write_book(copy_book(store, asset_names, transfers=transfers), path, journal_generation,
+                      journal_offset, fills_last_seq)
 
 
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
@@ -189,6 +199,7 @@ def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             parts, accts, pos = z["partitions"], z["accounts"], z["positions"]
+            transfers = z["transfers"] if "transfers" in z.files else np.zeros(0, TRANSFER)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, io.UnsupportedOperation) as e:
         raise RecoveryError(f"{path}: not a readable snapshot ({type(e).__name__}: {e})") from None
     if meta.get("format") != SNAPSHOT_FORMAT or meta.get("layout_version") != L.LAYOUT_VERSION:
@@ -199,7 +210,7 @@ def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
         raise RecoveryError(f"{path}: the configuration does not match the snapshot's book: {why}")
     if parts.dtype != L.PARTITION or accts.dtype != L.ACCOUNT or pos.dtype != L.POSITION \
             or len(parts) != store.n_partitions or len(accts) != meta["accounts"] \
-            or len(pos) != len(accts) * store.slots_per_account:
+            or len(pos) != len(accts) * store.slots_per_account or transfers.dtype != TRANSFER:
         raise RecoveryError(f"{path}: tables do not match the snapshot's own description")
     counts = parts["n_accounts"].astype(np.int64)
     if counts.sum() != len(accts) or (counts < 0).any():
@@ -222,6 +233,7 @@ def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
         for f in ("n_accounts", "fills_applied", "last_fill_seq", "fee_pool"):
             row[f] = parts[p][f]
     store._row_of = None                     # rebuilt from the rows on first use
+    meta["transfers"] = transfers            # not JSON: the window's rows, oldest first
     return meta
 
 
@@ -242,6 +254,7 @@ class ReplayStats:
     fills_last_seq: int = 0        # the highest fill sequence number replayed (0: none)
     seconds: float = 0.0
     reject_codes: dict = field(default_factory=dict)
+    transfers: list = field(default_factory=list)   # (transfer_id, account, amount, asset, kind), in order
 
 
 def replay_journal(store: Store, path: str, offset: int, asset_names: list[str]) -> ReplayStats:
@@ -300,6 +313,8 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
             continue
         sign = 1 if m.type == MsgType.DEPOSIT else -1
         store.set_balance(row, asset, int(store.accounts[row]["balance"][asset]) + sign * f["amount_units"])
+        if f.get("transfer_id") is not None:
+            st.transfers.append((f["transfer_id"], f["account"], f["amount_units"], asset, int(m.type)))
         store.partitions["fills_applied"][row // store.per_partition] += 1
         if sign > 0:
             st.deposits += 1
@@ -329,6 +344,7 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n
         total.fills_last_seq = max(total.fills_last_seq, st.fills_last_seq)
+        total.transfers += st.transfers
         total.generations = total.generations + 1
     total.seconds = time.perf_counter() - t0
     return total
@@ -346,6 +362,7 @@ class Opened:
     snapshot_age_s: float = 0.0
     replay: ReplayStats | None = None
     load_seconds: float = 0.0
+    transfers: np.ndarray = field(default_factory=lambda: np.zeros(0, TRANSFER))   # the window, oldest first
 
 
 def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -> Opened:
@@ -364,8 +381,9 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
                                 f"{offset}: it is not the journal this snapshot was taken against")
         stats = replay_generations(store, state_dir, gen, offset, asset_names)
         last = max(int(meta.get("fills_last_seq", 0)), stats.fills_last_seq)
+        replayed = np.array(stats.transfers, TRANSFER) if stats.transfers else np.zeros(0, TRANSFER)
         return Opened(True, last, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9,
-                      stats, loaded)
+                      stats, loaded, np.concatenate([meta["transfers"], replayed]))
     with_records = [journal_file(state_dir, g) for g in gens if journal_end(journal_file(state_dir, g)) > len(MAGIC)]
     if with_records:
         raise RecoveryError(f"{with_records[0]} holds records but there is no {SNAPSHOT_FILE} beside it, so the "
@@ -375,12 +393,14 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
     return Opened(False)
 
 
-def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int, fills_last_seq: int) -> int:
-    """Stages 2 and 4: a snapshot of ``store`` at the end of journal ``generation``
-    (its start, when the gateway has not written it yet); return the file's size."""
+def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int, fills_last_seq: int,
+           transfers: np.ndarray | None = None) -> int:
+    """Stages 2 and 4: a snapshot of ``store`` (and the transfer window) at the end of
+    journal ``generation`` (its start, when the gateway has not written it yet); return
+    the file's size."""
     return write_snapshot(store, os.path.join(state_dir, SNAPSHOT_FILE),
                           journal_end(journal_file(state_dir, generation)), asset_names, generation,
-                          fills_last_seq)
+                          fills_last_seq, transfers)
 
 
 def set_aside(state_dir: str) -> list[str]:

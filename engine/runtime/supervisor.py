@@ -120,7 +120,7 @@ class Engine:
                                   accounts_capacity=e.accounts_capacity, n_partitions=e.partitions,
                                   slots_per_account=e.slots_per_account, replace=True)
         self.ctl = Control.create("/" + e.name + "-ctl", self.n_workers, e.partitions,
-                                  e.slots_per_account)
+                                  e.slots_per_account, transfer_window=e.transfer_window)
         return self.store
 
     # ------------------------------------------------------------------ processes
@@ -245,7 +245,8 @@ class Engine:
         t_ready = time.monotonic_ns()
         if self._book_buffers is None:               # first snapshot: its copy waits on fresh pages
             self._book_buffers = recovery.book_buffers(self.store)
-        book = recovery.copy_book(self.store, self.asset_names, self._book_buffers) if offset >= 0 else None
+        book = recovery.copy_book(self.store, self.asset_names, self._book_buffers,
+                                  self.ctl.transfers_in_order()) if offset >= 0 else None
         h["cut_done"] = req
         t_done = time.monotonic_ns()
         info = {"cut": req, "pause_ms": (t_done - t0) / 1e6, "drain_ms": (t_ready - t0) / 1e6,
@@ -312,7 +313,8 @@ class Engine:
         if self.durable and self.store is not None and self.settled(codes):
             from engine.runtime.recovery import rebase
             rebase(self.store, self.state_dir, self.asset_names, self.latest_generation(),
-                   int(self.ctl.header[0]["fills_last_seq"]))       # the gateway's, at its exit
+                   int(self.ctl.header[0]["fills_last_seq"]),       # the gateway's, at its exit
+                   self.ctl.transfers_in_order())
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()
             self.ctl.unlink()

@@ -70,9 +70,11 @@ def gateway_pid(name: str) -> int:
 
 
 def collateral(sock: zmq.Socket, seq: Sequencer, kind: MsgType, request_id: int, account: int,
-               usdt: int) -> dict:
-    sock.send(seq.encode(kind, {"request_id": request_id, "account": account, "asset": "USDT",
-                                "amount_units": usdt * USDT}))
+               usdt: int, transfer_id: int | None = None) -> dict:
+    body = {"request_id": request_id, "account": account, "asset": "USDT", "amount_units": usdt * USDT}
+    if transfer_id is not None:
+        body["transfer_id"] = transfer_id
+    sock.send(seq.encode(kind, body))
     assert sock.poll(5_000), f"no reply to request {request_id} within 5 s"
     m = decode(sock.recv())
     assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY, m
@@ -121,8 +123,9 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
         first = fseq.next(len(batch))
         batch_frame = encode_batch(MsgType.FILL, batch, first_seq=first, ts_ns=time.time_ns())
         fills.send(batch_frame)
-        # Account 2 (short 0.5 BTC, ~19,999 USDT after the fills' cost) may withdraw 1,000
-        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 3, 2, 1_000)["code"] == 0
+        # Account 2 (short 0.5 BTC, ~19,999 USDT after the fills' cost) may withdraw 1,000;
+        # custody names the transfer 903 (its idempotency key)
+        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 3, 2, 1_000, transfer_id=903)["code"] == 0
         # A withdrawal beyond the balance is refused (3103-class code) and never journaled
         assert collateral(checks, cseq, MsgType.WITHDRAWAL, 4, 1, 1_000_000)["code"] != 0
     finally:
@@ -160,6 +163,21 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert book(name) == before
     assert f"fills stream goes on after seq {N_FILLS + 1}" in err        # the batch took 1..51
 
+    def retry_withdrawal(request_id: int) -> dict:
+        """Custody retries transfer 903 (it never heard back, say): recognized from the
+        journal (or the snapshot), answered 3105 with the balance, applied once."""
+        c = zmq.Context()
+        try:
+            s = c.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep["checks"])
+            return collateral(s, Sequencer(), MsgType.WITHDRAWAL, request_id, 2, 1_000, transfer_id=903)
+        finally:
+            c.destroy(linger=0)
+    # balance 10,000 - 1,000 = 9,000 USDT, not 8,000
+    assert retry_withdrawal(5) == {"request_id": 5, "code": 3105, "balance_units": 9_000 * USDT}
+    assert book(name) == before
+
     # The matching engine resends the batch (it never heard back: PUSH has no acks),
     # then fill 52, account 1 buying 0.01 BTC more at 96,000. The restarted gateway knows
     # 1..51 were taken and drops the batch; only fill 52 moves the book.
@@ -185,6 +203,8 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     proc3 = start(spawn, cfg, name, log3)
     assert re.search(r"replayed 0 journal records", log3.read_text()), log3.read_text()
     assert book(name) == before
+    # Nothing replayed this time: the transfer window came back from the stop's snapshot.
+    assert retry_withdrawal(6) == {"request_id": 6, "code": 3105, "balance_units": 9_000 * USDT}
     proc3.send_signal(signal.SIGTERM)
     assert proc3.wait(timeout=20) == 0
 
