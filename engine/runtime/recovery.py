@@ -257,8 +257,100 @@ class ReplayStats:
     transfers: list = field(default_factory=list)   # (transfer_id, account, amount, asset, kind), in order
 
 
-def replay_journal(store: Store, path: str, offset: int, asset_names: list[str]) -> ReplayStats:
-    """Apply the journal's records from byte ``offset`` to ``store`` (module doc)."""
+class _FillChunks:
+    """The replay's fast path for fills frames: each well-formed FILL / BATCH frame is
+    parsed in C (``_wire.FillIntake.parse``, the gateway's own parser), its fills after
+    those already seen gathered into a chunk, and each chunk routed with numpy by the
+    gateway's rule (``route_reject``, the same checks in the same order: instrument,
+    accounts, quantity, price) and applied with one ``apply_fill_legs`` call. A frame the
+    C parser leaves (anything unusual) goes to the reference path, in order."""
+
+    CHUNK = 65_536                     # fills gathered before one route-and-apply
+
+    def __init__(self, store: Store, st: ReplayStats):
+        from engine import _wire
+        from engine.runtime.gateway import FILL_DTYPE
+        self.store, self.st, self.ok_status = store, st, _wire.OK
+        rows = np.concatenate([np.arange(*store.partition_rows(p), dtype=np.int64)
+                               for p in range(store.n_partitions)])
+        ids = store.accounts["account_id"][rows].astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
+        # Ids dense enough (the usual 1..N): a row table indexed by id instead of a search.
+        top = int(self.ids[-1]) if len(self.ids) else -1
+        self.row_by_id = None
+        if 0 <= int(self.ids[0] if len(self.ids) else 0) and top < 4 * len(self.ids) + 1024:
+            self.row_by_id = np.full(top + 1, -1, np.int64)
+            self.row_by_id[self.ids] = self.rows
+        self.buf = np.zeros(4096, FILL_DTYPE)
+        self.intake = _wire.FillIntake(self.buf, self.ids, self.rows, np.zeros((0, 2), np.uint64),
+                                       np.zeros(0, np.int64), np.zeros((1, 2), np.int64),
+                                       len(store.instruments), store.per_partition, 1 << 62)
+        self.chunk = np.zeros(self.CHUNK + 4096, FILL_DTYPE)
+        self.n = 0
+
+    def take(self, frame: bytes, journal_first_seq: int) -> bool:
+        """Gather one fills frame's new fills; False: not for the fast path."""
+        status, first, n = self.intake.parse(frame)           # parsed at the buffer's start
+        if status != self.ok_status:
+            return False
+        self.st.fills_last_seq = max(self.st.fills_last_seq, first + n - 1)
+        skip = min(n, max(0, journal_first_seq - first))
+        self.chunk[self.n: self.n + n - skip] = self.buf[skip:n]
+        self.n += n - skip
+        if self.n >= self.CHUNK:
+            self.flush()
+        return True
+
+    def _row(self, accounts: np.ndarray) -> np.ndarray:
+        if self.row_by_id is not None:
+            known = (accounts >= 0) & (accounts < len(self.row_by_id))
+            return np.where(known, self.row_by_id[np.where(known, accounts, 0)], -1)
+        if not len(self.ids):
+            return np.full(len(accounts), -1, np.int64)
+        k = np.minimum(np.searchsorted(self.ids, accounts), len(self.ids) - 1)
+        return np.where(self.ids[k] == accounts, self.rows[k], -1)
+
+    def flush(self) -> None:
+        """Route and apply the gathered fills, in order."""
+        if not self.n:
+            return
+        f, st, store = self.chunk[: self.n], self.st, self.store
+        self.n = 0
+        taker, maker = self._row(f["taker_account"]), self._row(f["maker_account"])
+        qty, price, ins = f["qty_units"], f["price_units"], f["instrument_id"]
+        code = np.select([ins >= len(store.instruments), (taker < 0) | (maker < 0) | (taker == maker),
+                          qty == 0, price <= 0],
+                         [int(Code.FILL_UNKNOWN_INSTRUMENT), int(Code.FILL_UNKNOWN_ACCOUNT),
+                          int(Code.FILL_BAD_QTY), int(Code.FILL_BAD_PRICE)], 0)
+        ok = code == 0
+        for c, k in zip(*np.unique(code[~ok], return_counts=True)):
+            st.reject_codes[int(c)] = st.reject_codes.get(int(c), 0) + int(k)
+        st.fills_rejected += int((~ok).sum())
+        st.fills += int(ok.sum())
+        g = f[ok]
+        if not len(g):
+            return
+
+        def legs(a, b):                                       # taker's leg, then maker's
+            return np.column_stack([a, b]).ravel()
+        rows = legs(taker[ok], maker[ok])
+        res = apply_fill_legs(store, rows, legs(g["instrument_id"], g["instrument_id"]),
+                              legs(g["qty_units"], -g["qty_units"]), legs(g["price_units"], g["price_units"]),
+                              legs(g["taker_fee_units"], g["maker_fee_units"]))
+        bad = res.codes != Code.OK
+        st.legs_rejected += int(bad.sum())
+        for c in res.codes[bad].tolist():
+            st.reject_codes[c] = st.reject_codes.get(c, 0) + 1
+        store.partitions["fills_applied"] += np.bincount(rows // store.per_partition,
+                                                         minlength=store.n_partitions).astype(np.uint64)
+
+
+def replay_journal(store: Store, path: str, offset: int, asset_names: list[str], *,
+                   fast: bool = True) -> ReplayStats:
+    """Apply the journal's records from byte ``offset`` to ``store`` (module doc).
+    ``fast``: fills frames the C parser takes go through ``_FillChunks``; False: every
+    record through the reference path below (the tests hold the two to each other)."""
     st = ReplayStats()
     t0 = time.perf_counter()
     if not os.path.exists(path):
@@ -281,8 +373,13 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
         for c in legs:
             c.clear()
 
+    chunks = _FillChunks(store, st) if fast else None
     for rec in replay(path, offset):
         st.records += 1
+        if chunks is not None:
+            if chunks.take(rec.frame, rec.first_seq):
+                continue
+            chunks.flush()                                 # keep the journal's order
         run = decode_fills(rec.frame)
         if type(run) is not Rejected:
             st.fills_last_seq = max(st.fills_last_seq, run.first_seq + len(run.fills) - 1)
@@ -298,8 +395,8 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
                                         (maker, -f["qty_units"], f["maker_fee_units"])):
                     for c, v in zip(legs, (row, f["instrument_id"], delta, f["price_units"], fee)):
                         c.append(v)
-            if len(legs[0]) >= REPLAY_LEGS_PER_CALL:
-                apply_legs()
+            if len(legs[0]) >= REPLAY_LEGS_PER_CALL or chunks is not None:
+                apply_legs()                               # before the next fast chunk
             continue
         m = decode(rec.frame)
         if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
@@ -321,6 +418,8 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str])
         else:
             st.withdrawals += 1
     apply_legs()
+    if chunks is not None:
+        chunks.flush()
     st.seconds = time.perf_counter() - t0
     return st
 

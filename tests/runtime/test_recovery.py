@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from engine.codes import Code
 from engine.config import load_default
@@ -27,10 +29,10 @@ NAMES = [a.name for a in load_default().assets]
 BTC, USDT = 0, 0
 
 
-def new_store(config=None) -> Store:
+def new_store(config=None, slots: int = 8) -> Store:
     cfg = config or load_default()
     return Store.create(None, assets=list(cfg.assets), instruments=list(cfg.instruments),
-                        accounts_capacity=64, n_partitions=2, slots_per_account=8)
+                        accounts_capacity=64, n_partitions=2, slots_per_account=slots)
 
 
 def three_accounts(store: Store) -> None:
@@ -338,3 +340,93 @@ def test_a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_no_litter
     assert r.stdout.strip() == "OSError 27", (r.stdout, r.stderr)        # EFBIG
     assert snap.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.snapshot"]
+
+
+# --------------------------------------------------------------------------- fast replay
+# The replay's fast path (C parser, numpy routing, one kernel call per chunk) against the
+# reference path (every record decoded and routed in Python): the same book, the same
+# counts, on random journals mixing what the gateway journals -- single fills and batches
+# (some overlapping numbers already seen), fills the routing rule rejects (unknown
+# account or instrument, zero quantity, price <= 0), fills the kernel rejects (slots
+# full), collateral records, and a frame only the reference decoder takes.
+fast_fill = st.fixed_dictionaries({
+    "taker": st.sampled_from([1, 2, 3, 99]), "maker": st.sampled_from([1, 2, 3]),
+    "instrument": st.sampled_from([0, 0, 0, 1, 2, 999]), "qty": st.sampled_from([10, -10, 500, -700, 0]),
+    "price": st.sampled_from([950_000, 960_000, 1, 0, -5]), "fee": st.integers(-3 * U, 3 * U)})
+fast_record = st.one_of(
+    st.tuples(st.just("batch"), st.lists(fast_fill, min_size=1, max_size=6), st.integers(0, 7)),
+    st.tuples(st.just("single"), fast_fill, st.just(0)),
+    st.tuples(st.just("duplicate_key"), fast_fill, st.just(0)),
+    st.tuples(st.sampled_from(["deposit", "withdrawal"]), st.integers(1, 3), st.integers(1, 500 * U)))
+
+
+def _fill_body(k: int, f: dict) -> dict:
+    return {"trade_id": k, "instrument_id": f["instrument"], "maker_account": f["maker"],
+            "taker_account": f["taker"], "qty_units": f["qty"], "price_units": f["price"],
+            "maker_fee_units": -f["fee"] // 2, "taker_fee_units": f["fee"],
+            "taker_side": "buy" if f["qty"] >= 0 else "sell"}
+
+
+def replay_both_ways(path: str, records: list, slots: int = 8) -> tuple[Store, Store]:
+    """Write ``records`` (``fast_record``'s shapes) as a journal at ``path``, replay it
+    fast and by the reference path into two new books; assert equal counts; return both."""
+    import msgpack
+    j = Journal(path, fsync_interval_s=0)
+    seq = 1
+    for kind, a, b in records:
+        if kind == "batch":
+            fills = [_fill_body(seq + i, f) for i, f in enumerate(a)]
+            skip = min(b, len(fills) - 1)              # the gateway journals the new ones only
+            j.append(seq + skip, 1, encode_batch(MsgType.FILL, fills, first_seq=seq, ts_ns=1))
+            seq += len(fills)
+        elif kind == "single":
+            j.append(seq, 1, encode(MsgType.FILL, _fill_body(seq, a), seq=seq, ts_ns=1))
+            seq += 1
+        elif kind == "duplicate_key":                  # 14 pairs, "price_units" twice: the C
+            body = _fill_body(seq, a)                  # parser leaves it, the reference keeps the last
+            pairs = [("v", 1), ("t", int(MsgType.FILL)), ("seq", seq), ("ts_ns", 1), ("price_units", 7)]
+            pairs += list(body.items())
+            frame = bytes([0xde, 0, len(pairs)]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in pairs)
+            j.append(seq, 1, frame)
+            seq += 1
+        else:
+            j.append(0, 1, collateral(MsgType.DEPOSIT if kind == "deposit" else MsgType.WITHDRAWAL, 1, a, b))
+    j.close()
+    books, stats = [], []
+    for fast in (True, False):
+        book = new_store(slots=slots)
+        three_accounts(book)
+        stats.append(recovery.replay_journal(book, path, 0, NAMES, fast=fast))
+        books.append(book)
+    f, r = stats
+    for key in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals", "unreadable",
+                "fills_last_seq", "reject_codes"):
+        assert getattr(f, key) == getattr(r, key), key
+    os.remove(path)
+    return books[0], books[1]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(fast_record, min_size=1, max_size=25))
+def test_the_fast_replay_gives_the_reference_replays_book_and_counts(tmp_path, records):
+    path = str(tmp_path / f"j-{hash(repr(records)) & 0xffffff}.log")
+    if os.path.exists(path):
+        os.remove(path)
+    assert_same_book(*replay_both_ways(path, records))
+
+
+def test_the_fast_replay_keeps_the_journals_order_across_the_two_paths(tmp_path):
+    # One position slot an account. 1. (fast) 1 buys 0.5 BTC from 2; 2. (reference path)
+    # 3 buys 0.01 of instrument 1 from 2 (2's leg refused, 3007: its slot holds BTC);
+    # 3. (fast) 3 buys 0.01 of instrument 2 from 1 (both legs refused: 3's slot holds
+    # instrument 1, 1's BTC); 4. a deposit. Had record 3 been applied before record 2,
+    # account 3 would hold instrument 2 instead.
+    recs = [("single", {"taker": 1, "maker": 2, "instrument": 0, "qty": 500, "price": 950_000, "fee": 0}, 0),
+            ("duplicate_key", {"taker": 3, "maker": 2, "instrument": 1, "qty": 10, "price": 30_000, "fee": 0}, 0),
+            ("single", {"taker": 3, "maker": 1, "instrument": 2, "qty": 10, "price": 2_000, "fee": 0}, 0),
+            ("deposit", 1, 5 * U)]
+    fast, ref = replay_both_ways(str(tmp_path / "order.log"), recs, slots=1)
+    assert_same_book(fast, ref)
+    held = {a: [int(x) for x in fast.slots(fast.row_of(a))[: int(fast.accounts[fast.row_of(a)]["n_positions"])]
+                ["instrument"]] for a in (1, 2, 3)}
+    assert held == {1: [BTC], 2: [BTC], 3: [1]}
