@@ -186,7 +186,7 @@ cdef int header_key(Reader *r, const uint8_t *k, Py_ssize_t n, int *seen, int64_
     cdef int bit
     if key_is(k, n, b"v", 1):
         bit = H_V
-        if not read_int(r, &v, &u, &big) or big or v != 1:
+        if not read_int(r, &v, &u, &big) or big or (v != 1 and v != 2):   # versions 1, 2: the same bodies here
             r.bad = 1
     elif key_is(k, n, b"t", 1):
         bit = H_T

@@ -3,7 +3,8 @@
 Every message is one ZeroMQ frame holding one msgpack map with short string keys.
 Four header keys are in every body::
 
-    v      int    protocol version (``VERSION``)
+    v      int    protocol version: 1 or 2 accepted (``SUPPORTED_VERSIONS``); the engine
+                  writes 1 (``VERSION``: version 2 only added ``transfer_id`` to requests)
     t      int    message type (``MsgType``)
     seq    uint64 per-stream sequence number, 1, 2, 3, ... (a BATCH of n takes n numbers)
     ts_ns  int64  sender's UTC clock, nanoseconds since the Unix epoch
@@ -30,8 +31,9 @@ import msgpack
 
 from engine.codes import Code
 
-VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+VERSION = 1                    # what the engine writes: none of the messages it sends changed in 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
+LATEST_VERSION = 2
 
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -140,8 +142,8 @@ SCHEMAS: dict[MsgType, dict[str, tuple[Kind, bool]]] = {
         "account": (ID, REQ),
         "asset": (NAME, REQ),              # collateral asset, e.g. "USDT"
         "amount_units": (POS, REQ),        # asset integer units, > 0
-        "transfer_id": (POS, OPT),         # custody's id of this transfer, never reused: a retry
-                                           #   carries it again and is applied at most once
+        "transfer_id": (POS, OPT),         # (version 2) custody's id of this transfer, never
+                                           #   reused: a retry carries it again, applied once
     },
     MsgType.WITHDRAWAL: {
         "request_id": (ID, REQ),
@@ -259,7 +261,23 @@ def _compile(schema: dict[str, tuple[Kind, bool]]) -> tuple:
                  for name, (k, req) in schema.items())
 
 
-_SPECS: dict[int, tuple] = {int(t): _compile(s) for t, s in SCHEMAS.items()}
+#: Fields added after version 1: (type, field) -> the version that added it. ``SCHEMAS``
+#: is the latest version's; a frame of an older version that carries a later field is
+#: rejected as an unknown field (1009), like any key its version does not have.
+FIELD_SINCE: dict[tuple[MsgType, str], int] = {
+    (MsgType.DEPOSIT, "transfer_id"): 2,
+    (MsgType.WITHDRAWAL, "transfer_id"): 2,
+}
+
+
+def schema_of(mtype: MsgType, version: int) -> dict[str, tuple[Kind, bool]]:
+    """The fields of ``mtype`` in protocol ``version``."""
+    return {n: k for n, k in SCHEMAS[mtype].items() if FIELD_SINCE.get((mtype, n), 1) <= version}
+
+
+_SPECS_BY_VERSION: dict[int, dict[int, tuple]] = {
+    v: {int(t): _compile(schema_of(t, v)) for t in SCHEMAS} for v in SUPPORTED_VERSIONS}
+_SPECS = _SPECS_BY_VERSION[LATEST_VERSION]
 
 
 def _short(val: object) -> str:
@@ -404,12 +422,15 @@ def _gen_fast_check(mtype: MsgType, schema: dict[str, tuple[Kind, bool]]):
 
 
 #: Per-type generated fast predicates (see ``_gen_fast_check``), keyed by type number.
-_FAST: dict[int, object] = {int(t): _gen_fast_check(t, s) for t, s in SCHEMAS.items()}
+_FAST_BY_VERSION: dict[int, dict[int, object]] = {
+    v: {int(t): _gen_fast_check(t, schema_of(t, v)) for t in SCHEMAS} for v in SUPPORTED_VERSIONS}
+_FAST = _FAST_BY_VERSION[LATEST_VERSION]
 
 
-def _validate(body: dict, t: int) -> tuple[Code, str] | None:
-    """Fields of type ``t`` (header removed), then the type's cross-field rule."""
-    bad = _check_fields(body, _SPECS[t], "")
+def _validate(body: dict, t: int, version: int = LATEST_VERSION) -> tuple[Code, str] | None:
+    """Fields of type ``t`` in ``version`` (header removed), then the type's cross-field
+    rule (a BATCH's elements: FILLs, the same in every version)."""
+    bad = _check_fields(body, _SPECS_BY_VERSION[version][t], "")
     if bad is None:
         post = _POST_CHECKS.get(t)
         if post is not None:
@@ -486,11 +507,11 @@ def decode(frame: bytes, *, max_size: int = MAX_FRAME_BYTES,
     if type(ts_ns) is not int or ts_ns < 0 or ts_ns > INT64_MAX:
         return Rejected(*_header_problem("ts_ns", ts_ns, 0, INT64_MAX), seq, t)
 
-    if _FAST[t](body):                       # hot path: exact, complete, in domain
+    if _FAST_BY_VERSION[v][t](body):         # hot path: exact, complete, in domain
         post = _POST_CHECKS.get(t)
         bad = None if post is None else post(body, "")
     else:                                    # reference path: exact code and detail
-        bad = _validate(body, t)
+        bad = _validate(body, t, v)
     if bad is not None:
         return Rejected(bad[0], bad[1], seq, t)
     return Message(mtype, seq, ts_ns, body)
@@ -566,12 +587,14 @@ def _coerce(fields: dict, schema: dict[str, tuple[Kind, bool]]) -> dict:
     return out
 
 
-def encode(msg_type: int, fields: dict, *, seq: int, ts_ns: int) -> bytes:
+def encode(msg_type: int, fields: dict, *, seq: int, ts_ns: int, version: int | None = None) -> bytes:
     """Encode one message: header keys first, then the fields in schema order.
 
     The body is validated with the decoder's own rules before it is packed, so a frame
     this returns always decodes. ``None`` for an optional field omits the key; numpy and
-    other ``Integral``/``Real`` scalars are written as msgpack int/float64.
+    other ``Integral``/``Real`` scalars are written as msgpack int/float64. ``version``:
+    the ``v`` to write; default the lowest supported version that has every field given
+    (version 1 unless a later field is set).
 
     Raises
     ------
@@ -585,16 +608,20 @@ def encode(msg_type: int, fields: dict, *, seq: int, ts_ns: int) -> bytes:
         if type(val) is not int or not lo <= val <= hi:
             raise EncodeError(*_header_problem(name, val, lo, hi))
     body = _coerce(fields, SCHEMAS[mtype])
+    if version is None:
+        version = max([1] + [FIELD_SINCE.get((mtype, n), 1) for n in body])
+    if version not in SUPPORTED_VERSIONS:
+        raise EncodeError(Code.WIRE_BAD_VERSION, f"version {version!r} not in {sorted(SUPPORTED_VERSIONS)}")
     check = dict(body)
     if mtype is MsgType.BATCH and isinstance(body.get("msgs"), (list, tuple)):
         of = body.get("of")
         inner = SCHEMAS.get(_TYPE_BY_NUMBER.get(of), {}) if type(of) is int else {}
         body["msgs"] = [_coerce(m, inner) if isinstance(m, dict) else m for m in body["msgs"]]
         check["msgs"] = [dict(m) if type(m) is dict else m for m in body["msgs"]]
-    bad = _validate(check, int(mtype))
+    bad = _validate(check, int(mtype), version)
     if bad is not None:
         raise EncodeError(*bad)
-    out = {"v": VERSION, "t": int(mtype), "seq": seq, "ts_ns": ts_ns}
+    out = {"v": version, "t": int(mtype), "seq": seq, "ts_ns": ts_ns}
     out.update(body)
     return _packb(out)
 

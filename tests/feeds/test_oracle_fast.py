@@ -171,7 +171,7 @@ CASES = {
     "tick-body-type-40": (raw({**GOOD, "t": int(MsgType.ENGINE_EVENT)}), None, WIRE),
     "engine-event": (Sequencer().encode(MsgType.ENGINE_EVENT, {"code": 7001, "detail": "x"}, ts_ns=T0),
                      None, TYPE),
-    "bad-version": (raw({**GOOD, "v": 2}), None, WIRE),
+    "bad-version": (raw({**GOOD, "v": 3}), None, WIRE),
     "negative-header-ts": (raw(GOOD, ts=-1), None, WIRE),
     "not-clean": (raw(GOOD), None, OK),                                 # synced with clean=False
 }

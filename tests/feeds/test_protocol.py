@@ -31,7 +31,7 @@ ALICE_SELLS_250_BTC_UNITS = EXAMPLES[MsgType.FILL]          # qty -250, taker_si
 
 def raw_body(mtype: int, **overrides) -> dict:
     """Header + the example fields of ``mtype``, with ``overrides`` (``DROP`` removes)."""
-    base = {"v": 1, "t": int(mtype), "seq": SEQ_42, "ts_ns": EXAMPLE_TS_NS}
+    base = {"v": P.LATEST_VERSION, "t": int(mtype), "seq": SEQ_42, "ts_ns": EXAMPLE_TS_NS}
     example = EXAMPLES.get(mtype, {})
     base.update({k: (int(v) if isinstance(v, MsgType) else v)
                  for k, v in example.items() if v is not None})
@@ -184,7 +184,7 @@ MALFORMED = [
     ("not_a_map_nil", pack(None), Code.WIRE_NOT_A_MAP),
     ("not_a_map_bin", pack(b"\x81\xa1v\x01"), Code.WIRE_NOT_A_MAP),
     ("version_missing", pack(raw_body(MsgType.FILL, v=DROP)), Code.WIRE_BAD_VERSION),
-    ("version_2", pack(raw_body(MsgType.FILL, v=2)), Code.WIRE_BAD_VERSION),
+    ("version_3", pack(raw_body(MsgType.FILL, v=3)), Code.WIRE_BAD_VERSION),
     ("version_0", pack(raw_body(MsgType.FILL, v=0)), Code.WIRE_BAD_VERSION),
     ("version_bool_true", pack(raw_body(MsgType.FILL, v=True)), Code.WIRE_BAD_VERSION),
     ("version_float_1", pack(raw_body(MsgType.FILL, v=1.0)), Code.WIRE_BAD_VERSION),
@@ -496,3 +496,44 @@ def test_encode_known_decodes_like_encode():
     known = decode(b.encode_known(MsgType.LIQUIDATION_ORDER, fields, ts_ns=EXAMPLE_TS_NS))
     assert type(known) is Message and known == checked      # same type, seq 1, ts, fields
     assert (a.last, b.last) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Versions: 2 = 1 + ``transfer_id`` on DEPOSIT and WITHDRAWAL (docs/protocol.md section 7)
+
+DEPOSIT_V1 = {"request_id": 77, "account": 2002, "asset": "USDT", "amount_units": 5_000_000_000}
+
+
+def test_transfer_id_is_a_version_2_field():
+    # Encoded with it, the frame says v 2; without it, v 1 (the lowest that has the fields).
+    with_id = encode(MsgType.DEPOSIT, {**DEPOSIT_V1, "transfer_id": 9}, seq=1, ts_ns=1)
+    without = encode(MsgType.DEPOSIT, DEPOSIT_V1, seq=1, ts_ns=1)
+    assert msgpack.unpackb(with_id)["v"] == 2 and msgpack.unpackb(without)["v"] == 1
+    assert decode(with_id).fields["transfer_id"] == 9
+    assert "transfer_id" not in decode(without).fields        # a v1 body has no such field
+    v2_without = decode(encode(MsgType.DEPOSIT, DEPOSIT_V1, seq=1, ts_ns=1, version=2))
+    assert v2_without.fields["transfer_id"] is None            # optional in v2
+    # A v1 frame carrying it: an unknown field of version 1 (1009), nothing silent.
+    v1_with = pack({"v": 1, "t": int(MsgType.WITHDRAWAL), "seq": 1, "ts_ns": 1, **DEPOSIT_V1, "transfer_id": 9})
+    m = decode(v1_with)
+    assert type(m) is Rejected and m.code == Code.WIRE_UNKNOWN_FIELD and "transfer_id" in m.detail
+    with pytest.raises(EncodeError) as e:
+        encode(MsgType.DEPOSIT, {**DEPOSIT_V1, "transfer_id": 9}, seq=1, ts_ns=1, version=1)
+    assert e.value.code == Code.WIRE_UNKNOWN_FIELD
+    with pytest.raises(EncodeError) as e:
+        encode(MsgType.DEPOSIT, DEPOSIT_V1, seq=1, ts_ns=1, version=3)
+    assert e.value.code == Code.WIRE_BAD_VERSION
+    # transfer_id 0 is outside its domain (> 0): 1008
+    m = decode(pack({"v": 2, "t": int(MsgType.DEPOSIT), "seq": 1, "ts_ns": 1, **DEPOSIT_V1, "transfer_id": 0}))
+    assert type(m) is Rejected and m.code == Code.WIRE_BAD_VALUE
+
+
+def test_every_type_decodes_the_same_in_version_1_and_2_but_the_requests_transfer_id():
+    for mtype in MsgType:
+        body = {k: (int(v) if isinstance(v, MsgType) else v) for k, v in EXAMPLES[mtype].items()
+                if v is not None and P.FIELD_SINCE.get((mtype, k), 1) == 1}
+        one, two = (decode(pack({"v": v, "t": int(mtype), "seq": 5, "ts_ns": 1, **body})) for v in (1, 2))
+        assert type(one) is Message and type(two) is Message, mtype.name
+        extra = {k for k in two.fields if P.FIELD_SINCE.get((mtype, k), 1) == 2}
+        assert {k: v for k, v in two.fields.items() if k not in extra} == one.fields, mtype.name
+        assert all(two.fields[k] is None for k in extra)

@@ -128,7 +128,7 @@ def field_of(mtype: MsgType, py: type | None = None, required_only: bool = False
 @given(st.data())
 def test_mutated_valid_messages_are_rejected_with_the_right_code(data):
     mtype = data.draw(st.sampled_from(list(MsgType)))
-    body = {"v": 1, "t": int(mtype), "seq": 7, "ts_ns": 1,
+    body = {"v": P.LATEST_VERSION, "t": int(mtype), "seq": 7, "ts_ns": 1,
             **{k: (int(v) if isinstance(v, MsgType) else v)
                for k, v in EXAMPLES[mtype].items() if v is not None}}
     kinds = {n: k for n, (k, _req) in SCHEMAS[mtype].items()}

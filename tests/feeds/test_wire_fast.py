@@ -89,9 +89,10 @@ def assert_fast_agrees(frame: bytes) -> int:
 
 
 @FUZZ
-@given(fills(), seqs, stamps)
-def test_valid_fill_is_taken_by_the_fast_path_with_the_reference_values(f, seq, ts):
-    frame = encode(MsgType.FILL, f, seq=seq, ts_ns=ts)
+@given(fills(), seqs, stamps, st.sampled_from([1, 2]))
+def test_valid_fill_is_taken_by_the_fast_path_with_the_reference_values(f, seq, ts, version):
+    # versions 1 and 2: a FILL is the same body in both
+    frame = encode(MsgType.FILL, f, seq=seq, ts_ns=ts, version=version)
     assert assert_fast_agrees(frame) == _wire.OK
 
 
@@ -196,9 +197,9 @@ def assert_check_agrees(frame: bytes) -> bool:
 
 
 @FUZZ
-@given(checks(), seqs, stamps)
-def test_valid_order_check_is_taken_by_the_fast_path(c, seq, ts):
-    assert assert_check_agrees(encode(MsgType.ORDER_CHECK, c, seq=seq, ts_ns=ts))
+@given(checks(), seqs, stamps, st.sampled_from([1, 2]))
+def test_valid_order_check_is_taken_by_the_fast_path(c, seq, ts, version):
+    assert assert_check_agrees(encode(MsgType.ORDER_CHECK, c, seq=seq, ts_ns=ts, version=version))
 
 
 @FUZZ
