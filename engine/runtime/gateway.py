@@ -394,7 +394,7 @@ class Gateway:
                 self._held.append((ident, frame, recv_ns))
                 return
             transfer = None
-            if f["transfer_id"] is not None:            # idempotent: applied at most once
+            if f.get("transfer_id") is not None:        # (version 2) applied at most once
                 transfer = (f["transfer_id"], int(m.type), f["account"], asset, f["amount_units"])
                 code = self._transfer_seen(*transfer)
                 if code is not None:
