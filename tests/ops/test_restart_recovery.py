@@ -136,7 +136,9 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     def settled() -> dict | None:
         b = book(name)
         one = b["accounts"].get(1)
-        return b if one and one[3] and one[3][0][2] == 500 and b["accounts"][2][2][0] == 9_000 * USDT else None
+        two = b["accounts"].get(2)                  # its own partition's worker: wait for both
+        return b if (one and one[3] and one[3][0][2] == 500 and two[3] and two[3][0][2] == -500
+                     and two[2][0] == 9_000 * USDT) else None
     before = wait_until(settled, 10.0, "the fills and the withdrawal applied")
     assert before["accounts"][1][2][0] == 9_950 * USDT
     assert before["accounts"][1][3] == [(BTC, 0, 500, 47_512_250_000, 0)]
@@ -284,8 +286,11 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
         with np.load(snap) as z:                                 # the gateway's fills stream at the cut
             assert json.loads(bytes(z["meta"]).decode())["fills_last_seq"] == 20
         send(20, 10)
-        # 30 fills of 10 units: +300 units for 0.01 x sum(95,000 + k, k < 30) = 28,504.35 USDT
+        # 30 fills of 10 units: +300 units for 0.01 x sum(95,000 + k, k < 30) = 28,504.35 USDT;
+        # both legs of every fill (taker and maker are in different partitions, applied by
+        # their own workers: waiting for the taker's alone once caught the maker at -200)
         before = wait_until(lambda: (b := book(name))["accounts"][1][3] == [(BTC, 0, 300, 28_504_350_000, 0)]
+                            and b["accounts"][2][3] == [(BTC, 0, -300, -28_504_350_000, 0)]
                             and b, 10.0, "both batches applied")
     finally:
         ctx.destroy(linger=0)
