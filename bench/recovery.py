@@ -16,7 +16,11 @@ anonymous memory and times, in one run, each against a baseline measured beside 
    own instruments with a random maker at that instrument's mark) against the reference
    replay of the same journal into the same snapshot (every record decoded and routed in
    Python, ``fast=False``; the two books must be equal, byte for byte) and against
-   decoding the records only with the reference decoder (``decode_fills``).
+   decoding the records only with the reference decoder (``decode_fills``);
+4. the live worker's ring drain (``_fills.drain_fill_legs``: undo copy, leg rule,
+   commit) of 65,535 legs on random accounts of the whole book, ns a leg, against the
+   same legs on the first 4,096 accounts only (rows that stay in cache): how much of a
+   leg is the wait for its account's memory.
 
 Medians of ``--reps`` runs (the replay once: it changes the book). Files go to a
 temporary directory (``--dir``; default the system's), removed at the end.
@@ -107,6 +111,35 @@ def decode_only(path: str) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def drain_ns_per_leg(store: Store, accounts: int, reps: int, seed: int = 7) -> float:
+    """Median ns a leg of ``drain_fill_legs`` over 65,535 legs (+1 / -1 unit of each
+    account's first instrument, alternately: positions end where they began) on random
+    rows among the first ``accounts`` of partition 0."""
+    from engine import _fills, _shm
+    from engine.runtime.ctl import Control, RecordKind, undo_dtype
+    ctl = Control.create(None, 1, store.n_partitions, store.slots_per_account, ring_capacity=1 << 16)
+    udt, p = undo_dtype(store.slots_per_account), 0
+    lo = store.partition_rows(p)[0]
+    n_acc = min(accounts, int(store.partitions["n_accounts"][p]))
+    args = (store.addr(store.instruments), store.addr(store.assets), store.addr(store.accounts),
+            store.addr(store.positions), store.slots_per_account, store.addr(store.partitions, p),
+            store.partitions.dtype.fields["fee_pool"][1], ctl.rings[p].ctypes.data, ctl.records[p].ctypes.data,
+            ctl.undo[p].ctypes.data, udt.fields["account"][1], udt.fields["slots"][1], udt.fields["fee_pool"][1])
+    rows_buf, codes = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int32)
+    rng, n, out = np.random.default_rng(seed), (1 << 16) - 1, []
+    h, r = ctl.ring_addrs(p)
+    for _ in range(reps):
+        rows = lo + rng.integers(0, n_acc, n)
+        ins = store.positions["instrument"][rows * store.slots_per_account]
+        for i, (row, k) in enumerate(zip(rows.tolist(), ins.tolist())):
+            _shm.ring_push(h, r, int(RecordKind.FILL_LEG), k, row, 1 - 2 * (i & 1), 100_000, 0, i, 0, 0)
+        t0 = time.perf_counter()
+        done, ok = _fills.drain_fill_legs(*args, n, rows_buf, codes)
+        out.append((time.perf_counter() - t0) / done * 1e9)
+        assert done == n and ok == n, (done, ok)
+    return _median(out)
+
+
 def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
     assets, instruments = make_universe()
     names = [a.name for a in assets]
@@ -158,8 +191,11 @@ def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
             if "seq" in a.dtype.names:               # seqlock counters: how often a row was written
                 a["seq"] = b["seq"] = 0
             assert a.tobytes() == b.tobytes(), f"the fast and the reference replay differ in {t}"
+        drain_ns = drain_ns_per_leg(store, n_accounts, reps)
+        drain_cached_ns = drain_ns_per_leg(store, 4096, reps)
         return {
             "accounts": n_accounts, "positions": 4, "fills": n_fills, "batch": BATCH, "reps": reps,
+            "drain_ns_per_leg": drain_ns, "drain_in_cache_ns_per_leg": drain_cached_ns,
             "snapshot_bytes": size, "raw_bytes": os.path.getsize(raw),
             "snapshot_write_s": _median(w_snap), "raw_write_fsync_s": _median(w_raw),
             "snapshot_load_s": _median(l_snap), "raw_read_s": _median(l_raw),

@@ -378,7 +378,8 @@ def apply_leg(size_t instruments_addr, size_t assets_addr, size_t account_addr, 
 
 
 cdef enum:
-    LEGS_AHEAD = 8                  # apply_legs_batch prefetches this many legs ahead
+    LEGS_AHEAD = 16                 # apply_legs_batch prefetches the account this many legs ahead
+    DRAIN_AHEAD = 4                 # drain_fill_legs, this many records ahead
 
 
 def apply_legs_batch(size_t instruments_addr, size_t assets_addr, size_t accounts_addr,
@@ -483,6 +484,7 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
     cdef PositionRow *slots
     cdef int64_t *fee_pool = <int64_t *>(partition_addr + <size_t>fee_pool_offset)
     cdef LegOut res
+    cdef size_t ahead
     with nogil:
         r = ring.read_idx
         w = me_atomic_load_u64(&ring.write_idx)
@@ -490,6 +492,13 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
             rec = &recs[r & mask]
             if rec.kind != RECORD_FILL_LEG:
                 break
+            if r + DRAIN_AHEAD < w:        # the account DRAIN_AHEAD records on (random rows)
+                ahead = <size_t>recs[(r + DRAIN_AHEAD) & mask].row
+                me_prefetch_rw(<void *>(accounts_addr + ahead * sizeof(AccountRow)))
+                me_prefetch_rw(<void *>(accounts_addr + ahead * sizeof(AccountRow) + 64))
+                me_prefetch_rw(<void *>(positions_addr + ahead * <size_t>slots_per_account * sizeof(PositionRow)))
+                me_prefetch_rw(<void *>(positions_addr + ahead * <size_t>slots_per_account * sizeof(PositionRow)
+                                        + 64))
             acct = <AccountRow *>(accounts_addr + <size_t>rec.row * sizeof(AccountRow))
             slots = <PositionRow *>(positions_addr + <size_t>rec.row * <size_t>slots_per_account
                                     * sizeof(PositionRow))

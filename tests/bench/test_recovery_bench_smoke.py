@@ -21,7 +21,8 @@ def test_run_2000_accounts_3000_fills(tmp_path):
     # 3000 fills / 100 a frame = 30 records, every one decoded and replayed
     for key in ("copy_book_s", "raw_copy_s", "snapshot_write_s", "raw_write_fsync_s", "snapshot_load_s", "raw_read_s", "replay_s",
                 "decode_only_s", "replay_fills_per_s", "decode_only_fills_per_s",
-                "replay_reference_s", "replay_reference_fills_per_s"):
+                "replay_reference_s", "replay_reference_fills_per_s", "drain_ns_per_leg",
+                "drain_in_cache_ns_per_leg"):
         assert doc[key] > 0, key
     # 2000 accounts: 128-byte rows and 8 32-byte slots each = 768,000 bytes, plus the
     # partition row (128), before the npz framing
