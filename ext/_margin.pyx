@@ -34,10 +34,10 @@ from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionR
                      STATUS_ISOLATED_LIQUIDATABLE, STATUS_BANKRUPT)
 from _seqlock cimport (me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw,
                        me_seqlock_read_begin, me_seqlock_read_retry, me_seqlock_copy)
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free, calloc, realloc
 from libc.math cimport isfinite
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport int8_t, uint8_t, uint32_t
 
 from _types cimport PriceRow, AssetRow
 
@@ -71,16 +71,8 @@ ctypedef struct TierRates:               # one tier's rates and amounts, togethe
     double mmr
     double maint_amount
 
-ctypedef struct TierBucket:             # 16 bytes: the tiers of the |qty| in [2**b, 2**(b+1))
-    double next_floor                   # floor of tier k_lo + 1 (+inf when none)
-    int32_t k_lo                        # tier of the bucket's least notional; -1: the bucket
-                                        #   spans 3+ tiers (search them all)
-    int32_t _pad
-
 ctypedef struct InsPass:                # one instrument at one price snapshot, for a pass
     const InstrumentRow *ins
-    const TierBucket *bucket            # 64 buckets by bit length of |qty| (pass_tier);
-                                        #   NO_BUCKETS until tier_buckets fills its own
     double x_per_unit                   # upnl before cost, per qty unit (settle asset):
                                         #   linear, option: cs p / qs;  inverse: -cs / (p qs)
     double notional_per_unit            # linear: cs p / qs; inverse: cs / (p qs); option: cs S / qs
@@ -88,7 +80,11 @@ ctypedef struct InsPass:                # one instrument at one price snapshot, 
     double per_settle_unit              # 1 / scale_s (isolated margin units to settle asset)
     double px_settle                    # USD per settle asset
     int long_free                       # option: a long holds no requirement
-    double floor[MAX_TIERS]             # tier floors, unused tiers +inf (a branch-free search)
+    int8_t k_lo[64]                     # by bit length b of |qty| (|qty| in [2**b, 2**(b+1))):
+                                        #   the tier of the least notional there when those
+                                        #   notionals span at most two tiers, else -1 (search);
+                                        #   all -1 until tier_buckets fills them (pass_tier)
+    double floor[MAX_TIERS + 1]         # tier floors, unused tiers and one past the last +inf
     TierRates tier[MAX_TIERS]           # copies of the instrument's tier columns, by tier
 
 ctypedef struct AssetPass:              # collateral weights at one price snapshot
@@ -101,8 +97,9 @@ cdef inline void ins_pass_tiers(InsPass *e, const InstrumentRow *ins) noexcept n
     """The price-free part of an InsPass: the instrument, its option flag, its tiers."""
     cdef int t
     e.ins = ins
-    e.bucket = NO_BUCKETS
+    memset(e.k_lo, 0xff, 64)             # -1: every bucket searches
     e.long_free = ins.kind == KIND_OPTION
+    e.floor[MAX_TIERS] = INFINITY
     for t in range(MAX_TIERS):
         e.floor[t] = ins.tier_floor[t] if t < ins.n_tiers else INFINITY
         e.tier[t].imr = ins.tier_imr[t]
@@ -179,21 +176,14 @@ cdef inline int tier_search(const double *floor, double notional) noexcept nogil
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) noexcept nogil
 
-cdef TierBucket NO_BUCKETS[64]          # every bucket "wide": pass_tier searches all tiers
-cdef int _b
-for _b in range(64):
-    NO_BUCKETS[_b].next_floor = INFINITY
-    NO_BUCKETS[_b].k_lo = -1
-    NO_BUCKETS[_b]._pad = 0
-
-
-cdef void tier_buckets(InsPass *e, TierBucket *out) noexcept nogil:
-    """Point ``e`` at 64 buckets of its tiers at its notional per unit ``n``, one per bit
-    length of ``|qty|``: bucket ``b`` holds ``|qty|`` in ``[2**b, 2**(b+1))`` (bucket 0
-    also 0), whose notionals lie in ``[2**b n, 2**(b+1) n]`` (``n >= 0``; rounding is
+cdef void tier_buckets(InsPass *e) noexcept nogil:
+    """Fill ``e.k_lo``: 64 buckets of its tiers at its notional per unit ``n``, one per
+    bit length of ``|qty|``: bucket ``b`` holds ``|qty|`` in ``[2**b, 2**(b+1))`` (bucket
+    0 also 0), whose notionals lie in ``[2**b n, 2**(b+1) n]`` (``n >= 0``; rounding is
     monotonic), so in tiers ``k_lo..k_hi`` of those two ends. With ``k_hi <= k_lo + 1``
     the tier is ``k_lo + (notional >= floor_(k_lo+1))``: one compare instead of a search,
-    and the same tier ``tier_search`` finds. Filled once per pass per instrument."""
+    and the same tier ``tier_search`` finds. Filled once per pass per instrument; 64
+    bytes in the InsPass itself (one line), so the table stays in L1."""
     cdef int b, k_lo, k_hi
     cdef double lo, hi, n = e.notional_per_unit
     for b in range(64):
@@ -201,10 +191,7 @@ cdef void tier_buckets(InsPass *e, TierBucket *out) noexcept nogil:
         hi = (2.0 * <double>(1ULL << b)) * n
         k_lo = tier_search(e.floor, lo)
         k_hi = tier_search(e.floor, hi)
-        out[b].next_floor = e.floor[k_lo + 1] if k_lo + 1 < MAX_TIERS else INFINITY
-        out[b].k_lo = k_lo if k_hi <= k_lo + 1 else -1
-        out[b]._pad = 0
-    e.bucket = out
+        e.k_lo[b] = <int8_t>(k_lo if k_hi <= k_lo + 1 else -1)
 
 
 cdef inline int pass_tier(const InsPass *e, int64_t qty, double notional) noexcept nogil:
@@ -212,10 +199,10 @@ cdef inline int pass_tier(const InsPass *e, int64_t qty, double notional) noexce
     bucket of ``|qty|`` (``tier_buckets``), the whole search when it is wide."""
     cdef int64_t sign = qty >> 63
     cdef uint64_t uq = <uint64_t>((qty ^ sign) - sign)     # |qty|, INT64_MIN included
-    cdef const TierBucket *bk = &e.bucket[63 - __builtin_clzll(uq | 1)]
-    if bk.k_lo < 0:
+    cdef int k = e.k_lo[63 - __builtin_clzll(uq | 1)]
+    if k < 0:
         return tier_search(e.floor, notional)
-    return bk.k_lo + (notional >= bk.next_floor)
+    return k + (notional >= e.floor[k + 1])
 
 
 cdef inline PosValues position_values(const InsPass *e, const PositionRow *pos) noexcept nogil:
@@ -317,15 +304,12 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
     cdef AssetPass w
     cdef int i, n_ins = <int>marks.shape[0]
     cdef InsPass *table = <InsPass *>malloc(n_ins * sizeof(InsPass))
-    cdef TierBucket *buckets = <TierBucket *>malloc(n_ins * 64 * sizeof(TierBucket))
-    if table == NULL or buckets == NULL:
-        free(table)
-        free(buckets)
+    if table == NULL:
         raise MemoryError()
     with nogil:
         ins_pass_all(table, instruments, n_ins, &marks[0], &asset_px[0], &asset_scale[0])
         for i in range(n_ins):
-            tier_buckets(&table[i], &buckets[i * 64])
+            tier_buckets(&table[i])
         asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
         for r in range(row_start, row_end):
             if r + 16 < row_end:      # the row and slots 16 accounts ahead: hides the
@@ -339,7 +323,6 @@ def full_pass(size_t instruments_addr, size_t accounts_addr, size_t positions_ad
             dst[0] = r
             n_liq += (v.status & (STATUS_LIQUIDATABLE | STATUS_ISOLATED_LIQUIDATABLE)) != 0
     free(table)
-    free(buckets)
     return n_liq
 
 
