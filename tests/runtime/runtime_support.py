@@ -22,8 +22,9 @@ import zmq
 
 from engine.accounting.fills import apply_fill_leg
 from engine.codes import Code
-from engine.config import Config
+from engine.config import Config, load_default
 from engine.instruments import Kind
+from engine.runtime.ctl import Control
 from engine.runtime.harness import LocalEngine, local_config, wait_until  # noqa: F401 (wait_until: for the tests)
 from engine.runtime.supervisor import Engine
 from engine.runtime.worker import Worker
@@ -307,3 +308,18 @@ def in_process_worker(setup, *, events: bool = False, **engine_overrides):
         undo.callback(gc.unfreeze)               # Worker.start freezes this test process's objects
         w.start()
         yield w, store, ev
+
+
+def gateway_state(root: str, partitions: int, accounts: list[int], capacity: int = 64):
+    """For a ``Gateway`` object built in the test's own process: a store and a control
+    segment under unique names (one worker a partition, rings of 64), ``accounts`` added,
+    and ipc endpoints under ``root``. Returns ``(config, store, ctl, endpoints)``."""
+    cfg = local_config(root, load_default(), partitions=partitions)
+    e = cfg.engine
+    store = Store.create(e.name, assets=list(cfg.assets), instruments=list(cfg.instruments),
+                         accounts_capacity=capacity, n_partitions=partitions,
+                         slots_per_account=e.slots_per_account, replace=True)
+    ctl = Control.create("/" + e.name + "-ctl", partitions, partitions, e.slots_per_account, ring_capacity=64)
+    for a in accounts:
+        store.add_account(a)
+    return cfg, store, ctl, {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}

@@ -16,12 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import load_default
 from engine.runtime import gateway as G
 from engine.runtime.ctl import Control
-from engine.runtime.harness import local_config
-from engine.store.shm import Store
 from feeds.protocol import MsgType, SequenceTracker, encode, encode_batch
+from runtime_support import gateway_state
 
 N_ACCOUNTS = 6                     # ids 1..6 over 2 partitions; id 77 is unknown
 
@@ -29,15 +27,8 @@ N_ACCOUNTS = 6                     # ids 1..6 over 2 partitions; id 77 is unknow
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gw"))
-    cfg = local_config(root, load_default(), partitions=2)
+    cfg, store, ctl, ep = gateway_state(root, 2, list(range(1, N_ACCOUNTS + 1)))
     e = cfg.engine
-    store = Store.create(e.name, assets=list(cfg.assets), instruments=list(cfg.instruments),
-                         accounts_capacity=64, n_partitions=2, slots_per_account=e.slots_per_account,
-                         replace=True)
-    ctl = Control.create("/" + e.name + "-ctl", 2, 2, e.slots_per_account, ring_capacity=64)
-    for a in range(1, N_ACCOUNTS + 1):
-        store.add_account(a)
-    ep = {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}
     g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"],
                   root, 1, [0, 1])
     events = []

@@ -23,14 +23,11 @@ import pytest
 import zmq
 
 from engine.codes import Code
-from engine.config import load_default
 from engine.runtime import gateway as G
-from engine.runtime.ctl import Control, RecordKind
-from engine.runtime.harness import local_config
+from engine.runtime.ctl import RecordKind
 from engine.runtime.journal import replay
-from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode
-from runtime_support import fill
+from runtime_support import fill, gateway_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,15 +66,8 @@ def settle(g: G.Gateway) -> None:
 @pytest.fixture(params=["ack", "interval"])   # journal_sync
 def gateway(request, tmp_path):
     root = str(tmp_path)
-    cfg = local_config(root, load_default(), partitions=1)
+    cfg, store, ctl, ep = gateway_state(root, 1, [TAKER, MAKER], capacity=8)
     e = cfg.engine
-    store = Store.create(e.name, assets=list(cfg.assets), instruments=list(cfg.instruments),
-                         accounts_capacity=8, n_partitions=1, slots_per_account=e.slots_per_account,
-                         replace=True)
-    ctl = Control.create("/" + e.name + "-ctl", 1, 1, e.slots_per_account, ring_capacity=64)
-    for a in (TAKER, MAKER):
-        store.add_account(a)
-    ep = {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}
     g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"], root, 1, [0],
                   fills_acks=True, journal_sync=request.param, journal_fsync_interval_s=0)
     g.set_asset_names([a.name for a in cfg.assets])
