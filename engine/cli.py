@@ -66,6 +66,7 @@ def _cmd_run(args) -> int:
     import time
 
     from engine.runtime import recovery
+    from engine.runtime.journal import write_fills_streams
     from engine.runtime.provision import provision
     from engine.runtime.supervisor import Engine
     from engine.store.shm import StoreError
@@ -94,8 +95,9 @@ def _cmd_run(args) -> int:
         opened = recovery.open_book(store, eng.state_dir, names, new_book)
         eng.fills_last_seq = opened.fills_last_seq      # the gateway drops what it had taken before
         eng.ctl.seed_transfers(opened.transfers)        # and answers a retried transfer_id
+        write_fills_streams(eng.state_dir, opened.fills_streams)    # the gateway's start (DEALER streams)
         recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq,
-                        eng.ctl.transfers_in_order())
+                        eng.ctl.transfers_in_order(), opened.fills_streams)
     except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()

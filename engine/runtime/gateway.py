@@ -43,7 +43,8 @@ from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
-from engine.runtime.journal import MAGIC, Journal, journal_file, journal_record
+from engine.runtime.journal import (MAGIC, Journal, journal_file, journal_record, read_fills_streams,
+                                    write_fills_streams)
 from engine.store.shm import Store
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
                             SequenceTracker, decode, decode_fills)
@@ -60,7 +61,7 @@ class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
                  events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
                  fills_acks: bool = False, fills_last_seq: int = 0, journal_sync: str = "ack",
-                 journal_fsync_interval_s: float = 1.0):
+                 journal_fsync_interval_s: float = 1.0, fills_streams: dict[bytes, int] | None = None):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
@@ -82,6 +83,9 @@ class Gateway:
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
             self.trackers[None] = SequenceTracker(fills_last_seq)
+        else:                     # each DEALER's, by its routing id: so do theirs
+            for ident, last in (fills_streams or {}).items():
+                self.trackers[ident] = SequenceTracker(last)
         self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal_dir, self.journal_generation = journal_dir, journal_generation
         # The journal's sync thread wakes the loop through an inproc pair when a sync is done.
@@ -243,12 +247,12 @@ class Gateway:
             self.emit(Code.FILL_GAP, f"fills {verdict.gap_first}..{verdict.gap_last} missing")
         if fills is None:
             intake.take(verdict.skip)
-            self._jbuf += journal_record(first_seq + verdict.skip, recv_ns, frame)
+            self._jbuf += journal_record(first_seq + verdict.skip, recv_ns, frame, ident or b"")
             self._jrecs += 1
             if ident is not None:
                 self._acks.append((ident, first_seq))
             return
-        self.journal.append(first_seq + verdict.skip, recv_ns, frame)    # before applying
+        self.journal.append(first_seq + verdict.skip, recv_ns, frame, ident or b"")   # before applying
         self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
 
@@ -483,10 +487,14 @@ class Gateway:
         self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
     def _publish_fills_last(self) -> None:
-        """The PULL stream's last accepted sequence number into the control header (a
-        snapshot keeps it, so that a restarted engine still drops what it had taken)."""
+        """The fills streams' last accepted sequence numbers, for the snapshot that keeps
+        them (so that a restarted engine still drops what it had taken): the PULL
+        stream's into the control header, each acknowledged stream's (by the DEALER's
+        routing id) into ``fills-streams.json`` in the journal's directory."""
         t = self.trackers.get(None)
         self.ctl.header[0]["fills_last_seq"] = t.last if t is not None else 0
+        if self.fills_acks:
+            write_fills_streams(self.journal_dir, {i: t.last for i, t in self.trackers.items() if i})
 
     # ------------------------------------------------------------------ snapshot cut
     CUT_DRAIN_TIMEOUT_NS = 1_000_000_000     # a cut not drained by then is refused
@@ -596,11 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--journal-sync", choices=("ack", "interval"), default="ack",
                     help="ack: fsync the journal before acknowledging what it holds")
     ap.add_argument("--journal-fsync-interval-s", type=float, default=1.0)
+    ap.add_argument("--fills-streams-from", default="",
+                    help="a fills-streams.json: each acknowledged stream's last accepted seq before this start")
     a = ap.parse_args(argv)
     process.enter(a.cpu)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
                 [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq,
-                journal_sync=a.journal_sync, journal_fsync_interval_s=a.journal_fsync_interval_s)
+                journal_sync=a.journal_sync, journal_fsync_interval_s=a.journal_fsync_interval_s,
+                fills_streams=read_fills_streams(a.fills_streams_from) if a.fills_streams_from else None)
     if a.assets:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)

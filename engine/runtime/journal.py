@@ -2,9 +2,14 @@
 
 File format (little-endian), documented in docs/protocol.md#journal::
 
-    header:  8 bytes  b"MEJRNL01"
+    header:  8 bytes  b"MEJRNL02"
     record:  u32 length of frame | u64 first sequence number | i64 receive time (UTC ns)
+             | u8 length of stream | stream (the sender's ROUTER identity on the
+             acknowledged fills socket; empty: the PULL stream, or a collateral record)
              | frame (the msgpack body exactly as received: a FILL or a BATCH of FILLs)
+
+Files of format 1 (b"MEJRNL01", written before session 15: no stream field, every record
+of the PULL stream) are still read; new files are always format 2.
 
 Records are written with one ``write(2)`` on an ``O_APPEND`` descriptor, so a crash of
 the gateway leaves whole records in the page cache. ``fdatasync`` puts them on the disk,
@@ -29,6 +34,7 @@ sequence number 0): replaying it credits or debits the balance without deciding 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -36,8 +42,10 @@ import threading
 import time
 from typing import Iterator, NamedTuple
 
-MAGIC = b"MEJRNL01"
-_REC = struct.Struct("<IQq")
+MAGIC = b"MEJRNL02"
+MAGIC_V1 = b"MEJRNL01"                  # read, never written
+_REC = struct.Struct("<IQqB")
+_REC_V1 = struct.Struct("<IQq")
 _NAME = re.compile(r"journal-(\d{8})\.log$")
 
 
@@ -53,15 +61,41 @@ def journal_generations(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
 
 
-def journal_record(first_seq: int, recv_ns: int, frame: bytes) -> bytes:
-    """One record: header (frame length, first sequence number, receive time) + frame."""
-    return _REC.pack(len(frame), first_seq, recv_ns) + frame
+def journal_record(first_seq: int, recv_ns: int, frame: bytes, stream: bytes = b"") -> bytes:
+    """One record: header (frame length, first sequence number, receive time, stream
+    length) + stream + frame. ``stream``: the sender's ROUTER identity (1..255 bytes) on
+    the acknowledged fills socket, else empty."""
+    return _REC.pack(len(frame), first_seq, recv_ns, len(stream)) + stream + frame
+
+
+FILLS_STREAMS_FILE = "fills-streams.json"
+
+
+def write_fills_streams(directory: str, lasts: dict[bytes, int]) -> str:
+    """``fills-streams.json`` in ``directory``: each acknowledged fills stream's last
+    accepted sequence number, by the sender's routing id (hex). Written whole (temporary
+    file, rename): a reader sees the old content or the new."""
+    path = os.path.join(directory, FILLS_STREAMS_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump({k.hex(): int(v) for k, v in sorted(lasts.items())}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_fills_streams(path: str) -> dict[bytes, int]:
+    """What ``write_fills_streams`` wrote ({} when there is no such file)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {bytes.fromhex(k): int(v) for k, v in json.load(f).items()}
 
 
 class JournalRecord(NamedTuple):
     first_seq: int
     recv_ns: int
     frame: bytes
+    stream: bytes = b""
 
 
 class Journal:
@@ -92,6 +126,11 @@ class Journal:
     def _open(self, path: str) -> None:
         self.path = path
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        if not new:
+            with open(path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:          # e.g. format 1: never appended to
+                    raise ValueError(f"{path}: not a journal of format {MAGIC.decode()}; "
+                                     f"the gateway writes a new generation's file")
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if new:                             # the header and the file's name on the disk
             os.write(self.fd, MAGIC)
@@ -112,8 +151,8 @@ class Journal:
     def busy(self) -> bool:
         return self._busy
 
-    def append(self, first_seq: int, recv_ns: int, frame: bytes) -> None:
-        self.append_records(journal_record(first_seq, recv_ns, frame), 1)
+    def append(self, first_seq: int, recv_ns: int, frame: bytes, stream: bytes = b"") -> None:
+        self.append_records(journal_record(first_seq, recv_ns, frame, stream), 1)
 
     def append_records(self, records: bytes | bytearray, n: int) -> None:
         """``n`` whole records (``journal_record`` each, concatenated) in one ``write(2)``."""
@@ -212,16 +251,24 @@ def replay(path: str, offset: int = 0) -> Iterator[JournalRecord]:
     first record; else a record boundary, e.g. ``os.path.getsize`` at a moment the
     gateway was not writing); stops quietly at a torn tail."""
     with open(path, "rb") as f:
-        if f.read(len(MAGIC)) != MAGIC:
+        magic = f.read(len(MAGIC))
+        if magic not in (MAGIC, MAGIC_V1):
             raise ValueError(f"{path}: not a margin-engine journal")
+        rec = _REC if magic == MAGIC else _REC_V1
         if offset > len(MAGIC):
             f.seek(offset)
         while True:
-            head = f.read(_REC.size)
-            if len(head) < _REC.size:
+            head = f.read(rec.size)
+            if len(head) < rec.size:
                 return
-            n, seq, ts = _REC.unpack(head)
+            if rec is _REC:
+                n, seq, ts, k = rec.unpack(head)
+                stream = f.read(k)
+                if len(stream) < k:
+                    return
+            else:
+                (n, seq, ts), stream = rec.unpack(head), b""
             frame = f.read(n)
             if len(frame) < n:
                 return
-            yield JournalRecord(seq, ts, frame)
+            yield JournalRecord(seq, ts, frame, stream)

@@ -152,14 +152,15 @@ def copy_book(store: Store, asset_names: list[str],
 
 
 def write_book(book: BookCopy, path: str, journal_generation: int, journal_offset: int,
-               fills_last_seq: int = 0) -> int:
+               fills_last_seq: int = 0, fills_streams: dict[bytes, int] | None = None) -> int:
     """Write ``book`` as the snapshot at byte ``journal_offset`` of journal generation
-    ``journal_generation``, with the gateway's PULL fills stream's last accepted sequence
-    number at that point; return the file's size. Atomic: a reader sees the old file or
-    the new one, whole."""
+    ``journal_generation``, with the gateway's fills streams' last accepted sequence
+    numbers at that point (the PULL stream's; each acknowledged stream's by routing id);
+    return the file's size. Atomic: a reader sees the old file or the new one, whole."""
     meta = {"format": SNAPSHOT_FORMAT, "layout_version": L.LAYOUT_VERSION,
             "journal_generation": int(journal_generation), "journal_offset": int(journal_offset),
             "fills_last_seq": int(fills_last_seq),
+            "fills_streams": {k.hex(): int(v) for k, v in sorted((fills_streams or {}).items())},
             "created_ns": time.time_ns(), "accounts": int(len(book.accounts)), "identity": book.identity}
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
@@ -184,10 +185,10 @@ def write_book(book: BookCopy, path: str, journal_generation: int, journal_offse
 
 def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: list[str],
                    journal_generation: int = 1, fills_last_seq: int = 0,
-                   transfers: np.ndarray | None = None) -> int:
+                   transfers: np.ndarray | None = None, fills_streams: dict[bytes, int] | None = None) -> int:
     """``write_book(copy_book(store))``: for a book nothing else is writing."""
     return write_book(copy_book(store, asset_names, transfers=transfers), path, journal_generation,
-                      journal_offset, fills_last_seq)
+                      journal_offset, fills_last_seq, fills_streams)
 
 
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
@@ -251,10 +252,18 @@ class ReplayStats:
     withdrawals: int = 0
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
     generations: int = 0           # journal files replayed (replay_generations)
-    fills_last_seq: int = 0        # the highest fill sequence number replayed (0: none)
+    fills_last_seq: int = 0        # the PULL stream's highest fill sequence number replayed (0: none)
+    stream_last: dict = field(default_factory=dict)  # each acknowledged stream's (routing id -> seq)
     seconds: float = 0.0
     reject_codes: dict = field(default_factory=dict)
     transfers: list = field(default_factory=list)   # (transfer_id, account, amount, asset, kind), in order
+
+    def saw(self, stream: bytes, last_seq: int) -> None:
+        """A fills record of ``stream`` (empty: the PULL stream) up to ``last_seq``."""
+        if stream:
+            self.stream_last[stream] = max(self.stream_last.get(stream, 0), last_seq)
+        else:
+            self.fills_last_seq = max(self.fills_last_seq, last_seq)
 
 
 class _FillChunks:
@@ -289,12 +298,12 @@ class _FillChunks:
         self.chunk = np.zeros(self.CHUNK + 4096, FILL_DTYPE)
         self.n = 0
 
-    def take(self, frame: bytes, journal_first_seq: int) -> bool:
+    def take(self, frame: bytes, journal_first_seq: int, stream: bytes) -> bool:
         """Gather one fills frame's new fills; False: not for the fast path."""
         status, first, n = self.intake.parse(frame)           # parsed at the buffer's start
         if status != self.ok_status:
             return False
-        self.st.fills_last_seq = max(self.st.fills_last_seq, first + n - 1)
+        self.st.saw(stream, first + n - 1)
         skip = min(n, max(0, journal_first_seq - first))
         self.chunk[self.n: self.n + n - skip] = self.buf[skip:n]
         self.n += n - skip
@@ -377,12 +386,12 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
     for rec in replay(path, offset):
         st.records += 1
         if chunks is not None:
-            if chunks.take(rec.frame, rec.first_seq):
+            if chunks.take(rec.frame, rec.first_seq, rec.stream):
                 continue
             chunks.flush()                                 # keep the journal's order
         run = decode_fills(rec.frame)
         if type(run) is not Rejected:
-            st.fills_last_seq = max(st.fills_last_seq, run.first_seq + len(run.fills) - 1)
+            st.saw(rec.stream, run.first_seq + len(run.fills) - 1)
             for f in run.fills[max(0, rec.first_seq - run.first_seq):]:
                 taker, maker = row_of(f["taker_account"]), row_of(f["maker_account"])
                 code = route_reject(f, n_ins, taker, maker)
@@ -442,7 +451,9 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n
-        total.fills_last_seq = max(total.fills_last_seq, st.fills_last_seq)
+        total.saw(b"", st.fills_last_seq)
+        for s, last in st.stream_last.items():
+            total.saw(s, last)
         total.transfers += st.transfers
         total.generations = total.generations + 1
     total.seconds = time.perf_counter() - t0
@@ -462,6 +473,7 @@ class Opened:
     replay: ReplayStats | None = None
     load_seconds: float = 0.0
     transfers: np.ndarray = field(default_factory=lambda: np.zeros(0, TRANSFER))   # the window, oldest first
+    fills_streams: dict = field(default_factory=dict)   # acknowledged streams' last seqs: snapshot's or replayed
 
 
 def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -> Opened:
@@ -481,8 +493,11 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
         stats = replay_generations(store, state_dir, gen, offset, asset_names)
         last = max(int(meta.get("fills_last_seq", 0)), stats.fills_last_seq)
         replayed = np.array(stats.transfers, TRANSFER) if stats.transfers else np.zeros(0, TRANSFER)
+        streams = {bytes.fromhex(k): int(v) for k, v in meta.get("fills_streams", {}).items()}
+        for s, v in stats.stream_last.items():
+            streams[s] = max(streams.get(s, 0), v)
         return Opened(True, last, int(meta["accounts"]), (time.time_ns() - int(meta["created_ns"])) / 1e9,
-                      stats, loaded, np.concatenate([meta["transfers"], replayed]))
+                      stats, loaded, np.concatenate([meta["transfers"], replayed]), streams)
     with_records = [journal_file(state_dir, g) for g in gens if journal_end(journal_file(state_dir, g)) > len(MAGIC)]
     if with_records:
         raise RecoveryError(f"{with_records[0]} holds records but there is no {SNAPSHOT_FILE} beside it, so the "
@@ -493,13 +508,13 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
 
 
 def rebase(store: Store, state_dir: str, asset_names: list[str], generation: int, fills_last_seq: int,
-           transfers: np.ndarray | None = None) -> int:
+           transfers: np.ndarray | None = None, fills_streams: dict[bytes, int] | None = None) -> int:
     """Stages 2 and 4: a snapshot of ``store`` (and the transfer window) at the end of
     journal ``generation`` (its start, when the gateway has not written it yet); return
     the file's size."""
     return write_snapshot(store, os.path.join(state_dir, SNAPSHOT_FILE),
                           journal_end(journal_file(state_dir, generation)), asset_names, generation,
-                          fills_last_seq, transfers)
+                          fills_last_seq, transfers, fills_streams)
 
 
 def set_aside(state_dir: str) -> list[str]:

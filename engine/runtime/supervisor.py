@@ -33,7 +33,7 @@ import numpy as np
 
 from engine.config import Config
 from engine.runtime.ctl import Control, Role
-from engine.runtime.journal import journal_file, journal_generations
+from engine.runtime.journal import FILLS_STREAMS_FILE, journal_file, journal_generations, read_fills_streams
 from engine.store.shm import Store
 
 
@@ -166,7 +166,10 @@ class Engine:
             "--fills-last-seq", str(self.fills_last_seq), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
             "--journal-sync", e.journal_sync, "--journal-fsync-interval-s", repr(e.journal_fsync_interval_s),
             "--cpu", str(e.gateway_cpu)]
-            + (["--fills-acks"] if ep.fills_acks else []), cpu=e.gateway_cpu))
+            + (["--fills-acks"] if ep.fills_acks else [])
+            # a recovered book's DEALER streams (``run`` wrote them after the replay)
+            + (["--fills-streams-from", os.path.join(self.state_dir, FILLS_STREAMS_FILE)] if self.durable else []),
+            cpu=e.gateway_cpu))
         t0 = time.time_ns()
         for c in self.children:
             self._spawn(c)
@@ -256,10 +259,11 @@ class Engine:
         self.journal_generation = generation
         path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
         last = int(h["fills_last_seq"])
+        streams = read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE))  # the gateway's, at the cut
 
         def write() -> None:
             try:
-                recovery.write_book(book, path, generation, offset, last)
+                recovery.write_book(book, path, generation, offset, last, streams)
             except OSError as e:             # the previous snapshot stays; recovery replays more
                 print(f"margin-engine: snapshot {req}: writing {path} failed: {e}", file=sys.stderr)
                 info["write_error"] = str(e)
@@ -314,7 +318,8 @@ class Engine:
             from engine.runtime.recovery import rebase
             rebase(self.store, self.state_dir, self.asset_names, self.latest_generation(),
                    int(self.ctl.header[0]["fills_last_seq"]),       # the gateway's, at its exit
-                   self.ctl.transfers_in_order())
+                   self.ctl.transfers_in_order(),
+                   read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE)))
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()
             self.ctl.unlink()

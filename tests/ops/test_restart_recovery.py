@@ -149,8 +149,9 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert proc.wait(timeout=20) == 1                            # an engine failure: systemd restarts it
     assert not shm_exists(name)                                  # its shared memory is gone with it
     shutil.rmtree(ep["runtime_dir"])                             # systemd removes RuntimeDirectory= on stop
-    assert sorted(os.listdir(root / "state")) == ["journal-00000001.log", "state.snapshot"]
-    for f in ("journal-00000001.log", "state.snapshot"):         # the book's money: owner-only
+    # (fills-streams.json: the DEALER fills streams' numbering, handed to the gateway; {} here)
+    assert sorted(os.listdir(root / "state")) == ["fills-streams.json", "journal-00000001.log", "state.snapshot"]
+    for f in ("fills-streams.json", "journal-00000001.log", "state.snapshot"):   # owner-only
         assert os.stat(root / "state" / f).st_mode & 0o777 == 0o600, f
 
     log2 = root / "run2.err"
@@ -311,3 +312,68 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
     assert book(name) == before
     proc2.send_signal(signal.SIGTERM)
     assert proc2.wait(timeout=20) == 0
+
+
+def test_an_acknowledged_fills_stream_keeps_its_numbering_across_a_crash_and_a_clean_restart(spawn, ops_dir):
+    """``fills_acks``: a matching engine on a DEALER with a fixed routing id. A frame
+    whose ACK a crash lost is resent after the restart (the sender's rule: resend what
+    was never ACKed) and must not be applied twice: the journal records each frame's
+    stream, the replay recovers each stream's last number, the gateway starts from it.
+    The same after a clean stop, whose snapshot keeps the numbers."""
+    root = Path(ops_dir)
+    name = unique_name()
+    ep = {**ipc_endpoints(ops_dir), "fills_acks": True}
+    cfg = write_config(root / "engine.toml", name, endpoints=ep,
+                       engine={"state_dir": json.dumps(str(root / "state"))})
+    # Frame k (k = 1, 2, 3): account 1 buys 0.01 BTC (10 units) from 2 at 95,000.
+    frames = {k: encode_batch(MsgType.FILL, [{"trade_id": k, "instrument_id": BTC, "maker_account": 2,
+                                              "taker_account": 1, "qty_units": 10, "price_units": 950_000,
+                                              "maker_fee_units": 0, "taker_fee_units": 0, "taker_side": "buy"}],
+                              first_seq=k, ts_ns=time.time_ns()) for k in (1, 2, 3)}
+
+    def send(*ks: int) -> list[tuple[int, int]]:
+        """Frames ``ks`` from the matching engine (routing id b"ME-1"): (ref_seq, code) of each ACK."""
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.ROUTING_ID, b"ME-1")
+            s.connect(ep["fills"])
+            out = []
+            for k in ks:
+                s.send(frames[k])
+                assert s.poll(5_000), f"no ACK for frame {k} within 5 s"
+                m = decode(s.recv())
+                assert type(m) is Message and m.type == MsgType.ACK, m
+                out.append((m.fields["ref_seq"], m.fields["code"]))
+            return out
+        finally:
+            ctx.destroy(linger=0)
+
+    def long_units() -> int:
+        b = book(name)["accounts"]
+        return b[1][3][0][2] if b[1][3] and b[2][3] and b[2][3][0][2] == -b[1][3][0][2] else -1
+
+    proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    assert send(1, 2) == [(1, 0), (2, 0)]
+    wait_until(lambda: long_units() == 20, 10.0, "frames 1 and 2 applied")
+    os.kill(gateway_pid(name), signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1
+    shutil.rmtree(ep["runtime_dir"])
+
+    proc2 = start(spawn, cfg, name, root / "run2.err")
+    # Frame 2 again (its ACK lost, say): a duplicate, 3001; frame 3 is new. 20 + 10 = 30 units.
+    assert send(2, 3) == [(2, 3001), (3, 0)]
+    wait_until(lambda: long_units() == 30, 10.0, "frame 3 applied")
+    time.sleep(0.3)
+    assert long_units() == 30                                     # frame 2 not applied twice
+    proc2.send_signal(signal.SIGTERM)
+    assert proc2.wait(timeout=20) == 0
+
+    proc3 = start(spawn, cfg, name, root / "run3.err")           # from the stop's snapshot alone
+    assert re.search(r"replayed 0 journal records", (root / "run3.err").read_text())
+    assert send(3) == [(3, 3001)]
+    time.sleep(0.3)
+    assert long_units() == 30
+    proc3.send_signal(signal.SIGTERM)
+    assert proc3.wait(timeout=20) == 0

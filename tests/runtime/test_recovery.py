@@ -430,3 +430,37 @@ def test_the_fast_replay_keeps_the_journals_order_across_the_two_paths(tmp_path)
     held = {a: [int(x) for x in fast.slots(fast.row_of(a))[: int(fast.accounts[fast.row_of(a)]["n_positions"])]
                 ["instrument"]] for a in (1, 2, 3)}
     assert held == {1: [BTC], 2: [BTC], 3: [1]}
+
+
+def test_replay_keeps_each_fills_streams_numbering_and_reads_format_1_files(tmp_path):
+    import struct
+    # Format 2: a PULL-stream frame (seqs 1..2), a frame of DEALER "ME-1" (seqs 7..9,
+    # journaled from 8: 7 was seen), a deposit. The PULL stream's last is 2, ME-1's 9.
+    j2 = str(tmp_path / "v2.log")
+    j = Journal(j2, fsync_interval_s=0)
+    j.append(1, 1, encode_batch(MsgType.FILL, [fill(1, 1, 2, 10, 950_000), fill(2, 1, 2, 10, 950_000)],
+                                first_seq=1, ts_ns=1))
+    j.append(8, 2, encode_batch(MsgType.FILL, [fill(3, 3, 2, 10, 950_000)] * 3, first_seq=7, ts_ns=2), b"ME-1")
+    j.append(0, 3, collateral(MsgType.DEPOSIT, 7, 3, 1_000 * U))
+    j.close()
+    assert [r.stream for r in replay(j2)] == [b"", b"ME-1", b""]
+    book = new_store()
+    three_accounts(book)
+    st = recovery.replay_journal(book, j2, 0, NAMES)
+    assert (st.fills_last_seq, st.stream_last) == (2, {b"ME-1": 9})
+    assert position(book, 3)[0] == 20                 # ME-1's frame: 2 of its 3 fills (8, 9) applied
+    # Format 1 (before session 15): the same records without stream fields, read as the
+    # PULL stream's; a format-1 file is never appended to.
+    j1 = str(tmp_path / "v1.log")
+    with open(j1, "wb") as f:
+        f.write(b"MEJRNL01")
+        for r in replay(j2):
+            f.write(struct.pack("<IQq", len(r.frame), r.first_seq, r.recv_ns) + r.frame)
+    assert [(r.first_seq, r.stream) for r in replay(j1)] == [(1, b""), (8, b""), (0, b"")]
+    old = new_store()
+    three_accounts(old)
+    st1 = recovery.replay_journal(old, j1, 0, NAMES)
+    assert (st1.fills_last_seq, st1.stream_last) == (9, {})
+    assert_same_book(book, old)
+    with pytest.raises(ValueError, match="format MEJRNL02"):
+        Journal(j1)
