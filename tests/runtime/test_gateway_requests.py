@@ -1,0 +1,143 @@
+"""Every request on the checks socket gets exactly one answer, and nothing crashes the
+gateway (a KeyError on a version-1 DEPOSIT once did, in session 15).
+
+A real store and control segment, a real Gateway object with its sockets bound on ipc
+endpoints, a real custody/matching-engine DEALER. Hypothesis sends runs of requests --
+ORDER_CHECKs, DEPOSITs and WITHDRAWALs in protocol versions 1 and 2, with and without
+``transfer_id`` (ids repeated on purpose), known and unknown accounts and assets, frames
+of the wrong type and bytes that are not msgpack -- and plays the owning worker itself:
+each collateral request the gateway puts on a ring is answered applied or refused.
+Each request must be answered once: ORDER_CHECK_REPLY or COLLATERAL_REPLY with its
+``request_id``, or REJECT for a malformed frame; a transfer applied twice is a failure.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.codes import Code
+from engine.runtime import gateway as G
+from engine.runtime.ctl import RecordKind
+from feeds.protocol import Message, MsgType, Sequencer, decode, encode
+from runtime_support import gateway_state
+
+pytestmark = pytest.mark.timeout(120)
+# (a "retry" in a run is the last DEPOSIT / WITHDRAWAL sent again, transfer_id and all)
+
+ACCOUNTS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def desk(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gwreq"))
+    cfg, store, ctl, ep = gateway_state(root, 2, ACCOUNTS)
+    e = cfg.engine
+    g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"], root, 1, [0, 1],
+                  journal_sync="interval", journal_fsync_interval_s=0)
+    g.set_asset_names([a.name for a in cfg.assets])
+    g.emit = lambda code, detail, account=None: None
+    ctx = zmq.Context()
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(ep["checks"])
+    yield g, ctl, client
+    client.close(0)
+    ctx.term()
+    g.journal.close()
+    for s in (g.fills, g.checks, g.replies, g.events):
+        s.close(0)
+    ctl.unlink()
+    store.unlink()
+    store.detach()
+
+
+accounts = st.sampled_from(ACCOUNTS + [77])
+assets = st.sampled_from(["USDT", "BTC", "DOGE"])
+collateral = st.fixed_dictionaries({
+    "type": st.sampled_from([MsgType.DEPOSIT, MsgType.WITHDRAWAL]), "account": accounts, "asset": assets,
+    "amount_units": st.integers(1, 10**12), "transfer_id": st.one_of(st.none(), st.integers(1, 4)),
+    "version": st.sampled_from([1, 2]), "applied": st.booleans()})
+check = st.fixed_dictionaries({
+    "type": st.just(MsgType.ORDER_CHECK), "account": accounts, "instrument_id": st.sampled_from([0, 1, 2, 999]),
+    "qty_units": st.sampled_from([0, 1, -1, 1000, -10**9]), "price_units": st.sampled_from([0, -1, 1, 950_000]),
+    "version": st.sampled_from([1, 2])})
+junk = st.fixed_dictionaries({"type": st.just("junk"), "raw": st.sampled_from([
+    b"\xc1", b"", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "t": 10, "seq": 1, "ts_ns": 1}),
+    msgpack.packb({"v": 2, "t": 11, "seq": 1, "ts_ns": 1, "request_id": 5, "account": 1, "asset": "USDT",
+                   "amount_units": 1, "transfer_id": None})])})
+
+
+def frame_of(req: dict, rid: int, seq: int) -> bytes:
+    if req["type"] == "junk":
+        return req["raw"]
+    if req["type"] == MsgType.ORDER_CHECK:
+        body = {k: req[k] for k in ("account", "instrument_id", "qty_units", "price_units")}
+        return encode(MsgType.ORDER_CHECK, {"request_id": rid, **body}, seq=seq, ts_ns=1, version=req["version"])
+    body = {"request_id": rid, "account": req["account"], "asset": req["asset"], "amount_units": req["amount_units"]}
+    if req["transfer_id"] is not None:
+        body["transfer_id"] = 1000 * (req["account"]) + req["transfer_id"]    # ids repeat across a run
+        return encode(req["type"], body, seq=seq, ts_ns=1, version=2)
+    return encode(req["type"], body, seq=seq, ts_ns=1, version=req["version"])
+
+
+def play_worker(g: G.Gateway, ctl, decisions: dict[int, bool]) -> int:
+    """Answer every collateral request on the rings as its worker would: applied (code 0)
+    or refused (3104), by the test's draw for that request; returns how many."""
+    n, worker = 0, Sequencer()
+    for p in range(ctl.n_partitions):
+        r, w = (int(x) for x in ctl.rings[p][0][["read_idx", "write_idx"]])
+        for i in range(r, w):
+            rec = ctl.records[p][i % ctl.capacity]
+            assert int(rec["kind"]) in (int(RecordKind.DEPOSIT), int(RecordKind.WITHDRAWAL))
+            ticket = int(rec["ref"])
+            applied = decisions.get(ticket, True)
+            g.on_worker_reply(worker.encode(MsgType.COLLATERAL_REPLY, {
+                "request_id": ticket, "code": 0 if applied else int(Code.WITHDRAWAL_INSUFFICIENT_BALANCE),
+                "balance_units": 0}))
+            n += 1
+        ctl.rings[p][0]["read_idx"] = w
+    return n
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(collateral, check, junk, st.just("retry")), min_size=1, max_size=20))
+def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, reqs):
+    g, ctl, client = desk
+    g.transfers.clear()                          # each example from an empty window
+    ctl.header[0]["transfers_count"] = 0
+    applied_ids: set[int] = set()
+    last = None
+    for k, req in enumerate(reqs):
+        if req == "retry":                       # custody sends its last request again
+            if last is None:
+                continue
+            req = last
+        elif req["type"] in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
+            last = req
+        rid = 10_000 + k
+        client.send(frame_of(req, rid, k + 1))
+        assert g.checks.poll(5000)
+        ident, frame = g.checks.recv_multipart()
+        before = g._last_ticket
+        g.on_request(ident, frame, 1)                             # must not raise
+        if g._last_ticket != before:                              # went to a worker
+            assert req["type"] in (MsgType.DEPOSIT, MsgType.WITHDRAWAL)
+            assert play_worker(g, ctl, {g._last_ticket: req["applied"]}) == 1
+        assert client.poll(5000), f"no answer to {req}"
+        m = decode(client.recv())
+        assert type(m) is Message, m
+        assert not client.poll(0), "two answers to one request"
+        if req["type"] == "junk":
+            assert m.type == MsgType.REJECT
+            continue
+        want = MsgType.ORDER_CHECK_REPLY if req["type"] == MsgType.ORDER_CHECK else MsgType.COLLATERAL_REPLY
+        assert (m.type, m.fields["request_id"]) == (want, rid)
+        if want == MsgType.COLLATERAL_REPLY and m.fields["code"] == 0 and req["transfer_id"] is not None:
+            tid = 1000 * req["account"] + req["transfer_id"]
+            assert tid not in applied_ids, f"transfer {tid} applied twice"
+            applied_ids.add(tid)
+    assert not g.pending and not g._transfers_in_flight
