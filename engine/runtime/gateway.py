@@ -192,12 +192,6 @@ class Gateway:
         if answers:
             journal.sync_in_background()
 
-    def settle_answers(self) -> None:
-        """Every held answer sent: sync on this thread what they wait for."""
-        if self._answers:
-            self.journal.sync()
-            self.pump_answers()
-
     def on_fills(self, frame: bytes, recv_ns: int, ident: bytes | None = None) -> None:
         """One fills frame, taken and flushed at once (``take_fills`` + ``flush_fills``)."""
         self.take_fills(frame, recv_ns, ident)

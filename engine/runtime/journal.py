@@ -103,12 +103,11 @@ class Journal:
 
     ``written`` counts the records this object appended (across rotations), ``synced``
     how many of them an ``fdatasync`` (or the ``fsync`` of a rotation or close) has put
-    on the disk. ``sync`` makes the two equal on the caller's thread;
-    ``sync_in_background`` hands the same to the journal's sync thread and returns at
-    once: one ``fdatasync`` at a time, covering everything written when it starts (a
-    group commit), then ``on_synced()`` is called from that thread. A failed
-    ``fdatasync`` is final (the kernel may have dropped the pages: retrying proves
-    nothing): the next call from the owner raises it.
+    on the disk. ``sync_in_background`` asks the journal's sync thread to make the two
+    equal and returns at once: one ``fdatasync`` at a time, covering everything written
+    when it starts (a group commit), then ``on_synced()`` is called from that thread. A
+    failed ``fdatasync`` is final (the kernel may have dropped the pages: retrying
+    proves nothing): the next call from the owner raises it.
     """
 
     def __init__(self, path: str, fsync_interval_s: float = 1.0, on_synced=None):
@@ -165,16 +164,6 @@ class Journal:
     def _raise_failed(self) -> None:
         if self._error is not None:
             raise OSError(self._error.errno, f"journal {self.path}: fdatasync failed: {self._error.strerror}")
-
-    def sync(self) -> None:
-        """Every record written so far on the disk, on this thread (``fdatasync``: the
-        data and the file size, all an append changes); nothing to do when none is new."""
-        self.wait_idle()
-        if self.written > self.synced:
-            self.sync_fn(self.fd)
-            self.syncs += 1
-            self.synced = self.written
-        self._last_sync = time.monotonic()
 
     def sync_in_background(self) -> bool:
         """Start an ``fdatasync`` of everything written so far on the sync thread, unless
