@@ -323,3 +323,14 @@ def gateway_state(root: str, partitions: int, accounts: list[int], capacity: int
     for a in accounts:
         store.add_account(a)
     return cfg, store, ctl, {k: f"ipc://{root}/{k}.sock" for k in ("fills", "checks", "replies", "events")}
+
+
+def close_gateway(g, ctl: Control, store: Store) -> None:
+    """Undo ``gateway_state`` and the Gateway built on it: the journal (and its sync
+    thread), every socket, both segments."""
+    g.journal.close()
+    for s in (g.fills, g.checks, g.replies, g.events, g._wake_rx, g._wake_tx):
+        s.close(0)
+    ctl.unlink()
+    store.unlink()
+    store.detach()

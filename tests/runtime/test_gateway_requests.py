@@ -23,7 +23,7 @@ from engine.codes import Code
 from engine.runtime import gateway as G
 from engine.runtime.ctl import RecordKind
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode
-from runtime_support import gateway_state
+from runtime_support import close_gateway, gateway_state
 
 pytestmark = pytest.mark.timeout(120)
 # (a "retry" in a run is the last DEPOSIT / WITHDRAWAL sent again, transfer_id and all)
@@ -47,12 +47,7 @@ def desk(tmp_path_factory):
     yield g, ctl, client
     client.close(0)
     ctx.term()
-    g.journal.close()
-    for s in (g.fills, g.checks, g.replies, g.events):
-        s.close(0)
-    ctl.unlink()
-    store.unlink()
-    store.detach()
+    close_gateway(g, ctl, store)
 
 
 accounts = st.sampled_from(ACCOUNTS + [77])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from engine.runtime import gateway as G
 from engine.runtime.ctl import Control
 from feeds.protocol import MsgType, SequenceTracker, encode, encode_batch
-from runtime_support import gateway_state
+from runtime_support import close_gateway, gateway_state
 
 N_ACCOUNTS = 6                     # ids 1..6 over 2 partitions; id 77 is unknown
 
@@ -34,12 +34,7 @@ def gw(tmp_path_factory):
     events = []
     g.emit = lambda code, detail, account=None: events.append((int(code), detail))
     yield g, ctl, events
-    g.journal.close()
-    for s in (g.fills, g.checks, g.replies, g.events):
-        s.close()
-    ctl.unlink()
-    store.unlink()
-    store.detach()
+    close_gateway(g, ctl, store)
 
 
 def drain(ctl: Control) -> list[tuple]:

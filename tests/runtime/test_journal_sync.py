@@ -27,7 +27,7 @@ from engine.runtime import gateway as G
 from engine.runtime.ctl import RecordKind
 from engine.runtime.journal import replay
 from feeds.protocol import Message, MsgType, Sequencer, decode
-from runtime_support import fill, gateway_state
+from runtime_support import close_gateway, fill, gateway_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,12 +82,7 @@ def gateway(request, tmp_path):
     yield request.param, g, ctl, clients
     for s in clients.values():
         s.close(0)
-    g.journal.close()
-    for s in (g.fills, g.checks, g.replies, g.events):
-        s.close(0)
-    ctl.unlink()
-    store.unlink()
-    store.detach()
+    close_gateway(g, ctl, store)
 
 
 def recv(sock: zmq.Socket) -> list[bytes]:
