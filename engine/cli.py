@@ -149,6 +149,13 @@ def _cmd_status(args) -> int:
         print(f"margin-engine status: {e}", file=sys.stderr)
         return 2
     s = snapshot(store)
+    if args.state_dir:
+        from engine.runtime.recovery import RecoveryError, durability
+        try:
+            s["durability"] = durability(args.state_dir)
+        except RecoveryError as e:
+            print(f"margin-engine status: {e}", file=sys.stderr)
+            return 2
     print(json.dumps(s, indent=2) if args.json else render(s))
     return 0
 
@@ -195,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")
     st.add_argument("--name", default="margin-engine", help="the engine's shared-memory name")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--state-dir", default="",
+                    help="the engine's engine.state_dir: also show its snapshot's age and what a restart "
+                         "would replay")
     st.set_defaults(func=_cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")

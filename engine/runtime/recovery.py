@@ -191,6 +191,41 @@ def write_snapshot(store: Store, path: str, journal_offset: int, asset_names: li
                       journal_offset, fills_last_seq, fills_streams)
 
 
+def snapshot_meta(path: str) -> dict:
+    """A snapshot's meta (JSON) and the size of its transfer window, without its tables;
+    ``RecoveryError`` when the file cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            meta["transfers"] = len(z["transfers"]) if "transfers" in z.files else 0
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise RecoveryError(f"{path}: not a readable snapshot ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def durability(state_dir: str) -> dict:
+    """What a restart would start from now (``margin-engine status --state-dir``): the
+    snapshot's age, place in the journal and contents, and the journal after it (what
+    the restart would replay: files and bytes)."""
+    snap = os.path.join(state_dir, SNAPSHOT_FILE)
+    out: dict = {"state_dir": state_dir, "snapshot": None}
+    gens = journal_generations(state_dir)
+    gen, offset = (min(gens), len(MAGIC)) if gens else (0, len(MAGIC))
+    if os.path.exists(snap):
+        m = snapshot_meta(snap)
+        gen, offset = int(m["journal_generation"]), int(m["journal_offset"])
+        out["snapshot"] = {"age_s": round((time.time_ns() - int(m["created_ns"])) / 1e9, 1),
+                           "accounts": int(m["accounts"]), "journal_generation": gen, "journal_offset": offset,
+                           "fills_last_seq": int(m.get("fills_last_seq", 0)),
+                           "acknowledged_streams": len(m.get("fills_streams", {})),
+                           "transfers_remembered": int(m["transfers"]), "bytes": os.path.getsize(snap)}
+    after = [g for g in gens if g >= gen]
+    out["journal"] = {"generations": gens, "to_replay_files": len(after),
+                      "to_replay_bytes": sum(max(0, journal_end(journal_file(state_dir, g)) - (offset if g == gen else
+                                                 len(MAGIC))) for g in after)}
+    return out
+
+
 def load_snapshot(store: Store, path: str, asset_names: list[str]) -> dict:
     """Load a snapshot into a new, empty ``store`` (same identity, capacity enough);
     return its meta. Any problem with the file: ``RecoveryError`` naming it."""

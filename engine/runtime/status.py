@@ -58,6 +58,20 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
     }
 
 
+def render_durability(d: dict) -> str:
+    """The lines of ``recovery.durability``: what a restart would start from."""
+    s, j = d["snapshot"], d["journal"]
+    if s is None:
+        head = f"state {d['state_dir']}: no snapshot"
+    else:
+        head = (f"state {d['state_dir']}: snapshot {s['age_s']} s old, {s['accounts']:,} accounts, "
+                f"{s['bytes'] / 2**20:.1f} MiB, at journal {s['journal_generation']} byte {s['journal_offset']}; "
+                f"fills stream at seq {s['fills_last_seq']:,}, {s['acknowledged_streams']} acknowledged "
+                f"streams, {s['transfers_remembered']:,} transfer ids remembered")
+    return (head + f"\n  a restart now would replay {j['to_replay_bytes']:,} journal bytes in "
+            f"{j['to_replay_files']} file(s)")
+
+
 def render(s: dict) -> str:
     lines = [f"engine {s['engine']}: {s['accounts']:,} accounts, {s['liquidatable']} liquidatable, "
              f"{s['near_liquidation']} near liquidation (margin ratio >= 0.8), "
@@ -75,4 +89,6 @@ def render(s: dict) -> str:
     for p in s["partitions"]:
         lines.append(f"{p['partition']:>10}{p['accounts']:>10}{p['records_applied']:>10}"
                      f"{p['heartbeat_age_ms']:>10} ms{p['worker_pid']:>9}")
+    if "durability" in s:
+        lines += ["", render_durability(s["durability"])]
     return "\n".join(lines)

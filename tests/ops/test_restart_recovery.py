@@ -28,7 +28,7 @@ import zmq
 from engine.runtime.harness import wait_until
 from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
-from ops_support import (BTC, REPO, USDT, cli, ipc_endpoints, shm_exists, unique_name, wait_up,
+from ops_support import (BTC, REPO, USDT, cli, ipc_endpoints, shm_exists, status, unique_name, wait_up,
                          write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -208,6 +208,11 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert book(name) == before
     # Nothing replayed this time: the transfer window came back from the stop's snapshot.
     assert retry_withdrawal(6) == {"request_id": 6, "code": 3105, "balance_units": 9_000 * USDT}
+    # The operator's view of it: a fresh snapshot (the stop's, re-based at this start),
+    # one transfer id remembered (903), nothing to replay yet.
+    text = status(name, "--state-dir", str(root / "state")).stdout
+    assert re.search(r"state .*: snapshot [\d.]+ s old, 10 accounts, .* 1 transfer ids remembered", text), text
+    assert "a restart now would replay 0 journal bytes" in text, text
     proc3.send_signal(signal.SIGTERM)
     assert proc3.wait(timeout=20) == 0
 

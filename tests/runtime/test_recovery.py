@@ -464,3 +464,27 @@ def test_replay_keeps_each_fills_streams_numbering_and_reads_format_1_files(tmp_
     assert_same_book(book, old)
     with pytest.raises(ValueError, match="format MEJRNL02"):
         Journal(j1)
+
+
+def test_durability_says_what_a_restart_would_replay(tmp_path):
+    # Generation 1: the module's five records; a snapshot after its first two records;
+    # generation 2: one more fill. A restart would replay the rest of 1 and all of 2.
+    d = str(tmp_path)
+    ends = write_journal(journal_file(d, 1))
+    store = new_store()
+    three_accounts(store)
+    recovery.write_snapshot(store, os.path.join(d, recovery.SNAPSHOT_FILE), ends[1], NAMES, 1, 3)
+    j = Journal(journal_file(d, 2), fsync_interval_s=0)
+    j.append(6, 1, encode(MsgType.FILL, fill(6, 1, 2, 10, 950_000), seq=6, ts_ns=1))
+    j.close()
+    end2 = os.path.getsize(journal_file(d, 2))
+    out = recovery.durability(d)
+    s = out["snapshot"]
+    assert (s["accounts"], s["journal_generation"], s["journal_offset"], s["fills_last_seq"]) == (3, 1, ends[1], 3)
+    assert (s["acknowledged_streams"], s["transfers_remembered"]) == (0, 0)
+    # bytes: generation 1 from the snapshot's offset to its end, generation 2 past its header
+    assert out["journal"] == {"generations": [1, 2], "to_replay_files": 2,
+                              "to_replay_bytes": (ends[-1] - ends[1]) + (end2 - len(MAGIC))}
+    os.remove(os.path.join(d, recovery.SNAPSHOT_FILE))
+    assert recovery.durability(d)["snapshot"] is None          # then everything would replay
+    assert recovery.durability(d)["journal"]["to_replay_bytes"] == (ends[-1] - len(MAGIC)) + (end2 - len(MAGIC))
