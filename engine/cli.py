@@ -92,7 +92,7 @@ def _cmd_run(args) -> int:
     store = eng.create_state()
     try:                                       # 1. open the book (recover or provision), 2. re-base
         names = eng.asset_names
-        opened = recovery.open_book(store, eng.state_dir, names, new_book)
+        opened = recovery.open_book(store, eng.state_dir, names, new_book, show_progress=True)
         eng.fills_last_seq = opened.fills_last_seq      # the gateway drops what it had taken before
         eng.ctl.seed_transfers(opened.transfers)        # and answers a retried transfer_id
         write_fills_streams(eng.state_dir, opened.fills_streams)    # the gateway's start (DEALER streams)

@@ -96,6 +96,7 @@ class JournalRecord(NamedTuple):
     recv_ns: int
     frame: bytes
     stream: bytes = b""
+    size: int = 0                       # bytes of the record in its file, header included
 
 
 class Journal:
@@ -260,4 +261,4 @@ def replay(path: str, offset: int = 0) -> Iterator[JournalRecord]:
             frame = f.read(n)
             if len(frame) < n:
                 return
-            yield JournalRecord(seq, ts, frame, stream)
+            yield JournalRecord(seq, ts, frame, stream, rec.size + len(stream) + n)

@@ -9,26 +9,14 @@ nets to zero per instrument and money is conserved from the first fill on.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from engine.config import Config
 from engine.instruments import Kind
+from engine.runtime.progress import ProgressBar
 from engine.store.shm import Store
 
 HOUSE_ACCOUNT = 999_999
-
-
-def _progress(done: int, total: int, label: str) -> None:
-    if total < 20000:
-        return
-    width = 30
-    filled = int(width * done / total)
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def provision(store: Store, config: Config, n_accounts: int, seed: int = 7,
@@ -42,6 +30,7 @@ def provision(store: Store, config: Config, n_accounts: int, seed: int = 7,
     house = store.add_account(HOUSE_ACCOUNT)
     store.set_balance(house, usdt.index, 10**12 * usdt.scale // 10**3)   # 1e9 USDT
     house_pos = {i.index: [0, 0] for i in ins}
+    bar = ProgressBar("loading accounts", n_accounts, min_total=20_000)
     chunk = 10_000
     for start in range(0, n_accounts, chunk):
         ids = np.arange(start + 1, min(n_accounts, start + chunk) + 1)
@@ -64,7 +53,7 @@ def provision(store: Store, config: Config, n_accounts: int, seed: int = 7,
                 store.set_position(row, instr.index, qty, cost)
                 house_pos[instr.index][0] -= qty
                 house_pos[instr.index][1] -= cost
-        _progress(int(ids[-1]), n_accounts, "loading accounts")
+        bar.update(int(ids[-1]))
     for i, (qty, cost) in house_pos.items():
         if qty:
             store.set_position(house, i, qty, cost)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import threading
 import time
 import zipfile
@@ -59,6 +60,7 @@ import numpy as np
 from engine.accounting.fills import apply_fill_legs, route_reject
 from engine.codes import Code
 from engine.runtime.ctl import TRANSFER
+from engine.runtime.progress import ProgressBar
 from engine.runtime.journal import MAGIC, journal_file, journal_generations, replay
 from engine.store import layout as L
 from engine.store.shm import Store
@@ -391,10 +393,11 @@ class _FillChunks:
 
 
 def replay_journal(store: Store, path: str, offset: int, asset_names: list[str], *,
-                   fast: bool = True) -> ReplayStats:
+                   fast: bool = True, progress: ProgressBar | None = None, progress_base: int = 0) -> ReplayStats:
     """Apply the journal's records from byte ``offset`` to ``store`` (module doc).
     ``fast``: fills frames the C parser takes go through ``_FillChunks``; False: every
-    record through the reference path below (the tests hold the two to each other)."""
+    record through the reference path below (the tests hold the two to each other).
+    ``progress``: a bar of the bytes replayed, this file's counted from ``progress_base``."""
     st = ReplayStats()
     t0 = time.perf_counter()
     if not os.path.exists(path):
@@ -418,8 +421,12 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
             c.clear()
 
     chunks = _FillChunks(store, st) if fast else None
+    done = progress_base
     for rec in replay(path, offset):
         st.records += 1
+        if progress is not None:
+            done += rec.size
+            progress.update(done)
         if chunks is not None:
             if chunks.take(rec.frame, rec.first_seq, rec.stream):
                 continue
@@ -474,14 +481,21 @@ def journal_end(path: str) -> int:
 
 
 def replay_generations(store: Store, state_dir: str, generation: int, offset: int,
-                       asset_names: list[str]) -> ReplayStats:
-    """Replay generation ``generation`` from byte ``offset``, then every later one whole."""
+                       asset_names: list[str], show_progress: bool = False) -> ReplayStats:
+    """Replay generation ``generation`` from byte ``offset``, then every later one whole;
+    ``show_progress``: a bar of the bytes replayed when there are 64 MiB or more."""
     total = ReplayStats()
     t0 = time.perf_counter()
-    for g in journal_generations(state_dir):
-        if g < generation:
-            continue
-        st = replay_journal(store, journal_file(state_dir, g), offset if g == generation else 0, asset_names)
+    gens = [g for g in journal_generations(state_dir) if g >= generation]
+    ends = {g: journal_end(journal_file(state_dir, g)) for g in gens}
+    start = {g: max(offset, len(MAGIC)) if g == generation else len(MAGIC) for g in gens}
+    bar = ProgressBar("replaying the journal", sum(max(0, ends[g] - start[g]) for g in gens),
+                      min_total=64 << 20, unit="MiB", scale=1 << 20, enabled=show_progress)
+    base = 0
+    for g in gens:
+        st = replay_journal(store, journal_file(state_dir, g), offset if g == generation else 0, asset_names,
+                            progress=bar, progress_base=base)
+        base += max(0, ends[g] - start[g])
         for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals", "unreadable"):
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():
@@ -491,6 +505,7 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
             total.saw(s, last)
         total.transfers += st.transfers
         total.generations = total.generations + 1
+    bar.close()
     total.seconds = time.perf_counter() - t0
     return total
 
@@ -511,13 +526,17 @@ class Opened:
     fills_streams: dict = field(default_factory=dict)   # acknowledged streams' last seqs: snapshot's or replayed
 
 
-def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -> Opened:
+def open_book(store: Store, state_dir: str, asset_names: list[str], provision,
+              show_progress: bool = False) -> Opened:
     """Stage 1 (module doc): recover the book into the new ``store`` from
-    ``state_dir``, or call ``provision(store)`` for a new one."""
+    ``state_dir``, or call ``provision(store)`` for a new one. ``show_progress``: say so
+    before loading a snapshot of 64 MiB or more, and a bar of a long replay (stderr)."""
     snap = os.path.join(state_dir, SNAPSHOT_FILE)
     gens = journal_generations(state_dir)
     if os.path.exists(snap):
         t0 = time.perf_counter()
+        if show_progress and os.path.getsize(snap) >= 64 << 20:
+            print(f"loading the snapshot {snap} ({os.path.getsize(snap) >> 20:,} MiB)", file=sys.stderr, flush=True)
         meta = load_snapshot(store, snap, asset_names)
         loaded = time.perf_counter() - t0
         gen, offset = int(meta.get("journal_generation", 1)), int(meta["journal_offset"])
@@ -525,7 +544,7 @@ def open_book(store: Store, state_dir: str, asset_names: list[str], provision) -
         if offset > journal_end(first):
             raise RecoveryError(f"{first} is {journal_end(first)} bytes, shorter than the snapshot's offset "
                                 f"{offset}: it is not the journal this snapshot was taken against")
-        stats = replay_generations(store, state_dir, gen, offset, asset_names)
+        stats = replay_generations(store, state_dir, gen, offset, asset_names, show_progress)
         last = max(int(meta.get("fills_last_seq", 0)), stats.fills_last_seq)
         replayed = np.array(stats.transfers, TRANSFER) if stats.transfers else np.zeros(0, TRANSFER)
         streams = {bytes.fromhex(k): int(v) for k, v in meta.get("fills_streams", {}).items()}

@@ -488,3 +488,25 @@ def test_durability_says_what_a_restart_would_replay(tmp_path):
     os.remove(os.path.join(d, recovery.SNAPSHOT_FILE))
     assert recovery.durability(d)["snapshot"] is None          # then everything would replay
     assert recovery.durability(d)["journal"]["to_replay_bytes"] == (ends[-1] - len(MAGIC)) + (end2 - len(MAGIC))
+
+
+def test_a_long_replay_shows_a_bar_of_the_bytes_and_a_short_one_nothing(tmp_path):
+    import io
+    from engine.runtime.progress import ProgressBar
+    path = str(tmp_path / "bar.log")
+    ends = write_journal(path)
+    book = new_store()
+    three_accounts(book)
+    out = io.StringIO()
+    bar = ProgressBar("replaying the journal", ends[-1] - len(MAGIC), unit="B", stream=out)
+    recovery.replay_journal(book, path, 0, NAMES, progress=bar)
+    # the five records end exactly at the file's end: the last redraw says total/total
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert last.endswith(f"{ends[-1] - len(MAGIC):,}/{ends[-1] - len(MAGIC):,} B") and "#" * 30 in last
+    assert out.getvalue().endswith("\n")
+    quiet = io.StringIO()                      # under min_total: nothing at all
+    small = ProgressBar("replaying the journal", 100, min_total=64 << 20, stream=quiet)
+    small.update(50)
+    small.update(100)
+    small.close()
+    assert quiet.getvalue() == ""
