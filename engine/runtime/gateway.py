@@ -79,7 +79,7 @@ class Gateway:
         self.events.setsockopt(zmq.SNDHWM, 10000)
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
-        self.seq_out = Sequencer()
+        self.reply_seqs: dict[bytes, Sequencer] = {}             # checks socket: our replies, per peer
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
             self.trackers[None] = SequenceTracker(fills_last_seq)
@@ -179,7 +179,7 @@ class Gateway:
         if sock is self.fills:                       # the fills stream's ACKs: numbered per peer
             frame = self.ack_seqs.setdefault(ident, Sequencer()).encode_known(mtype, fields)
         else:
-            frame = self.seq_out.encode(mtype, fields)
+            frame = self._reply_seq(ident).encode(mtype, fields)
         sock.send_multipart([ident, frame])
 
     def pump_answers(self) -> None:
@@ -360,9 +360,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
     def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
-        reply = self._check_desk().answer(frame, self.seq_out.last + 1, time.time_ns())
+        seq = self._reply_seq(ident)
+        reply = self._check_desk().answer(frame, seq.last + 1, time.time_ns())
         if reply is not None:                                    # C path: the whole check
-            self.seq_out.last += 1
+            seq.last += 1
             self.counters["checks"] += 1
             self.checks.send_multipart([ident, reply])
             return
@@ -449,10 +450,19 @@ class Gateway:
             res = pretrade_check_consistent(self.store, row, instrument, qty_units,
                                             self._price(instrument, price_units), self.snap)
             code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
-        self.seq_out.last += 1
+        seq = self._reply_seq(ident)
+        seq.last += 1
         self.checks.send_multipart([ident, _wire.encode_check_reply(
-            self.seq_out.last, time.time_ns(), request_id, int(code),
+            seq.last, time.time_ns(), request_id, int(code),
             float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)])
+
+    def _reply_seq(self, ident: bytes) -> Sequencer:
+        """The numbering of our replies to one peer of the checks socket: each peer's
+        replies are a stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
+        seq = self.reply_seqs.get(ident)
+        if seq is None:
+            seq = self.reply_seqs[ident] = Sequencer()
+        return seq
 
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:

@@ -136,3 +136,47 @@ def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, req
             assert tid not in applied_ids, f"transfer {tid} applied twice"
             applied_ids.add(tid)
     assert not g.pending and not g._transfers_in_flight
+
+
+def test_each_peer_numbers_the_replies_it_gets_1_2_3(desk):
+    # Two clients interleave requests; each sees its own replies numbered 1, 2, 3, ...
+    # with no gaps (protocol section 3: replies are a stream per peer), whichever path
+    # answered (the C check desk, the reference path, a collateral reply).
+    g, ctl, _ = desk
+    ctx = zmq.Context()
+    try:
+        clients = []
+        for name in (b"peer-A", b"peer-B"):
+            c = ctx.socket(zmq.DEALER)
+            c.setsockopt(zmq.LINGER, 0)
+            c.setsockopt(zmq.ROUTING_ID, name)
+            c.connect(g.checks.getsockopt_string(zmq.LAST_ENDPOINT))
+            clients.append(c)
+        seqs: dict[int, list[int]] = {0: [], 1: []}
+        reqs = [check_req(1, 0), check_req(2, 999), deposit_req(3), check_req(77, 0), deposit_req(1)]
+        for k in range(10):                       # A, B, A, B, ...: five requests each
+            who = k % 2
+            clients[who].send(frame_of(reqs[k // 2], 500 + k, k // 2 + 1))
+            assert g.checks.poll(5000)
+            ident, frame = g.checks.recv_multipart()
+            before = g._last_ticket
+            g.on_request(ident, frame, 1)
+            if g._last_ticket != before:
+                play_worker(g, ctl, {})
+            assert clients[who].poll(5000)
+            m = decode(clients[who].recv())
+            assert type(m) is Message and m.fields["request_id"] == 500 + k
+            seqs[who].append(m.seq)
+        assert seqs == {0: [1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 5]}
+    finally:
+        ctx.destroy(linger=0)
+
+
+def check_req(account: int, instrument: int) -> dict:
+    return {"type": MsgType.ORDER_CHECK, "account": account, "instrument_id": instrument, "qty_units": 1,
+            "price_units": 950_000, "version": 1}
+
+
+def deposit_req(account: int) -> dict:
+    return {"type": MsgType.DEPOSIT, "account": account, "asset": "USDT", "amount_units": 5, "transfer_id": None,
+            "version": 1, "applied": True}
