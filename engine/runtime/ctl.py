@@ -8,7 +8,9 @@ Beside the data store (``/NAME``) the engine keeps a small control segment
 
 - A **doorbell** per worker (ext/doorbell.h): producers (the mark-price process on a new
   mark, the gateway on a new record) bump it; the worker sleeps on it in futex(2), or
-  polls it when the wait strategy says so.
+  polls it when the wait strategy says so. Beside it the worker keeps the last sequence
+  number of its LIQUIDATION_ORDER stream, so that a restarted worker goes on numbering
+  where its predecessor stopped.
 - A **ring** per partition: single-producer (the fills gateway) single-consumer (the
   partition's worker) queue of 64-byte records (fill legs, deposits, withdrawals). The
   worker commits its read index only after applying, so records not yet applied
@@ -38,7 +40,7 @@ from engine import _shm
 from engine.store.layout import ACCOUNT, PARTITION, POSITION, PAGE, _align
 
 CTL_MAGIC = int.from_bytes(b"MRGNCTL\x00", "little")
-CTL_VERSION = 3
+CTL_VERSION = 4
 
 
 class Role(enum.IntEnum):
@@ -69,7 +71,9 @@ CTL_HEADER = np.dtype([
     ("fills_last_seq", "<u8"),      # gateway: its PULL fills stream's last accepted seq, at a cut and at exit
     ("transfers_count", "<u8"),     # gateway: transfers ever written to the window (entry k: slot k % window)
 ])  # 128 bytes
-DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"), ("_pad", "<u8", (7,))])  # 64
+DOORBELL = np.dtype([("counter", "<u4"), ("waiters", "<u4"),
+                     ("orders_seq", "<u8"),     # the worker's last LIQUIDATION_ORDER seq (its stream)
+                     ("_pad", "<u8", (6,))])  # 64
 RING_HEADER = np.dtype([
     ("write_idx", "<u8"), ("capacity", "<i8"), ("_pad0", "<i8", (6,)),
     ("read_idx", "<u8"), ("_pad1", "<i8", (7,)),

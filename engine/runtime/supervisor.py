@@ -121,6 +121,11 @@ class Engine:
                                   slots_per_account=e.slots_per_account, replace=True)
         self.ctl = Control.create("/" + e.name + "-ctl", self.n_workers, e.partitions,
                                   e.slots_per_account, transfer_window=e.transfer_window)
+        # Each worker's LIQUIDATION_ORDER stream (its order ids' top bits: the same in
+        # every run) goes on above anything an earlier run sent: numbering starts at the
+        # microsecond clock (a run sends far fewer than one order a microsecond), and a
+        # restarted worker continues from the control segment (docs/protocol.md section 6).
+        self.ctl.doorbells["orders_seq"] = time.time_ns() // 1000
         return self.store
 
     # ------------------------------------------------------------------ processes

@@ -62,6 +62,7 @@ class Client:
         self.seq_checks = Sequencer()
         self.probes = 0                   # malformed fills frames sent to sync the SUB
         self.seen_events: list[dict] = []
+        self.order_seqs: list[tuple[int, int]] = []   # (stream id: order_id >> 52, seq) of each order
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -119,6 +120,7 @@ class Client:
         out = []
         while (m := self.recv(self.orders, within_s)) is not None:
             assert type(m) is Message and m.type == MsgType.LIQUIDATION_ORDER, m
+            self.order_seqs.append((m.fields["order_id"] >> 52, m.seq))
             out.append(m.fields)
         return out
 
@@ -127,6 +129,7 @@ class Client:
         if m is None:
             pytest.fail(f"no LIQUIDATION_ORDER within {timeout_s} s")
         assert type(m) is Message and m.type == MsgType.LIQUIDATION_ORDER, m
+        self.order_seqs.append((m.fields["order_id"] >> 52, m.seq))
         return m.fields
 
     # ------------------------------------------------------------------ sending

@@ -624,6 +624,7 @@ def test_restarted_worker_makes_the_same_liquidation_decision(start_engine, pric
         _tick_to(run, "BTCUSDT", BTC, p)
 
     w = eng.owner[st.partition_of(EVE)] if kill == "owner" else 0
+    [(stream, seq_before)] = run.client.order_seqs[-1:]
     old_pid = eng.worker_pid(w)
     t_kill = time.time_ns()
     os.kill(old_pid, signal.SIGKILL)
@@ -639,6 +640,29 @@ def test_restarted_worker_makes_the_same_liquidation_decision(start_engine, pric
         assert (o["account"], o["instrument_id"], o["qty_units"], o["limit_price_units"], o["reason"]) == \
             (EVE, BTC, want.qty_units, want.limit_price_units, want.reason)
     assert after["order_id"] != before["order_id"]
+    # The same stream (EVE's worker: its order ids' top bits) numbered on: the next number,
+    # also when that worker was the one restarted (protocol section 6: a sender that
+    # restarts continues its numbering, else the receiver drops what follows as duplicates).
+    assert run.client.order_seqs[-1] == (stream, seq_before + 1)
+
+
+def test_a_new_engine_run_numbers_its_orders_above_the_last_runs(start_engine):
+    # Two runs, one after the other, each liquidating EVE once. Her worker's stream id
+    # (order_id >> 52) is the same in both runs, so the second run's numbers must lie
+    # above the first's: they start at the microsecond clock at each run's start (a
+    # receiver that kept the first run's `last` would otherwise drop the second run's
+    # orders as duplicates). The jump is a gap to the receiver; nothing is missing.
+    firsts = []
+    for _ in range(2):
+        run = start_engine(eve_long_1btc_5k_usdt, n_workers=2)
+        t0_us = time.time_ns() // 1000
+        _walk_down_to_crossing(run, ABOVE)
+        [(stream, seq)] = run.client.order_seqs[-1:]
+        assert seq > t0_us - 60_000_000         # seeded at the run's start (within a minute)
+        firsts.append((stream, seq))
+        run.le.__exit__(None, None, None)
+    (s1, q1), (s2, q2) = firsts
+    assert s1 == s2 and q2 > q1
 
 
 # --------------------------------------------------------------------------- 8. shutdown
