@@ -161,12 +161,14 @@ cdef class TickPath:
     cdef int64_t *c_tick_ns
     cdef uint32_t *c_flags
     cdef public uint64_t seq
+    cdef uint64_t *seq_slot                # where each order's seq is noted before it leaves (or NULL)
     cdef public int64_t order_id
     cdef public double health_factor
     cdef public list frames, fallback, changed
     cdef public bint assets_moved          # a collateral price changed in a snapshot (the caller resets it)
 
     def __cinit__(self):
+        self.seq_slot = NULL
         self.trig = NULL
         self.table = NULL
         self.info = NULL
@@ -284,6 +286,8 @@ cdef class TickPath:
             o[7], o[8], o[9] = <int64_t>tick_seq, tick_recv_ns, decided
             o[10] = wall_ns()
             self.seq += 1
+            if self.seq_slot != NULL:
+                self.seq_slot[0] = self.seq
             size = encode_liq_order_c(buf, self.seq, o[10], o)
             self.frames.append(PyBytes_FromStringAndSize(<char *>buf, size))
             self.n_info += 1
@@ -376,5 +380,14 @@ cdef class TickPath:
         o[6], o[7], o[8], o[9] = self.order_id & INT64_MAX_, <int64_t>tick_seq, tick_recv_ns, decided_ns
         o[10] = wall_ns()
         self.seq += 1
+        if self.seq_slot != NULL:
+            self.seq_slot[0] = self.seq
         size = encode_liq_order_c(buf, self.seq, o[10], o)
         return PyBytes_FromStringAndSize(<char *>buf, size), [o[j] for j in range(TP_INFO)]
+
+    def note_seq_at(self, size_t addr):
+        """Note each order's sequence number at ``addr`` (a uint64 in shared memory) as it
+        is encoded, before the caller sends it, and go on from the number found there:
+        a restarted worker continues its stream's numbering."""
+        self.seq_slot = <uint64_t *>addr
+        self.seq = self.seq_slot[0]

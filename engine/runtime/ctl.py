@@ -184,6 +184,10 @@ class Control:
     def doorbell_addr(self, worker: int) -> int:
         return self.doorbells.ctypes.data + worker * DOORBELL.itemsize
 
+    def orders_seq_addr(self, worker: int) -> int:
+        """Address of the worker's last LIQUIDATION_ORDER sequence number (its doorbell row)."""
+        return self.doorbell_addr(worker) + DOORBELL.fields["orders_seq"][1]
+
     def ring_all(self, skip: int = -1) -> None:
         """Wake every worker but ``skip`` (new mark price, shutdown)."""
         for w in range(self.n_workers):

@@ -57,6 +57,15 @@ FILL_DTYPE = np.dtype([(f, np.int64) for f in (
 FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 
+def _peer_seq(seqs: dict[bytes, Sequencer], ident: bytes) -> Sequencer:
+    """The numbering of our answers to one peer of a ROUTER: each peer's answers are a
+    stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
+    seq = seqs.get(ident)
+    if seq is None:
+        seq = seqs[ident] = Sequencer()
+    return seq
+
+
 class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
                  events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
@@ -177,9 +186,9 @@ class Gateway:
 
     def _send_answer(self, sock: zmq.Socket, ident: bytes, mtype: MsgType, fields: dict) -> None:
         if sock is self.fills:                       # the fills stream's ACKs: numbered per peer
-            frame = self.ack_seqs.setdefault(ident, Sequencer()).encode_known(mtype, fields)
+            frame = _peer_seq(self.ack_seqs, ident).encode_known(mtype, fields)
         else:
-            frame = self._reply_seq(ident).encode(mtype, fields)
+            frame = _peer_seq(self.reply_seqs, ident).encode(mtype, fields)
         sock.send_multipart([ident, frame])
 
     def pump_answers(self) -> None:
@@ -254,12 +263,7 @@ class Gateway:
         """Sorted account ids and their rows, for the C paths (built on first use, like
         ``Store.row_of``: accounts are provisioned before the engine starts)."""
         if self._ids is None:
-            st = self.store
-            rows = np.concatenate([np.arange(*st.partition_rows(p), dtype=np.int64)
-                                   for p in range(st.n_partitions)])
-            ids = st.accounts["account_id"][rows].astype(np.int64)
-            order = np.argsort(ids, kind="stable")
-            self._ids, self._rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
+            self._ids, self._rows = self.store.sorted_account_ids()
         return self._ids, self._rows
 
     def _fill_intake(self) -> _wire.FillIntake:
@@ -360,7 +364,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
     def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
-        seq = self._reply_seq(ident)
+        seq = _peer_seq(self.reply_seqs, ident)
         reply = self._check_desk().answer(frame, seq.last + 1, time.time_ns())
         if reply is not None:                                    # C path: the whole check
             seq.last += 1
@@ -450,19 +454,11 @@ class Gateway:
             res = pretrade_check_consistent(self.store, row, instrument, qty_units,
                                             self._price(instrument, price_units), self.snap)
             code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
-        seq = self._reply_seq(ident)
+        seq = _peer_seq(self.reply_seqs, ident)
         seq.last += 1
         self.checks.send_multipart([ident, _wire.encode_check_reply(
             seq.last, time.time_ns(), request_id, int(code),
             float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)])
-
-    def _reply_seq(self, ident: bytes) -> Sequencer:
-        """The numbering of our replies to one peer of the checks socket: each peer's
-        replies are a stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
-        seq = self.reply_seqs.get(ident)
-        if seq is None:
-            seq = self.reply_seqs[ident] = Sequencer()
-        return seq
 
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:

@@ -141,7 +141,6 @@ class Journal:
             finally:
                 os.close(dir_fd)
         self._last_sync = time.monotonic()
-        self.records = 0                     # records in this file
 
     @property
     def unsynced(self) -> int:
@@ -159,7 +158,6 @@ class Journal:
         view = memoryview(records)
         while view:                          # a regular file takes it whole; be safe anyway
             view = view[os.write(self.fd, view):]
-        self.records += n
         self.written += n
 
     def _raise_failed(self) -> None:

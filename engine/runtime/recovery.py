@@ -221,10 +221,9 @@ def durability(state_dir: str) -> dict:
                            "fills_last_seq": int(m.get("fills_last_seq", 0)),
                            "acknowledged_streams": len(m.get("fills_streams", {})),
                            "transfers_remembered": int(m["transfers"]), "bytes": os.path.getsize(snap)}
-    after = [g for g in gens if g >= gen]
-    out["journal"] = {"generations": gens, "to_replay_files": len(after),
-                      "to_replay_bytes": sum(max(0, journal_end(journal_file(state_dir, g)) - (offset if g == gen else
-                                                 len(MAGIC))) for g in after)}
+    spans = replay_spans(state_dir, gen, offset)
+    out["journal"] = {"generations": gens, "to_replay_files": len(spans),
+                      "to_replay_bytes": sum(n for _, n in spans)}
     return out
 
 
@@ -317,11 +316,7 @@ class _FillChunks:
         from engine import _wire
         from engine.runtime.gateway import FILL_DTYPE
         self.store, self.st, self.ok_status = store, st, _wire.OK
-        rows = np.concatenate([np.arange(*store.partition_rows(p), dtype=np.int64)
-                               for p in range(store.n_partitions)])
-        ids = store.accounts["account_id"][rows].astype(np.int64)
-        order = np.argsort(ids, kind="stable")
-        self.ids, self.rows = np.ascontiguousarray(ids[order]), np.ascontiguousarray(rows[order])
+        self.ids, self.rows = store.sorted_account_ids()
         # Ids dense enough (the usual 1..N): a row table indexed by id instead of a search.
         top = int(self.ids[-1]) if len(self.ids) else -1
         self.row_by_id = None
@@ -480,22 +475,31 @@ def journal_end(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else len(MAGIC)
 
 
+def replay_spans(state_dir: str, generation: int, offset: int) -> list[tuple[int, int]]:
+    """``(generation, record bytes)`` of each journal file a replay from ``generation``
+    at byte ``offset`` reads: that one from the offset, every later one past its header."""
+    out = []
+    for g in journal_generations(state_dir):
+        if g >= generation:
+            start = max(offset, len(MAGIC)) if g == generation else len(MAGIC)
+            out.append((g, max(0, journal_end(journal_file(state_dir, g)) - start)))
+    return out
+
+
 def replay_generations(store: Store, state_dir: str, generation: int, offset: int,
                        asset_names: list[str], show_progress: bool = False) -> ReplayStats:
     """Replay generation ``generation`` from byte ``offset``, then every later one whole;
     ``show_progress``: a bar of the bytes replayed when there are 64 MiB or more."""
     total = ReplayStats()
     t0 = time.perf_counter()
-    gens = [g for g in journal_generations(state_dir) if g >= generation]
-    ends = {g: journal_end(journal_file(state_dir, g)) for g in gens}
-    start = {g: max(offset, len(MAGIC)) if g == generation else len(MAGIC) for g in gens}
-    bar = ProgressBar("replaying the journal", sum(max(0, ends[g] - start[g]) for g in gens),
+    spans = replay_spans(state_dir, generation, offset)
+    bar = ProgressBar("replaying the journal", sum(n for _, n in spans),
                       min_total=64 << 20, unit="MiB", scale=1 << 20, enabled=show_progress)
     base = 0
-    for g in gens:
+    for g, n_bytes in spans:
         st = replay_journal(store, journal_file(state_dir, g), offset if g == generation else 0, asset_names,
                             progress=bar, progress_base=base)
-        base += max(0, ends[g] - start[g])
+        base += n_bytes
         for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals", "unreadable"):
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():

@@ -213,9 +213,8 @@ class Worker:
                                    DEFAULT_HEALTH_FACTOR)
         # The orders stream's numbering goes on across a restart of this worker (its stream
         # id is its order ids' top bits, the same after the restart): from the control
-        # segment, where every sent order's number was noted before it left.
-        self._orders_seq = self.ctl.doorbells["orders_seq"][self.worker_id: self.worker_id + 1]
-        self.tp.seq = int(self._orders_seq[0])
+        # segment, where the kernel notes every order's number as it encodes it.
+        self.tp.note_seq_at(self.ctl.orders_seq_addr(self.worker_id))
         for k, p in enumerate(self.partitions):
             self.index[p].on_triggers = functools.partial(self.tp.set_triggers, k)
             for i, table in enumerate(self.index[p].triggers):
@@ -334,8 +333,8 @@ class Worker:
         if n < 0:                                 # a price unreadable or not > 0:
             _checked_snapshot(self.store, None)   # the Python check says which (it raises)
             raise RuntimeError("price snapshot failed in C but not in Python")
-        if tp.frames:                             # noted before they leave: a crash between
-            self._orders_seq[0] = tp.seq          # shows the receiver a gap, never a reused number
+        # (each frame's number was noted in the control segment when it was encoded: a
+        # crash before it leaves shows the receiver a gap, never a reused number)
         for frame in tp.frames:
             self.orders.send(frame)
         if tp.fallback:                           # accounts the kernel declined: the reference
@@ -470,7 +469,6 @@ class Worker:
                 frame, rec = self.tp.encode_order(row, o.account_id, o.instrument, o.qty_units,
                                                   o.limit_price_units, int(o.reason), tick_seq, tick_recv_ns,
                                                   time.time_ns())
-                self._orders_seq[0] = self.tp.seq
                 self.orders.send(frame)
                 self.counters["orders"] += 1
                 self.counters[f"orders_{stage}"] += 1
