@@ -149,12 +149,15 @@ def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
     work = tempfile.mkdtemp(prefix="me-bench-recovery-", dir=out_dir)
     try:
         snap, raw, journal = (os.path.join(work, f) for f in ("state.snapshot", "raw.bin", "fills.journal"))
-        w_snap, w_raw, l_snap, l_raw, c_book, c_raw = [], [], [], [], [], []
-        buffers = recovery.book_buffers(store)                 # as the supervisor keeps them
+        w_snap, w_raw, l_snap, l_raw, c_book, c_raw, p_book = [], [], [], [], [], [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            recovery.copy_book(store, names, buffers)
+            buffers = recovery.book_buffers(store)             # as the supervisor makes them before a cut
+            p_book.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            recovery.copy_book(store, names, buffers)          # inside the intake pause
             c_book.append(time.perf_counter() - t0)
+            del buffers
             tables = _raw_tables(store)
             dst = [np.empty_like(t) for t in tables]
             t0 = time.perf_counter()
@@ -199,7 +202,7 @@ def run(n_accounts: int, n_fills: int, reps: int, out_dir: str | None) -> dict:
             "snapshot_bytes": size, "raw_bytes": os.path.getsize(raw),
             "snapshot_write_s": _median(w_snap), "raw_write_fsync_s": _median(w_raw),
             "snapshot_load_s": _median(l_snap), "raw_read_s": _median(l_raw),
-            "copy_book_s": _median(c_book), "raw_copy_s": _median(c_raw),
+            "copy_book_s": _median(c_book), "prepare_buffers_s": _median(p_book), "raw_copy_s": _median(c_raw),
             "journal_bytes": jbytes, "journal_build_s": built_s,
             "replay_s": st.seconds, "replay_fills_per_s": st.fills / st.seconds if st.seconds else None,
             "replay_legs_rejected": st.legs_rejected,

@@ -93,8 +93,7 @@ class Engine:
         self.journal_generation = 1                      # the gateway's first file (create_state decides)
         self.fills_last_seq = 0                          # the PULL fills stream's last seq before this start
         self._next_snapshot = time.monotonic() + e.snapshot_interval_s
-        self._writer: threading.Thread | None = None     # the snapshot being written (from the buffers)
-        self._book_buffers = None                         # recovery.book_buffers, for every snapshot
+        self._writer: threading.Thread | None = None     # the snapshot being written (its own copy)
 
     # ------------------------------------------------------------------ state
     @property
@@ -232,13 +231,19 @@ class Engine:
 
     def snapshot_now(self, timeout_s: float = 2.0) -> dict:
         """A snapshot of the running book at a consistent cut (recovery.py, "snapshots
-        while running"): ask the gateway for a cut (``cut_request``), wait until it has
-        paused intake, the rings are drained and it went on in a new journal generation
-        (``cut_ready``, ``cut_generation``), copy the book, let intake resume (``cut_done``), then write the copy in a thread.
+        while running"): make the copy's buffers (pages touched, before the pause); ask
+        the gateway for a cut (``cut_request``), wait until it has paused intake, the
+        rings are drained and it went on in a new journal generation (``cut_ready``,
+        ``cut_generation``), copy the book, let intake resume (``cut_done``), then write
+        the copy in a thread, which drops it when written.
         Returns what happened: ``written`` (the offset) or ``refused`` / ``timed out``,
-        with the intake pause in ms (request to resume)."""
+        with the intake pause in ms (request to resume) and the buffers' preparation
+        (``prepare_ms``, outside the pause)."""
         from engine.runtime import recovery
 
+        t_prep = time.monotonic_ns()
+        buffers = recovery.book_buffers(self.store)
+        prepare_ms = (time.monotonic_ns() - t_prep) / 1e6
         h = self.ctl.header[0]
         req = int(h["cut_request"]) + 1
         t0 = time.monotonic_ns()
@@ -247,18 +252,19 @@ class Engine:
         while int(h["cut_ready"]) != req:
             if time.monotonic() > deadline:
                 h["cut_done"] = req                  # the gateway resumes once it gets there
-                return self._snapshot_done({"result": "timed out", "pause_ms": (time.monotonic_ns() - t0) / 1e6})
+                return self._snapshot_done({"result": "timed out", "pause_ms": (time.monotonic_ns() - t0) / 1e6,
+                                            "prepare_ms": prepare_ms})
             time.sleep(0.0002)
         offset, generation = int(h["cut_offset"]), int(h["cut_generation"])
         t_ready = time.monotonic_ns()
-        if self._book_buffers is None:               # first snapshot: its copy waits on fresh pages
-            self._book_buffers = recovery.book_buffers(self.store)
-        book = recovery.copy_book(self.store, self.asset_names, self._book_buffers,
+        book = recovery.copy_book(self.store, self.asset_names, buffers,
                                   self.ctl.transfers_in_order()) if offset >= 0 else None
         h["cut_done"] = req
         t_done = time.monotonic_ns()
+        del buffers                                  # the book's arrays are views: the writer's now
         info = {"cut": req, "pause_ms": (t_done - t0) / 1e6, "drain_ms": (t_ready - t0) / 1e6,
-                "copy_ms": (t_done - t_ready) / 1e6, "offset": offset, "generation": generation}
+                "copy_ms": (t_done - t_ready) / 1e6, "prepare_ms": prepare_ms,
+                "offset": offset, "generation": generation}
         if book is None:
             return self._snapshot_done({**info, "result": "refused"})
         self.journal_generation = generation

@@ -231,13 +231,26 @@ def test_a_damaged_snapshot_is_a_clear_error_and_loads_nothing(tmp_path, damage)
 
 
 # --------------------------------------------------------------------------- the cut, live
-def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_engine):
+def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_engine, monkeypatch):
     """A snapshot while running needs the rings drained (the book must hold exactly the
     journal). With the only worker stopped (SIGSTOP) and a fill waiting in its ring, the
     gateway refuses the cut after its 1 s drain timeout, nothing is written, and intake
     resumes: a fill sent after the refusal is taken and, once the worker runs again,
-    applied with the first. Then a cut on the idle engine is written at the journal's end."""
+    applied with the first. Then a cut on the idle engine is written at the journal's end,
+    and the copy's buffers are freed once written (the supervisor keeps no second book)."""
+    import gc
     import signal
+    import weakref
+
+    made = []                                     # weak references to each cut's buffers
+    real_buffers = recovery.book_buffers
+
+    def book_buffers(store, *args):
+        bufs = real_buffers(store, *args)
+        made.append([weakref.ref(b) for b in bufs])
+        return bufs
+
+    monkeypatch.setattr(recovery, "book_buffers", book_buffers)
     import time
 
     from engine.runtime.harness import wait_until
@@ -269,6 +282,8 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
     info = eng.snapshot_now()
     assert info["result"] == "written", info
     eng._writer.join()
+    gc.collect()
+    assert len(made) == 2 and all(r() is None for refs in made for r in refs)   # both cuts' freed
     snap = os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE)
     # the gateway went on in generation 2 and the snapshot points to its start; both
     # fills records are in generation 1, before it
