@@ -636,6 +636,23 @@ def encode_batch(of: int, msgs: list[dict], *, first_seq: int, ts_ns: int) -> by
 # Sequence numbers
 # ---------------------------------------------------------------------------------------
 
+def restamp(frame: bytes, seq: int, ts_ns: int) -> bytes | None:
+    """``frame`` with its header's ``seq`` and ``ts_ns`` replaced (every other key and the
+    key order kept): what a relay that merges several senders into one stream sends on
+    (engine/runtime/liqgw.py, the events PUB). None when ``frame`` is not a msgpack map
+    with those header keys (nothing to renumber). For the engine's own frames: the
+    body is not validated again."""
+    try:
+        body = _unpackb(frame, **_UNPACK_LIMITS)
+    except Exception:                      # msgpack's errors have no common base class
+        return None
+    if type(body) is not dict or "seq" not in body or "ts_ns" not in body:
+        return None
+    body["seq"] = seq
+    body["ts_ns"] = ts_ns
+    return _packb(body)
+
+
 class Sequencer:
     """A sender stream's sequence numbers: 1, 2, 3, ...; a BATCH of n takes n numbers.
 

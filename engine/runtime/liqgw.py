@@ -2,11 +2,14 @@
 
 Workers PUSH liquidation orders to an internal ipc PULL; this process forwards them to
 the matching engine on the external PUSH endpoint (unless ``orders_via_gateway`` is
-off: then the workers connect to the matching engine's PULL themselves, one hop less),
-and forwards ENGINE_EVENTs from
-every engine process (internal PULL) to the external PUB. Both forwards are libzmq's
-``zmq.proxy`` loops (C, no Python per message), one thread each; a capture socket on
-the order stream counts what went out.
+off: then the workers connect to the matching engine's PULL themselves, one hop less):
+libzmq's ``zmq.proxy`` loop (C, no Python per message) in a thread.
+
+ENGINE_EVENTs from every engine process (internal PULL) go out on the external PUB as
+one stream (docs/protocol.md section 3): each is renumbered here (``seq``, from the
+microsecond clock at start, like the order streams across restarts; ``ts_ns`` when
+sent), so a subscriber's gap in ``seq`` means it missed events. Events are a few per
+liquidation, not the hot path: a Python loop in a thread renumbers them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import zmq
 
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
+from feeds.protocol import restamp
+
+EVENTS_PER_WAKE = 256              # events renumbered per wake-up before the stop socket is looked at
 
 
 def _proxy(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int, stop_ep: str) -> threading.Thread:
@@ -47,6 +53,51 @@ def _proxy(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int, stop_e
     return t
 
 
+def _events_relay(ctx: zmq.Context, front_ep: str, back_ep: str, stop_ep: str,
+                  first_seq: int) -> threading.Thread:
+    """Forward the engine processes' events (PULL ``front_ep``) to the PUB ``back_ep`` as
+    one stream numbered ``first_seq, first_seq + 1, ...`` (``feeds.protocol.restamp``).
+    A frame that is not a message (none should come) is dropped without a number."""
+    def run():
+        front = ctx.socket(zmq.PULL)
+        front.setsockopt(zmq.LINGER, 0)
+        front.setsockopt(zmq.RCVHWM, 100_000)
+        front.bind(front_ep)
+        back = ctx.socket(zmq.PUB)
+        back.setsockopt(zmq.LINGER, 1000)
+        back.setsockopt(zmq.SNDHWM, 100_000)
+        back.bind(back_ep)
+        ctrl = ctx.socket(zmq.SUB)
+        ctrl.setsockopt(zmq.SUBSCRIBE, b"")
+        ctrl.connect(stop_ep)
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(ctrl, zmq.POLLIN)
+        seq = first_seq
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if ctrl in ready:
+                    break
+                for _ in range(EVENTS_PER_WAKE):
+                    try:
+                        frame = front.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    out = restamp(frame, seq, time.time_ns())
+                    if out is not None:
+                        back.send(out)        # PUB: never blocks (drops for a slow subscriber)
+                        seq += 1
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            for s in (front, back, ctrl):
+                s.close(0)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engine.runtime.liqgw")
     ap.add_argument("--name", required=True)
@@ -62,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_ep = f"inproc://stop-{a.name}"
     stop = ctx.socket(zmq.PUB)
     stop.bind(stop_ep)
-    threads = [_proxy(ctx, a.events_in, a.events_out, zmq.PUB, stop_ep)]
+    threads = [_events_relay(ctx, a.events_in, a.events_out, stop_ep, time.time_ns() // 1000)]
     if a.orders_in:
         threads.append(_proxy(ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
     time.sleep(0.05)               # let the proxy threads bind

@@ -19,7 +19,7 @@ from feeds import protocol as P
 from feeds.protocol import (
     EXAMPLE_TS_NS, EXAMPLES, MAX_BATCH_MSGS, SCHEMAS, UINT64_MAX, EncodeError, FillRun,
     Message, MsgType, Rejected, Sequencer, SequenceTracker, SeqStatus, SeqVerdict, decode,
-    decode_fills, encode, encode_batch,
+    decode_fills, encode, encode_batch, restamp,
 )
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -537,3 +537,17 @@ def test_every_type_decodes_the_same_in_version_1_and_2_but_the_requests_transfe
         extra = {k for k in two.fields if P.FIELD_SINCE.get((mtype, k), 1) == 2}
         assert {k: v for k, v in two.fields.items() if k not in extra} == one.fields, mtype.name
         assert all(two.fields[k] is None for k in extra)
+
+
+def test_restamp_renumbers_a_frame_and_keeps_everything_else():
+    """The events relay's renumbering: seq 7 and ts_ns 5 become 1,000,001 and 9; the
+    fields, and the key order (header first), are those of the original frame."""
+    fields = {"code": 7001, "instrument": "ETH-USD", "detail": "frozen"}
+    frame = encode(MsgType.ENGINE_EVENT, fields, seq=7, ts_ns=5)
+    out = restamp(frame, 1_000_001, 9)
+    m = decode(out)
+    assert type(m) is Message and (m.seq, m.ts_ns, m.type) == (1_000_001, 9, MsgType.ENGINE_EVENT)
+    assert m.fields == {**fields, "account": None}
+    assert list(msgpack.unpackb(out))[:4] == ["v", "t", "seq", "ts_ns"]
+    for junk in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "t": 40})):
+        assert restamp(junk, 1, 1) is None            # not a message with a header: no number

@@ -62,6 +62,7 @@ class Client:
         self.seq_checks = Sequencer()
         self.probes = 0                   # malformed fills frames sent to sync the SUB
         self.seen_events: list[dict] = []
+        self.event_seqs: list[int] = []   # the events PUB's seq of every event received
         self.order_seqs: list[tuple[int, int]] = []   # (stream id: order_id >> 52, seq) of each order
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
@@ -93,6 +94,7 @@ class Client:
             m = self.recv(self.events, 0.05)
             if m is not None:
                 while m is not None:                 # the answers to the other probes
+                    self.event_seqs.append(m.seq)
                     m = self.recv(self.events, 0.1)
                 return
         pytest.fail("no ENGINE_EVENT came back on the events endpoint")
@@ -107,12 +109,14 @@ class Client:
                             f"{[e['code'] for e in self.seen_events]}")
             assert type(m) is Message and m.type == MsgType.ENGINE_EVENT, m
             self.seen_events.append(m.fields)
+            self.event_seqs.append(m.seq)
             if m.fields["code"] == code:
                 return m.fields
 
     def drain_events(self, within_s: float = 0.1) -> list[dict]:
         while (m := self.recv(self.events, within_s)) is not None:
             self.seen_events.append(m.fields)
+            self.event_seqs.append(m.seq)
         return self.seen_events
 
     def orders_within(self, within_s: float) -> list[dict]:

@@ -514,6 +514,31 @@ def test_frozen_price_produces_no_liquidation(start_engine, price_stage):
     assert c.orders_within(0.2) == []
 
 
+def test_the_events_pub_is_one_numbered_stream(start_engine):
+    """Three processes make events -- the gateway (1001 for the malformed probes that
+    synced the SUB), the mark-price process (7001 frozen, 7002 resumed) and the worker
+    (the liquidation order's event) -- and the events PUB numbers them as one stream
+    (protocol.md section 3): every seq one more than the last received, whatever made
+    the event. (Each process numbered its own events before: 1, 2, ... from each.)"""
+    run = start_engine(frank_long_1eth_200_usdt, price_stage="process")
+    c = run.client
+    for p in (3_400.0, 3_300.0, 3_230.0):
+        _tick_to(run, "ETHUSDT", ETH, p, venues=("a", "b"))
+    c.tick("ETHUSDT", 3_060.0, venues=("a",))              # 5.3% apart: frozen (7001)
+    c.event(Code.EVENT_PRICE_FROZEN)
+    c.tick("ETHUSDT", 3_210.0, venues=("a",))              # agree again (7002)
+    c.event(Code.EVENT_PRICE_RESUMED)
+    c.tick("ETHUSDT", 3_210.0, venues=("b",))              # below 3,216.08: liquidated
+    order = c.order()
+    c.event(order["reason"])
+    codes = {e["code"] for e in c.seen_events} | {Code.WIRE_MALFORMED}
+    assert {Code.WIRE_MALFORMED, Code.EVENT_PRICE_FROZEN, Code.EVENT_PRICE_RESUMED, order["reason"]} <= codes
+    first = c.event_seqs[0]
+    assert c.event_seqs == list(range(first, first + len(c.event_seqs))), c.event_seqs
+    assert len(c.event_seqs) >= 4                          # at least a probe's 1001, 7001, 7002, the order's
+    assert first > 1_000_000_000_000_000                   # numbered from the microsecond clock (after 2001)
+
+
 # --------------------------------------------------------------------------- 7. faults
 TRADERS = list(range(1, 9))                 # 4 per partition
 MARK_A, MARK_B = 101, 102                   # the last fill's pair: one per partition
