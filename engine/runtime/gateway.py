@@ -57,6 +57,11 @@ FILL_DTYPE = np.dtype([(f, np.int64) for f in (
 FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 
+# What the checks ROUTER takes; any other known type is 1010 WIRE_UNEXPECTED_TYPE, decided
+# before its fields are looked at (protocol.md section 5, step 5).
+CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL})
+
+
 def _peer_seq(seqs: dict[bytes, Sequencer], ident: bytes) -> Sequencer:
     """The numbering of our answers to one peer of a ROUTER: each peer's answers are a
     stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
@@ -89,6 +94,7 @@ class Gateway:
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
         self.reply_seqs: dict[bytes, Sequencer] = {}             # checks socket: our replies, per peer
+        self._req_peers: set[bytes] = set()                      # ROUTER peers that use REQ envelopes
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
             self.trackers[None] = SequenceTracker(fills_last_seq)
@@ -189,7 +195,19 @@ class Gateway:
             frame = _peer_seq(self.ack_seqs, ident).encode_known(mtype, fields)
         else:
             frame = _peer_seq(self.reply_seqs, ident).encode(mtype, fields)
-        sock.send_multipart([ident, frame])
+        sock.send_multipart([ident, b"", frame] if ident in self._req_peers else [ident, frame])
+
+    def _peer(self, parts: list[bytes]) -> bytes | None:
+        """The sender's routing id of a ROUTER message: ``[id, body]`` from a DEALER, or
+        ``[id, b"", body]`` from a REQ socket (remembered, so its answers carry the empty
+        delimiter REQ expects); None for any other shape (dropped, counted)."""
+        if len(parts) == 2:
+            return parts[0]
+        if len(parts) == 3 and parts[1] == b"":
+            self._req_peers.add(parts[0])
+            return parts[0]
+        self.counters["bad_envelopes"] += 1
+        return None
 
     def pump_answers(self) -> None:
         """Send the held answers the disk has caught up with (in order); start the next
@@ -369,13 +387,13 @@ class Gateway:
         if reply is not None:                                    # C path: the whole check
             seq.last += 1
             self.counters["checks"] += 1
-            self.checks.send_multipart([ident, reply])
+            self.checks.send_multipart([ident, b"", reply] if ident in self._req_peers else [ident, reply])
             return
         c = _wire.parse_order_check(frame, MAX_FRAME_BYTES)     # a check the C path left
         if c is not None:
             self._answer_check(ident, c[1], c[2], c[3], c[4], c[5], recv_ns)
             return
-        m = decode(frame)                                        # reference path
+        m = decode(frame, types=CHECKS_TYPES)                    # reference path
         if type(m) is Rejected:
             self.counters[f"reject_{int(m.code)}"] += 1
             self._reply(ident, MsgType.REJECT, {"ref_seq": m.ref_seq, "ref_type": m.ref_type,
@@ -385,7 +403,7 @@ class Gateway:
         if m.type == MsgType.ORDER_CHECK:
             self._answer_check(ident, f["request_id"], f["account"], f["instrument_id"], f["qty_units"],
                                f["price_units"], recv_ns)
-        elif m.type in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
+        else:                                                     # DEPOSIT or WITHDRAWAL (CHECKS_TYPES)
             row = self.store.row_of(f["account"])
             asset = self.asset_index.get(f["asset"])
             if row is None or asset is None:
@@ -414,10 +432,6 @@ class Gateway:
                 self._transfers_in_flight[transfer[0]] = self._last_ticket
             self._push(p, kind, 0, row, f["amount_units"], 0, 0, self._last_ticket, recv_ns, asset)
             _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
-        else:
-            self._reply(ident, MsgType.REJECT, {"ref_seq": m.seq, "ref_type": int(m.type),
-                                                "code": int(Code.WIRE_UNKNOWN_TYPE),
-                                                "detail": "this socket takes ORDER_CHECK, DEPOSIT, WITHDRAWAL"})
 
     def _transfer_seen(self, transfer_id: int, kind: int, account: int, asset: int, amount: int) -> Code | None:
         """Why a request with this ``transfer_id`` must not be applied, or None: applied
@@ -456,9 +470,9 @@ class Gateway:
             code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
         seq = _peer_seq(self.reply_seqs, ident)
         seq.last += 1
-        self.checks.send_multipart([ident, _wire.encode_check_reply(
-            seq.last, time.time_ns(), request_id, int(code),
-            float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)])
+        reply = _wire.encode_check_reply(seq.last, time.time_ns(), request_id, int(code),
+                                         float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)
+        self.checks.send_multipart([ident, b"", reply] if ident in self._req_peers else [ident, reply])
 
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:
@@ -554,14 +568,14 @@ class Gateway:
             while n < 1000 and checks.getsockopt(EVENTS) & POLLIN:
                 parts = checks.recv_multipart(zmq.NOBLOCK)
                 n += 1
-                if len(parts) >= 2:
-                    self.on_request(parts[-2], parts[-1], now)
+                if (peer := self._peer(parts)) is not None:
+                    self.on_request(peer, parts[-1], now)
             n = 1000 if cutting else 0                              # a cut: fills wait in the socket
             while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:   # a burst: taken, then flushed
                 if self.fills_acks:
                     parts = fills.recv_multipart(zmq.NOBLOCK)
-                    if len(parts) >= 2:
-                        self.take_fills(parts[-1], now, parts[0])
+                    if (peer := self._peer(parts)) is not None:
+                        self.take_fills(parts[-1], now, peer)
                 else:
                     self.take_fills(fills.recv(zmq.NOBLOCK), now)
                 n += 1

@@ -55,6 +55,9 @@ SETTLE_BACKLOG_MAX = 256    # past this many C-taken ticks the catch-up runs (a 
 POLLIN = int(zmq.POLLIN)
 
 
+
+TICK_TYPES = frozenset({MsgType.ORACLE_TICK})          # what the ticks PULL takes
+
 class MarkPriceProcess:
     def __init__(self, name: str, oracle_endpoint: str, events_endpoint: str,
                  params: OracleParams | None = None, timer_ms: int = 200, *,
@@ -110,10 +113,9 @@ class MarkPriceProcess:
 
         Returns the name of the instrument (or asset) the accepted tick moved, else None.
         """
-        m = decode(frame)
-        if type(m) is Rejected or m.type != MsgType.ORACLE_TICK:
-            code = m.code if type(m) is Rejected else Code.WIRE_UNKNOWN_TYPE
-            self.counters[f"reject_{int(code)}"] += 1
+        m = decode(frame, types=TICK_TYPES)
+        if type(m) is Rejected:                    # another type: 1010, like every stream
+            self.counters[f"reject_{int(m.code)}"] += 1
             return None
         f = m.fields
         name = f["instrument"]

@@ -53,6 +53,16 @@ class EngineFailure(RuntimeError):
     """A process the engine cannot run without has died."""
 
 
+def _warn_if_open(path: str) -> None:
+    """The ipc sockets live in the runtime directory, which only its owner should enter
+    (made 0700 when the engine creates it; an existing one is used as it is): say so on
+    stderr when group or others may enter it."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        print(f"margin-engine: warning: the runtime directory {path} is mode {mode:o}: other users "
+              f"can reach the engine's ipc sockets (chmod 700 it)", file=sys.stderr)
+
+
 @dataclass
 class Child:
     role: str
@@ -84,6 +94,7 @@ class Engine:
         self.runtime_dir = self.runtime_dir or self.config.endpoints.runtime_dir or \
             os.path.join(tempfile.gettempdir(), f"margin-engine-{e.name}")
         os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+        _warn_if_open(self.runtime_dir)
         self.owner = [p % self.n_workers for p in range(e.partitions)]
         self.store: Store | None = None
         self.ctl: Control | None = None

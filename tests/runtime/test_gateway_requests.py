@@ -180,3 +180,37 @@ def check_req(account: int, instrument: int) -> dict:
 def deposit_req(account: int) -> dict:
     return {"type": MsgType.DEPOSIT, "account": account, "asset": "USDT", "amount_units": 5, "transfer_id": None,
             "version": 1, "applied": True}
+
+
+def test_a_req_socket_gets_every_answer(desk):
+    """Protocol section 1 allows REQ-style envelopes (an empty delimiter frame): a REQ
+    client's request arrives as [id, b"", body] and its answer must carry the delimiter
+    too, or REQ drops it. One request of each path -- a check the C desk answers, a
+    check on an unknown instrument (the Python path), a deposit (the worker's reply) and
+    a frame that is not msgpack (REJECT) -- each answered, in REQ's strict turn."""
+    g, ctl, _ = desk
+    ctx = zmq.Context()
+    try:
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(g.checks.getsockopt_string(zmq.LAST_ENDPOINT))
+        want = [(check_req(1, 0), MsgType.ORDER_CHECK_REPLY), (check_req(2, 999), MsgType.ORDER_CHECK_REPLY),
+                (deposit_req(3), MsgType.COLLATERAL_REPLY), ({"type": "junk", "raw": b"\xc1"}, MsgType.REJECT)]
+        for k, (r, reply_type) in enumerate(want):
+            req.send(frame_of(r, 900 + k, k + 1))
+            assert g.checks.poll(5000)
+            parts = g.checks.recv_multipart()
+            assert len(parts) == 3 and parts[1] == b""          # the REQ envelope
+            before = g._last_ticket
+            g.on_request(g._peer(parts), parts[-1], 1)
+            if g._last_ticket != before:
+                play_worker(g, ctl, {})
+            assert req.poll(5000), f"no answer to request {k} reached the REQ socket"
+            m = decode(req.recv())
+            assert type(m) is Message and m.type == reply_type, m
+            if reply_type is not MsgType.REJECT:
+                assert m.fields["request_id"] == 900 + k
+        assert g.counters["bad_envelopes"] == 0
+        assert g._peer([b"id", b"x", b"body"]) is None and g.counters["bad_envelopes"] == 1
+    finally:
+        ctx.destroy(linger=0)

@@ -30,7 +30,7 @@ from engine.liquidation.decide import decide
 from engine.risk.margin import account_detail, pretrade_check
 from engine.runtime.journal import replay
 from engine.store.layout import PRICE_FROZEN, AccountFlag
-from feeds.protocol import MsgType, Sequencer, decode
+from feeds.protocol import EXAMPLES, MsgType, Sequencer, decode
 from runtime_support import (MALFORMED, USDT, apply_privately, balance, book, fee_pools, fill, money,
                              position, private_store, process_counters, wait_until)
 
@@ -275,7 +275,10 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     r = c.reply()
     assert (r.type, r.fields["code"], r.fields["ref_seq"]) == (MsgType.REJECT, Code.WIRE_BAD_FIELD_TYPE, 77)
     c.request(MsgType.ORACLE_TICK, {"venue": "a", "instrument": "BTCUSDT", "price": 1.0, "venue_ts_ns": 1})
-    assert c.reply().fields["code"] == Code.WIRE_UNKNOWN_TYPE
+    assert c.reply().fields["code"] == Code.WIRE_UNEXPECTED_TYPE       # a known type, not taken here
+    c.checks.send(_raw(MsgType.FILL, 78, **{**EXAMPLES[MsgType.FILL], "qty_units": "x"}))
+    r = c.reply()                                     # decided on its type, before its bad field
+    assert (r.type, r.fields["code"], r.fields["ref_seq"]) == (MsgType.REJECT, Code.WIRE_UNEXPECTED_TYPE, 78)
     c.request(MsgType.ORDER_CHECK, {"request_id": 2, "account": 999, "instrument_id": BTC,
                                     "qty_units": 1, "price_units": 950_000})
     assert c.reply().fields["code"] == Code.CHECK_UNKNOWN_ACCOUNT
