@@ -57,6 +57,7 @@ class Code(enum.IntEnum):
     FILL_BAD_QTY = 3005            # zero quantity or not a multiple of the lot
     FILL_BAD_PRICE = 3006
     FILL_POSITION_SLOTS_FULL = 3007
+    FILL_SAME_ACCOUNT = 3008       # maker and taker are the same account (a self-trade: nothing to apply)
     COLLATERAL_UNKNOWN_ASSET = 3101
     COLLATERAL_BAD_AMOUNT = 3102
     WITHDRAWAL_BELOW_INITIAL_MARGIN = 3103
@@ -93,6 +94,79 @@ class Code(enum.IntEnum):
     EVENT_VENUE_EXCLUDED = 7003    # venue deviates from the others beyond the bound
     EVENT_VENUE_READMITTED = 7004
     EVENT_WORKER_RESTARTED = 7005
+
+
+# How each code reaches anyone, in one line (docs/protocol.md section 8 is generated
+# from it; a test holds every code to an entry). "REJECT": in a REJECT on the
+# acknowledged fills stream or the checks socket; "event": an ENGINE_EVENT on the events
+# PUB; "counted": in the process's counters only (``margin-engine status``, its log);
+# "raised": an exception of the Python API (engine.store, engine.risk).
+_WIRE = "REJECT (fills ROUTER, checks socket); event on the fills PULL; counted on the ticks stream"
+REPORTED: dict[int, str] = {
+    0: "OK: an answer's code when nothing is wrong",
+    1001: "body not one valid msgpack object, or a limit of section 1 exceeded. " + _WIRE,
+    1002: "body decodes, but not to a map. " + _WIRE,
+    1003: "`v` missing, not an int, or not a supported version. " + _WIRE,
+    1004: "`t` is not a known message type (also a BATCH's `of`). " + _WIRE,
+    1005: "a required field (or header key) is missing. " + _WIRE,
+    1006: "a field has the wrong msgpack type. " + _WIRE,
+    1007: "frame larger than the stream's limit, before unpacking. " + _WIRE,
+    1008: "a field's value outside its domain (also a mode the leg rule does not know). " + _WIRE,
+    1009: "a key that is not a field of the type, in its version. " + _WIRE,
+    1010: "a known type this stream does not take, decided before its fields. " + _WIRE,
+    2001: "tick price NaN, infinite, zero or negative. Counted (mark-price stage)",
+    2002: "tick for an instrument or asset the engine does not know. Counted (mark-price stage)",
+    2003: "venue not in the calculator's venue list. Not produced by the engine (its mark-price "
+          "stage takes any venue); the feeds.oracle library's, when given a list",
+    2004: "venue timestamp older than that venue's last tick. Counted (mark-price stage)",
+    2005: "tick older than the staleness timeout when it arrives. Counted (mark-price stage)",
+    2006: "basis sample while no index is live. Not produced by the engine (no basis samples "
+          "are fed); the feeds.oracle library's `on_basis_sample`",
+    3001: "fill sequence number already accepted: dropped. ACK code 3001 (fills ROUTER); counted (PULL)",
+    3002: "fill sequence number skips ahead: the missing range is reported, the fill applied. Event",
+    3003: "account unknown: a fill's maker or taker; a DEPOSIT/WITHDRAWAL's account. Event (fills), "
+          "COLLATERAL_REPLY (collateral)",
+    3004: "instrument unknown (a fill's `instrument_id`); or a contract size the engine cannot "
+          "value exactly (a fill leg). Event",
+    3005: "fill quantity zero, of the wrong sign for `taker_side`, or a result outside int64 (a fill leg). Event",
+    3006: "fill price not positive. Event",
+    3007: "fill leg refused by the worker: the account has no free position slot for the "
+          "instrument (the other leg is applied). Event, naming the account and trade",
+    3008: "fill whose maker and taker are the same account: nothing applied. Event",
+    3101: "DEPOSIT/WITHDRAWAL asset unknown. COLLATERAL_REPLY",
+    3102: "an amount outside its rule: a fill leg's isolated margin (for a cross position, or "
+          "below 0) or fee (outside int64). Event (fill legs); returned by the Python API",
+    3103: "withdrawal would leave cross equity below cross initial margin: refused. COLLATERAL_REPLY",
+    3104: "withdrawal larger than the balance: refused. COLLATERAL_REPLY",
+    3105: "this `transfer_id` was applied before: nothing applied now. COLLATERAL_REPLY with the balance",
+    3106: "this `transfer_id` was applied to another account, asset, amount or type. COLLATERAL_REPLY",
+    3107: "a request with this `transfer_id` is being applied: ask again. COLLATERAL_REPLY",
+    4001: "post-trade equity below post-trade initial margin: the order would be refused. ORDER_CHECK_REPLY",
+    4002: "account unknown. ORDER_CHECK_REPLY",
+    4003: "instrument unknown. ORDER_CHECK_REPLY",
+    4004: "quantity zero. ORDER_CHECK_REPLY",
+    4005: "price not positive, or the instrument has no mark yet. ORDER_CHECK_REPLY",
+    4006: "the instrument's mark is frozen (oracle quorum lost). ORDER_CHECK_REPLY",
+    4007: "the order would open a position the account has no free slot for. ORDER_CHECK_REPLY",
+    4008: "no consistent copy of the account could be read (its writer stopped mid-write). ORDER_CHECK_REPLY",
+    5001: "a shared-memory segment of another layout version, or read-only where writing is "
+          "needed. Raised (engine.store); `run` exits 2",
+    5002: "accounts capacity reached. Raised; `run` exits 2",
+    5003: "position slots of an account exhausted. Raised (engine.store API)",
+    5004: "instruments table size. Raised (configuration load)",
+    5005: "assets table size. Raised (configuration load)",
+    6001: "a liquidation order's reason: cross equity strictly below maintenance. "
+          "LIQUIDATION_ORDER `reason`; its event",
+    6002: "a liquidation order's reason: an isolated position below its maintenance. "
+          "LIQUIDATION_ORDER `reason`; its event",
+    6003: "a liquidation order's reason: equity below zero, close everything. "
+          "LIQUIDATION_ORDER `reason`; its event",
+    7001: "mark frozen: fewer fresh venues than the quorum; liquidations on it pause. Event",
+    7002: "mark resumed. Event",
+    7003: "a venue deviates from the others beyond the bound and is left out of the index. Event",
+    7004: "a left-out venue agrees again and is back in the index. Event",
+    7005: "the supervisor restarted a worker that died (which one, how, its new pid). Event",
+}
 
 
 def subsystem(code: int) -> str:

@@ -40,12 +40,13 @@ cdef enum:
     CODE_UNKNOWN_INSTRUMENT = 3004
     CODE_BAD_QTY = 3005
     CODE_BAD_PRICE = 3006
+    CODE_SAME_ACCOUNT = 3008
 
 
 #: The numbers compiled in above, for the test that holds them to engine.codes / ctl.
 COMPILED_CONSTANTS = {"FILL_LEG": LEG_KIND, "FILL_UNKNOWN_ACCOUNT": CODE_UNKNOWN_ACCOUNT,
                       "FILL_UNKNOWN_INSTRUMENT": CODE_UNKNOWN_INSTRUMENT, "FILL_BAD_QTY": CODE_BAD_QTY,
-                      "FILL_BAD_PRICE": CODE_BAD_PRICE, "FILL": T_FILL, "BATCH": T_BATCH,
+                      "FILL_BAD_PRICE": CODE_BAD_PRICE, "FILL_SAME_ACCOUNT": CODE_SAME_ACCOUNT, "FILL": T_FILL, "BATCH": T_BATCH,
                       "ORDER_CHECK": T_ORDER_CHECK, "ORDER_CHECK_REPLY": T_ORDER_CHECK_REPLY,
                       "MAX_BATCH_MSGS": MAX_BATCH}
 
@@ -347,8 +348,10 @@ cdef class FillIntake:
                 code = 0
                 if f.instrument_id >= self.n_instruments:
                     code = CODE_UNKNOWN_INSTRUMENT
-                elif taker < 0 or maker < 0 or taker == maker:
+                elif taker < 0 or maker < 0:
                     code = CODE_UNKNOWN_ACCOUNT
+                elif taker == maker:
+                    code = CODE_SAME_ACCOUNT
                 elif f.qty_units == 0:
                     code = CODE_BAD_QTY
                 elif f.price_units <= 0:

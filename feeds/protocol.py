@@ -780,14 +780,14 @@ EXAMPLES: dict[MsgType, dict] = {
                           "qty_units": 1000, "price_units": 9712000},
     MsgType.ORDER_CHECK_REPLY: {"request_id": 5150, "code": 4001,
                                 "post_equity_usd": 3875.25, "post_initial_margin_usd": 9712.0},
-    MsgType.LIQUIDATION_ORDER: {"order_id": 9000001, "account": 2002, "instrument_id": 1,
+    MsgType.LIQUIDATION_ORDER: {"order_id": 6270825227370455, "account": 2002, "instrument_id": 1,
                                 "qty_units": 250, "limit_price_units": 9800000,
                                 "reason": 6001, "tick_seq": 31337,
                                 "tick_recv_ns": EXAMPLE_TS_NS - 41_000,
                                 "decided_ns": EXAMPLE_TS_NS - 29_000,
                                 "sent_ns": EXAMPLE_TS_NS - 25_000},
     MsgType.ENGINE_EVENT: {"code": 7001, "instrument": "ETH-USD", "account": None,
-                           "detail": "2 of 5 venues fresh, quorum 3"},
+                           "detail": "n_used=2 quorum=3 last_good_mark=3412.5"},
     MsgType.BATCH: {"of": MsgType.FILL, "msgs": [
         {"trade_id": 884214, "instrument_id": 1, "maker_account": 1001, "taker_account": 2002,
          "qty_units": 100, "price_units": 9712400, "maker_fee_units": -1942,
@@ -797,7 +797,7 @@ EXAMPLES: dict[MsgType, dict] = {
          "taker_fee_units": 27, "taker_side": "sell"}]},
     MsgType.ACK: {"ref_seq": 42, "code": 0},
     MsgType.REJECT: {"ref_seq": 43, "ref_type": 10, "code": 1008,
-                     "detail": "qty_units: 9223372036854775808 outside int64"},
+                     "detail": "qty_units: 9223372036854775808 outside [-9223372036854775808, 9223372036854775807]"},
 }
 
 
@@ -813,12 +813,15 @@ def _hexdump(data: bytes) -> str:
 
 def _doc_parts() -> str:
     """The generated sections of docs/protocol.md: the code table and the examples."""
-    from engine.codes import subsystem
+    from engine.codes import REPORTED, subsystem
 
     out = ["## 8. Reason codes\n",
-           "All codes of all ranges, from `engine/codes.py` (generated).\n",
-           "| code | name | subsystem |", "|---:|---|---|"]
-    out += [f"| {int(c)} | `{c.name}` | {subsystem(c)} |" for c in Code]
+           "All codes of all ranges, from `engine/codes.py` (generated): what each means and how "
+           "it reaches anyone. REJECT: in a REJECT on the acknowledged fills stream or the checks "
+           "socket; event: an ENGINE_EVENT on the events PUB; counted: in the process's counters "
+           "only (`margin-engine status`, its log); raised: an exception of the Python API.\n",
+           "| code | name | subsystem | meaning; how it is reported |", "|---:|---|---|---|"]
+    out += [f"| {int(c)} | `{c.name}` | {subsystem(c)} | {REPORTED[int(c)]} |" for c in Code]
     out.append("\n## 9. Example messages\n")
     out.append("Generated from `feeds.protocol.EXAMPLES` with seq 42 and ts_ns "
                f"{EXAMPLE_TS_NS} (2026-01-01T00:00:00Z); keys in encoded order. "

@@ -368,10 +368,10 @@ class _FillChunks:
         self.n = 0
         taker, maker = self._row(f["taker_account"]), self._row(f["maker_account"])
         qty, price, ins = f["qty_units"], f["price_units"], f["instrument_id"]
-        code = np.select([ins >= len(store.instruments), (taker < 0) | (maker < 0) | (taker == maker),
+        code = np.select([ins >= len(store.instruments), (taker < 0) | (maker < 0), taker == maker,
                           qty == 0, price <= 0],
                          [int(Code.FILL_UNKNOWN_INSTRUMENT), int(Code.FILL_UNKNOWN_ACCOUNT),
-                          int(Code.FILL_BAD_QTY), int(Code.FILL_BAD_PRICE)], 0)
+                          int(Code.FILL_SAME_ACCOUNT), int(Code.FILL_BAD_QTY), int(Code.FILL_BAD_PRICE)], 0)
         ok = code == 0
         for c, k in zip(*np.unique(code[~ok], return_counts=True)):
             st.reject_codes[int(c)] = st.reject_codes.get(int(c), 0) + int(k)

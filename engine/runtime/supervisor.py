@@ -21,6 +21,7 @@ unless configured to be kept.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,11 +31,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import zmq
 
+from engine.codes import Code
 from engine.config import Config
 from engine.runtime.ctl import Control, Role
 from engine.runtime.journal import FILLS_STREAMS_FILE, journal_file, journal_generations, read_fills_streams
 from engine.store.shm import Store
+from feeds.protocol import MsgType, Sequencer
 
 
 def sd_notify(message: str) -> None:
@@ -51,6 +55,16 @@ def sd_notify(message: str) -> None:
 
 class EngineFailure(RuntimeError):
     """A process the engine cannot run without has died."""
+
+
+def _exit_words(returncode: int | None) -> str:
+    """How a child ended, in words: ``killed by SIGKILL`` or ``exited with 3``."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with {returncode}"
 
 
 def _warn_if_open(path: str) -> None:
@@ -105,6 +119,7 @@ class Engine:
         self.fills_last_seq = 0                          # the PULL fills stream's last seq before this start
         self._next_snapshot = time.monotonic() + e.snapshot_interval_s
         self._writer: threading.Thread | None = None     # the snapshot being written (its own copy)
+        self._events = None                               # PUSH to the events relay, made on first use
 
     # ------------------------------------------------------------------ state
     @property
@@ -224,9 +239,29 @@ class Engine:
                     raise EngineFailure(f"{c.role} exited with {c.proc.returncode}; "
                                         f"see {self.runtime_dir}/{c.role}.log")
                 c.restarts += 1
+                dead_pid, how = c.proc.pid, _exit_words(c.proc.returncode)
                 self._spawn(c)
                 restarted.append(c.role)
+                self._event(Code.EVENT_WORKER_RESTARTED,
+                            f"{c.role} (pid {dead_pid}) {how}; restarted as pid {c.proc.pid}"
+                            f" (restart {c.restarts}), its partitions' rings resume where they stopped")
         return restarted
+
+    def _event(self, code: int, detail: str) -> None:
+        """An ENGINE_EVENT from the supervisor, onto the events stream (liqgw renumbers
+        it with every other process's); dropped, never waited for, when it cannot go."""
+        if self._events is None:
+            self._zctx = zmq.Context()                # its own: a host process's contexts are its business
+            self._events = self._zctx.socket(zmq.PUSH)
+            self._events.setsockopt(zmq.LINGER, 500)
+            self._events.setsockopt(zmq.SNDHWM, 1000)
+            self._events.connect(self.internal["events"])
+            self._event_seq = Sequencer()
+        try:
+            self._events.send(self._event_seq.encode(MsgType.ENGINE_EVENT, {"code": int(code), "detail": detail[:1000]}),
+                              zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def watch_once(self) -> list[str]:
         """One supervision step: restart dead workers; keep systemd's watchdog fed; take
@@ -342,6 +377,10 @@ class Engine:
                    int(self.ctl.header[0]["fills_last_seq"]),       # the gateway's, at its exit
                    self.ctl.transfers_in_order(),
                    read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE)))
+        if self._events is not None:
+            self._events.close()
+            self._zctx.term()                        # LINGER 500 ms bounds it
+            self._events = None
         if self.store is not None and not self.config.engine.keep_shm_on_exit:
             self.store.unlink()
             self.ctl.unlink()

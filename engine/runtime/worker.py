@@ -154,8 +154,9 @@ class Worker:
         self.jobs: collections.deque = collections.deque()     # upkeep slices
         self.checks: collections.deque = collections.deque()   # outstanding checks, before them
         self.last_check = 0.0
-        self.counters = {"ticks": 0, "orders": 0, "records": 0, "full_passes": 0,
-                         **{f"orders_{st}": 0 for st in STAGES}}
+        self.counters = collections.Counter({      # a Counter: a rare one (legs_rejected,
+            "ticks": 0, "orders": 0, "records": 0, "full_passes": 0,   # events_dropped) starts at 0
+            **{f"orders_{st}": 0 for st in STAGES}})
         self.prices: MarkPriceProcess | None = None  # the price stage, when it runs here
 
     # ------------------------------------------------------------------ start-up
@@ -500,6 +501,23 @@ class Worker:
         except zmq.Again:
             self.counters["events_dropped"] += 1
 
+    def leg_rejected(self, code: int, rec) -> None:
+        """An ENGINE_EVENT for a fill leg the kernel refused (3007 no free position slot,
+        3005 a result outside int64, 3102 the isolated-margin rule, ...): the fill was
+        journaled and acknowledged, and this account's side of it was not applied."""
+        if self.events is None:
+            return
+        row = int(rec["row"])
+        detail = json.dumps({"trade_id": int(rec["aux"]), "fill_seq": int(rec["ref"]),
+                             "qty_units": int(rec["delta"]), "price_units": int(rec["price"]),
+                             "what": "fill leg not applied to this account"})
+        try:
+            self.events.send(self.seq_events.encode(MsgType.ENGINE_EVENT, {
+                "code": code, "instrument": self.names[int(rec["instrument"])],
+                "account": int(self.store.accounts[row]["account_id"]), "detail": detail}), zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["events_dropped"] += 1
+
     def _set_outstanding(self, row: int, on: bool) -> None:
         with self.store.writing(self.store.accounts, row) as a:
             flags = int(a["flags"])
@@ -538,6 +556,8 @@ class Worker:
                 bad = self._codes_buf[:n] != 0
                 if bad.any():
                     self.counters["legs_rejected"] += int(bad.sum())
+                    for i in np.flatnonzero(bad).tolist():
+                        self.leg_rejected(int(self._codes_buf[i]), recs[(r + i) & (cap - 1)])
                 last_ref = int(recs[(r + n - 1) & (cap - 1)]["ref"])
                 recv_ns = max(recv_ns, int(recs[(r + n - 1) & (cap - 1)]["ts_ns"]))
                 r += n

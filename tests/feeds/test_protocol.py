@@ -479,9 +479,12 @@ def test_doc_hex_dumps_match_the_encoder():
 
 def test_doc_lists_every_code_every_type_and_every_field():
     text = DOC.read_text(encoding="utf-8")
+    from engine.codes import REPORTED, subsystem
+    assert set(REPORTED) == {int(c) for c in Code}          # every code says how it is reported
     for c in Code:
-        assert re.search(rf"\|\s*{int(c)}\s*\|\s*`{c.name}`", text), \
-            f"docs/protocol.md lacks code {c.name}; paste `python -m feeds.protocol` output (section 8)"
+        row = f"| {int(c)} | `{c.name}` | {subsystem(c)} | {REPORTED[int(c)]} |"
+        assert row in text, f"docs/protocol.md: stale or missing row for {c.name}; paste " \
+                            "`python -m feeds.protocol` output (section 8)"
     for mtype, schema in SCHEMAS.items():
         assert re.search(rf"{mtype.name}.*\b{int(mtype)}\b", text), mtype.name
         for name in schema:

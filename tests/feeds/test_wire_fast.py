@@ -53,6 +53,7 @@ def test_compiled_constants_are_the_engines():
     from engine.runtime.ctl import RecordKind
     from feeds.protocol import MAX_BATCH_MSGS
     want = {"FILL_LEG": RecordKind.FILL_LEG, "FILL_UNKNOWN_ACCOUNT": Code.FILL_UNKNOWN_ACCOUNT,
+            "FILL_SAME_ACCOUNT": Code.FILL_SAME_ACCOUNT,
             "FILL_UNKNOWN_INSTRUMENT": Code.FILL_UNKNOWN_INSTRUMENT, "FILL_BAD_QTY": Code.FILL_BAD_QTY,
             "FILL_BAD_PRICE": Code.FILL_BAD_PRICE, "FILL": MsgType.FILL, "BATCH": MsgType.BATCH,
             "ORDER_CHECK": MsgType.ORDER_CHECK, "ORDER_CHECK_REPLY": MsgType.ORDER_CHECK_REPLY,

@@ -263,8 +263,9 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     c.fills.send(_raw(MsgType.FILL, c.seq_fills.last + 1, **bad_type))   # rejected: seq not taken
     c.send_fills([fill(11, 999, BOB, 1000, 500_000)])
     c.send_fills([fill(12, ALICE, BOB, 1000, 500_000, instrument=99)])
+    c.send_fills([fill(14, ALICE, ALICE, 1000, 500_000)])                 # a self-trade
     for code in (Code.WIRE_MALFORMED, Code.WIRE_BAD_FIELD_TYPE, Code.FILL_UNKNOWN_ACCOUNT,
-                 Code.FILL_UNKNOWN_INSTRUMENT):
+                 Code.FILL_UNKNOWN_INSTRUMENT, Code.FILL_SAME_ACCOUNT):
         c.event(code)
     # checks: malformed, wrong type, unknown type here, unknown account/instrument/asset
     c.checks.send(MALFORMED)
@@ -321,7 +322,7 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     # fills: probes + 1 malformed, 1 wrong type; checks: 1 malformed, 1 wrong type
     assert gw["reject_1001"] == c.probes + 2
     assert gw["reject_1006"] == 2
-    assert gw["reject_3003"] == 1 and gw["reject_3004"] == 1
+    assert gw["reject_3003"] == 1 and gw["reject_3004"] == 1 and gw["reject_3008"] == 1
     assert gw["fills"] == 1                     # the valid one only
     mp = process_counters(run.log("markprice"), "markprice")
     assert (mp["reject_1001"], mp["reject_1006"], mp["reject_2002"], mp["reject_2001"]) == (1, 1, 1, 1)
@@ -516,6 +517,31 @@ def test_frozen_price_produces_no_liquidation(start_engine, price_stage):
             order["tick_seq"]) == (FRANK, ETH, want.qty_units, want.reason, seqs[0])
     assert c.orders_within(0.2) == []
 
+
+
+def test_a_fill_leg_the_worker_refuses_is_an_event(start_engine):
+    """One position slot an account: ALICE buys 0.1 BTC from BOB (both now hold BTC),
+    then 1 ETH from BOB. The gateway accepts the ETH fill (its accounts exist), but
+    each worker refuses its account's leg, 3007: no free slot. Each refusal is an
+    ENGINE_EVENT naming the account, the instrument and the trade (it was only a
+    counter before), and no ETH position appears."""
+    run = start_engine(alice_and_bob_100k_usdt, slots_per_account=1)
+    c = run.client
+    c.send_fills([fill(1, ALICE, BOB, 100, 950_000)])                 # 0.1 BTC at 95,000
+    wait_until(lambda: applied(run, ALICE, 100) and applied(run, BOB, -100), what="the BTC fill")
+    c.send_fills([fill(2, ALICE, BOB, 1000, 34_000, instrument=ETH)])  # 1 ETH at 3,400
+    got = {}
+    for _ in range(2):
+        ev = c.event(Code.FILL_POSITION_SLOTS_FULL)
+        got[ev["account"]] = (ev["instrument"], json.loads(ev["detail"]))
+    assert set(got) == {ALICE, BOB}
+    for acct, qty in ((ALICE, 1000), (BOB, -1000)):
+        instrument, d = got[acct]
+        assert instrument == "ETHUSDT" and (d["trade_id"], d["qty_units"], d["price_units"]) == (2, qty, 34_000)
+    assert position(run.store, ALICE, ETH)[0] == 0 and position(run.store, BOB, ETH)[0] == 0
+    # and the workers live on (a refused leg once raised KeyError in the worker's
+    # counters and killed it: caught by this test in session 16)
+    assert all(ch.proc.poll() is None and ch.restarts == 0 for ch in run.engine.children)
 
 def test_the_events_pub_is_one_numbered_stream(start_engine):
     """Three processes make events -- the gateway (1001 for the malformed probes that

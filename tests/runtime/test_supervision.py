@@ -34,3 +34,20 @@ def test_dead_worker_is_restarted_not_a_failure(start_engine):
     wait_until(lambda: worker.proc.poll() is not None, 10.0, "the worker to die")
     assert eng.watch_once() == ["worker0"]
     assert eng.worker_pid(0) != old
+
+
+def test_a_worker_restart_is_an_event(start_engine):
+    """Operators learn of a restart on the events stream: code 7005, naming the worker,
+    the signal that ended it and its new pid."""
+    from engine.codes import Code
+
+    run = start_engine()
+    eng = run.engine
+    old = eng.worker_pid(0)
+    os.kill(old, signal.SIGKILL)
+    worker = next(c for c in eng.children if c.role == "worker0")
+    wait_until(lambda: worker.proc.poll() is not None, 10.0, "the worker to die")
+    assert eng.watch_once() == ["worker0"]
+    ev = run.client.event(Code.EVENT_WORKER_RESTARTED)
+    assert ev["detail"].startswith(f"worker0 (pid {old}) killed by SIGKILL; restarted as pid {eng.worker_pid(0)}")
+    assert ev["account"] is None and ev["instrument"] is None
