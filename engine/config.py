@@ -185,6 +185,19 @@ def _expiry_ns(v, where: str) -> int:
     return int(dt.timestamp()) * 1_000_000_000
 
 
+ASSET_KEYS = ("name", "scale", "price_usd", "haircut")
+INSTRUMENT_KEYS = ("name", "kind", "settle", "contract_size", "qty_scale", "price_scale", "tiers",
+                   "mark_price", "underlying", "strike", "call", "expiry")
+
+
+def _known_keys(table: dict, allowed, where: str) -> None:
+    """A key the engine does not read is an error naming it (a typo such as
+    ``snapshot_interval`` must not leave the default silently in force)."""
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
+
+
 def from_dict(doc: dict) -> Config:
     """Validate a parsed configuration document. Checks every field, names the first bad one."""
     if not isinstance(doc, dict):
@@ -195,6 +208,7 @@ def from_dict(doc: dict) -> Config:
     e = doc.get("engine", {})
     if not isinstance(e, dict):
         raise ConfigError("engine: must be a table")
+    _known_keys(e, EngineSettings.__dataclass_fields__, "engine")
     wait = _str(e, "wait", "engine", "blocking")
     if wait not in WAIT_STRATEGIES:
         raise ConfigError(f"engine.wait: one of {WAIT_STRATEGIES}, got {wait!r}")
@@ -250,6 +264,7 @@ def from_dict(doc: dict) -> Config:
         w = f"assets[{i}]"
         if not isinstance(a, dict):
             raise ConfigError(f"{w}: must be a table")
+        _known_keys(a, ASSET_KEYS, w)
         name = _str(a, "name", w)
         if any(x.name == name for x in assets):
             raise ConfigError(f"{w}.name: duplicate asset {name!r}")
@@ -274,6 +289,7 @@ def from_dict(doc: dict) -> Config:
         w = f"instruments[{i}]"
         if not isinstance(d, dict):
             raise ConfigError(f"{w}: must be a table")
+        _known_keys(d, INSTRUMENT_KEYS, w)
         name = _str(d, "name", w)
         if len(name.encode()) > 23:
             raise ConfigError(f"{w}.name: at most 23 bytes, got {name!r}")

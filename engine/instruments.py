@@ -79,6 +79,9 @@ def derive_tiers(raw: list[dict], where: str = "tiers") -> tuple[RiskTier, ...]:
         here = f"{where}[{i}]"
         if not isinstance(t, dict):
             raise ValueError(f"{here}: must be a table with floor, imr, mmr")
+        for key in t:
+            if key not in ("floor", "imr", "mmr"):
+                raise ValueError(f"{here}.{key}: unknown key (a tier has floor, imr, mmr)")
         vals = {}
         for key in ("floor", "imr", "mmr"):
             if key not in t:

@@ -83,10 +83,18 @@ def _table(doc: dict, key: str, where: str) -> dict:
     return v
 
 
+def _known_keys(d: dict, allowed: tuple, where: str) -> None:
+    """A key the rule does not read is an error naming it (a typo must not be ignored)."""
+    for key in d:
+        if key not in allowed:
+            raise ScenarioError(f"{where}{key}: unknown key; known: {', '.join(allowed)}")
+
+
 def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
     """Validate a scenario document; return assets, instruments and normalized accounts."""
     if not isinstance(doc, dict):
         raise ScenarioError("scenario: top level must be an object")
+    _known_keys(doc, ("assets", "instruments", "accounts"), "")
     raw_assets = _table(doc, "assets", "")
     if not raw_assets or len(raw_assets) > 8:
         raise ScenarioError(f"assets: 1 to 8 assets, got {len(raw_assets)}")
@@ -95,6 +103,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"assets.{name}"
         if not isinstance(a, dict):
             raise ScenarioError(f"{w}: must be an object")
+        _known_keys(a, ("price", "haircut", "scale"), f"{w}.")
         price = _num(a, "price", w, positive=True)
         haircut = _num(a, "haircut", w, default=0.0)
         if not 0 <= haircut < 1:
@@ -111,6 +120,8 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"instruments.{name}"
         if not isinstance(d, dict):
             raise ScenarioError(f"{w}: must be an object")
+        _known_keys(d, ("kind", "settle", "mark_price", "tiers", "contract_size", "qty_scale",
+                        "underlying", "strike", "call"), f"{w}.")
         try:
             kind = Kind.parse(d.get("kind"))
         except ValueError as e:
@@ -150,6 +161,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"accounts[{k}]"
         if not isinstance(acc, dict):
             raise ScenarioError(f"{w}: must be an object")
+        _known_keys(acc, ("id", "mode", "collateral", "positions"), f"{w}.")
         if "id" not in acc:
             raise ScenarioError(f"{w}.id: missing")
         if isinstance(acc["id"], bool) or not isinstance(acc["id"], (str, int)):
@@ -175,6 +187,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
             pw = f"{w}.positions[{j}]"
             if not isinstance(p, dict):
                 raise ScenarioError(f"{pw}: must be an object")
+            _known_keys(p, ("instrument", "qty", "entry_price", "isolated_margin"), f"{pw}.")
             iname = p.get("instrument")
             if not isinstance(iname, str) or iname not in ins_by:
                 raise ScenarioError(f"{pw}.instrument: unknown instrument {iname!r}")

@@ -193,6 +193,15 @@ BAD = [
     ("figures-overflow", _mut(lambda d: (d["assets"]["BTC"].update(price=1e308),
                                         d["accounts"][2]["collateral"].update(BTC=10))),
      "accounts[2].collateral_value"),
+    # a key the rule does not read (a typo) is refused, not ignored
+    ("unknown-top-key", _mut(lambda d: d.update(acounts=[])), "acounts: unknown key"),
+    ("unknown-asset-key", _mut(lambda d: d["assets"]["BTC"].update(hair_cut=0.1)), "assets.BTC.hair_cut: unknown key"),
+    ("unknown-instrument-key", _mut(lambda d: d["instruments"]["BTCUSDT"].update(mark=1.0)),
+     "instruments.BTCUSDT.mark: unknown key"),
+    ("unknown-account-key", _mut(lambda d: d["accounts"][0].update(colateral={})), "accounts[0].colateral: unknown key"),
+    ("unknown-position-key", _mut(lambda d: _pos(d).update(entry=1.0)), "accounts[0].positions[0].entry: unknown key"),
+    ("unknown-tier-key", _mut(lambda d: d["instruments"]["BTCUSDT"]["tiers"][0].update(mmr2=0.1)),
+     "instruments.BTCUSDT.tiers[0].mmr2: unknown key"),
     # not JSON at all
     ("invalid-json", '{"assets": {', "not valid JSON"),
     ("empty-file", "", "not valid JSON"),

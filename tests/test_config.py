@@ -252,6 +252,13 @@ BAD = [
     ("nine-assets", "".join(ASSET_USDT.replace('"USDT"', f'"A{k}"') for k in range(9)) + PERP.replace('"USDT"', '"A0"'),
      "assets: at most 8"),
     ("name-too-long", _swap('name = "BTC-C"', 'name = "' + "X" * 24 + '"'), "instruments[2].name: at most 23 bytes"),
+    # a key the engine does not read (a typo) is refused, not ignored with the default in force
+    ("engine-key-typo", "[engine]\nsnapshot_interval = 5\n" + VALID, "engine.snapshot_interval: unknown key"),
+    ("asset-key-typo", _swap("haircut = 0.05", "hair_cut = 0.05"), "assets[1].hair_cut: unknown key"),
+    ("instrument-key-typo", _swap("mark_price = 50000.0", "mark_price = 50000.0\nmaint_rate = 0.1"),
+     "instruments[0].maint_rate: unknown key"),
+    ("tier-key-typo", _swap("{ floor = 0, imr = 0.01, mmr = 0.005 }", "{ floor = 0, imr = 0.01, mmr = 0.005, mmr2 = 0.1 }"),
+     "instruments[0].tiers[0].mmr2: unknown key"),
 ]
 
 
