@@ -140,15 +140,18 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from engine.runtime.status import render, snapshot
+    from engine.runtime.status import render, render_durability, snapshot
     from engine.store.shm import Store, StoreError
 
     try:
         store = Store.attach(args.name, readonly=True)
     except (StoreError, ValueError) as e:     # ValueError: not a valid segment name ("a/b")
-        print(f"margin-engine status: {e}", file=sys.stderr)
-        return 2
-    s = snapshot(store)
+        if not args.state_dir:
+            print(f"margin-engine status: {e}", file=sys.stderr)
+            return 2
+        store = None                           # a stopped engine: its state directory alone
+        print(f"margin-engine status: not running ({e}); the state directory only", file=sys.stderr)
+    s = snapshot(store) if store is not None else {"running": False}
     if args.state_dir:
         from engine.runtime.recovery import RecoveryError, durability
         try:
@@ -156,7 +159,10 @@ def _cmd_status(args) -> int:
         except RecoveryError as e:
             print(f"margin-engine status: {e}", file=sys.stderr)
             return 2
-    print(json.dumps(s, indent=2) if args.json else render(s))
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(render(s) if store is not None else render_durability(s["durability"]))
     return 0
 
 
@@ -186,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-accounts", type=int, default=0,
                      help="a new book: instead, N funded accounts with positions (demo data)")
     run.add_argument("--fresh", action="store_true",
-                     help="set the runtime directory's snapshot and journal aside (renamed, not deleted) "
-                          "and start a new book; without it a restart recovers the book from them")
+                     help="set the state directory's (engine.state_dir) snapshot and journal aside "
+                          "(renamed, not deleted) and start a new book; without it a restart recovers "
+                          "the book from them")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="the engine on its embedded default against simulated venues "

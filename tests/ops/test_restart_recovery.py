@@ -215,6 +215,12 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     assert "a restart now would replay 0 journal bytes" in text, text
     proc3.send_signal(signal.SIGTERM)
     assert proc3.wait(timeout=20) == 0
+    # Stopped (its shared memory gone): the state directory is still shown, for the
+    # operator deciding about retention or a restart (it exited 2 before session 16).
+    assert not shm_exists(name)
+    r = status(name, "--state-dir", str(root / "state"))
+    assert r.returncode == 0 and "not running" in r.stderr, r.stderr
+    assert re.search(r"state .*: snapshot [\d.]+ s old, 10 accounts", r.stdout), r.stdout
 
 
 def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spawn, ops_dir):
