@@ -114,12 +114,12 @@ REPORTED: dict[int, str] = {
     1008: "a field's value outside its domain (also a mode the leg rule does not know). " + _WIRE,
     1009: "a key that is not a field of the type, in its version. " + _WIRE,
     1010: "a known type this stream does not take, decided before its fields. " + _WIRE,
-    2001: "tick price NaN, infinite, zero or negative. Counted (mark-price stage)",
-    2002: "tick for an instrument or asset the engine does not know. Counted (mark-price stage)",
+    2001: "tick price NaN, infinite, zero or negative. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
+    2002: "tick for an instrument or asset the engine does not know. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2003: "venue not in the calculator's venue list. Not produced by the engine (its mark-price "
           "stage takes any venue); the feeds.oracle library's, when given a list",
-    2004: "venue timestamp older than that venue's last tick. Counted (mark-price stage)",
-    2005: "tick older than the staleness timeout when it arrives. Counted (mark-price stage)",
+    2004: "venue timestamp older than that venue's last tick. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
+    2005: "tick older than the staleness timeout when it arrives. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2006: "basis sample while no index is live. Not produced by the engine (no basis samples "
           "are fed); the feeds.oracle library's `on_basis_sample`",
     3001: "fill sequence number already accepted: dropped. ACK code 3001 (fills ROUTER); counted (PULL)",

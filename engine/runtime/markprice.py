@@ -57,6 +57,7 @@ POLLIN = int(zmq.POLLIN)
 
 
 TICK_TYPES = frozenset({MsgType.ORACLE_TICK})          # what the ticks PULL takes
+REJECT_EVENT_EVERY_S = 10     # refused ticks: at most one event per (code, venue, instrument) this often
 
 class MarkPriceProcess:
     def __init__(self, name: str, oracle_endpoint: str, events_endpoint: str,
@@ -87,6 +88,7 @@ class MarkPriceProcess:
         self.frozen: set[str] = set()
         self.last_tick: dict[str, tuple[int, int]] = {}     # name -> (recv_ns, seq) of its last tick
         self.counters = collections.Counter()
+        self._reject_events: dict[tuple, tuple] = {}       # (code, venue, instrument) -> (last event ns, since)
         self.names = list(self.instruments)                  # table order
         self.fast = None
         p = self.calc.params
@@ -99,6 +101,27 @@ class MarkPriceProcess:
 
     def set_asset_names(self, names: list[str]) -> None:
         self.assets = {n: i for i, n in enumerate(names)}
+
+    def rejected(self, code: Code, f: dict, recv_ns: int) -> None:
+        """A tick refused by the oracle rule (2001 bad price, 2002 unknown instrument, 2004
+        timestamp backwards, 2005 stale): counted, and an ENGINE_EVENT at most once per
+        ``REJECT_EVENT_EVERY_S`` for each (code, venue, instrument), saying how many were
+        refused since its last one -- a venue sending bad prices is an incident, but it
+        must not flood the events stream."""
+        self.counters[f"reject_{int(code)}"] += 1
+        key = (int(code), f["venue"], f["instrument"])
+        last_ns, since = self._reject_events.get(key, (None, 0))
+        if last_ns is not None and recv_ns - last_ns < REJECT_EVENT_EVERY_S * 1_000_000_000:
+            self._reject_events[key] = (last_ns, since + 1)
+            return
+        if len(self._reject_events) >= 10_000:          # names from a broken feed: bounded
+            self._reject_events.clear()
+        self._reject_events[key] = (recv_ns, 0)
+        known = f["instrument"] in self.instruments or f["instrument"] in self.assets
+        self.emit(code, f["instrument"] if known else None,
+                  f"tick refused: venue={f['venue']} instrument={f['instrument']} price={f['price']!r} "
+                  f"venue_ts_ns={f['venue_ts_ns']}" + (f"; {since} more refused since the last event"
+                                                      if since else ""))
 
     def emit(self, code: int, instrument: str | None, detail: str) -> None:
         try:
@@ -120,11 +143,11 @@ class MarkPriceProcess:
         f = m.fields
         name = f["instrument"]
         if name not in self.instruments and name not in self.assets:
-            self.counters[f"reject_{int(Code.ORACLE_UNKNOWN_INSTRUMENT)}"] += 1
+            self.rejected(Code.ORACLE_UNKNOWN_INSTRUMENT, f, recv_ns)
             return None
         code, events = self.calc.on_tick(name, f["venue"], f["price"], f["venue_ts_ns"], recv_ns)
         if code != Code.OK:
-            self.counters[f"reject_{int(code)}"] += 1
+            self.rejected(code, f, recv_ns)
             return None
         self.counters["ticks"] += 1
         self.last_tick[name] = (recv_ns, m.seq)

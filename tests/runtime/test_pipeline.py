@@ -296,6 +296,12 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
                        venue_ts_ns=time.time_ns()))
     c.tick("DOGEUSDT", 0.1, venues=("a",))
     c.tick("SOLUSDT", -5.0, venues=("a",))
+    c.tick("SOLUSDT", -6.0, venues=("a",))          # the same refusal again: counted, no second event
+    unknown = c.event(Code.ORACLE_UNKNOWN_INSTRUMENT)
+    assert unknown["instrument"] is None and "venue=a instrument=DOGEUSDT price=0.1" in unknown["detail"]
+    bad = c.event(Code.ORACLE_BAD_PRICE)
+    assert bad["instrument"] == "SOLUSDT" and "venue=a instrument=SOLUSDT price=-5.0" in bad["detail"]
+    assert [e["code"] for e in c.drain_events(0.3)].count(Code.ORACLE_BAD_PRICE) == 1   # one in 10 s
 
     # every process still answers valid requests
     assert all(ch.proc.poll() is None for ch in run.engine.children)
@@ -325,7 +331,7 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     assert gw["reject_3003"] == 1 and gw["reject_3004"] == 1 and gw["reject_3008"] == 1
     assert gw["fills"] == 1                     # the valid one only
     mp = process_counters(run.log("markprice"), "markprice")
-    assert (mp["reject_1001"], mp["reject_1006"], mp["reject_2002"], mp["reject_2001"]) == (1, 1, 1, 1)
+    assert (mp["reject_1001"], mp["reject_1006"], mp["reject_2002"], mp["reject_2001"]) == (1, 1, 1, 2)
     assert mp["ticks"] == 3                     # the valid SOL ticks from a, b, c
 
 
