@@ -42,7 +42,7 @@ class Code(enum.IntEnum):
     WIRE_UNEXPECTED_TYPE = 1010    # a known message type that this stream does not accept
 
     # 2xxx oracle / mark price
-    ORACLE_BAD_PRICE = 2001        # NaN, infinite, zero or negative price
+    ORACLE_BAD_PRICE = 2001        # zero or negative price (NaN, infinity: 1008 at decoding)
     ORACLE_UNKNOWN_INSTRUMENT = 2002
     ORACLE_UNKNOWN_VENUE = 2003
     ORACLE_TS_BACKWARDS = 2004     # venue timestamp older than that venue's last tick
@@ -114,7 +114,7 @@ REPORTED: dict[int, str] = {
     1008: "a field's value outside its domain (also a mode the leg rule does not know). " + _WIRE,
     1009: "a key that is not a field of the type, in its version. " + _WIRE,
     1010: "a known type this stream does not take, decided before its fields. " + _WIRE,
-    2001: "tick price NaN, infinite, zero or negative. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
+    2001: "tick price zero or negative (NaN and infinity are refused at decoding, 1008). Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2002: "tick for an instrument or asset the engine does not know. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2003: "venue not in the calculator's venue list. Not produced by the engine (its mark-price "
           "stage takes any venue); the feeds.oracle library's, when given a list",
