@@ -77,7 +77,7 @@ class Endpoints:
     owner-only ipc sockets between the engine's own processes."""
 
     oracle: str = "tcp://127.0.0.1:5701"     # PULL: oracle ticks in
-    fills: str = "tcp://127.0.0.1:5702"      # PULL: fills, deposits, withdrawals in
+    fills: str = "tcp://127.0.0.1:5702"      # PULL (or ROUTER, fills_acks): fills in
     checks: str = "tcp://127.0.0.1:5703"     # ROUTER: order checks and collateral requests
     orders: str = "tcp://127.0.0.1:5704"     # PUSH: liquidation orders out
     events: str = "tcp://127.0.0.1:5705"     # PUB: engine events out

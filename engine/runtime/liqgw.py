@@ -28,77 +28,72 @@ from feeds.protocol import restamp
 EVENTS_PER_WAKE = 256              # events renumbered per wake-up before the stop socket is looked at
 
 
-def _proxy(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int, stop_ep: str) -> threading.Thread:
+def _sockets(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
+             stop_ep: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+    """A forward's sockets: the internal PULL it binds at ``front_ep``, the external
+    ``back_kind`` socket it binds at ``back_ep``, and a SUB on ``stop_ep`` (its stop)."""
+    front = ctx.socket(zmq.PULL)
+    front.setsockopt(zmq.LINGER, 0)
+    front.setsockopt(zmq.RCVHWM, 100_000)
+    front.bind(front_ep)
+    back = ctx.socket(back_kind)
+    back.setsockopt(zmq.LINGER, 1000)
+    back.setsockopt(zmq.SNDHWM, 100_000)
+    back.bind(back_ep)
+    ctrl = ctx.socket(zmq.SUB)
+    ctrl.setsockopt(zmq.SUBSCRIBE, b"")
+    ctrl.connect(stop_ep)
+    return front, back, ctrl
+
+
+def _in_thread(forward, ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
+               stop_ep: str) -> threading.Thread:
+    """Run ``forward(front, back, ctrl)`` in a daemon thread on its own sockets, closed
+    when it returns (a stop, or the context terminated)."""
     def run():
-        front = ctx.socket(zmq.PULL)
-        front.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.RCVHWM, 100_000)
-        front.bind(front_ep)
-        back = ctx.socket(back_kind)
-        back.setsockopt(zmq.LINGER, 1000)
-        back.setsockopt(zmq.SNDHWM, 100_000)
-        back.bind(back_ep)
-        ctrl = ctx.socket(zmq.SUB)
-        ctrl.setsockopt(zmq.SUBSCRIBE, b"")
-        ctrl.connect(stop_ep)
+        socks = _sockets(ctx, front_ep, back_ep, back_kind, stop_ep)
         try:
-            zmq.proxy_steerable(front, back, None, ctrl)
+            forward(*socks)
         except zmq.ContextTerminated:
             pass
-        except zmq.ZMQError as e:      # libzmq 4.3.5's steerable proxy ends on TERMINATE with
-            if e.errno != zmq.ENOTSUP:  # ENOTSUP (its re-added stub; pyzmq PR #1894): a stop
-                raise
         finally:
-            for s in (front, back, ctrl):
-                s.close(0)
+            for sock in socks:
+                sock.close(0)
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
 
 
-def _events_relay(ctx: zmq.Context, front_ep: str, back_ep: str, stop_ep: str,
-                  first_seq: int) -> threading.Thread:
-    """Forward the engine processes' events (PULL ``front_ep``) to the PUB ``back_ep`` as
-    one stream numbered ``first_seq, first_seq + 1, ...`` (``feeds.protocol.restamp``).
-    A frame that is not a message (none should come) is dropped without a number."""
-    def run():
-        front = ctx.socket(zmq.PULL)
-        front.setsockopt(zmq.LINGER, 0)
-        front.setsockopt(zmq.RCVHWM, 100_000)
-        front.bind(front_ep)
-        back = ctx.socket(zmq.PUB)
-        back.setsockopt(zmq.LINGER, 1000)
-        back.setsockopt(zmq.SNDHWM, 100_000)
-        back.bind(back_ep)
-        ctrl = ctx.socket(zmq.SUB)
-        ctrl.setsockopt(zmq.SUBSCRIBE, b"")
-        ctrl.connect(stop_ep)
+def _proxy(front: zmq.Socket, back: zmq.Socket, ctrl: zmq.Socket) -> None:
+    """The orders' forward: libzmq's proxy, until TERMINATE on ``ctrl``."""
+    try:
+        zmq.proxy_steerable(front, back, None, ctrl)
+    except zmq.ZMQError as e:      # libzmq 4.3.5's steerable proxy ends on TERMINATE with
+        if e.errno != zmq.ENOTSUP:  # ENOTSUP (its re-added stub; pyzmq PR #1894): a stop
+            raise
+
+
+def _events_relay(first_seq: int):
+    """The events' forward: every frame from the engine processes (``front``) out on the
+    PUB (``back``) as one stream numbered ``first_seq, first_seq + 1, ...``
+    (``feeds.protocol.restamp``), until anything arrives on ``ctrl``. A frame that is not
+    a message (none should come) is dropped without a number."""
+    def forward(front: zmq.Socket, back: zmq.Socket, ctrl: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(ctrl, zmq.POLLIN)
         seq = first_seq
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if ctrl in ready:
+        while ctrl not in dict(poller.poll()):
+            for _ in range(EVENTS_PER_WAKE):
+                try:
+                    frame = front.recv(zmq.NOBLOCK)
+                except zmq.Again:
                     break
-                for _ in range(EVENTS_PER_WAKE):
-                    try:
-                        frame = front.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    out = restamp(frame, seq, time.time_ns())
-                    if out is not None:
-                        back.send(out)        # PUB: never blocks (drops for a slow subscriber)
-                        seq += 1
-        except zmq.ContextTerminated:
-            pass
-        finally:
-            for s in (front, back, ctrl):
-                s.close(0)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+                out = restamp(frame, seq, time.time_ns())
+                if out is not None:
+                    back.send(out)            # PUB: never blocks (drops for a slow subscriber)
+                    seq += 1
+    return forward
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     stop_ep = f"inproc://stop-{a.name}"
     stop = ctx.socket(zmq.PUB)
     stop.bind(stop_ep)
-    threads = [_events_relay(ctx, a.events_in, a.events_out, stop_ep, time.time_ns() // 1000)]
+    threads = [_in_thread(_events_relay(time.time_ns() // 1000), ctx, a.events_in, a.events_out,
+                          zmq.PUB, stop_ep)]
     if a.orders_in:
-        threads.append(_proxy(ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
+        threads.append(_in_thread(_proxy, ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
     time.sleep(0.05)               # let the proxy threads bind
     process.short_slices()         # the proxy and I/O threads exist now
     ctl.mark_ready(Role.LIQGW)

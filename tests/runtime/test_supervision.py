@@ -25,14 +25,19 @@ def test_dead_mark_price_process_is_an_engine_failure(start_engine):
         eng.watch_once()
 
 
-def test_dead_worker_is_restarted_not_a_failure(start_engine):
-    run = start_engine()
-    eng = run.engine
+def _kill_worker0(eng) -> int:
+    """SIGKILL worker 0, wait for it to be dead, let the supervisor act; its old pid."""
     old = eng.worker_pid(0)
     os.kill(old, signal.SIGKILL)
     worker = next(c for c in eng.children if c.role == "worker0")
     wait_until(lambda: worker.proc.poll() is not None, 10.0, "the worker to die")
     assert eng.watch_once() == ["worker0"]
+    return old
+
+
+def test_dead_worker_is_restarted_not_a_failure(start_engine):
+    eng = start_engine().engine
+    old = _kill_worker0(eng)
     assert eng.worker_pid(0) != old
 
 
@@ -43,11 +48,7 @@ def test_a_worker_restart_is_an_event(start_engine):
 
     run = start_engine()
     eng = run.engine
-    old = eng.worker_pid(0)
-    os.kill(old, signal.SIGKILL)
-    worker = next(c for c in eng.children if c.role == "worker0")
-    wait_until(lambda: worker.proc.poll() is not None, 10.0, "the worker to die")
-    assert eng.watch_once() == ["worker0"]
+    old = _kill_worker0(eng)
     ev = run.client.event(Code.EVENT_WORKER_RESTARTED)
     assert ev["detail"].startswith(f"worker0 (pid {old}) killed by SIGKILL; restarted as pid {eng.worker_pid(0)}")
     assert ev["account"] is None and ev["instrument"] is None
