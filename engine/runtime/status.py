@@ -14,16 +14,22 @@ from engine.store.layout import PRICE_FROZEN, Status
 from engine.store.shm import Store
 
 
+def _age_ms(ts_ns: int) -> float:
+    """How long ago ``ts_ns`` was, in ms, by the clock read now: after the row holding it
+    was read, so a heartbeat written while the snapshot is taken is not in the future
+    (a clock read once at the start gave -2.5 ms: a flaky test, session 16)."""
+    return round((time.time_ns() - ts_ns) / 1e6, 1)
+
+
 def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
     """Prices, account counts by status, the accounts nearest liquidation, partition counters."""
-    now = time.time_ns()
     prices = []
     for i, ins in enumerate(store.instruments):
         p = store.read(store.prices, i)
         prices.append({"instrument": bytes(ins["name"]).rstrip(b"\0").decode(), "mark": float(p["mark"]),
                        "index": float(p["index"]), "price_seq": int(p["price_seq"]),
                        "frozen": bool(int(p["flags"]) & PRICE_FROZEN),
-                       "age_ms": round((now - int(p["ts_ns"])) / 1e6, 1)})
+                       "age_ms": _age_ms(int(p["ts_ns"]))})
     rows = np.concatenate([np.arange(*store.partition_rows(p)) for p in range(store.n_partitions)])
     acc = store.accounts[rows]       # a racy bulk copy for counting; the top list is re-read below
     eq, mm = acc["cross_equity_usd"], acc["cross_mm_usd"]
@@ -45,7 +51,7 @@ def snapshot(store: Store, near_ratio: float = 0.8, top: int = 10) -> dict:
     for p in range(store.n_partitions):
         row = store.read(store.partitions, p)
         parts.append({"partition": p, "accounts": int(row["n_accounts"]), "records_applied": int(row["fills_applied"]),
-                      "heartbeat_age_ms": round((now - int(row["heartbeat_ns"])) / 1e6, 1),
+                      "heartbeat_age_ms": _age_ms(int(row["heartbeat_ns"])),
                       "worker_pid": int(row["worker_pid"])})
     return {
         "engine": store.name, "accounts": int(len(rows)),
