@@ -111,7 +111,8 @@ REPORTED: dict[int, str] = {
     1005: "a required field (or header key) is missing. " + _WIRE,
     1006: "a field has the wrong msgpack type. " + _WIRE,
     1007: "frame larger than the stream's limit, before unpacking. " + _WIRE,
-    1008: "a field's value outside its domain (also a mode the leg rule does not know). " + _WIRE,
+    1008: "a field's value outside its domain (also a BATCH whose numbers would pass 2**64-1, a mode "
+          "the leg rule does not know). " + _WIRE,
     1009: "a key that is not a field of the type, in its version. " + _WIRE,
     1010: "a known type this stream does not take, decided before its fields. " + _WIRE,
     2001: "tick price zero or negative (NaN and infinity are refused at decoding, 1008). Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
@@ -128,14 +129,16 @@ REPORTED: dict[int, str] = {
           "COLLATERAL_REPLY (collateral)",
     3004: "instrument unknown (a fill's `instrument_id`); or a contract size the engine cannot "
           "value exactly (a fill leg). Event",
-    3005: "fill quantity zero, of the wrong sign for `taker_side`, or a result outside int64 (a fill leg). Event",
+    3005: "fill quantity zero, -2**63 (its negation, the maker's leg, is no int64), of the wrong sign for "
+          "`taker_side`, or a result outside int64 (a fill leg). Event",
     3006: "fill price not positive. Event",
     3007: "fill leg refused by the worker: the account has no free position slot for the "
           "instrument (the other leg is applied). Event, naming the account and trade",
     3008: "fill whose maker and taker are the same account: nothing applied. Event",
     3101: "DEPOSIT/WITHDRAWAL asset unknown. COLLATERAL_REPLY",
-    3102: "an amount outside its rule: a fill leg's isolated margin (for a cross position, or "
-          "below 0) or fee (outside int64). Event (fill legs); returned by the Python API",
+    3102: "an amount outside its rule: a deposit that would take the balance past 2**63-1 "
+          "(COLLATERAL_REPLY); a fill leg's isolated margin (for a cross position, or below 0) or "
+          "fee (outside int64) (event; the Python API returns it)",
     3103: "withdrawal would leave cross equity below cross initial margin: refused. COLLATERAL_REPLY",
     3104: "withdrawal larger than the balance: refused. COLLATERAL_REPLY",
     3105: "this `transfer_id` was applied before: nothing applied now. COLLATERAL_REPLY with the balance",

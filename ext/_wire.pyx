@@ -14,7 +14,7 @@ Routing (``FillIntake.route``) applies the fills gateway's rules (engine/runtime
 and pushes each accepted fill's two legs onto the owning partitions' rings.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MIN
 from libc.string cimport memcmp, memcpy
 
 include "_msgpack.pxi"
@@ -352,7 +352,7 @@ cdef class FillIntake:
                     code = CODE_UNKNOWN_ACCOUNT
                 elif taker == maker:
                     code = CODE_SAME_ACCOUNT
-                elif f.qty_units == 0:
+                elif f.qty_units == 0 or f.qty_units == INT64_MIN:    # -(-2**63): no int64
                     code = CODE_BAD_QTY
                 elif f.price_units <= 0:
                     code = CODE_BAD_PRICE

@@ -512,6 +512,8 @@ def decode(frame: bytes, *, max_size: int = MAX_FRAME_BYTES,
         bad = None if post is None else post(body, "")
     else:                                    # reference path: exact code and detail
         bad = _validate(body, t, v)
+    if bad is None and mtype is MsgType.BATCH and seq + len(body["msgs"]) - 1 > UINT64_MAX:
+        bad = (Code.WIRE_BAD_VALUE, f"seq: a batch of {len(body['msgs'])} from {seq} passes 2**64-1")
     if bad is not None:
         return Rejected(bad[0], bad[1], seq, t)
     return Message(mtype, seq, ts_ns, body)

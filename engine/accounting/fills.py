@@ -235,9 +235,10 @@ def _account_ok(store: Store, partition: int, row: int) -> bool:
 def route_reject(fill: dict, n_instruments: int, taker_row: int | None, maker_row: int | None) -> Code | None:
     """The fills gateway's rule for one decoded fill before its legs are routed (and the
     journal replay's, which must reject the same fills): the instrument known (3004),
-    both accounts known (3003) and different (3008), the quantity nonzero and of the taker
-    side's sign (3005), the price > 0 (3006). None: route both legs, the taker's
-    ``+qty_units`` and the maker's ``-qty_units``, at ``price_units``."""
+    both accounts known (3003) and different (3008), the quantity nonzero, not -2**63
+    (the maker's leg, its negation, would not fit an int64) and of the taker side's sign
+    (3005), the price > 0 (3006). None: route both legs, the taker's ``+qty_units`` and
+    the maker's ``-qty_units``, at ``price_units``."""
     qty = fill["qty_units"]
     if fill["instrument_id"] >= n_instruments:
         return Code.FILL_UNKNOWN_INSTRUMENT
@@ -245,7 +246,7 @@ def route_reject(fill: dict, n_instruments: int, taker_row: int | None, maker_ro
         return Code.FILL_UNKNOWN_ACCOUNT
     if taker_row == maker_row:
         return Code.FILL_SAME_ACCOUNT
-    if qty == 0 or (qty > 0) != (fill["taker_side"] == "buy"):
+    if qty == 0 or qty == INT64_MIN or (qty > 0) != (fill["taker_side"] == "buy"):
         return Code.FILL_BAD_QTY
     if fill["price_units"] <= 0:
         return Code.FILL_BAD_PRICE

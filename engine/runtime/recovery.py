@@ -369,7 +369,7 @@ class _FillChunks:
         taker, maker = self._row(f["taker_account"]), self._row(f["maker_account"])
         qty, price, ins = f["qty_units"], f["price_units"], f["instrument_id"]
         code = np.select([ins >= len(store.instruments), (taker < 0) | (maker < 0), taker == maker,
-                          qty == 0, price <= 0],
+                          (qty == 0) | (qty == np.iinfo(np.int64).min), price <= 0],
                          [int(Code.FILL_UNKNOWN_INSTRUMENT), int(Code.FILL_UNKNOWN_ACCOUNT),
                           int(Code.FILL_SAME_ACCOUNT), int(Code.FILL_BAD_QTY), int(Code.FILL_BAD_PRICE)], 0)
         ok = code == 0
@@ -463,7 +463,11 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
             st.unreadable += 1
             continue
         sign = 1 if m.type == MsgType.DEPOSIT else -1
-        store.set_balance(row, asset, int(store.accounts[row]["balance"][asset]) + sign * f["amount_units"])
+        balance = int(store.accounts[row]["balance"][asset]) + sign * f["amount_units"]
+        if not -2**63 <= balance < 2**63:          # the worker refuses such a request (3102)
+            st.unreadable += 1
+            continue
+        store.set_balance(row, asset, balance)
         if f.get("transfer_id") is not None:
             st.transfers.append((f["transfer_id"], f["account"], f["amount_units"], asset, int(m.type)))
         store.partitions["fills_applied"][row // store.per_partition] += 1

@@ -48,6 +48,7 @@ import numpy as np
 import zmq
 
 from engine import _fills, _margin, _shm
+from engine.accounting.fills import INT64_MAX
 from engine.codes import Code
 from engine.config import EngineSettings
 from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
@@ -595,11 +596,14 @@ class Worker:
         return done
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
-        """Deposit credits; a withdrawal that would leave cross equity below cross initial
-        margin, or the balance below zero, is refused with a reason code."""
+        """Deposit credits (refused, 3102, when the balance would pass 2**63-1: it is an
+        int64); a withdrawal that would leave cross equity below cross initial margin, or
+        the balance below zero, is refused with a reason code."""
         st = self.store
         bal = int(st.accounts[row]["balance"][asset])
         if kind == RecordKind.DEPOSIT:
+            if bal + amount > INT64_MAX:
+                return Code.COLLATERAL_BAD_AMOUNT, bal
             st.set_balance(row, asset, bal + amount)
             return Code.OK, bal + amount
         if amount > bal:

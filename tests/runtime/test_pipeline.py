@@ -30,7 +30,7 @@ from engine.liquidation.decide import decide
 from engine.risk.margin import account_detail, pretrade_check
 from engine.runtime.journal import replay
 from engine.store.layout import PRICE_FROZEN, AccountFlag
-from feeds.protocol import EXAMPLES, MsgType, Sequencer, decode
+from feeds.protocol import EXAMPLES, MsgType, Sequencer, decode, encode_batch
 from runtime_support import (MALFORMED, USDT, apply_privately, balance, book, fee_pools, fill, money,
                              position, private_store, process_counters, wait_until)
 
@@ -267,6 +267,20 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     for code in (Code.WIRE_MALFORMED, Code.WIRE_BAD_FIELD_TYPE, Code.FILL_UNKNOWN_ACCOUNT,
                  Code.FILL_UNKNOWN_INSTRUMENT, Code.FILL_SAME_ACCOUNT):
         c.event(code)
+    # qty -2**63: an int64, but the maker's leg (its negation) is not; once it killed the
+    # gateway. Refused 3005 on the C parser's path and on the reference decoder's (map32).
+    huge = fill(15, ALICE, BOB, -2**63, 500_000)
+    c.send_fills([huge])
+    c.event(Code.FILL_BAD_QTY)
+    body = {"v": 1, "t": int(MsgType.FILL), "seq": c.seq_fills.next(), "ts_ns": time.time_ns(), **huge}
+    c.fills.send(b"\xdf" + len(body).to_bytes(4, "big") +
+                 b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in body.items()))
+    c.event(Code.FILL_BAD_QTY)
+    # a BATCH whose numbers would pass 2**64-1: 1008 (it used to kill the gateway, and
+    # every snapshot after a restart)
+    c.fills.send(encode_batch(MsgType.FILL, [fill(16, ALICE, BOB, 1, 500_000)] * 2, first_seq=2**64 - 1,
+                              ts_ns=time.time_ns()))
+    assert "seq: a batch of 2 from 18446744073709551615 passes" in c.event(Code.WIRE_BAD_VALUE)["detail"]
     # checks: malformed, wrong type, unknown type here, unknown account/instrument/asset
     c.checks.send(MALFORMED)
     r = c.reply()
@@ -290,6 +304,10 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     assert c.reply().fields == {"request_id": 4, "code": Code.FILL_UNKNOWN_ACCOUNT, "balance_units": 0}
     c.request(MsgType.DEPOSIT, {"request_id": 5, "account": ALICE, "asset": "DOGE", "amount_units": 1})
     assert c.reply().fields == {"request_id": 5, "code": Code.COLLATERAL_UNKNOWN_ASSET, "balance_units": 0}
+    # a deposit the int64 balance cannot hold: refused, the balance unchanged (it used to
+    # crash the worker, and again after each restart: the record stayed in its ring)
+    c.request(MsgType.DEPOSIT, {"request_id": 7, "account": ALICE, "asset": "USDT", "amount_units": 2**63 - 1})
+    assert c.reply().fields == {"request_id": 7, "code": Code.COLLATERAL_BAD_AMOUNT, "balance_units": FUNDED_100K}
     # oracle: malformed, wrong type, unknown instrument, bad price
     c.oracle.send(MALFORMED)
     c.oracle.send(_raw(MsgType.ORACLE_TICK, 1, venue="a", instrument="SOLUSDT", price="181",

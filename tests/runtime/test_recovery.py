@@ -366,7 +366,7 @@ def test_a_snapshot_that_cannot_be_written_leaves_the_previous_one_and_no_litter
 # full), collateral records, and a frame only the reference decoder takes.
 fast_fill = st.fixed_dictionaries({
     "taker": st.sampled_from([1, 2, 3, 99]), "maker": st.sampled_from([1, 2, 3]),
-    "instrument": st.sampled_from([0, 0, 0, 1, 2, 999]), "qty": st.sampled_from([10, -10, 500, -700, 0]),
+    "instrument": st.sampled_from([0, 0, 0, 1, 2, 999]), "qty": st.sampled_from([10, -10, 500, -700, 0, -2**63]),
     "price": st.sampled_from([950_000, 960_000, 1, 0, -5]), "fee": st.integers(-3 * U, 3 * U)})
 fast_record = st.one_of(
     st.tuples(st.just("batch"), st.lists(fast_fill, min_size=1, max_size=6), st.integers(0, 7)),
@@ -382,9 +382,11 @@ def _fill_body(k: int, f: dict) -> dict:
             "taker_side": "buy" if f["qty"] >= 0 else "sell"}
 
 
-def replay_both_ways(path: str, records: list, slots: int = 8) -> tuple[Store, Store]:
+def replay_both_ways(path: str, records: list, slots: int = 8,
+                     stats_out: list | None = None) -> tuple[Store, Store]:
     """Write ``records`` (``fast_record``'s shapes) as a journal at ``path``, replay it
-    fast and by the reference path into two new books; assert equal counts; return both."""
+    fast and by the reference path into two new books; assert equal counts; return both
+    (and the two replays' stats in ``stats_out``)."""
     import msgpack
     j = Journal(path, fsync_interval_s=0)
     seq = 1
@@ -418,6 +420,8 @@ def replay_both_ways(path: str, records: list, slots: int = 8) -> tuple[Store, S
                 "fills_last_seq", "reject_codes"):
         assert getattr(f, key) == getattr(r, key), key
     os.remove(path)
+    if stats_out is not None:
+        stats_out.extend(stats)
     return books[0], books[1]
 
 
@@ -445,6 +449,20 @@ def test_the_fast_replay_keeps_the_journals_order_across_the_two_paths(tmp_path)
     held = {a: [int(x) for x in fast.slots(fast.row_of(a))[: int(fast.accounts[fast.row_of(a)]["n_positions"])]
                 ["instrument"]] for a in (1, 2, 3)}
     assert held == {1: [BTC], 2: [BTC], 3: [1]}
+
+
+def test_a_fill_of_int64_min_is_refused_by_both_replays(tmp_path):
+    """qty_units -2**63 decodes (it is an int64), but the maker's leg, its negation, is
+    not one: the gateway refuses it (3005) and so does the replay, on the C parser's path
+    (a plain frame) and the reference decoder's (a map16 with a duplicate key). It used
+    to crash both: OverflowError in the ring push, and in the replay's int64 arrays."""
+    huge = {"taker": 1, "maker": 2, "instrument": 0, "qty": -2**63, "price": 950_000, "fee": 0}
+    stats = []
+    fast, ref = replay_both_ways(str(tmp_path / "min.log"), [("single", huge, 0), ("duplicate_key", huge, 0),
+                                                             ("deposit", 1, 5 * U)], stats_out=stats)
+    assert_same_book(fast, ref)
+    assert int(fast.accounts[fast.row_of(1)]["n_positions"]) == 0
+    assert stats[0].reject_codes == {int(Code.FILL_BAD_QTY): 2} and stats[0].deposits == 1
 
 
 def test_replay_keeps_each_fills_streams_numbering_and_reads_format_1_files(tmp_path):
