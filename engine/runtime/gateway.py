@@ -62,6 +62,9 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL})
 
 
+SHUTDOWN_REPLIES_S = 3.0      # at shutdown: how long the workers' last collateral replies are awaited
+
+
 def _peer_seq(seqs: dict[bytes, Sequencer], ident: bytes) -> Sequencer:
     """The numbering of our answers to one peer of a ROUTER: each peer's answers are a
     stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
@@ -500,6 +503,24 @@ class Gateway:
                 self._remember_transfer(*transfer)
         self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
 
+    def await_collateral_replies(self, timeout_s: float) -> None:
+        """At shutdown: the deposits and withdrawals already on the rings are applied by
+        the workers as they drain, so take their replies -- journal the applied ones,
+        remember their transfer ids, answer custody -- before the journal closes. Without
+        this an applied request was in the book (and the stop's snapshot) but neither in
+        the journal nor the transfer window, and a retry after the restart applied it
+        again. A request the workers never reached stays unanswered and unapplied."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending and time.monotonic() < deadline:
+            if self.replies.poll(20):
+                while True:
+                    try:
+                        self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+        if self.pending:
+            self.counters["collateral_unanswered_at_exit"] += len(self.pending)
+
     def _publish_fills_last(self) -> None:
         """The fills streams' last accepted sequence numbers, for the snapshot that keeps
         them (so that a restarted engine still drops what it had taken): the PULL
@@ -593,6 +614,7 @@ class Gateway:
             self.journal.maybe_sync()
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.
         self.flush_fills(time.time_ns())
+        self.await_collateral_replies(SHUTDOWN_REPLIES_S)
         self.journal.close()                    # fsync: every held answer may go
         self.pump_answers()
         self._publish_fills_last()

@@ -13,6 +13,8 @@ Each request must be answered once: ORDER_CHECK_REPLY or COLLATERAL_REPLY with i
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 import zmq
@@ -214,3 +216,54 @@ def test_a_req_socket_gets_every_answer(desk):
         assert g._peer([b"id", b"x", b"body"]) is None and g.counters["bad_envelopes"] == 1
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_collateral_request_applied_during_shutdown_is_journaled_and_answered(tmp_path):
+    """Shutdown stops intake, and the workers drain their rings: a deposit already on a
+    ring is applied after the gateway's loop has ended. Its reply must still be taken --
+    journaled, its transfer id remembered, custody answered -- or the book (and the stop's
+    snapshot) holds a deposit that a retry after the restart applies again. A real
+    Gateway's run() in a thread; the test plays the worker over the real replies socket."""
+    import threading
+
+    from engine.runtime.journal import journal_file, replay
+
+    root = str(tmp_path)
+    cfg, store, ctl, ep = gateway_state(root, 1, ACCOUNTS)
+    g = G.Gateway(cfg.engine.name, ep["fills"], ep["checks"], ep["replies"], ep["events"], root, 1, [0],
+                  journal_sync="ack", journal_fsync_interval_s=0)
+    g.set_asset_names([a.name for a in cfg.assets])
+    runner = threading.Thread(target=g.run, daemon=True)
+    ctx = zmq.Context()
+    try:
+        custody = ctx.socket(zmq.DEALER)
+        custody.setsockopt(zmq.LINGER, 0)
+        custody.connect(ep["checks"])
+        worker = ctx.socket(zmq.PUSH)
+        worker.setsockopt(zmq.LINGER, 0)
+        worker.connect(ep["replies"])
+        runner.start()
+        deposit = {"request_id": 41, "account": 2, "asset": "USDT", "amount_units": 5_000_000, "transfer_id": 77}
+        custody.send(encode(MsgType.DEPOSIT, deposit, seq=1, ts_ns=1))
+        deadline = time.monotonic() + 5
+        while not g.pending and time.monotonic() < deadline:        # on the ring, at the worker
+            time.sleep(0.01)
+        [(ticket, _)] = g.pending.items()
+        ctl.request_shutdown()                                      # the loop ends; then the worker
+        time.sleep(0.3)                                             # applies the deposit and replies
+        worker.send(Sequencer().encode(MsgType.COLLATERAL_REPLY,
+                                       {"request_id": ticket, "code": 0, "balance_units": 5_000_000}))
+        assert custody.poll(5000), "custody got no answer"
+        m = decode(custody.recv())
+        assert m.type == MsgType.COLLATERAL_REPLY and m.fields == {"request_id": 41, "code": 0,
+                                                                   "balance_units": 5_000_000}
+        runner.join(5)
+        assert not runner.is_alive()
+        frames = [r.frame for r in replay(journal_file(root, 1))]
+        assert len(frames) == 1 and decode(frames[0]).fields["transfer_id"] == 77   # journaled
+        assert [int(t["transfer_id"]) for t in ctl.transfers_in_order()] == [77]    # remembered
+    finally:
+        ctx.destroy(linger=0)
+        ctl.unlink()
+        store.unlink()
+        store.detach()
