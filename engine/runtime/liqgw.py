@@ -49,9 +49,13 @@ def _sockets(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
 def _in_thread(forward, ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
                stop_ep: str) -> threading.Thread:
     """Run ``forward(front, back, ctrl)`` in a daemon thread on its own sockets, closed
-    when it returns (a stop, or the context terminated)."""
+    when it returns (a stop, or the context terminated). The sockets are bound here, in
+    the caller's thread: an endpoint that cannot be bound (in use, no such address) is an
+    exception before the process says it is ready, not a thread dying in silence while
+    the orders it should carry pile up."""
+    socks = _sockets(ctx, front_ep, back_ep, back_kind, stop_ep)
+
     def run():
-        socks = _sockets(ctx, front_ep, back_ep, back_kind, stop_ep)
         try:
             forward(*socks)
         except zmq.ContextTerminated:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                           zmq.PUB, stop_ep)]
     if a.orders_in:
         threads.append(_in_thread(_proxy, ctx, a.orders_in, a.orders_out, zmq.PUSH, stop_ep))
-    time.sleep(0.05)               # let the proxy threads bind
+    time.sleep(0.05)               # let the forwarding threads start
     process.short_slices()         # the proxy and I/O threads exist now
     ctl.mark_ready(Role.LIQGW)
     while not ctl.shutdown:

@@ -52,3 +52,27 @@ def test_a_worker_restart_is_an_event(start_engine):
     ev = run.client.event(Code.EVENT_WORKER_RESTARTED)
     assert ev["detail"].startswith(f"worker0 (pid {old}) killed by SIGKILL; restarted as pid {eng.worker_pid(0)}")
     assert ev["account"] is None and ev["instrument"] is None
+
+
+def test_an_events_endpoint_already_bound_fails_the_start(tmp_path):
+    """The liquidation gateway binds its endpoints before it says it is ready: one that
+    is taken fails the engine's start, naming the process (the bind used to happen in a
+    thread that died alone, and the engine ran on with no orders or events going out)."""
+    import zmq
+
+    from engine.runtime.harness import LocalEngine, local_config
+
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)                  # (an ipc bind would take the path over)
+    squatter.bind("tcp://127.0.0.1:*")
+    port = int(squatter.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+    config = local_config(str(tmp_path), tcp_ports={"events": port})
+    le = LocalEngine(config)
+    try:
+        with pytest.raises(EngineFailure, match="liqgw exited with 1 during start-up"):
+            le.__enter__()
+        assert not os.path.exists("/dev/shm/" + config.engine.name)     # start() cleaned up
+    finally:
+        if any(c.proc is not None and c.proc.poll() is None for c in le.engine.children):
+            le.__exit__(None, None, None)         # it started after all: stop it, unlink
+        ctx.destroy(linger=0)
