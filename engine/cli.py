@@ -98,7 +98,8 @@ def _cmd_run(args) -> int:
         write_fills_streams(eng.state_dir, opened.fills_streams)    # the gateway's start (DEALER streams)
         recovery.rebase(store, eng.state_dir, names, eng.journal_generation, eng.fills_last_seq,
                         eng.ctl.transfers_in_order(), opened.fills_streams)
-    except (StoreError, recovery.RecoveryError, OSError) as e:   # e.g. more accounts than the capacity
+    except (StoreError, recovery.RecoveryError, OSError, ValueError) as e:   # e.g. more accounts than
+                                                 # the capacity; a file that is no journal
         store.unlink()                         # nothing started yet: release the segments
         eng.ctl.unlink()
         print(f"margin-engine run: {e}", file=sys.stderr)

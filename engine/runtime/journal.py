@@ -125,7 +125,9 @@ class Journal:
 
     def _open(self, path: str) -> None:
         self.path = path
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        new = not os.path.exists(path) or header_cut_short(path)
+        if new and os.path.exists(path):
+            os.truncate(path, 0)            # a crash (or a full disk) cut its header: start it again
         if not new:
             with open(path, "rb") as f:
                 if f.read(len(MAGIC)) != MAGIC:          # e.g. format 1: never appended to
@@ -234,12 +236,22 @@ class Journal:
             self._thread = None
 
 
+def header_cut_short(path: str) -> bool:
+    """The file holds less than a header, and what it holds is the header's beginning
+    (empty included): created, then a crash or a full disk before its header was out."""
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+    return len(head) < len(MAGIC) and MAGIC.startswith(head)
+
+
 def replay(path: str, offset: int = 0) -> Iterator[JournalRecord]:
     """Records of a journal in order, from byte ``offset`` (0 or ``len(MAGIC)``: the
     first record; else a record boundary, e.g. ``os.path.getsize`` at a moment the
     gateway was not writing); stops quietly at a torn tail."""
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
+        if len(magic) < len(MAGIC) and (MAGIC.startswith(magic) or MAGIC_V1.startswith(magic)):
+            return                          # created, its header never (wholly) written: no records
         if magic not in (MAGIC, MAGIC_V1):
             raise ValueError(f"{path}: not a margin-engine journal")
         rec = _REC if magic == MAGIC else _REC_V1

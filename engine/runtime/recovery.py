@@ -62,7 +62,7 @@ from engine.accounting.fills import apply_fill_legs, route_reject
 from engine.codes import Code
 from engine.runtime.ctl import TRANSFER
 from engine.runtime.progress import ProgressBar
-from engine.runtime.journal import MAGIC, journal_file, journal_generations, replay
+from engine.runtime.journal import MAGIC, header_cut_short, journal_file, journal_generations, replay
 from engine.store import layout as L
 from engine.store.shm import Store
 from feeds.protocol import MsgType, Rejected, decode, decode_fills
@@ -483,8 +483,11 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
 
 
 def journal_end(path: str) -> int:
-    """A journal file's size in bytes (``len(MAGIC)`` for none yet: nothing to replay)."""
-    return os.path.getsize(path) if os.path.exists(path) else len(MAGIC)
+    """A journal file's size in bytes (``len(MAGIC)`` for none yet, or one whose header a
+    crash or a full disk cut short: nothing to replay)."""
+    if not os.path.exists(path) or header_cut_short(path):
+        return len(MAGIC)
+    return os.path.getsize(path)
 
 
 def replay_spans(state_dir: str, generation: int, offset: int) -> list[tuple[int, int]]:

@@ -543,3 +543,24 @@ def test_a_long_replay_shows_a_bar_of_the_bytes_and_a_short_one_nothing(tmp_path
     small.update(100)
     small.close()
     assert quiet.getvalue() == ""
+
+
+def test_a_journal_file_whose_header_was_cut_short_holds_no_records(tmp_path):
+    """A cut started generation 2 and the snapshot points at its start (byte 8), but a
+    crash or a full disk left its file with 3 bytes of the 8-byte header. That file
+    holds no records: the restart recovers (it refused, "shorter than the snapshot's
+    offset", and a replay raised "not a margin-engine journal" on every start), and the
+    gateway's next open writes the header again."""
+    d = str(tmp_path)
+    book = new_store()
+    three_accounts(book)
+    recovery.write_snapshot(book, os.path.join(d, recovery.SNAPSHOT_FILE), len(MAGIC), NAMES, 2)
+    cut = journal_file(d, 2)
+    open(cut, "wb").write(MAGIC[:3])
+    assert list(replay(cut)) == []
+    again = new_store()
+    opened = recovery.open_book(again, d, NAMES, lambda s: pytest.fail("a new book instead of the recovered one"))
+    assert opened.recovered and opened.replay.records == 0
+    assert int(again.partitions["n_accounts"].sum()) == int(book.partitions["n_accounts"].sum())
+    Journal(cut, fsync_interval_s=0).close()
+    assert open(cut, "rb").read() == MAGIC
