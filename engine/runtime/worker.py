@@ -338,10 +338,21 @@ class Worker:
         # (each frame's number was noted in the control segment when it was encoded: a
         # crash before it leaves shows the receiver a gap, never a reused number)
         for frame in tp.frames:
-            self.orders.send(frame)
+            self._send_order(frame)
         if tp.fallback:                           # accounts the kernel declined: the reference
             n += self.liquidate_reference(tp.fallback, stage)
         return n
+
+    def _send_order(self, frame: bytes) -> None:
+        """One order frame out, never waiting: when the matching engine does not take
+        orders (its PULL down, the queue of 1,000 full) the order is dropped and counted
+        (``orders_dropped``), its account stays flagged outstanding and gets a new order
+        after ``REISSUE_AFTER_NS`` if still in breach. A blocking send would stop the
+        worker -- ticks, fills, heartbeats -- until the matching engine came back."""
+        try:
+            self.orders.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["orders_dropped"] += 1
 
     def book_orders(self, stage: str = STAGE_TRIGGER) -> None:
         """After 1a's orders are out: count them, flag their accounts outstanding in the
@@ -471,7 +482,7 @@ class Worker:
                 frame, rec = self.tp.encode_order(row, o.account_id, o.instrument, o.qty_units,
                                                   o.limit_price_units, int(o.reason), tick_seq, tick_recv_ns,
                                                   time.time_ns())
-                self.orders.send(frame)
+                self._send_order(frame)
                 self.counters["orders"] += 1
                 self.counters[f"orders_{stage}"] += 1
                 self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec), stage=stage))

@@ -24,6 +24,7 @@ breach (92,500 < 92,606.03). Stage 1a's binary search cannot see it; the holders
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 
@@ -228,3 +229,23 @@ def test_records_that_waited_longer_than_the_bound_are_seen_as_due(worker):
     w.drain(0, w.snap)
     assert w.ctl.push(0, RecordKind.FILL_LEG, BTC, row, 1, 950_000, 0, 2, time.time_ns() - 1_000_000, 0)
     assert w._records_waited(FILLS_MAX_WAIT_NS)                                  # 1 ms: due
+
+
+def test_orders_the_matching_engine_does_not_take_are_dropped_not_waited_for(worker):
+    """The matching engine's orders PULL is gone and the worker's queue is full (a queue
+    of one here, no receiver): a tick that breaches A must not stop the worker on a
+    blocking send -- the order is dropped and counted, A stays flagged outstanding (its
+    order goes out again after REISSUE_AFTER_NS if still in breach)."""
+    import zmq
+
+    w, store, _ = worker
+    stuck = w.zctx.socket(zmq.PUSH)
+    stuck.setsockopt(zmq.SNDHWM, 1)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.connect(f"ipc://{tempfile.mkdtemp()}/nobody.sock")
+    stuck.send(b"fills the queue of one")
+    w.orders.close(0)
+    w.orders = stuck
+    _tick(w, store, BTC, 92_000.0, 2)                     # crosses A's trigger (92,412.06)
+    assert w.counters["orders_dropped"] == 1 and w.counters["orders"] == 1
+    assert int(store.accounts[store.row_of(A)]["flags"]) & 1   # outstanding: re-sent later
