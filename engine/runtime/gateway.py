@@ -97,7 +97,7 @@ class Gateway:
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
         self.reply_seqs: dict[bytes, Sequencer] = {}             # checks socket: our replies, per peer
-        self._req_peers: set[bytes] = set()                      # ROUTER peers that use REQ envelopes
+        self._req_peers: dict[zmq.Socket, set[bytes]] = {}       # per ROUTER: peers using REQ envelopes
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
             self.trackers[None] = SequenceTracker(fills_last_seq)
@@ -198,19 +198,25 @@ class Gateway:
             frame = _peer_seq(self.ack_seqs, ident).encode_known(mtype, fields)
         else:
             frame = _peer_seq(self.reply_seqs, ident).encode(mtype, fields)
-        sock.send_multipart([ident, b"", frame] if ident in self._req_peers else [ident, frame])
+        self._route(sock, ident, frame)
 
-    def _peer(self, parts: list[bytes]) -> bytes | None:
-        """The sender's routing id of a ROUTER message: ``[id, body]`` from a DEALER, or
-        ``[id, b"", body]`` from a REQ socket (remembered, so its answers carry the empty
-        delimiter REQ expects); None for any other shape (dropped, counted)."""
+    def _peer(self, sock: zmq.Socket, parts: list[bytes]) -> bytes | None:
+        """The sender's routing id of a message on the ROUTER ``sock``: ``[id, body]`` from
+        a DEALER, or ``[id, b"", body]`` from a REQ socket (remembered for that socket, so
+        its answers carry the empty delimiter REQ expects); None for any other shape
+        (dropped, counted)."""
         if len(parts) == 2:
             return parts[0]
         if len(parts) == 3 and parts[1] == b"":
-            self._req_peers.add(parts[0])
+            self._req_peers.setdefault(sock, set()).add(parts[0])
             return parts[0]
         self.counters["bad_envelopes"] += 1
         return None
+
+    def _route(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:
+        """``frame`` to the peer ``ident`` of the ROUTER ``sock``, in its envelope."""
+        req = self._req_peers.get(sock)
+        sock.send_multipart([ident, b"", frame] if req and ident in req else [ident, frame])
 
     def pump_answers(self) -> None:
         """Send the held answers the disk has caught up with (in order); start the next
@@ -390,7 +396,7 @@ class Gateway:
         if reply is not None:                                    # C path: the whole check
             seq.last += 1
             self.counters["checks"] += 1
-            self.checks.send_multipart([ident, b"", reply] if ident in self._req_peers else [ident, reply])
+            self._route(self.checks, ident, reply)
             return
         c = _wire.parse_order_check(frame, MAX_FRAME_BYTES)     # a check the C path left
         if c is not None:
@@ -475,7 +481,7 @@ class Gateway:
         seq.last += 1
         reply = _wire.encode_check_reply(seq.last, time.time_ns(), request_id, int(code),
                                          float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)
-        self.checks.send_multipart([ident, b"", reply] if ident in self._req_peers else [ident, reply])
+        self._route(self.checks, ident, reply)
 
     def _price(self, instrument: int, price_units: int) -> float:
         if not 0 <= instrument < self.n_instruments or price_units <= 0:
@@ -589,13 +595,13 @@ class Gateway:
             while n < 1000 and checks.getsockopt(EVENTS) & POLLIN:
                 parts = checks.recv_multipart(zmq.NOBLOCK)
                 n += 1
-                if (peer := self._peer(parts)) is not None:
+                if (peer := self._peer(checks, parts)) is not None:
                     self.on_request(peer, parts[-1], now)
             n = 1000 if cutting else 0                              # a cut: fills wait in the socket
             while n < 1000 and fills.getsockopt(EVENTS) & POLLIN:   # a burst: taken, then flushed
                 if self.fills_acks:
                     parts = fills.recv_multipart(zmq.NOBLOCK)
-                    if (peer := self._peer(parts)) is not None:
+                    if (peer := self._peer(fills, parts)) is not None:
                         self.take_fills(parts[-1], now, peer)
                 else:
                     self.take_fills(fills.recv(zmq.NOBLOCK), now)

@@ -204,7 +204,7 @@ def test_a_req_socket_gets_every_answer(desk):
             parts = g.checks.recv_multipart()
             assert len(parts) == 3 and parts[1] == b""          # the REQ envelope
             before = g._last_ticket
-            g.on_request(g._peer(parts), parts[-1], 1)
+            g.on_request(g._peer(g.checks, parts), parts[-1], 1)
             if g._last_ticket != before:
                 play_worker(g, ctl, {})
             assert req.poll(5000), f"no answer to request {k} reached the REQ socket"
@@ -213,7 +213,8 @@ def test_a_req_socket_gets_every_answer(desk):
             if reply_type is not MsgType.REJECT:
                 assert m.fields["request_id"] == 900 + k
         assert g.counters["bad_envelopes"] == 0
-        assert g._peer([b"id", b"x", b"body"]) is None and g.counters["bad_envelopes"] == 1
+        assert g._peer(g.checks, [b"id", b"x", b"body"]) is None and g.counters["bad_envelopes"] == 1
+        assert g._req_peers.get(g.fills) is None          # a REQ peer of one socket, not of the other
     finally:
         ctx.destroy(linger=0)
 
