@@ -117,8 +117,10 @@ REPORTED: dict[int, str] = {
     1010: "a known type this stream does not take, decided before its fields. " + _WIRE,
     2001: "tick price zero or negative (NaN and infinity are refused at decoding, 1008). Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2002: "tick for an instrument or asset the engine does not know. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
-    2003: "venue not in the calculator's venue list. Not produced by the engine (its mark-price "
-          "stage takes any venue); the feeds.oracle library's, when given a list",
+    2003: "a new venue for an instrument whose 16 places (OracleParams.max_venues) are all held by "
+          "fresh venues (a stale one gives its place up); or, with a venue registry, a venue not in it. "
+          "Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were "
+          "refused since",
     2004: "venue timestamp older than that venue's last tick. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2005: "tick older than the staleness timeout when it arrives. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2006: "basis sample while no index is live. Not produced by the engine (no basis samples "

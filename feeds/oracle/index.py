@@ -57,7 +57,10 @@ class OracleParams:
     """Parameters of the index and mark rules (units in the names).
 
     ``registry`` maps each known instrument to the venues allowed to quote it; ``None``
-    accepts any instrument and venue.
+    accepts any instrument and venue. ``max_venues``: the venues one instrument keeps
+    quotes of; a new venue beyond them takes the place of the longest-stale one, and is
+    refused (``ORACLE_UNKNOWN_VENUE``) while every one is fresh -- so a feed sending ever
+    new venue names cannot grow the state or the outlier rule's work without bound.
     """
 
     staleness_ns: int = 5 * NS_PER_S
@@ -66,6 +69,7 @@ class OracleParams:
     basis_halflife_ns: int = 60 * NS_PER_S
     max_basis: float = 0.005
     registry: Mapping[str, frozenset[str]] | None = None
+    max_venues: int = 16            # the C fast path's table (OF_MAX_VENUES) holds as many
 
 
 @dataclass(frozen=True)
@@ -204,10 +208,17 @@ class MarkPriceCalculator:
         ``reject_counts``.
         """
         code = self._validate_tick(instrument, venue, price, venue_ts_ns, now_ns)
+        inst = self._instruments.setdefault(instrument, _Instrument()) if code is Code.OK else None
+        if inst is not None and venue not in inst.quotes and len(inst.quotes) >= self.params.max_venues:
+            stalest = min(inst.quotes, key=lambda v: inst.quotes[v].fresh_ts_ns)
+            if now_ns - inst.quotes[stalest].fresh_ts_ns > self.params.staleness_ns:
+                del inst.quotes[stalest]            # stale: it counted for nothing
+                inst.excluded.discard(stalest)
+            else:
+                code = Code.ORACLE_UNKNOWN_VENUE    # every place taken by a fresh venue
         if code is not Code.OK:
             self.reject_counts[code] += 1
             return code, []
-        inst = self._instruments.setdefault(instrument, _Instrument())
         inst.quotes[venue] = _Quote(float(price), int(venue_ts_ns),
                                     min(int(venue_ts_ns), int(now_ns)))
         return Code.OK, self._commit(instrument, inst, int(now_ns))

@@ -257,3 +257,23 @@ def test_mark_stays_within_fresh_prices_expanded_by_max_basis(ops):
         assert low * (1 - 1e-12) <= state.mark <= high * (1 + 1e-12)
         assert abs(state.mark - state.index) <= params.max_basis * state.index * (1 + 1e-12)
         assert math.isfinite(state.mark)
+
+
+def test_venues_beyond_max_venues_take_a_stale_place_or_are_refused():
+    """max_venues 3: venues a, b, c quote at t = 0; d at t = 1 finds every place taken by
+    a fresh venue (staleness 5 s): refused 2003, nothing changed. At t = 6 only c has
+    quoted again (t = 5): a and b are stale (6 - 0 > 5); d takes the place of the
+    longest-stale, a, and the index is the median of the fresh c and d (101, 104 ->
+    102.5). The state never holds more than three venues, whatever names a feed sends."""
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)], OracleParams(max_venues=3))
+    code, events = calc.on_tick(BTC, "d", 200.0, 1 * S, 1 * S)
+    assert (code, events) == (Code.ORACLE_UNKNOWN_VENUE, [])
+    assert calc.state(BTC, 1 * S).index == 100.0
+    assert calc.on_tick(BTC, "c", 101.0, 5 * S, 5 * S)[0] is Code.OK
+    assert calc.on_tick(BTC, "b", 100.0, 0, 6 * S)[0] is Code.ORACLE_STALE   # (b's own tick, stale)
+    assert calc.on_tick(BTC, "d", 104.0, 6 * S, 6 * S)[0] is Code.OK
+    assert sorted(calc._instruments[BTC].quotes) == ["b", "c", "d"]         # a, the stalest, gone
+    assert calc.state(BTC, 6 * S).index == 102.5
+    for k in range(100):                                                    # a flood of new names
+        calc.on_tick(BTC, f"x{k}", 100.0, 7 * S, 7 * S)
+    assert len(calc._instruments[BTC].quotes) == 3
