@@ -26,9 +26,10 @@ import os
 import sys
 import time
 
+import numpy as np
 import zmq
 
-from engine import _wire
+from engine import _shm, _wire
 from engine.codes import Code
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
@@ -70,6 +71,7 @@ class MarkPriceProcess:
         (``engine._wire.OracleFast``; off when a venue registry restricts the feed)."""
         self.store = store if store is not None else Store.attach(name, readonly=False)
         self.ctl = ctl if ctl is not None else Control.attach(name + "-ctl")
+        self.finish_torn_writes()
         self.skip_worker = skip_worker
         self.instruments = {bytes(r["name"]).rstrip(b"\0").decode(): i
                             for i, r in enumerate(self.store.instruments)}
@@ -101,6 +103,20 @@ class MarkPriceProcess:
 
     def set_asset_names(self, names: list[str]) -> None:
         self.assets = {n: i for i, n in enumerate(names)}
+
+    def finish_torn_writes(self) -> list[str]:
+        """This stage is the only writer of the price and asset rows. One killed inside a
+        seqlock write (worker 0, which runs the stage by default, SIGKILLed mid-publish)
+        leaves that row's counter odd, and every reader -- the workers' passes, the order
+        checks -- would retry on it and give up with an error; so a new writer finishes
+        those writes first (the row's next publication rewrites its content). Returns
+        what it finished, e.g. ``["prices[0]"]``."""
+        st, done = self.store, []
+        for table, name in ((st.prices, "prices"), (st.assets, "assets")):
+            for r in np.flatnonzero(table["seq"] & 1).tolist():
+                _shm.write_end(st.addr(table, r))
+                done.append(f"{name}[{r}]")
+        return done
 
     def rejected(self, code: Code, f: dict, recv_ns: int) -> None:
         """A tick refused by the oracle rule (2001 bad price, 2002 unknown instrument, 2004

@@ -367,3 +367,34 @@ def test_staleness_does_not_wrap_in_int64():
     assert rig.prices.tobytes() == before and rig.gseq[0] == g0 and np.array_equal(rig.bells, bells0)
     # the control: the same tick at recv 5 s - 10 (age exactly 5 s: fresh) is taken
     assert rig.fast.on_frame(rig.frame("a", B, 100.5, -10, 5 * S - 10), 5 * S - 10) == TAKEN
+
+
+def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
+    """Worker 0 (running the mark-price stage) SIGKILLed inside a seqlock write leaves
+    the row's counter odd: every reader then retried and gave up (RuntimeError in the
+    workers, StoreError in the gateway's order checks, over and over). The stage's next
+    writer finishes such writes when it starts, and the prices read again."""
+    from engine.runtime.ctl import Control
+    from engine.runtime.markprice import MarkPriceProcess
+    from engine.store.shm import Store
+    from engine.instruments import Asset, Instrument, Kind, derive_tiers
+    from engine import _shm
+    tiers = derive_tiers([{"floor": 0, "imr": 0.02, "mmr": 0.01}])
+    store = Store.create(None, assets=[Asset("USDT", 0, 10**6, 1.0, 0.0)], accounts_capacity=2,
+                         instruments=[Instrument("BTCUSDT", 0, Kind.PERP, "USDT", 1.0, 1000, 10, 0.1, 0.001,
+                                                 tiers, mark_price=60_000.0)],
+                         n_partitions=1, slots_per_account=2)
+    ctl = Control.create(None, n_workers=1, n_partitions=1, slots_per_account=2, ring_capacity=64)
+    _shm.write_begin(store.addr(store.prices, 0))          # the writer dies here
+    _shm.write_begin(store.addr(store.assets, 0))
+    one = (np.zeros(1), np.zeros(1, np.uint64), np.zeros(1, np.uint32))
+    assert _shm.snapshot_prices(store.addr(store.prices), 1, *one, 100) == 1    # torn: unreadable
+    tag = f"{time.time_ns()}"
+    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
+    try:
+        assert int(store.prices[0]["seq"]) % 2 == 0 and int(store.assets[0]["seq"]) % 2 == 0
+        assert store.price_snapshot().marks[0] == 60_000.0
+    finally:
+        p.sock.close(0)
+        p.events.close(0)
+
