@@ -153,7 +153,8 @@ REPORTED: dict[int, str] = {
     4005: "price not positive, or the instrument has no mark yet. ORDER_CHECK_REPLY",
     4006: "the instrument's mark is frozen (oracle quorum lost). ORDER_CHECK_REPLY",
     4007: "the order would open a position the account has no free slot for. ORDER_CHECK_REPLY",
-    4008: "no consistent copy of the account could be read (its writer stopped mid-write). ORDER_CHECK_REPLY",
+    4008: "no consistent copy of the account, or of the prices, could be read (a writer stopped "
+          "mid-write: a worker, or worker 0 publishing a mark, killed until its restart). ORDER_CHECK_REPLY",
     5001: "a shared-memory segment of another layout version, or read-only where writing is "
           "needed. Raised (engine.store); `run` exits 2",
     5002: "accounts capacity reached. Raised; `run` exits 2",

@@ -45,7 +45,7 @@ from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
 from engine.runtime.journal import (MAGIC, Journal, journal_file, journal_record, read_fills_streams,
                                     write_fills_streams)
-from engine.store.shm import Store
+from engine.store.shm import Store, StoreError
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
                             SequenceTracker, decode, decode_fills)
 
@@ -467,11 +467,18 @@ class Gateway:
         """ORDER_CHECK: the kernel's pre-trade rule on a consistent copy of the account
         (seqlock read), at a price snapshot at most 200 us old; the reply encoded in C."""
         self.counters["checks"] += 1
+        prices_ok = True
         if recv_ns - self._snap_ns > 200_000:        # prices change per tick; re-read at most every 200 us
-            self.snap = self.store.price_snapshot()
-            self._snap_ns = recv_ns
+            try:
+                self.snap = self.store.price_snapshot()
+                self._snap_ns = recv_ns
+            except StoreError:                       # a price writer stopped mid-write (worker 0
+                prices_ok = False                    # killed while publishing, until its restart
+                self.counters["checks_prices_unreadable"] += 1     # finishes the write): 4008
         row = self.store.row_of(account)
-        if row is None:
+        if not prices_ok:
+            code, eq, im = Code.CHECK_ACCOUNT_BUSY, 0.0, 0.0
+        elif row is None:
             code, eq, im = Code.CHECK_UNKNOWN_ACCOUNT, 0.0, 0.0
         else:
             res = pretrade_check_consistent(self.store, row, instrument, qty_units,

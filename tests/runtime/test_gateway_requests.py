@@ -268,3 +268,31 @@ def test_a_collateral_request_applied_during_shutdown_is_journaled_and_answered(
         ctl.unlink()
         store.unlink()
         store.detach()
+
+
+def test_an_order_check_while_a_price_row_is_torn_is_answered_4008(desk):
+    """A price writer killed mid-write (worker 0 running the mark-price stage) leaves the
+    row unreadable until its restart finishes the write. An order check meanwhile is
+    answered 4008 (no consistent copy) and the gateway goes on; it raised StoreError and
+    died before, taking the whole engine with it. Once the row is whole, checks are
+    answered by the rule again."""
+    from engine import _shm
+
+    g, ctl, client = desk
+    store = g.store
+    addr = store.addr(store.prices, 0)
+    _shm.write_begin(addr)                                       # the writer dies here
+    try:
+        client.send(frame_of(check_req(1, 0), 950, 1))
+        assert g.checks.poll(5000)
+        g.on_request(*g.checks.recv_multipart(), time.time_ns())
+        assert client.poll(5000)
+        m = decode(client.recv())
+        assert (m.fields["request_id"], m.fields["code"]) == (950, Code.CHECK_ACCOUNT_BUSY)
+    finally:
+        _shm.write_end(addr)                                     # the restarted writer finishes it
+    client.send(frame_of(check_req(1, 0), 951, 2))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    assert client.poll(5000)
+    assert decode(client.recv()).fields["code"] != Code.CHECK_ACCOUNT_BUSY
