@@ -104,10 +104,8 @@ def test_run_serves_status_and_exits_zero_on_sigterm_releasing_shm(spawn, ops_di
     text = status(name)
     assert text.returncode == 0 and text.stdout.startswith(f"engine /{name}: 301 accounts"), text
 
-    t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0, log.read_text()
-    assert time.monotonic() - t0 < 10
     assert not shm_exists(name) and not shm_exists(name + "-ctl")
     assert_group_gone(proc.pid)
     err_text = log.read_text()

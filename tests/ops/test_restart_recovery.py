@@ -126,8 +126,9 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
         # Account 2 (short 0.5 BTC, ~19,999 USDT after the fills' cost) may withdraw 1,000;
         # custody names the transfer 903 (its idempotency key)
         assert collateral(checks, cseq, MsgType.WITHDRAWAL, 3, 2, 1_000, transfer_id=903)["code"] == 0
-        # A withdrawal beyond the balance is refused (3103-class code) and never journaled
-        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 4, 1, 1_000_000)["code"] != 0
+        # A withdrawal beyond the balance (1,000,000 USDT from at most the 10,000 deposited)
+        # is refused 3104 and never journaled
+        assert collateral(checks, cseq, MsgType.WITHDRAWAL, 4, 1, 1_000_000)["code"] == 3104
     finally:
         ctx.destroy(linger=0)
 

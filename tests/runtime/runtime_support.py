@@ -95,6 +95,7 @@ class Client:
             if m is not None:
                 while m is not None:                 # the answers to the other probes
                     self.event_seqs.append(m.seq)
+                    self.seen_events.append(m.fields)
                     m = self.recv(self.events, 0.1)
                 return
         pytest.fail("no ENGINE_EVENT came back on the events endpoint")

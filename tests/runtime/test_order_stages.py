@@ -243,7 +243,7 @@ def test_orders_the_matching_engine_does_not_take_are_dropped_not_waited_for(wor
     stuck.setsockopt(zmq.SNDHWM, 1)
     stuck.setsockopt(zmq.LINGER, 0)
     stuck.connect(f"ipc://{tempfile.mkdtemp()}/nobody.sock")
-    stuck.send(b"fills the queue of one")
+    stuck.send(b"fills the queue of one", zmq.NOBLOCK)
     w.orders.close(0)
     w.orders = stuck
     _tick(w, store, BTC, 92_000.0, 2)                     # crosses A's trigger (92,412.06)
