@@ -126,6 +126,7 @@ def drain_ns_per_leg(store: Store, accounts: int, reps: int, seed: int = 7) -> f
             store.partitions.dtype.fields["fee_pool"][1], ctl.rings[p].ctypes.data, ctl.records[p].ctypes.data,
             ctl.undo[p].ctypes.data, udt.fields["account"][1], udt.fields["slots"][1], udt.fields["fee_pool"][1])
     rows_buf, codes = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int32)
+    recs_buf = np.zeros(1 << 16, ctl.records[p].dtype)
     rng, n, out = np.random.default_rng(seed), (1 << 16) - 1, []
     h, r = ctl.ring_addrs(p)
     for _ in range(reps):
@@ -134,7 +135,7 @@ def drain_ns_per_leg(store: Store, accounts: int, reps: int, seed: int = 7) -> f
         for i, (row, k) in enumerate(zip(rows.tolist(), ins.tolist())):
             _shm.ring_push(h, r, int(RecordKind.FILL_LEG), k, row, 1 - 2 * (i & 1), 100_000, 0, i, 0, 0)
         t0 = time.perf_counter()
-        done, ok = _fills.drain_fill_legs(*args, n, rows_buf, codes)
+        done, ok = _fills.drain_fill_legs(*args, n, rows_buf, codes, recs_buf.ctypes.data)
         out.append((time.perf_counter() - t0) / done * 1e9)
         assert done == n and ok == n, (done, ok)
     return _median(out)

@@ -48,7 +48,8 @@ trade have the same ``V`` and opposite ``δ``, so Q is unchanged exactly.
 Checks, in order (a rejected leg changes nothing): ``δ == 0`` or ``δ == INT64_MIN``: 3005;
 ``P <= 0``: 3006; contract size not an exact decimal or ``K`` too wide: 3004; mode not
 -1/0/1: 1008; no slot and none free: 3007; isolated margin rule broken: 3102; any result
-(V, realized, q, c, balance, isolated margin, fee pool) outside int64: 3005.
+(V, realized, q, c, balance, isolated margin, fee pool) outside int64, or q == INT64_MIN
+(whose size, |q|, a liquidation must be able to state): 3005.
 
 Writes to the account row and its slots are bracketed by the account's seqlock; the fee
 pool write by the partition row's seqlock (``fee_pool_seq``; NULL: the caller brackets it).
@@ -321,8 +322,8 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
     if closed:
         bal = bal + iso                                   # the isolated margin comes home
     pool = <me_i128>fee_pool[settle] + <me_i128>fee
-    if not (fits64(realized) and fits64(q) and fits64(c) and fits64(iso) and fits64(bal)
-            and fits64(pool)):
+    if not (fits64(realized) and fits64(q) and q != <me_i128>INT64_MIN and fits64(c) and fits64(iso)
+            and fits64(bal) and fits64(pool)):        # q -2**63: |q| (a liquidation's size) is no int64
         out.code = CODE_FILL_BAD_QTY
         return out
     # (4) writes
@@ -456,7 +457,7 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
                     int64_t fee_pool_offset, size_t ring_addr, size_t records_addr,
                     size_t undo_addr, int64_t undo_account_offset, int64_t undo_slots_offset,
                     int64_t undo_fee_offset, int64_t max_records, int64_t[::1] out_rows,
-                    int32_t[::1] out_codes):
+                    int32_t[::1] out_codes, size_t out_records_addr):
     """Apply the run of FILL_LEG records at the head of a partition's ring (worker side).
 
     For each record, the undo protocol of engine/runtime/ctl.py, in C: (1) copy the
@@ -468,12 +469,16 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
     ``max_records``, or at the producer's write index.
 
     Returns ``(n_applied, n_ok)``; ``out_rows[i]``/``out_codes[i]`` are record ``i``'s
-    account row and result code.
+    account row and result code, and ``out_records_addr`` (an array of at least
+    ``len(out_rows)`` ring records, ``engine.runtime.ctl.RECORD``) takes a copy of each
+    record, made before (3): once the read index passes a slot the producer may write
+    it again, so nothing is read from the ring after (3) -- the caller reads the copies.
     """
     cdef const InstrumentRow *ins_tab = <const InstrumentRow *>instruments_addr
     cdef const AssetRow *asset_tab = <const AssetRow *>assets_addr
     cdef RingHeader *ring = <RingHeader *>ring_addr
     cdef const RingRecord *recs = <const RingRecord *>records_addr
+    cdef RingRecord *copies = <RingRecord *>out_records_addr
     cdef const RingRecord *rec
     cdef uint64_t *undo_state = <uint64_t *>undo_addr
     cdef uint64_t *undo_ref = <uint64_t *>(undo_addr + 8)
@@ -489,9 +494,10 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
         r = ring.read_idx
         w = me_atomic_load_u64(&ring.write_idx)
         while r < w and n < cap:
-            rec = &recs[r & mask]
-            if rec.kind != RECORD_FILL_LEG:
+            if recs[r & mask].kind != RECORD_FILL_LEG:
                 break
+            memcpy(&copies[n], &recs[r & mask], sizeof(RingRecord))   # before (3): the slot is
+            rec = &copies[n]                                           # the producer's after it
             if r + DRAIN_AHEAD < w:        # the account DRAIN_AHEAD records on (random rows)
                 ahead = <size_t>recs[(r + DRAIN_AHEAD) & mask].row
                 me_prefetch_rw(<void *>(accounts_addr + ahead * sizeof(AccountRow)))

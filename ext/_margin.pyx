@@ -729,8 +729,8 @@ def account_detail(size_t instruments_addr, size_t account_addr, size_t slots_ad
         ins_pass_held(table, instruments, acct, slots, &marks[0], &asset_px[0], &asset_scale[0])
         asset_pass_fill(&w, <int>asset_px.shape[0], &asset_px[0], &asset_haircut[0], &asset_scale[0])
         r = account_values(table, &w, acct, slots)
-        for i in range(acct.n_positions):
-            pos = &slots[i]
+        for i in range(min(acct.n_positions, <int>out_positions.shape[0])):   # the row may grow
+            pos = &slots[i]                                                    # under a reader
             ins = &instruments[pos.instrument]
             scale_s = asset_scale[ins.settle_asset]
             px_s = asset_px[ins.settle_asset]

@@ -15,7 +15,7 @@ and pushes each accepted fill's two legs onto the owning partitions' rings.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT64_MIN
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memmove
 
 include "_msgpack.pxi"
 
@@ -325,7 +325,7 @@ cdef class FillIntake:
         if skip < 0 or skip > n:
             raise ValueError("FillIntake.take: skip outside 0..n")
         if skip:
-            memcpy(self.buf + self.n, self.buf + self.n + skip, <size_t>(n - skip) * sizeof(FillOut))
+            memmove(self.buf + self.n, self.buf + self.n + skip, <size_t>(n - skip) * sizeof(FillOut))   # overlapping
         self.n += n - skip
         self.pending = 0
 

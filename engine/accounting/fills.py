@@ -157,7 +157,8 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     """Apply one leg to ``position = (mode, qty, cost, isolated_margin)`` (None: no slot).
 
     Same rule, same checks in the same order as the kernel (module docstring): 3005, 3006,
-    3004, 1008, 3007, 3102, then 3005 for any result outside int64. ``slots_full``: the
+    3004, 1008, 3007, 3102, then 3005 for any result outside int64 (and a position of
+    -2**63, whose size is not one). ``slots_full``: the
     account has no free slot. The returned position is None when the leg closed it.
     """
     def reject(code: Code) -> RefLeg:
@@ -212,7 +213,7 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
         assert c == 0, "q == 0 only on m == |q0| == |δ|, which removes all the cost"
     bal = balance + realized - fee - iso_delta + (iso if closed else 0)
     pool = fee_pool + fee
-    if not all(_fits(x) for x in (realized, q, c, iso, bal, pool)):
+    if not all(_fits(x) for x in (realized, q, c, iso, bal, pool)) or q == INT64_MIN:   # |q| must fit
         return reject(Code.FILL_BAD_QTY)
     new_pos = None if closed else (pos_mode, q, c, iso)
     return RefLeg(Code.OK, new_pos, bal, pool, realized, v)

@@ -134,7 +134,8 @@ def account_detail(store: Store, row: int, snap: PriceSnapshot | None = None) ->
         raise ValueError(f"account row {row} outside 0..{store.accounts_cap - 1}")
     snap = _checked_snapshot(store, snap)
     n = int(store.accounts[row]["n_positions"])
-    out = np.zeros((max(n, 1), 6))
+    out = np.zeros((store.slots_per_account, 6))          # room for every slot: the kernel
+                                                          # reads n_positions again
     vals = _margin.account_detail(store.addr(store.instruments), store.addr(store.accounts, row),
                                   store.addr(store.positions, row * store.slots_per_account),
                                   snap.marks, snap.asset_px, snap.asset_haircut, snap.asset_scale, out)

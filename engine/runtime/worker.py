@@ -197,6 +197,7 @@ class Worker:
         udt = ctl.undo[0].dtype
         self._rows_buf = np.empty(ctl.capacity, np.int64)
         self._codes_buf = np.empty(ctl.capacity, np.int32)
+        self._recs_buf = np.empty(ctl.capacity, ctl.records[0].dtype)   # the drain's copies of its records
         self._drain_args = {
             p: (st.addr(st.instruments), st.addr(st.assets), st.addr(st.accounts), st.addr(st.positions),
                 st.slots_per_account, st.addr(st.partitions, p), st.partitions.dtype.fields["fee_pool"][1],
@@ -563,15 +564,17 @@ class Worker:
             rec = recs[r & (cap - 1)]
             kind = int(rec["kind"])
             if kind == RecordKind.FILL_LEG:
-                n, _ = _fills.drain_fill_legs(*self._drain_args[p], int(w - r), self._rows_buf, self._codes_buf)
+                n, _ = _fills.drain_fill_legs(*self._drain_args[p], int(w - r), self._rows_buf, self._codes_buf,
+                                              self._recs_buf.ctypes.data)
+                done_recs = self._recs_buf[:n]            # copies: the ring's slots are the gateway's again
                 touched.update(self._rows_buf[:n].tolist())
                 bad = self._codes_buf[:n] != 0
                 if bad.any():
                     self.counters["legs_rejected"] += int(bad.sum())
                     for i in np.flatnonzero(bad).tolist():
-                        self.leg_rejected(int(self._codes_buf[i]), recs[(r + i) & (cap - 1)])
-                last_ref = int(recs[(r + n - 1) & (cap - 1)]["ref"])
-                recv_ns = max(recv_ns, int(recs[(r + n - 1) & (cap - 1)]["ts_ns"]))
+                        self.leg_rejected(int(self._codes_buf[i]), done_recs[i])
+                last_ref = int(done_recs[n - 1]["ref"])
+                recv_ns = max(recv_ns, int(done_recs[n - 1]["ts_ns"]))
                 r += n
             else:
                 row = int(rec["row"])

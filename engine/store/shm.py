@@ -272,16 +272,16 @@ class Store:
 
     def read_account(self, row: int) -> tuple[np.void, np.ndarray]:
         """The account row and its used position slots, one consistent copy."""
-        acct = self.read(self.accounts, row)
-        # Positions are covered by the account's seqlock: copy them, then check the
-        # counter did not move meanwhile.
+        # Positions are covered by the account's seqlock: copy every slot (how many are
+        # used is known only from the row read after them), then check the counter did
+        # not move meanwhile. (Copying as many as an earlier read said returned a row of
+        # two positions with one slot when a position was added in between.)
         for _ in range(1000):
             seq = int(_shm.atomic_load_u64(self.addr(self.accounts, row)))
-            slots = self.slots(row)[: int(acct["n_positions"])].copy()
+            slots = self.slots(row).copy()
             again = self.read(self.accounts, row)
             if seq % 2 == 0 and int(again["seq"]) == seq:
                 return again, slots[: int(again["n_positions"])]
-            acct = again
         raise StoreError(Code.STORE_LAYOUT_MISMATCH, f"account row {row}: no consistent copy")
 
     # ------------------------------------------------------------------ accounts

@@ -568,3 +568,19 @@ def test_reference_never_leaves_cost_without_qty():
     # reference holds; a full close of an odd cost leaves nothing behind.
     r = reference_apply_leg((0, 3, 7, 0), 0, 0, params(2), -3, 123_457, 0)
     assert r.code == OK and r.position is None
+
+
+def test_a_position_cannot_reach_int64_min():
+    """Instrument 7 takes a short of 2**63 - 1 units at price 1 (its value fits); one more
+    unit sold would make the position -2**63, whose size |q| is no int64: the kernel
+    then sold 2**63 units to liquidate a short (the negation wrapped), growing it. That
+    leg is refused 3005 by the kernel and the reference, and changes nothing."""
+    store, rows = new_store(1, 1)
+    r = rows[0]
+    assert apply_fill_leg(store, 0, r, 7, -(2**63 - 1), 1, 0).code == OK
+    ref = reference_apply_leg(None, 0, 0, params(7), -(2**63 - 1), 1, 0)
+    before = raw_bytes(store)
+    assert apply_fill_leg(store, 0, r, 7, -1, 1, 0).code == Code.FILL_BAD_QTY
+    assert raw_bytes(store) == before
+    assert reference_apply_leg(ref.position, ref.balance, ref.fee_pool, params(7), -1, 1, 0).code == Code.FILL_BAD_QTY
+    assert int(store.slots(r)[0]["qty"]) == -(2**63 - 1)

@@ -398,3 +398,27 @@ def test_create_capacity_limits(kw, code):
     with pytest.raises(CapacityError) as ei:
         Store.create(None, **args)
     assert ei.value.code == code
+
+
+def test_read_account_returns_as_many_slots_as_the_row_says_when_a_position_is_added_meanwhile(make_store):
+    """The owner adds a second position while a reader copies the account: right after
+    the reader's first row read returns (the write slipped in between the reader's
+    steps). What it returns must be one consistent state -- as many slots as its row
+    says. (It copied as many slots as that first read said, one, and returned the
+    row after the write: two positions, one slot.)"""
+    store = make_store()
+    row = store.add_account(7)
+    store.set_position(row, 0, 1_500, 75_000_000_000)
+    real_read, calls = store.read, []
+
+    def read(table, r):                                 # the owner writes right after the first read
+        out = real_read(table, r)
+        if not calls:
+            store.set_position(row, 2, -20_000, -3_000_000_000)
+        calls.append(r)
+        return out
+
+    store.read = read
+    acct, slots = store.read_account(row)
+    n = int(acct["n_positions"])
+    assert len(slots) == n and [int(p["instrument"]) for p in slots] == [0, 2][:n]
