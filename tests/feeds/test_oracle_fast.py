@@ -287,9 +287,10 @@ def test_seeded_run_exercises_every_outcome():
     assert rig.gseq[0] == count[PUBLISHED] and rig.bells[0] == rig.bells[2] == count[PUBLISHED]
 
 
-def test_markprice_process_fold():
+def _btc_store(n_workers: int):
+    """An anonymous store of one asset (USDT) and one perp (BTCUSDT at 60,000), and a
+    control segment for ``n_workers`` workers: what a mark-price stage needs."""
     from engine.runtime.ctl import Control
-    from engine.runtime.markprice import TIMER_DEFER_MAX_NS, MarkPriceProcess
     from engine.store.shm import Store
     from engine.instruments import Asset, Instrument, Kind, derive_tiers
     tiers = derive_tiers([{"floor": 0, "imr": 0.02, "mmr": 0.01}])
@@ -297,7 +298,12 @@ def test_markprice_process_fold():
                          instruments=[Instrument("BTCUSDT", 0, Kind.PERP, "USDT", 1.0, 1000, 10, 0.1, 0.001,
                                                  tiers, mark_price=60_000.0)],
                          n_partitions=1, slots_per_account=2)
-    ctl = Control.create(None, n_workers=2, n_partitions=1, slots_per_account=2, ring_capacity=64)
+    return store, Control.create(None, n_workers=n_workers, n_partitions=1, slots_per_account=2, ring_capacity=64)
+
+
+def test_markprice_process_fold():
+    from engine.runtime.markprice import TIMER_DEFER_MAX_NS, MarkPriceProcess
+    store, ctl = _btc_store(n_workers=2)
     tag = f"{time.time_ns()}"
     ctx = zmq.Context.instance()
     events = ctx.socket(zmq.PULL)
@@ -374,17 +380,9 @@ def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
     the row's counter odd: every reader then retried and gave up (RuntimeError in the
     workers, StoreError in the gateway's order checks, over and over). The stage's next
     writer finishes such writes when it starts, and the prices read again."""
-    from engine.runtime.ctl import Control
     from engine.runtime.markprice import MarkPriceProcess
-    from engine.store.shm import Store
-    from engine.instruments import Asset, Instrument, Kind, derive_tiers
     from engine import _shm
-    tiers = derive_tiers([{"floor": 0, "imr": 0.02, "mmr": 0.01}])
-    store = Store.create(None, assets=[Asset("USDT", 0, 10**6, 1.0, 0.0)], accounts_capacity=2,
-                         instruments=[Instrument("BTCUSDT", 0, Kind.PERP, "USDT", 1.0, 1000, 10, 0.1, 0.001,
-                                                 tiers, mark_price=60_000.0)],
-                         n_partitions=1, slots_per_account=2)
-    ctl = Control.create(None, n_workers=1, n_partitions=1, slots_per_account=2, ring_capacity=64)
+    store, ctl = _btc_store(n_workers=1)
     _shm.write_begin(store.addr(store.prices, 0))          # the writer dies here
     _shm.write_begin(store.addr(store.assets, 0))
     one = (np.zeros(1), np.zeros(1, np.uint64), np.zeros(1, np.uint32))
