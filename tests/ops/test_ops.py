@@ -433,3 +433,39 @@ def test_run_with_an_unreadable_config_exits_2(spawn, ops_dir, content, words):
     out, err = proc.communicate(timeout=15)
     assert proc.returncode == 2, err
     assert "Traceback" not in err and words in err, err
+
+
+# --------------------------------------------------------------------------- systemd notify
+def test_run_speaks_systemds_notify_protocol(spawn, ops_dir):
+    """The unit is Type=notify with WatchdogSec=5s: `run` must say READY=1 once every
+    process is up, feed the watchdog well inside 5 s while it runs (the supervision loop
+    sends WATCHDOG=1 each 0.1 s step: at least 10 in 2 s, none more than 1 s apart), and
+    say STOPPING=1 on SIGTERM before it exits 0. A datagram socket bound here stands in
+    for systemd's NOTIFY_SOCKET (what sd_notify(3) writes to)."""
+    import socket
+
+    root = Path(ops_dir)
+    name = unique_name()
+    cfg = write_config(root / "engine.toml", name, endpoints=ipc_endpoints(ops_dir))
+    sock_path = str(root / "notify.sock")
+    sd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sd.bind(sock_path)
+    sd.settimeout(30)
+    try:
+        proc = spawn(cli("run", "--config", str(cfg), "--accounts", "10"), segments=[name, name + "-ctl"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                     env={**os.environ, "NOTIFY_SOCKET": sock_path})
+        assert sd.recv(64) == b"READY=1"                     # nothing before it: the watchdog starts here
+        pings, t_end = [], time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            msg = sd.recv(64)
+            assert msg == b"WATCHDOG=1", msg
+            pings.append(time.monotonic())
+        assert len(pings) >= 10 and max(np.diff(pings)) < 1.0, pings
+        proc.send_signal(signal.SIGTERM)
+        while (msg := sd.recv(64)) == b"WATCHDOG=1":
+            pass
+        assert msg == b"STOPPING=1"
+        assert proc.wait(timeout=20) == 0
+    finally:
+        sd.close()
