@@ -251,6 +251,7 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
         return bufs
 
     monkeypatch.setattr(recovery, "book_buffers", book_buffers)
+    import threading
     import time
 
     from engine.runtime.harness import wait_until
@@ -269,13 +270,22 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
         run.client.send_fills([fill(1, 1, 2, 10, 950_000)])          # 1 buys 0.01 BTC: stuck in the ring
         wait_until(lambda: not run.idle(), 5.0, "the fill routed into the stopped worker's ring")
         t0 = time.monotonic()
+        # A deposit that arrives while the gateway waits for the cut is held, not pushed
+        # (the book at the cut must hold exactly the journal), and applied after it.
+        deposit = threading.Timer(0.3, run.client.request, (MsgType.DEPOSIT, {
+            "request_id": 31, "account": 1, "asset": "USDT", "amount_units": 500 * U}))
+        deposit.start()
         info = eng.snapshot_now(timeout_s=5.0)
+        deposit.join()
         assert info["result"] == "refused" and info["offset"] == -1, info
         assert 1.0 <= time.monotonic() - t0 < 5.0                   # the gateway's drain timeout
         run.client.send_fills([fill(2, 1, 2, 20, 950_000)])          # after the refused cut
     finally:
         os.kill(worker, signal.SIGCONT)
     wait_until(lambda: position(run.store, 1)[0] == 30, 5.0, "both fills applied (10 + 20 units)")
+    # 100,000 + 500 USDT: the held deposit applied once the cut ended (the fills' cost is
+    # in the position, not the balance)
+    assert run.client.reply().fields == {"request_id": 31, "code": 0, "balance_units": 100_500 * U}
     assert not os.path.exists(os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE))
 
     first = eng.journal_path
@@ -286,14 +296,15 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
     assert len(made) == 2 and all(r() is None for refs in made for r in refs)   # both cuts' freed
     snap = os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE)
     # the gateway went on in generation 2 and the snapshot points to its start; both
-    # fills records are in generation 1, before it
+    # fills records and the deposit (journaled once applied; seq 0) are in generation 1
     assert (info["generation"], info["offset"]) == (2, len(MAGIC))
     assert eng.journal_path == journal_file(eng.state_dir, 2) and os.path.getsize(eng.journal_path) == len(MAGIC)
-    assert [r.first_seq for r in replay(first)] == [1, 2]
+    assert [r.first_seq for r in replay(first)] == [1, 2, 0]
     book = new_store()
     meta = recovery.load_snapshot(book, snap, NAMES)
     assert (meta["journal_generation"], meta["journal_offset"]) == (2, len(MAGIC))
     assert position(book, 1) == (30, 30 * 95_000 * U // 1000)       # 0.03 BTC at 95,000 = 2,850 USDT
+    assert int(book.accounts[book.row_of(1)]["balance"][USDT]) == 100_500 * U
 
 
 def test_replay_runs_from_the_snapshots_generation_through_every_later_one(tmp_path):
