@@ -575,3 +575,39 @@ def test_a_journal_file_whose_header_was_cut_short_holds_no_records(tmp_path):
     assert int(again.partitions["n_accounts"].sum()) == int(book.partitions["n_accounts"].sum())
     Journal(cut, fsync_interval_s=0).close()
     assert open(cut, "rb").read() == MAGIC
+
+
+def test_a_stop_that_must_kill_a_worker_writes_no_snapshot_and_the_journal_has_the_rest(start_engine):
+    """A clean stop writes a snapshot at the journal's end only when the book holds
+    exactly the journal (every process exited 0, every ring drained). With the worker
+    stopped (SIGSTOP) and a fill waiting in its ring, the stop's timeout (1 s here) ends
+    in SIGKILL: nothing is written, the last snapshot stays, and a restart replays the
+    fill from the journal after it -- 0.01 BTC (10 units) for account 1."""
+    import signal
+
+    from engine.runtime.harness import wait_until
+    from runtime_support import fill, position
+
+    def two_accounts(store):
+        for acct in (1, 2):
+            store.set_balance(store.add_account(acct), USDT, 100_000 * U)
+
+    run = start_engine(two_accounts)
+    eng = run.engine
+    eng.durable = True                                          # what `margin-engine run` sets
+    info = eng.snapshot_now()                                   # the last snapshot: generation 2's start
+    assert info["result"] == "written", info
+    eng._writer.join()
+    snap = os.path.join(eng.state_dir, recovery.SNAPSHOT_FILE)
+    written = open(snap, "rb").read()
+    os.kill(eng.worker_pid(0), signal.SIGSTOP)
+    run.client.send_fills([fill(1, 1, 2, 10, 950_000)])        # journaled, stuck in the ring
+    wait_until(lambda: not run.idle(), 5.0, "the fill routed into the stopped worker's ring")
+    codes = eng.stop(timeout_s=1.0)
+    run.le.exit_codes = codes                                   # (the fixture need not stop it again)
+    assert codes["worker0"] == -signal.SIGKILL and not eng.settled(codes)
+    assert open(snap, "rb").read() == written                   # not replaced by an unsettled book
+    book = new_store()
+    opened = recovery.open_book(book, eng.state_dir, NAMES, lambda s: pytest.fail("a new book"))
+    assert opened.recovered and opened.replay.fills == 1
+    assert position(book, 1)[0] == 10
