@@ -13,12 +13,13 @@ import os
 
 import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.runtime import gateway as G
 from engine.runtime.ctl import Control
-from feeds.protocol import MsgType, SequenceTracker, encode, encode_batch
+from feeds.protocol import Message, MsgType, SequenceTracker, decode, encode, encode_batch
 from runtime_support import close_gateway, gateway_state
 
 N_ACCOUNTS = 6                     # ids 1..6 over 2 partitions; id 77 is unknown
@@ -29,12 +30,35 @@ def gw(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gw"))
     cfg, store, ctl, ep = gateway_state(root, 2, list(range(1, N_ACCOUNTS + 1)))
     e = cfg.engine
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.PULL)                        # the events the gateway emits, for real
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.bind(ep["events"])
     g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"],
                   root, 1, [0, 1])
-    events = []
-    g.emit = lambda code, detail, account=None: events.append((int(code), detail))
-    yield g, ctl, events
+    yield g, ctl, GatewayEvents(g, sub)
     close_gateway(g, ctl, store)
+    sub.close(0)
+    ctx.term()
+
+
+class GatewayEvents:
+    """The ENGINE_EVENTs a Gateway sent on its events socket, read off a PULL bound here:
+    ``take()`` returns ``(code, detail)`` of every one sent since the last call (how many,
+    the gateway's own event numbering says)."""
+
+    def __init__(self, g, sock):
+        self.g, self.sock, self.seen = g, sock, g.seq_events.last
+
+    def take(self) -> list[tuple[int, str]]:
+        out = []
+        while self.seen < self.g.seq_events.last:
+            assert self.sock.poll(5000), "an event the gateway sent did not arrive"
+            m = decode(self.sock.recv())
+            assert type(m) is Message and m.type == MsgType.ENGINE_EVENT, m
+            out.append((int(m.fields["code"]), m.fields["detail"]))
+            self.seen += 1
+        return out
 
 
 def drain(ctl: Control) -> list[tuple]:
@@ -71,17 +95,16 @@ def test_c_route_pushes_and_rejects_exactly_like_the_reference(gw, fills, skip, 
     tracker = g.trackers.setdefault(None, SequenceTracker())
     seq0 = tracker.last + 1
     drain(ctl)
-    events.clear()
+    events.take()
     g._route_reference(fills[skip:], seq0 + skip, 123)
-    want, want_events = drain(ctl), list(events)
+    want, want_events = drain(ctl), events.take()
     assert len(want) + 2 * len(want_events) == 2 * (len(fills) - skip)   # every fill: 2 legs or 1 reject
-    events.clear()
     tracker.last = seq0 + skip - 1
     frame = (encode_batch(int(MsgType.FILL), fills, first_seq=seq0, ts_ns=1) if batch
              else encode(MsgType.FILL, fills[0], seq=seq0, ts_ns=1))
     g.on_fills(frame, 123)
     assert drain(ctl) == want
-    assert events == want_events
+    assert events.take() == want_events
     assert tracker.last == seq0 + len(fills) - 1
 
 

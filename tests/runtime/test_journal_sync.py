@@ -71,7 +71,6 @@ def gateway(request, tmp_path):
     g = G.Gateway(e.name, ep["fills"], ep["checks"], ep["replies"], ep["events"], root, 1, [0],
                   fills_acks=True, journal_sync=request.param, journal_fsync_interval_s=0)
     g.set_asset_names([a.name for a in cfg.assets])
-    g.emit = lambda code, detail, account=None: None
     ctx = zmq.Context.instance()
     clients = {}
     for k in ("fills", "checks", "replies"):
