@@ -469,3 +469,22 @@ def test_run_speaks_systemds_notify_protocol(spawn, ops_dir):
         assert proc.wait(timeout=20) == 0
     finally:
         sd.close()
+
+
+def test_run_workers_splits_the_partitions_between_that_many_processes(spawn, ops_dir):
+    """`run --workers 2` on 4 partitions: partition p goes to worker p mod 2, so
+    partitions 0 and 2 share one worker process and 1 and 3 the other (two distinct
+    pids, as `status` shows them). The default would be one worker: `engine.cpus` is
+    empty here, min(4 partitions, 1)."""
+    root = Path(ops_dir)
+    name = unique_name()
+    cfg = write_config(root / "engine.toml", name, endpoints=ipc_endpoints(ops_dir), engine={"partitions": "4"})
+    log = root / "run.err"
+    with open(log, "wb") as err:
+        proc = spawn(cli("run", "--config", str(cfg), "--workers", "2", "--accounts", "8"),
+                     segments=[name, name + "-ctl"], stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    s = wait_up(proc, name, log)
+    pids = [p["worker_pid"] for p in s["partitions"]]
+    assert pids[0] == pids[2] and pids[1] == pids[3] and pids[0] != pids[1], pids
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0, log.read_text()
