@@ -3,8 +3,8 @@
 Beside the data store (``/NAME``) the engine keeps a small control segment
 (``/NAME-ctl``)::
 
-    header | doorbells[max_workers] | per partition: ring header, records[cap], undo area
-           | transfers[transfer_window]
+    header | doorbells[max_workers] | per partition: ring header, records[cap], undo area,
+           outcomes[OUTCOMES] | transfers[transfer_window]
 
 - A **doorbell** per worker (ext/doorbell.h): producers (the mark-price process on a new
   mark, the gateway on a new record) bump it; the worker sleeps on it in futex(2), or
@@ -19,6 +19,10 @@ Beside the data store (``/NAME``) the engine keeps a small control segment
   account row, its slots and the partition's fee pool there and marks it *applying*;
   after, it marks it *idle*. A replacement that finds *applying* restores the copy (a
   half-applied record is rolled back whole) and applies the record again.
+- The **outcomes** of a partition's last ``OUTCOMES`` deposits and withdrawals, written
+  by its worker before it commits each record (slot ``ticket % OUTCOMES``): the reply
+  the worker sends can die with it after the commit, before its I/O thread sends it,
+  and the gateway then takes the outcome from here instead (``Gateway.recover_lost_replies``).
 - The **transfer window**: the last ``transfer_window`` DEPOSIT / WITHDRAWAL requests
   applied with a ``transfer_id`` (custody's idempotency key), in a circular table whose
   only writer is the gateway (``transfers_count`` in the header counts every one ever
@@ -40,7 +44,8 @@ from engine import _shm
 from engine.store.layout import ACCOUNT, PARTITION, POSITION, PAGE, _align
 
 CTL_MAGIC = int.from_bytes(b"MRGNCTL\x00", "little")
-CTL_VERSION = 4
+CTL_VERSION = 5
+OUTCOMES = 64                 # per partition: the last deposits' and withdrawals' outcomes
 
 
 class Role(enum.IntEnum):
@@ -102,6 +107,13 @@ TRANSFER = np.dtype([
 UNDO_IDLE = 0
 UNDO_APPLYING = 1
 
+OUTCOME = np.dtype([
+    ("ticket", "<u8"),              # the gateway's ticket (the record's ref); 0: none yet
+    ("code", "<i8"),                # COLLATERAL_REPLY code
+    ("balance_units", "<i8"),       # the balance after it
+    ("ticket_again", "<u8"),        # written last: equal to ticket when the entry is whole
+])  # 32
+
 
 class Control:
     """The mapped control segment."""
@@ -126,6 +138,7 @@ class Control:
         self.rings = []
         self.records = []
         self.undo = []
+        self.outcomes = []
         for p in range(self.n_partitions):
             off = lay["partitions"][p]
             self.rings.append(buf[off: off + RING_HEADER.itemsize].view(RING_HEADER))
@@ -133,6 +146,8 @@ class Control:
             self.records.append(buf[roff: roff + RECORD.itemsize * self.capacity].view(RECORD))
             uoff = roff + RECORD.itemsize * self.capacity
             self.undo.append(buf[uoff: uoff + udt.itemsize].view(udt))
+            ooff = uoff + udt.itemsize
+            self.outcomes.append(buf[ooff: ooff + OUTCOME.itemsize * OUTCOMES].view(OUTCOME))
         toff = lay["transfers"]
         self.transfers = buf[toff: toff + TRANSFER.itemsize * self.transfer_window].view(TRANSFER)
 
@@ -214,6 +229,22 @@ class Control:
         h, r = self.ring_addrs(partition)
         return _shm.ring_push(h, r, kind, instrument, row, delta, price, fee, ref, ts_ns, aux)
 
+    def note_outcome(self, partition: int, ticket: int, code: int, balance_units: int) -> None:
+        """Worker: the outcome of the collateral record ``ticket``, before its commit."""
+        e = self.outcomes[partition][ticket % OUTCOMES]
+        e["ticket_again"] = 0
+        e["code"], e["balance_units"] = code, balance_units
+        e["ticket"] = ticket
+        e["ticket_again"] = ticket
+
+    def outcome(self, partition: int, ticket: int) -> tuple[int, int] | None:
+        """Gateway: ``(code, balance_units)`` of the collateral record ``ticket`` once its
+        worker committed it; None when the entry holds another ticket (or is mid-write)."""
+        e = self.outcomes[partition][ticket % OUTCOMES].copy()
+        if int(e["ticket"]) != ticket or int(e["ticket_again"]) != ticket:
+            return None
+        return int(e["code"]), int(e["balance_units"])
+
     def drained(self) -> bool:
         """Every partition's ring is empty and no record is half applied: the book holds
         everything routed so far."""
@@ -261,7 +292,8 @@ def _plan(n_workers: int, n_partitions: int, capacity: int, slots: int, transfer
     doorbells = cursor
     cursor = _align(cursor + DOORBELL.itemsize * n_workers, PAGE)
     parts = []
-    per = _align(RING_HEADER.itemsize + RECORD.itemsize * capacity + undo_dtype(slots).itemsize, PAGE)
+    per = _align(RING_HEADER.itemsize + RECORD.itemsize * capacity + undo_dtype(slots).itemsize
+                 + OUTCOME.itemsize * OUTCOMES, PAGE)
     for _ in range(n_partitions):
         parts.append(cursor)
         cursor += per

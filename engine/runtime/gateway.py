@@ -62,6 +62,7 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL})
 
 
+LOST_REPLY_AFTER_NS = 500_000_000   # a committed collateral record's reply this late: lost with its worker
 SHUTDOWN_REPLIES_S = 3.0      # at shutdown: how long the workers' last collateral replies are awaited
 
 
@@ -131,6 +132,8 @@ class Gateway:
         # request_id, request frame, receive time, the transfer it is or None). The frame
         # is journaled when the worker's reply says it was applied.
         self.pending: dict[int, tuple[bytes, int, bytes, int, tuple | None]] = {}
+        self._pending_at: dict[int, tuple[int, int, int]] = {}   # ticket -> (partition, ring index, pushed ns)
+        self._lost_checked_ns = 0
         # Applied transfer_ids (custody's idempotency keys) of the control segment's window
         # -> (kind, account, asset, amount); and those at a worker now -> ticket.
         self.transfers: dict[int, tuple[int, int, int, int]] = {
@@ -439,6 +442,9 @@ class Gateway:
             self.pending[self._last_ticket] = (ident, f["request_id"], frame, recv_ns, transfer)
             if transfer is not None:
                 self._transfers_in_flight[transfer[0]] = self._last_ticket
+            # where the record lands (this loop is the rings' only producer): for a reply lost
+            # with its worker (recover_lost_replies)
+            self._pending_at[self._last_ticket] = (p, int(self.ctl.rings[p][0]["write_idx"]), time.monotonic_ns())
             self._push(p, kind, 0, row, f["amount_units"], 0, 0, self._last_ticket, recv_ns, asset)
             _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
 
@@ -504,17 +510,42 @@ class Gateway:
         m = decode(frame)
         if type(m) is Rejected:
             return
-        pending = self.pending.pop(m.fields["request_id"], None)     # our ticket
+        self._collateral_done(m.fields["request_id"], m.fields["code"], m.fields["balance_units"])
+
+    def _collateral_done(self, ticket: int, code: int, balance_units: int) -> None:
+        """The outcome of our collateral record ``ticket`` (the worker's reply, or the
+        outcome it noted when the reply was lost): journal an applied one, remember its
+        transfer id, answer custody. A second outcome of the same ticket is ignored."""
+        pending = self.pending.pop(ticket, None)
+        self._pending_at.pop(ticket, None)
         if pending is None:
             return
         ident, request_id, request, recv_ns, transfer = pending
         if transfer is not None:
             self._transfers_in_flight.pop(transfer[0], None)
-        if m.fields["code"] == Code.OK:     # applied: journaled before the client hears so
+        if code == Code.OK:                 # applied: journaled before the client hears so
             self.journal.append(0, recv_ns, request)
             if transfer is not None:
                 self._remember_transfer(*transfer)
-        self._reply(ident, MsgType.COLLATERAL_REPLY, {**m.fields, "request_id": request_id})
+        self._reply(ident, MsgType.COLLATERAL_REPLY, {"request_id": request_id, "code": int(code),
+                                                      "balance_units": int(balance_units)})
+
+    def recover_lost_replies(self, now_ns: int) -> int:
+        """Collateral records a worker committed (the ring's read index is past them) more
+        than ``LOST_REPLY_AFTER_NS`` ago whose reply never came: the worker died after
+        its commit, before its I/O thread sent the reply. Their outcome is in the
+        control segment's outcomes table (``Control.note_outcome``, written before the
+        commit); each is handled as its reply would have been. Returns how many."""
+        found = 0
+        for ticket, (p, idx, pushed_ns) in list(self._pending_at.items()):
+            if now_ns - pushed_ns < LOST_REPLY_AFTER_NS or int(self.ctl.rings[p][0]["read_idx"]) <= idx:
+                continue
+            out = self.ctl.outcome(p, ticket)
+            if out is not None:
+                self.counters["collateral_replies_recovered"] += 1
+                self._collateral_done(ticket, *out)
+                found += 1
+        return found
 
     def await_collateral_replies(self, timeout_s: float) -> None:
         """At shutdown: the deposits and withdrawals already on the rings are applied by
@@ -525,6 +556,7 @@ class Gateway:
         again. A request the workers never reached stays unanswered and unapplied."""
         deadline = time.monotonic() + timeout_s
         while self.pending and time.monotonic() < deadline:
+            self.recover_lost_replies(time.monotonic_ns())
             if self.replies.poll(20):
                 while True:
                     try:
@@ -623,6 +655,9 @@ class Gateway:
             if self._wake_rx in ready:
                 while self._wake_rx.getsockopt(EVENTS) & POLLIN:
                     self._wake_rx.recv(zmq.NOBLOCK)
+            if self._pending_at and now - self._lost_checked_ns > 100_000_000:    # every 0.1 s
+                self._lost_checked_ns = now
+                self.recover_lost_replies(time.monotonic_ns())
             self.pump_answers()
             self.journal.maybe_sync()
         # Shutdown: intake stops here; what is queued in the rings is drained by the workers.

@@ -585,6 +585,7 @@ class Worker:
                 u["state"] = UNDO_APPLYING
                 code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
                 last_ref = int(rec["ref"])
+                self.ctl.note_outcome(p, last_ref, int(code), bal)    # the reply may die with us
                 self.replies.send(self.seq_replies.encode(
                     MsgType.COLLATERAL_REPLY, {"request_id": last_ref, "code": int(code),
                                                "balance_units": bal}))

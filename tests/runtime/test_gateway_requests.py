@@ -297,3 +297,28 @@ def test_an_order_check_while_a_price_row_is_torn_is_answered_4008(desk):
     # account 1 holds nothing: a buy of 1 unit (0.001 BTC at 95,000 = 95 USDT) needs initial
     # margin above its zero equity
     assert decode(client.recv()).fields["code"] == Code.CHECK_INSUFFICIENT_MARGIN
+
+
+def test_a_reply_lost_with_its_worker_is_recovered_from_the_outcomes_table(desk):
+    """A worker that dies after committing a deposit but before its I/O thread sent the
+    reply: the request would stay pending for good (retries answered 3107, every
+    snapshot cut refused). The worker notes each outcome in the control segment before
+    its commit; the gateway, finding the record committed and no reply 0.5 s later,
+    answers from there: code 0, the balance the worker noted, the transfer remembered.
+    A record not yet committed is left alone."""
+    g, ctl, client = desk
+    deposit = {"request_id": 61, "account": 3, "asset": "USDT", "amount_units": 7, "transfer_id": 3099}
+    client.send(encode(MsgType.DEPOSIT, deposit, seq=1, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    [(ticket, _)] = [(t, v) for t, v in g.pending.items() if v[1] == 61]
+    p = next(q for q in range(ctl.n_partitions) if int(ctl.rings[q][0]["write_idx"]) > int(ctl.rings[q][0]["read_idx"]))
+    later = time.monotonic_ns() + G.LOST_REPLY_AFTER_NS + 1
+    assert g.recover_lost_replies(later) == 0                 # not committed yet: nothing to recover
+    ctl.note_outcome(p, ticket, 0, 1_007)                     # the worker: applied, balance 1,007 units
+    ctl.rings[p][0]["read_idx"] = int(ctl.rings[p][0]["write_idx"])   # committed; then it died
+    assert g.recover_lost_replies(time.monotonic_ns()) == 0    # too soon: its reply may be on the way
+    assert g.recover_lost_replies(later) == 1
+    assert client.poll(5000)
+    assert decode(client.recv()).fields == {"request_id": 61, "code": 0, "balance_units": 1_007}
+    assert ticket not in g.pending and 3099 in g.transfers     # remembered: a retry is answered 3105

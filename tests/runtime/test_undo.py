@@ -62,3 +62,21 @@ def test_the_next_owner_applies_the_record_exactly_once(committed):
         assert (int(pos["qty"]), int(pos["cost"])) == (100, 9_500 * USDT)   # once, not twice, not garbage
         assert int(store.accounts[row]["balance"][0]) == 10_000 * USDT
         assert int(w.ctl.rings[0][0]["read_idx"]) == 1
+
+
+def test_a_worker_notes_each_collateral_outcome_before_its_commit():
+    """The worker's reply to a deposit can die with it after the commit; so before the
+    commit it notes the outcome in the control segment, where the gateway finds it
+    (``Gateway.recover_lost_replies``): ticket 55, a deposit of 250 USDT to ALICE's
+    10,000 -> code 0, balance 10,250 USDT."""
+    def setup(store) -> None:
+        row = store.add_account(ALICE)
+        store.set_balance(row, 0, 10_000 * USDT)
+        ctl = Control.attach(store.name.lstrip("/") + "-ctl")
+        assert ctl.push(0, int(RecordKind.DEPOSIT), 0, row, 250 * USDT, 0, 0, 55, 1, 0)
+
+    with in_process_worker(setup) as (w, store, _):
+        assert w.ctl.outcome(0, 55) is None
+        w.drain(0, store.price_snapshot())
+        assert w.ctl.outcome(0, 55) == (0, 10_250 * USDT)
+        assert int(w.ctl.rings[0][0]["read_idx"]) == 1
