@@ -42,13 +42,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 
 # --------------------------------------------------------------------------- 1. demo
-def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops_dir, spawn):
-    """6 s, 800 accounts, the default 12 % crash at 1.8 s: the crash breaches the most
-    leveraged accounts (up to 25x) well before the end, so there are liquidations."""
+def _run_demo(spawn, ops_dir: str, *args: str):
+    """``margin-engine demo ARGS`` to its end: ``(proc, stdout, stderr, its segments)``
+    (the segments, named on stderr, are unlinked by the teardown whatever happened)."""
     segments: list[str] = []                 # filled in once the demo names its segment
     err_path = Path(ops_dir) / "demo.err"
     with open(err_path, "w") as err_file:
-        proc = spawn(cli("demo", "--duration", "6", "--accounts", "800"), segments=segments,
+        proc = spawn(cli("demo", *args), segments=segments,
                      stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
                      env={**os.environ, "TMPDIR": ops_dir})      # its mkdtemp lands in ops_dir
     try:
@@ -59,7 +59,13 @@ def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops
         if m:
             segments += [m.group(1), m.group(1) + "-ctl"]
     assert m, err
+    return proc, out, err, segments
 
+
+def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops_dir, spawn):
+    """6 s, 800 accounts, the default 12 % crash at 1.8 s: the crash breaches the most
+    leveraged accounts (up to 25x) well before the end, so there are liquidations."""
+    proc, out, err, segments = _run_demo(spawn, ops_dir, "--duration", "6", "--accounts", "800")
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
     lines = [ln for ln in out.splitlines() if ln.strip()]
@@ -76,6 +82,22 @@ def test_demo_runs_to_completion_with_liquidations_and_leaves_nothing_behind(ops
         assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
     assert not [d for d in os.listdir(ops_dir) if d.startswith("me-demo-")], "demo's temp dir left behind"
     assert_group_gone(proc.pid)
+
+
+def test_demo_takes_its_workers_crash_and_seed(spawn, ops_dir):
+    """`--workers 2 --crash 25 --seed 3`: two workers start (the demo's copy of the
+    configuration gets 2 partitions), the crash it announces is 25 %, and the run ends
+    cleanly with liquidations (a 25 % fall of BTC and ETH breaches accounts of up to
+    25x leverage), every engine process exiting 0."""
+    proc, out, err, segments = _run_demo(spawn, ops_dir, "--duration", "5", "--accounts", "400",
+                                         "--workers", "2", "--crash", "25", "--seed", "3")
+    assert proc.returncode == 0, err
+    assert "engine up: 2 workers" in err and "crash 25% at" in err, err
+    final = [ln for ln in out.splitlines() if ln.strip()][-1]
+    assert int(re.match(r"demo done: (\d+) liquidation orders", final).group(1)) > 0, final
+    assert final.endswith("engine processes exited [0]"), final   # the set of exit codes: all 0
+    for seg in segments:
+        assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
 
 
 # --------------------------------------------------------------------------- 2. run + status
