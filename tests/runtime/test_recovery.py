@@ -230,6 +230,18 @@ def test_a_damaged_snapshot_is_a_clear_error_and_loads_nothing(tmp_path, damage)
     assert int(book.partitions["n_accounts"].sum()) == 0
 
 
+def _durable_engine_of_two_accounts(start_engine):
+    """A running engine (one worker) whose accounts 1 and 2 hold 100,000 USDT each,
+    durable as `margin-engine run` makes it (it takes snapshots)."""
+    def two_accounts(store):
+        for acct in (1, 2):
+            store.set_balance(store.add_account(acct), USDT, 100_000 * U)
+
+    run = start_engine(two_accounts)
+    run.engine.durable = True
+    return run
+
+
 # --------------------------------------------------------------------------- the cut, live
 def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_engine, monkeypatch):
     """A snapshot while running needs the rings drained (the book must hold exactly the
@@ -257,13 +269,8 @@ def test_a_cut_the_rings_cannot_drain_for_is_refused_and_intake_resumes(start_en
     from engine.runtime.harness import wait_until
     from runtime_support import fill, position
 
-    def two_accounts(store):
-        for acct in (1, 2):
-            store.set_balance(store.add_account(acct), USDT, 100_000 * U)
-
-    run = start_engine(two_accounts)
+    run = _durable_engine_of_two_accounts(start_engine)
     eng = run.engine
-    eng.durable = True                            # what `margin-engine run` sets
     worker = eng.worker_pid(0)
     os.kill(worker, signal.SIGSTOP)
     try:
@@ -588,13 +595,8 @@ def test_a_stop_that_must_kill_a_worker_writes_no_snapshot_and_the_journal_has_t
     from engine.runtime.harness import wait_until
     from runtime_support import fill, position
 
-    def two_accounts(store):
-        for acct in (1, 2):
-            store.set_balance(store.add_account(acct), USDT, 100_000 * U)
-
-    run = start_engine(two_accounts)
+    run = _durable_engine_of_two_accounts(start_engine)
     eng = run.engine
-    eng.durable = True                                          # what `margin-engine run` sets
     info = eng.snapshot_now()                                   # the last snapshot: generation 2's start
     assert info["result"] == "written", info
     eng._writer.join()
