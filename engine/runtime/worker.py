@@ -57,7 +57,7 @@ from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess
 from engine.store.layout import AccountFlag, PRICE_FROZEN
-from engine.store.shm import Store
+from engine.store.shm import PricesUnreadable, Store
 from feeds.oracle.index import OracleParams
 from feeds.protocol import MsgType, Sequencer
 
@@ -159,6 +159,7 @@ class Worker:
             "ticks": 0, "orders": 0, "records": 0, "full_passes": 0,   # events_dropped) starts at 0
             **{f"orders_{st}": 0 for st in STAGES}})
         self.prices: MarkPriceProcess | None = None  # the price stage, when it runs here
+        self.snap_stale = False                      # self.snap missed a price change (PricesUnreadable)
 
     # ------------------------------------------------------------------ start-up
     def recover(self, p: int) -> None:
@@ -335,7 +336,8 @@ class Worker:
         tp = self.tp
         if n < 0:                                 # a price unreadable or not > 0:
             _checked_snapshot(self.store, None)   # the Python check says which (it raises)
-            raise RuntimeError("price snapshot failed in C but not in Python")
+            raise PricesUnreadable(Code.STORE_LAYOUT_MISMATCH,
+                                   "price snapshot failed in C but not in Python (a row mid-write)")
         # (each frame's number was noted in the control segment when it was encoded: a
         # crash before it leaves shows the receiver a gap, never a reused number)
         for frame in tp.frames:
@@ -377,8 +379,10 @@ class Worker:
         if tp.changed:
             self.counters["ticks"] += len(tp.changed)
             self.pending_pass.update(dict.fromkeys(tp.changed))
-        if tp.changed or collateral:
+        if tp.changed or collateral or self.snap_stale:
+            self.snap_stale = True                    # until this read succeeds
             self.snap = self.store.price_snapshot()
+            self.snap_stale = False
 
     def holders_pass(self) -> bool:
         """1b, one slice of ``holders_slice`` holders per call: every holder's aggregates
@@ -639,59 +643,64 @@ class Worker:
         if self.prices is not None:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
-            busy = bool(self.jobs) or bool(self.checks) or self.holders_job is not None or bool(self.pending_events) or \
-                any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
-                bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
-            more = busy or self.pending_pass or self.pending_collateral
-            if more and self.wait != _shm.WAIT_BUSY_SPIN:
-                # Background work left: this loop runs slice after slice without sleeping,
-                # so let this CPU's other threads in between (ZeroMQ I/O threads moving the
-                # next tick in and the orders out). Without it, at 2,000 ticks/s on 1M
-                # accounts, ticks sat 1-3 ms before the worker saw them: first order p90
-                # 1,200 -> 311 us, p99 3,066 -> 884 us (bench latency, worker stage).
-                os.sched_yield()
-            wake.wait(0 if more else 100_000_000)
-            if self.on_prices():                                  # 1a. hot path first
-                # Let this process's ZeroMQ I/O thread put the orders on the wire before
-                # the work below: it shares the CPUs and would wait.
-                sent_ns = time.monotonic_ns()
-                os.sched_yield()
-            self.book_orders(STAGE_TRIGGER)
-            wake.timer()                                          # after the orders, not before
-            snap = self.snap
-            if self.holders_job is None and self._records_waited(self.fills_max_wait_ns):
-                for p in self.partitions:                         # 2. fills that waited long enough
-                    self.drain(p, snap)                           # go before more ticks
-            if wake.more():
-                continue                                          # a newer mark or record waits
-            if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:
-                wake.pause(quiet)                                 # the orders go out first
+            try:
+                busy = bool(self.jobs) or bool(self.checks) or self.holders_job is not None or bool(self.pending_events) or \
+                    any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
+                    bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
+                more = busy or self.pending_pass or self.pending_collateral
+                if more and self.wait != _shm.WAIT_BUSY_SPIN:
+                    # Background work left: this loop runs slice after slice without sleeping,
+                    # so let this CPU's other threads in between (ZeroMQ I/O threads moving the
+                    # next tick in and the orders out). Without it, at 2,000 ticks/s on 1M
+                    # accounts, ticks sat 1-3 ms before the worker saw them: first order p90
+                    # 1,200 -> 311 us, p99 3,066 -> 884 us (bench latency, worker stage).
+                    os.sched_yield()
+                wake.wait(0 if more else 100_000_000)
+                if self.on_prices():                                  # 1a. hot path first
+                    # Let this process's ZeroMQ I/O thread put the orders on the wire before
+                    # the work below: it shares the CPUs and would wait.
+                    sent_ns = time.monotonic_ns()
+                    os.sched_yield()
+                self.book_orders(STAGE_TRIGGER)
+                wake.timer()                                          # after the orders, not before
+                snap = self.snap
+                if self.holders_job is None and self._records_waited(self.fills_max_wait_ns):
+                    for p in self.partitions:                         # 2. fills that waited long enough
+                        self.drain(p, snap)                           # go before more ticks
                 if wake.more():
-                    continue
-            if (self.pending_pass or self.pending_collateral or self.holders_job) and self.holders_pass():
-                continue                                          # 1b. every holder, a slice a turn
-            # Then the orders' events (operators' news; liqgw wakes): after the breaches 1b
-            # may still find, 8 a turn. Flushed from book_orders once 16 waited, and before
-            # 1b, they held a crash's 1b and 1a back (demo, 4 runs each: tick->order p50
-            # 1a 418 -> 236 us, 1b 1,580 -> 1,354 us, 1b p90 6.4 -> 3.8 ms). A pass in
-            # slices ends in a turn that gets here, so events drain between passes.
-            self.flush_events()
-            for p in self.partitions:                             # 2. commands
-                self.drain(p, snap)
-            if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
-                self.schedule_upkeep()
-            if not self.checks and time.monotonic() - self.last_check >= OUTSTANDING_CHECK_S:
-                self.schedule_checks()
-            if not wake.more():                                   # 3. idle: one upkeep slice
-                if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
-                    self.prices.settle(SETTLE_SLICE)              # the price reference catches up
-                elif self.checks or self.jobs:
-                    job, *args = (self.checks or self.jobs).popleft()
-                    job(*args)
-                else:
-                    for idx in self.index.values():               # or a step of a stale trigger
-                        if idx.refresh_triggers_slice():          # table's refresh
-                            break
+                    continue                                          # a newer mark or record waits
+                if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:
+                    wake.pause(quiet)                                 # the orders go out first
+                    if wake.more():
+                        continue
+                if (self.pending_pass or self.pending_collateral or self.holders_job) and self.holders_pass():
+                    continue                                          # 1b. every holder, a slice a turn
+                # Then the orders' events (operators' news; liqgw wakes): after the breaches 1b
+                # may still find, 8 a turn. Flushed from book_orders once 16 waited, and before
+                # 1b, they held a crash's 1b and 1a back (demo, 4 runs each: tick->order p50
+                # 1a 418 -> 236 us, 1b 1,580 -> 1,354 us, 1b p90 6.4 -> 3.8 ms). A pass in
+                # slices ends in a turn that gets here, so events drain between passes.
+                self.flush_events()
+                for p in self.partitions:                             # 2. commands
+                    self.drain(p, snap)
+                if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
+                    self.schedule_upkeep()
+                if not self.checks and time.monotonic() - self.last_check >= OUTSTANDING_CHECK_S:
+                    self.schedule_checks()
+                if not wake.more():                                   # 3. idle: one upkeep slice
+                    if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
+                        self.prices.settle(SETTLE_SLICE)              # the price reference catches up
+                    elif self.checks or self.jobs:
+                        job, *args = (self.checks or self.jobs).popleft()
+                        job(*args)
+                    else:
+                        for idx in self.index.values():               # or a step of a stale trigger
+                            if idx.refresh_triggers_slice():          # table's refresh
+                                break
+            except PricesUnreadable:                          # the price writer died mid-write:
+                self.counters["prices_unreadable"] += 1       # its restart finishes the row; wait
+                self.snap_stale = True                        # for it (a crash here would only loop),
+                time.sleep(0.01)                              # then take the prices afresh
         while self.holders_job is not None and self.holders_pass():
             pass                                                  # a pass is whole before fills
         for p in self.partitions:                                 # drain what is queued

@@ -30,6 +30,12 @@ class StoreError(Exception):
         self.code = code
 
 
+class PricesUnreadable(StoreError):
+    """A price or asset row could not be copied consistently: its writer (the mark-price
+    stage) stopped inside a write, until its restart finishes it. Transient: a reader
+    that can wait does (the workers), one that must answer says so (the order checks)."""
+
+
 class CapacityError(StoreError):
     pass
 
@@ -393,7 +399,7 @@ class Store:
         bad += _shm.snapshot_assets(self.addr(self.assets), n_a, snap.asset_px, snap.asset_haircut,
                                     snap.asset_scale)
         if bad:
-            raise StoreError(Code.STORE_LAYOUT_MISMATCH, f"{bad} price rows could not be read consistently")
+            raise PricesUnreadable(Code.STORE_LAYOUT_MISMATCH, f"{bad} price rows could not be read consistently")
         return snap
 
 

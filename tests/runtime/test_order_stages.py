@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 
 import pytest
 
@@ -249,3 +250,43 @@ def test_orders_the_matching_engine_does_not_take_are_dropped_not_waited_for(wor
     _tick(w, store, BTC, 92_000.0, 2)                     # crosses A's trigger (92,412.06)
     assert w.counters["orders_dropped"] == 1 and w.counters["orders"] == 1
     assert int(store.accounts[store.row_of(A)]["flags"]) & 1   # outstanding: re-sent later
+
+
+def test_a_worker_waits_out_a_torn_price_row_instead_of_dying(worker):
+    """The mark-price stage's writer killed inside a price row's write: until its restart
+    finishes the row, prices cannot be read. A worker's loop counts that and waits (it
+    raised and died before, and crash-looped through restarts until the row was whole);
+    once the row is whole it goes on: a breach is still found and its order sent."""
+    import threading
+
+    import zmq
+
+    from engine import _shm
+
+    w, store, _ = worker
+    runner = threading.Thread(target=w.run, daemon=True)
+    addr = store.addr(store.prices, ETH)
+    t0 = time.monotonic()
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10                            # run() starts again: once its
+        while w.last_upkeep <= t0 and time.monotonic() < deadline:   # start-up pass is done, the
+            time.sleep(0.01)                                        # loop is next (a torn row
+        assert w.last_upkeep > t0                                   # at start-up is a start failure)
+        _shm.write_begin(addr)                                      # the writer dies here
+        deadline = time.monotonic() + 10
+        while w.counters["prices_unreadable"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.counters["prices_unreadable"] >= 2 and runner.is_alive()
+        _shm.write_end(addr)                                        # its restart finishes it
+        store.publish_mark(BTC, 92_000.0, tick_seq=2)               # crosses A's trigger (92,412.06)
+        w.ctl.ring_all()
+        deadline = time.monotonic() + 10
+        while w.counters["orders"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.counters["orders"] >= 1 and runner.is_alive()
+    finally:
+        w.ctl.request_shutdown()
+        w.ctl.ring_all()
+        runner.join(10)
+    assert not runner.is_alive()
