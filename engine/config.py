@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_number,
+from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_number, known_keys,
                                 power_of_ten)
 
 WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
@@ -190,14 +190,6 @@ INSTRUMENT_KEYS = ("name", "kind", "settle", "contract_size", "qty_scale", "pric
                    "mark_price", "underlying", "strike", "call", "expiry")
 
 
-def _known_keys(table: dict, allowed, where: str) -> None:
-    """A key the engine does not read is an error naming it (a typo such as
-    ``snapshot_interval`` must not leave the default silently in force)."""
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
-
-
 def from_dict(doc: dict) -> Config:
     """Validate a parsed configuration document. Checks every field, names the first bad one."""
     if not isinstance(doc, dict):
@@ -208,7 +200,7 @@ def from_dict(doc: dict) -> Config:
     e = doc.get("engine", {})
     if not isinstance(e, dict):
         raise ConfigError("engine: must be a table")
-    _known_keys(e, EngineSettings.__dataclass_fields__, "engine")
+    known_keys(e, sorted(EngineSettings.__dataclass_fields__), "engine", ConfigError)
     wait = _str(e, "wait", "engine", "blocking")
     if wait not in WAIT_STRATEGIES:
         raise ConfigError(f"engine.wait: one of {WAIT_STRATEGIES}, got {wait!r}")
@@ -264,7 +256,7 @@ def from_dict(doc: dict) -> Config:
         w = f"assets[{i}]"
         if not isinstance(a, dict):
             raise ConfigError(f"{w}: must be a table")
-        _known_keys(a, ASSET_KEYS, w)
+        known_keys(a, ASSET_KEYS, w, ConfigError)
         name = _str(a, "name", w)
         if any(x.name == name for x in assets):
             raise ConfigError(f"{w}.name: duplicate asset {name!r}")
@@ -289,7 +281,7 @@ def from_dict(doc: dict) -> Config:
         w = f"instruments[{i}]"
         if not isinstance(d, dict):
             raise ConfigError(f"{w}: must be a table")
-        _known_keys(d, INSTRUMENT_KEYS, w)
+        known_keys(d, INSTRUMENT_KEYS, w, ConfigError)
         name = _str(d, "name", w)
         if len(name.encode()) > 23:
             raise ConfigError(f"{w}.name: at most 23 bytes, got {name!r}")

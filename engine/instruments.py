@@ -79,9 +79,7 @@ def derive_tiers(raw: list[dict], where: str = "tiers") -> tuple[RiskTier, ...]:
         here = f"{where}[{i}]"
         if not isinstance(t, dict):
             raise ValueError(f"{here}: must be a table with floor, imr, mmr")
-        for key in t:
-            if key not in ("floor", "imr", "mmr"):
-                raise ValueError(f"{here}.{key}: unknown key (a tier has floor, imr, mmr)")
+        known_keys(t, ("floor", "imr", "mmr"), here)
         vals = {}
         for key in ("floor", "imr", "mmr"):
             if key not in t:
@@ -150,6 +148,14 @@ class Instrument:
     expiry_ns: int = 0
     is_call: bool = True
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def known_keys(table: dict, allowed, where: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first key of ``table`` not in ``allowed`` (a typo must
+    not leave a default silently in force): ``WHERE.KEY: unknown key; known: ...``."""
+    for key in table:
+        if key not in allowed:
+            raise error(f"{where + '.' if where else ''}{key}: unknown key; known: {', '.join(allowed)}")
 
 
 def finite_number(value, where: str) -> float:

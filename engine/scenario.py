@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from decimal import Decimal, ROUND_HALF_EVEN, InvalidOperation
 
-from engine.instruments import Asset, Instrument, Kind, derive_tiers, finite_number, power_of_ten
+from engine.instruments import Asset, Instrument, Kind, derive_tiers, finite_number, known_keys, power_of_ten
 from engine.risk import margin
 from engine.store.layout import Mode
 from engine.store.shm import Store
@@ -83,18 +83,11 @@ def _table(doc: dict, key: str, where: str) -> dict:
     return v
 
 
-def _known_keys(d: dict, allowed: tuple, where: str) -> None:
-    """A key the rule does not read is an error naming it (a typo must not be ignored)."""
-    for key in d:
-        if key not in allowed:
-            raise ScenarioError(f"{where}{key}: unknown key; known: {', '.join(allowed)}")
-
-
 def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
     """Validate a scenario document; return assets, instruments and normalized accounts."""
     if not isinstance(doc, dict):
         raise ScenarioError("scenario: top level must be an object")
-    _known_keys(doc, ("assets", "instruments", "accounts"), "")
+    known_keys(doc, ("assets", "instruments", "accounts"), "", ScenarioError)
     raw_assets = _table(doc, "assets", "")
     if not raw_assets or len(raw_assets) > 8:
         raise ScenarioError(f"assets: 1 to 8 assets, got {len(raw_assets)}")
@@ -103,7 +96,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"assets.{name}"
         if not isinstance(a, dict):
             raise ScenarioError(f"{w}: must be an object")
-        _known_keys(a, ("price", "haircut", "scale"), f"{w}.")
+        known_keys(a, ("price", "haircut", "scale"), w, ScenarioError)
         price = _num(a, "price", w, positive=True)
         haircut = _num(a, "haircut", w, default=0.0)
         if not 0 <= haircut < 1:
@@ -120,8 +113,8 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"instruments.{name}"
         if not isinstance(d, dict):
             raise ScenarioError(f"{w}: must be an object")
-        _known_keys(d, ("kind", "settle", "mark_price", "tiers", "contract_size", "qty_scale",
-                        "underlying", "strike", "call"), f"{w}.")
+        known_keys(d, ("kind", "settle", "mark_price", "tiers", "contract_size", "qty_scale",
+                       "underlying", "strike", "call"), w, ScenarioError)
         try:
             kind = Kind.parse(d.get("kind"))
         except ValueError as e:
@@ -161,7 +154,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
         w = f"accounts[{k}]"
         if not isinstance(acc, dict):
             raise ScenarioError(f"{w}: must be an object")
-        _known_keys(acc, ("id", "mode", "collateral", "positions"), f"{w}.")
+        known_keys(acc, ("id", "mode", "collateral", "positions"), w, ScenarioError)
         if "id" not in acc:
             raise ScenarioError(f"{w}.id: missing")
         if isinstance(acc["id"], bool) or not isinstance(acc["id"], (str, int)):
@@ -187,7 +180,7 @@ def parse(doc) -> tuple[list[Asset], list[Instrument], list[dict]]:
             pw = f"{w}.positions[{j}]"
             if not isinstance(p, dict):
                 raise ScenarioError(f"{pw}: must be an object")
-            _known_keys(p, ("instrument", "qty", "entry_price", "isolated_margin"), f"{pw}.")
+            known_keys(p, ("instrument", "qty", "entry_price", "isolated_margin"), pw, ScenarioError)
             iname = p.get("instrument")
             if not isinstance(iname, str) or iname not in ins_by:
                 raise ScenarioError(f"{pw}.instrument: unknown instrument {iname!r}")

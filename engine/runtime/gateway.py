@@ -45,7 +45,7 @@ from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role
 from engine.runtime.journal import (MAGIC, Journal, journal_file, journal_record, read_fills_streams,
                                     write_fills_streams)
-from engine.store.shm import Store, StoreError
+from engine.store.shm import PricesUnreadable, Store
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
                             SequenceTracker, decode, decode_fills)
 
@@ -175,11 +175,8 @@ class Gateway:
         self.asset_index = {n: i for i, n in enumerate(names)}
 
     def emit(self, code: int, detail: str, account: int | None = None) -> None:
-        try:
-            self.events.send(self.seq_events.encode(
-                MsgType.ENGINE_EVENT, {"code": int(code), "account": account, "detail": detail[:1000]}),
-                zmq.NOBLOCK)
-        except zmq.Again:
+        if not process.send_event(self.events, self.seq_events,
+                                  {"code": int(code), "account": account, "detail": detail[:1000]}):
             self.counters["events_dropped"] += 1
 
     # ------------------------------------------------------------------ fills
@@ -478,7 +475,7 @@ class Gateway:
             try:
                 self.snap = self.store.price_snapshot()
                 self._snap_ns = recv_ns
-            except StoreError:                       # a price writer stopped mid-write (worker 0
+            except PricesUnreadable:                 # a price writer stopped mid-write (worker 0
                 prices_ok = False                    # killed while publishing, until its restart
                 self.counters["checks_prices_unreadable"] += 1     # finishes the write): 4008
         row = self.store.row_of(account)
@@ -530,6 +527,14 @@ class Gateway:
         self._reply(ident, MsgType.COLLATERAL_REPLY, {"request_id": request_id, "code": int(code),
                                                       "balance_units": int(balance_units)})
 
+    def _take_worker_replies(self) -> None:
+        """Every worker reply waiting on the replies socket."""
+        while True:
+            try:
+                self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
     def recover_lost_replies(self, now_ns: int) -> int:
         """Collateral records a worker committed (the ring's read index is past them) more
         than ``LOST_REPLY_AFTER_NS`` ago whose reply never came: the worker died after
@@ -558,11 +563,7 @@ class Gateway:
         while self.pending and time.monotonic() < deadline:
             self.recover_lost_replies(time.monotonic_ns())
             if self.replies.poll(20):
-                while True:
-                    try:
-                        self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                self._take_worker_replies()
         if self.pending:
             self.counters["collateral_unanswered_at_exit"] += len(self.pending)
 
@@ -647,11 +648,7 @@ class Gateway:
                 n += 1
             self.flush_fills(now)
             if self.replies in ready:
-                while True:
-                    try:
-                        self.on_worker_reply(self.replies.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                self._take_worker_replies()
             if self._wake_rx in ready:
                 while self._wake_rx.getsockopt(EVENTS) & POLLIN:
                     self._wake_rx.recv(zmq.NOBLOCK)

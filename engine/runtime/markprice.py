@@ -26,10 +26,9 @@ import os
 import sys
 import time
 
-import numpy as np
 import zmq
 
-from engine import _shm, _wire
+from engine import _wire
 from engine.codes import Code
 from engine.runtime import process
 from engine.runtime.ctl import Control, Role
@@ -111,12 +110,9 @@ class MarkPriceProcess:
         checks -- would retry on it and give up with an error; so a new writer finishes
         those writes first (the row's next publication rewrites its content). Returns
         what it finished, e.g. ``["prices[0]"]``."""
-        st, done = self.store, []
-        for table, name in ((st.prices, "prices"), (st.assets, "assets")):
-            for r in np.flatnonzero(table["seq"] & 1).tolist():
-                _shm.write_end(st.addr(table, r))
-                done.append(f"{name}[{r}]")
-        return done
+        st = self.store
+        return ([f"prices[{r}]" for r in st.finish_torn_writes(st.prices)]
+                + [f"assets[{r}]" for r in st.finish_torn_writes(st.assets)])
 
     def rejected(self, code: Code, f: dict, recv_ns: int) -> None:
         """A tick refused by the oracle rule (2001 bad price, 2002 unknown instrument, 2004
@@ -140,11 +136,8 @@ class MarkPriceProcess:
                                                       if since else ""))
 
     def emit(self, code: int, instrument: str | None, detail: str) -> None:
-        try:
-            self.events.send(self.seq_events.encode(
-                MsgType.ENGINE_EVENT, {"code": int(code), "instrument": instrument, "detail": detail[:1000]}),
-                zmq.NOBLOCK)
-        except zmq.Again:
+        if not process.send_event(self.events, self.seq_events,
+                                  {"code": int(code), "instrument": instrument, "detail": detail[:1000]}):
             self.counters["events_dropped"] += 1
 
     def on_frame(self, frame: bytes, recv_ns: int, publish: bool = True) -> str | None:

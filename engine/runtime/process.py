@@ -42,6 +42,18 @@ def wait_until_ready(ready, fds: list[int], timeout_ns: int) -> bool:
     return True
 
 
+def send_event(sock: zmq.Socket, seq, fields: dict) -> bool:
+    """One ENGINE_EVENT (``fields``, numbered by the Sequencer ``seq``) on an engine
+    process's events PUSH to the liquidation gateway's relay, never waiting: False when
+    the queue is full (the caller counts the drop)."""
+    from feeds.protocol import MsgType
+    try:
+        sock.send(seq.encode(MsgType.ENGINE_EVENT, fields), zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
 def zmq_context() -> zmq.Context:
     """The process's ZeroMQ context, its I/O thread free to run on every CPU the process
     had before ``enter`` pinned it (``ZMQ_THREAD_AFFINITY_CPU_ADD``, libzmq >= 4.3).

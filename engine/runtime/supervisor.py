@@ -35,10 +35,11 @@ import zmq
 
 from engine.codes import Code
 from engine.config import Config
+from engine.runtime import process
 from engine.runtime.ctl import Control, Role
 from engine.runtime.journal import FILLS_STREAMS_FILE, journal_file, journal_generations, read_fills_streams
 from engine.store.shm import Store
-from feeds.protocol import MsgType, Sequencer
+from feeds.protocol import Sequencer
 
 
 def sd_notify(message: str) -> None:
@@ -257,11 +258,7 @@ class Engine:
             self._events.setsockopt(zmq.SNDHWM, 1000)
             self._events.connect(self.internal["events"])
             self._event_seq = Sequencer()
-        try:
-            self._events.send(self._event_seq.encode(MsgType.ENGINE_EVENT, {"code": int(code), "detail": detail[:1000]}),
-                              zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        process.send_event(self._events, self._event_seq, {"code": int(code), "detail": detail[:1000]})
 
     def watch_once(self) -> list[str]:
         """One supervision step: restart dead workers; keep systemd's watchdog fed; take
@@ -316,7 +313,7 @@ class Engine:
         self.journal_generation = generation
         path = os.path.join(self.state_dir, recovery.SNAPSHOT_FILE)
         last = int(h["fills_last_seq"])
-        streams = read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE))  # the gateway's, at the cut
+        streams = self._fills_streams()                # the gateway's, at the cut
 
         def write() -> None:
             try:
@@ -329,6 +326,10 @@ class Engine:
         self._writer.start()
         info["result"] = "written"                   # the same dict: a failed write adds write_error
         return self._snapshot_done(info)
+
+    def _fills_streams(self) -> dict[bytes, int]:
+        """The acknowledged fills streams' last numbers, as the gateway wrote them last."""
+        return read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE))
 
     def _snapshot_done(self, info: dict) -> dict:
         if not self.quiet or self.durable:
@@ -376,7 +377,7 @@ class Engine:
             rebase(self.store, self.state_dir, self.asset_names, self.latest_generation(),
                    int(self.ctl.header[0]["fills_last_seq"]),       # the gateway's, at its exit
                    self.ctl.transfers_in_order(),
-                   read_fills_streams(os.path.join(self.state_dir, FILLS_STREAMS_FILE)))
+                   self._fills_streams())
         if self._events is not None:
             self._events.close()
             self._zctx.term()                        # LINGER 500 ms bounds it

@@ -170,12 +170,8 @@ class Worker:
         only writer, so it finishes those writes first (the undo copy restores the data).
         """
         st = self.store
-        lo, hi = st.partition_rows(p)
-        for table, rows in ((st.partitions, [p]),
-                            (st.accounts, (lo + np.flatnonzero(st.accounts["seq"][lo:hi] & 1)).tolist())):
-            for r in rows:
-                if int(table[r]["seq"]) & 1:
-                    _shm.write_end(st.addr(table, r))
+        st.finish_torn_writes(st.partitions, p, p + 1)
+        st.finish_torn_writes(st.accounts, *st.partition_rows(p))
         u = self.ctl.undo[p][0]
         if int(u["state"]) != UNDO_APPLYING:
             return
@@ -380,8 +376,7 @@ class Worker:
             self.counters["ticks"] += len(tp.changed)
             self.pending_pass.update(dict.fromkeys(tp.changed))
         if tp.changed or collateral or self.snap_stale:
-            self.snap_stale = True                    # until this read succeeds
-            self.snap = self.store.price_snapshot()
+            self.snap = self.store.price_snapshot()   # (PricesUnreadable: the loop marks it stale)
             self.snap_stale = False
 
     def holders_pass(self) -> bool:
@@ -511,11 +506,9 @@ class Worker:
                              "limit_price_units": order["limit_price_units"], "tick_seq": order["tick_seq"],
                              "tick_to_sent_us": round((order["sent_ns"] - order["tick_recv_ns"]) / 1e3, 1),
                              "stage": order["stage"]})
-        try:
-            self.events.send(self.seq_events.encode(MsgType.ENGINE_EVENT, {
+        if not process.send_event(self.events, self.seq_events, {
                 "code": order["reason"], "instrument": self.names[order["instrument_id"]],
-                "account": order["account"], "detail": detail}), zmq.NOBLOCK)
-        except zmq.Again:
+                "account": order["account"], "detail": detail}):
             self.counters["events_dropped"] += 1
 
     def leg_rejected(self, code: int, rec) -> None:
@@ -528,11 +521,9 @@ class Worker:
         detail = json.dumps({"trade_id": int(rec["aux"]), "fill_seq": int(rec["ref"]),
                              "qty_units": int(rec["delta"]), "price_units": int(rec["price"]),
                              "what": "fill leg not applied to this account"})
-        try:
-            self.events.send(self.seq_events.encode(MsgType.ENGINE_EVENT, {
+        if not process.send_event(self.events, self.seq_events, {
                 "code": code, "instrument": self.names[int(rec["instrument"])],
-                "account": int(self.store.accounts[row]["account_id"]), "detail": detail}), zmq.NOBLOCK)
-        except zmq.Again:
+                "account": int(self.store.accounts[row]["account_id"]), "detail": detail}):
             self.counters["events_dropped"] += 1
 
     def _set_outstanding(self, row: int, on: bool) -> None:
@@ -635,6 +626,64 @@ class Worker:
         return Code.OK, bal - amount
 
     # ------------------------------------------------------------------ loop
+    def _turn(self, wake, blocking: bool, sent_ns: int) -> int:
+        """One turn of the loop (``run``): the numbered stages, hot path first. Returns
+        when the last orders went out (``sent_ns``), for the next turn's quiet wait."""
+        busy = bool(self.jobs) or bool(self.checks) or self.holders_job is not None or bool(self.pending_events) or \
+            any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
+            bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
+        more = busy or self.pending_pass or self.pending_collateral
+        if more and self.wait != _shm.WAIT_BUSY_SPIN:
+            # Background work left: this loop runs slice after slice without sleeping,
+            # so let this CPU's other threads in between (ZeroMQ I/O threads moving the
+            # next tick in and the orders out). Without it, at 2,000 ticks/s on 1M
+            # accounts, ticks sat 1-3 ms before the worker saw them: first order p90
+            # 1,200 -> 311 us, p99 3,066 -> 884 us (bench latency, worker stage).
+            os.sched_yield()
+        wake.wait(0 if more else 100_000_000)
+        if self.on_prices():                                  # 1a. hot path first
+            # Let this process's ZeroMQ I/O thread put the orders on the wire before
+            # the work below: it shares the CPUs and would wait.
+            sent_ns = time.monotonic_ns()
+            os.sched_yield()
+        self.book_orders(STAGE_TRIGGER)
+        wake.timer()                                          # after the orders, not before
+        snap = self.snap
+        if self.holders_job is None and self._records_waited(self.fills_max_wait_ns):
+            for p in self.partitions:                         # 2. fills that waited long enough
+                self.drain(p, snap)                           # go before more ticks
+        if wake.more():
+            return sent_ns                                    # a newer mark or record waits
+        if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:
+            wake.pause(quiet)                                 # the orders go out first
+            if wake.more():
+                return sent_ns
+        if (self.pending_pass or self.pending_collateral or self.holders_job) and self.holders_pass():
+            return sent_ns                                    # 1b. every holder, a slice a turn
+        # Then the orders' events (operators' news; liqgw wakes): after the breaches 1b
+        # may still find, 8 a turn. Flushed from book_orders once 16 waited, and before
+        # 1b, they held a crash's 1b and 1a back (demo, 4 runs each: tick->order p50
+        # 1a 418 -> 236 us, 1b 1,580 -> 1,354 us, 1b p90 6.4 -> 3.8 ms). A pass in
+        # slices ends in a turn that gets here, so events drain between passes.
+        self.flush_events()
+        for p in self.partitions:                             # 2. commands
+            self.drain(p, snap)
+        if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
+            self.schedule_upkeep()
+        if not self.checks and time.monotonic() - self.last_check >= OUTSTANDING_CHECK_S:
+            self.schedule_checks()
+        if not wake.more():                                   # 3. idle: one upkeep slice
+            if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
+                self.prices.settle(SETTLE_SLICE)              # the price reference catches up
+            elif self.checks or self.jobs:
+                job, *args = (self.checks or self.jobs).popleft()
+                job(*args)
+            else:
+                for idx in self.index.values():               # or a step of a stale trigger
+                    if idx.refresh_triggers_slice():          # table's refresh
+                        break
+        return sent_ns
+
     def run(self) -> None:
         self.start()
         wake = DoorbellWake(self.doorbell, self.wait) if self.prices is None else TickWake(self)
@@ -644,59 +693,7 @@ class Worker:
             self.ctl.mark_ready(Role.MARKPRICE)                   # the price stage is up
         while not self.ctl.shutdown:
             try:
-                busy = bool(self.jobs) or bool(self.checks) or self.holders_job is not None or bool(self.pending_events) or \
-                    any(idx.dirty.any() or idx.refreshing for idx in self.index.values()) or \
-                    bool(self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied)
-                more = busy or self.pending_pass or self.pending_collateral
-                if more and self.wait != _shm.WAIT_BUSY_SPIN:
-                    # Background work left: this loop runs slice after slice without sleeping,
-                    # so let this CPU's other threads in between (ZeroMQ I/O threads moving the
-                    # next tick in and the orders out). Without it, at 2,000 ticks/s on 1M
-                    # accounts, ticks sat 1-3 ms before the worker saw them: first order p90
-                    # 1,200 -> 311 us, p99 3,066 -> 884 us (bench latency, worker stage).
-                    os.sched_yield()
-                wake.wait(0 if more else 100_000_000)
-                if self.on_prices():                                  # 1a. hot path first
-                    # Let this process's ZeroMQ I/O thread put the orders on the wire before
-                    # the work below: it shares the CPUs and would wait.
-                    sent_ns = time.monotonic_ns()
-                    os.sched_yield()
-                self.book_orders(STAGE_TRIGGER)
-                wake.timer()                                          # after the orders, not before
-                snap = self.snap
-                if self.holders_job is None and self._records_waited(self.fills_max_wait_ns):
-                    for p in self.partitions:                         # 2. fills that waited long enough
-                        self.drain(p, snap)                           # go before more ticks
-                if wake.more():
-                    continue                                          # a newer mark or record waits
-                if blocking and (quiet := sent_ns + ORDERS_OUT_QUIET_NS - time.monotonic_ns()) > 0:
-                    wake.pause(quiet)                                 # the orders go out first
-                    if wake.more():
-                        continue
-                if (self.pending_pass or self.pending_collateral or self.holders_job) and self.holders_pass():
-                    continue                                          # 1b. every holder, a slice a turn
-                # Then the orders' events (operators' news; liqgw wakes): after the breaches 1b
-                # may still find, 8 a turn. Flushed from book_orders once 16 waited, and before
-                # 1b, they held a crash's 1b and 1a back (demo, 4 runs each: tick->order p50
-                # 1a 418 -> 236 us, 1b 1,580 -> 1,354 us, 1b p90 6.4 -> 3.8 ms). A pass in
-                # slices ends in a turn that gets here, so events drain between passes.
-                self.flush_events()
-                for p in self.partitions:                             # 2. commands
-                    self.drain(p, snap)
-                if time.monotonic() - self.last_upkeep >= self.full_pass_interval_s:
-                    self.schedule_upkeep()
-                if not self.checks and time.monotonic() - self.last_check >= OUTSTANDING_CHECK_S:
-                    self.schedule_checks()
-                if not wake.more():                                   # 3. idle: one upkeep slice
-                    if self.prices is not None and self.prices.fast is not None and self.prices.fast.n_applied:
-                        self.prices.settle(SETTLE_SLICE)              # the price reference catches up
-                    elif self.checks or self.jobs:
-                        job, *args = (self.checks or self.jobs).popleft()
-                        job(*args)
-                    else:
-                        for idx in self.index.values():               # or a step of a stale trigger
-                            if idx.refresh_triggers_slice():          # table's refresh
-                                break
+                sent_ns = self._turn(wake, blocking, sent_ns)
             except PricesUnreadable:                          # the price writer died mid-write:
                 self.counters["prices_unreadable"] += 1       # its restart finishes the row; wait
                 self.snap_stale = True                        # for it (a crash here would only loop),

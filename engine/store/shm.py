@@ -276,6 +276,15 @@ class Store:
                              f"row {row}: no consistent copy (its writer stopped mid-write?)")
         return out[0]
 
+    def finish_torn_writes(self, table: np.ndarray, lo: int = 0, hi: int | None = None) -> list[int]:
+        """End the seqlock writes a dead writer left open in rows ``lo <= r < hi`` of
+        ``table`` (their counter odd: readers would retry on them and give up); for the
+        rows' new only writer, before it writes them. Returns the rows finished."""
+        rows = (lo + np.flatnonzero(table["seq"][lo:hi] & 1)).tolist()
+        for r in rows:
+            _shm.write_end(self.addr(table, r))
+        return rows
+
     def read_account(self, row: int) -> tuple[np.void, np.ndarray]:
         """The account row and its used position slots, one consistent copy."""
         # Positions are covered by the account's seqlock: copy every slot (how many are
