@@ -58,6 +58,7 @@ class Code(enum.IntEnum):
     FILL_BAD_PRICE = 3006
     FILL_POSITION_SLOTS_FULL = 3007
     FILL_SAME_ACCOUNT = 3008       # maker and taker are the same account (a self-trade: nothing to apply)
+    FILL_TOO_MANY_STREAMS = 3009   # a new acknowledged fills stream past the gateway's limit (1024)
     COLLATERAL_UNKNOWN_ASSET = 3101
     COLLATERAL_BAD_AMOUNT = 3102
     WITHDRAWAL_BELOW_INITIAL_MARGIN = 3103
@@ -137,6 +138,9 @@ REPORTED: dict[int, str] = {
     3007: "fill leg refused by the worker: the account has no free position slot for the "
           "instrument (the other leg is applied). Event, naming the account and trade",
     3008: "fill whose maker and taker are the same account: nothing applied. Event",
+    3009: "a fills frame from a new routing id while the gateway already tracks 1,024 acknowledged fills "
+          "streams (`fills_acks`; each one's last seq is kept for good): nothing applied or remembered. "
+          "REJECT (fills ROUTER); event",
     3101: "DEPOSIT/WITHDRAWAL asset unknown. COLLATERAL_REPLY",
     3102: "an amount outside its rule: a deposit that would take the balance past 2**63-1 "
           "(COLLATERAL_REPLY); a fill leg's isolated margin (for a cross position, or below 0) or "

@@ -66,13 +66,62 @@ LOST_REPLY_AFTER_NS = 500_000_000   # a committed collateral record's reply this
 SHUTDOWN_REPLIES_S = 3.0      # at shutdown: how long the workers' last collateral replies are awaited
 
 
-def _peer_seq(seqs: dict[bytes, Sequencer], ident: bytes) -> Sequencer:
-    """The numbering of our answers to one peer of a ROUTER: each peer's answers are a
-    stream of their own, 1, 2, 3, ... (docs/protocol.md section 3)."""
-    seq = seqs.get(ident)
-    if seq is None:
-        seq = seqs[ident] = Sequencer()
-    return seq
+MAX_PEERS = 4096           # per ROUTER: the answered peers remembered (numbering, envelope)
+MAX_FILLS_STREAMS = 1024   # acknowledged fills streams (routing ids) tracked; a new one past it: 3009
+
+
+class Peers:
+    """The peers one ROUTER answers: each peer's answer numbering (its own stream, 1 per
+    answer, docs/protocol.md section 3) and whether it sends REQ envelopes (its answers
+    then carry the empty delimiter REQ expects).
+
+    At most ``capacity`` peers are remembered; a new one takes the place of the peer
+    heard from least recently (``forgotten`` counts them). ZeroMQ gives every connection
+    of a DEALER without a routing id of its own a new random one, so without the bound a
+    client that reconnects often would grow this for as long as the engine runs.
+
+    A peer's stream begins at the microsecond clock when the gateway first answers it
+    (``first = now_us + 1``), not at 1: a peer forgotten and heard again, or a client with
+    a fixed routing id across an engine restart, sees its answers' numbers jump forward,
+    never back (a client answered under a million times a second cannot have seen the
+    new numbers), so it does not drop them as duplicates (section 6)."""
+
+    __slots__ = ("_peers", "capacity", "forgotten")
+
+    def __init__(self, capacity: int = MAX_PEERS):
+        if capacity < 1:
+            raise ValueError("a ROUTER answers at least one peer")
+        self._peers: collections.OrderedDict[bytes, list] = collections.OrderedDict()  # id -> [Sequencer, req]
+        self.capacity = capacity
+        self.forgotten = 0
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def _entry(self, ident: bytes) -> list:
+        e = self._peers.get(ident)
+        if e is None:
+            if len(self._peers) >= self.capacity:
+                self._peers.popitem(last=False)
+                self.forgotten += 1
+            e = self._peers[ident] = [Sequencer(time.time_ns() // 1000), False]
+        return e
+
+    def heard(self, ident: bytes, req: bool) -> None:
+        """A message from ``ident`` (in a REQ envelope when ``req``): it is the most
+        recently heard peer now."""
+        e = self._entry(ident)
+        self._peers.move_to_end(ident)
+        if req:
+            e[1] = True
+
+    def seq(self, ident: bytes) -> Sequencer:
+        """The numbering of the answers to ``ident``."""
+        return self._entry(ident)[0]
+
+    def is_req(self, ident: bytes) -> bool:
+        e = self._peers.get(ident)
+        return e is not None and e[1]
 
 
 class Gateway:
@@ -97,15 +146,16 @@ class Gateway:
         self.events.setsockopt(zmq.SNDHWM, 10000)
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
-        self.reply_seqs: dict[bytes, Sequencer] = {}             # checks socket: our replies, per peer
-        self._req_peers: dict[zmq.Socket, set[bytes]] = {}       # per ROUTER: peers using REQ envelopes
+        # Per ROUTER: each peer's answer numbering and envelope (bounded: ``Peers``).
+        self.peers: dict[zmq.Socket, Peers] = {self.checks: Peers()}
+        if fills_acks:
+            self.peers[self.fills] = Peers()
         self.trackers: dict[bytes | None, SequenceTracker] = {}   # per stream (DEALER identity)
         if not fills_acks:        # one PULL stream: its numbering goes on across engine restarts
             self.trackers[None] = SequenceTracker(fills_last_seq)
         else:                     # each DEALER's, by its routing id: so do theirs
             for ident, last in (fills_streams or {}).items():
                 self.trackers[ident] = SequenceTracker(last)
-        self.ack_seqs: dict[bytes, Sequencer] = {}                # our replies, per peer
         self.journal_dir, self.journal_generation = journal_dir, journal_generation
         # The journal's sync thread wakes the loop through an inproc pair when a sync is done.
         self._wake_rx = self.zctx.socket(zmq.PAIR)
@@ -194,10 +244,11 @@ class Gateway:
         self._send_answer(sock, ident, mtype, fields)
 
     def _send_answer(self, sock: zmq.Socket, ident: bytes, mtype: MsgType, fields: dict) -> None:
-        if sock is self.fills:                       # the fills stream's ACKs: numbered per peer
-            frame = _peer_seq(self.ack_seqs, ident).encode_known(mtype, fields)
+        seq = self.peers[sock].seq(ident)
+        if sock is self.fills:                       # the fills stream's ACKs: the engine's own fields
+            frame = seq.encode_known(mtype, fields)
         else:
-            frame = _peer_seq(self.reply_seqs, ident).encode(mtype, fields)
+            frame = seq.encode(mtype, fields)
         self._route(sock, ident, frame)
 
     def _peer(self, sock: zmq.Socket, parts: list[bytes]) -> bytes | None:
@@ -206,17 +257,17 @@ class Gateway:
         its answers carry the empty delimiter REQ expects); None for any other shape
         (dropped, counted)."""
         if len(parts) == 2:
+            self.peers[sock].heard(parts[0], False)
             return parts[0]
         if len(parts) == 3 and parts[1] == b"":
-            self._req_peers.setdefault(sock, set()).add(parts[0])
+            self.peers[sock].heard(parts[0], True)
             return parts[0]
         self.counters["bad_envelopes"] += 1
         return None
 
     def _route(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:
         """``frame`` to the peer ``ident`` of the ROUTER ``sock``, in its envelope."""
-        req = self._req_peers.get(sock)
-        sock.send_multipart([ident, b"", frame] if req and ident in req else [ident, frame])
+        sock.send_multipart([ident, b"", frame] if self.peers[sock].is_req(ident) else [ident, frame])
 
     def pump_answers(self) -> None:
         """Send the held answers the disk has caught up with (in order); start the next
@@ -246,6 +297,9 @@ class Gateway:
         for a malformed one; fills rejected inside an accepted frame are reported as
         events.
         """
+        if ident is not None and ident not in self.trackers and len(self.trackers) >= MAX_FILLS_STREAMS:
+            self._refuse_new_stream(ident, frame, recv_ns)
+            return
         intake = self._fill_intake()
         if not intake.room():
             self.flush_fills(recv_ns)
@@ -285,6 +339,25 @@ class Gateway:
         self.journal.append(first_seq + verdict.skip, recv_ns, frame, ident or b"")   # before applying
         self._route_reference(fills[verdict.skip:], first_seq + verdict.skip, recv_ns)
         self._ack(ident, MsgType.ACK, {"ref_seq": first_seq, "code": 0})
+
+    def _refuse_new_stream(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
+        """A fills frame from a routing id the gateway does not track while it tracks
+        ``MAX_FILLS_STREAMS`` already: REJECT 3009, nothing applied or remembered (each
+        tracked stream's last seq is kept for good: in every snapshot and the journal,
+        so that resent frames stay duplicates). A malformed frame gets its own 1xxx code."""
+        self.flush_fills(recv_ns)                     # the earlier frames' ACKs go first
+        m = decode(frame, types=frozenset({MsgType.FILL, MsgType.BATCH}))
+        if type(m) is Rejected:
+            ref_seq, ref_type, code, detail = m.ref_seq, m.ref_type, m.code, m.detail
+        else:
+            ref_seq, ref_type, code = m.seq, int(m.type), Code.FILL_TOO_MANY_STREAMS
+            detail = (f"{MAX_FILLS_STREAMS} fills streams are tracked already: "
+                      "give the matching engine a fixed routing id (ZMQ_ROUTING_ID)")
+        self.counters[f"reject_{int(code)}"] += 1
+        self.emit(code, f"fills frame rejected: {detail}")
+        self._ack(ident, MsgType.REJECT, {"ref_seq": ref_seq if 0 <= ref_seq < 2**64 else 0,
+                                          "ref_type": ref_type if 0 <= ref_type <= 255 else 0,
+                                          "code": int(code), "detail": detail[:1000]})
 
     def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted account ids and their rows, for the C paths (built on first use, like
@@ -391,7 +464,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
     def on_request(self, ident: bytes, frame: bytes, recv_ns: int) -> None:
-        seq = _peer_seq(self.reply_seqs, ident)
+        seq = self.peers[self.checks].seq(ident)
         reply = self._check_desk().answer(frame, seq.last + 1, time.time_ns())
         if reply is not None:                                    # C path: the whole check
             seq.last += 1
@@ -487,7 +560,7 @@ class Gateway:
             res = pretrade_check_consistent(self.store, row, instrument, qty_units,
                                             self._price(instrument, price_units), self.snap)
             code, eq, im = res.code, res.post_equity_usd, res.post_initial_margin_usd
-        seq = _peer_seq(self.reply_seqs, ident)
+        seq = self.peers[self.checks].seq(ident)
         seq.last += 1
         reply = _wire.encode_check_reply(seq.last, time.time_ns(), request_id, int(code),
                                          float(eq) if eq == eq else 0.0, float(im) if im == im else 0.0)
@@ -697,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)
     g.run()
+    g.counters["peers_forgotten"] = sum(p.forgotten for p in g.peers.values())
     print(json.dumps({"gateway": dict(g.counters), "journal_syncs": g.journal.syncs}), file=sys.stderr)
     return 0
 

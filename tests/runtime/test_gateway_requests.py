@@ -139,11 +139,14 @@ def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, req
     assert not g.pending and not g._transfers_in_flight
 
 
-def test_each_peer_numbers_the_replies_it_gets_1_2_3(desk):
-    # Two clients interleave requests; each sees its own replies numbered 1, 2, 3, ...
+def test_each_peer_numbers_the_replies_it_gets_consecutively(desk):
+    # Two clients interleave requests; each sees its own replies numbered n, n+1, n+2, ...
     # with no gaps (protocol section 3: replies are a stream per peer), whichever path
-    # answered (the C check desk, the reference path, a collateral reply).
+    # answered (the C check desk, the reference path, a collateral reply). A peer's
+    # stream starts at the microsecond clock when it is first answered (n = now_us + 1),
+    # so it is above anything an earlier engine run can have sent it.
     g, ctl, _ = desk
+    start_us = time.time_ns() // 1000
     ctx = zmq.Context()
     try:
         clients = []
@@ -168,7 +171,10 @@ def test_each_peer_numbers_the_replies_it_gets_1_2_3(desk):
             m = decode(clients[who].recv())
             assert type(m) is Message and m.fields["request_id"] == 500 + k
             seqs[who].append(m.seq)
-        assert seqs == {0: [1, 2, 3, 4, 5], 1: [1, 2, 3, 4, 5]}
+        for who in (0, 1):
+            first = seqs[who][0]
+            assert seqs[who] == [first, first + 1, first + 2, first + 3, first + 4]
+            assert start_us < first <= time.time_ns() // 1000 + 1
     finally:
         ctx.destroy(linger=0)
 
@@ -213,7 +219,8 @@ def test_a_req_socket_gets_every_answer(desk):
                 assert m.fields["request_id"] == 900 + k
         assert g.counters["bad_envelopes"] == 0
         assert g._peer(g.checks, [b"id", b"x", b"body"]) is None and g.counters["bad_envelopes"] == 1
-        assert g._req_peers.get(g.fills) is None          # a REQ peer of one socket, not of the other
+        assert g.fills not in g.peers                     # a PULL fills socket answers nobody
+        assert g.peers[g.checks].is_req(parts[0]) and not g.peers[g.checks].is_req(b"peer-A")
     finally:
         ctx.destroy(linger=0)
 
