@@ -26,7 +26,7 @@ Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
 """
 
 from libc.math cimport fabs, fmin, fmax, ceil, floor, NAN, INFINITY, isnan, isinf
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, INT64_MIN, INT64_MAX
 
 from _types cimport (InstrumentRow, PosValues, AcctValues, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
                      KIND_PERP, KIND_FUTURE, KIND_OPTION, KIND_INVERSE_PERP, KIND_INVERSE_FUTURE,
@@ -796,15 +796,19 @@ cdef int put_order(int64_t *o, const InstrumentRow *ins, int instrument, int64_t
                    double qty_contracts, double bankruptcy, double mark, int reason) noexcept nogil:
     """One order row ``(instrument, signed qty units, limit price units, reason)``: the
     quantity rounded up to a unit (at most the position), the limit the bankruptcy price
-    (else the mark) rounded away from the account's favour. 0 when a number would not fit
-    an int64 (the caller falls back to the reference)."""
+    (else the mark) rounded away from the account's favour, then held to 1..2**63-1 units
+    (a bankruptcy price past what an int64 carries -- an account whose equity nearly
+    cancels its position's value -- is a sell no book fills, limited at 2**63-1). 0 when
+    the quantity would not fit an int64, or a position is -2**63 (no int64 order closes
+    it): the caller falls back to the reference."""
     cdef double want = qty_contracts * <double>ins.qty_scale - 1e-9
     cdef double limit = mark if isnan(bankruptcy) else bankruptcy
     cdef double lu
-    cdef int64_t units, aq = qty_units if qty_units >= 0 else -qty_units
+    cdef int64_t units, aq
     cdef int side = -1 if qty_units > 0 else 1           # sell a long, buy back a short
-    if not (want < 4.0e18) or not (fabs(limit) * <double>ins.price_scale < 4.0e18):
+    if not (want < 4.0e18) or qty_units == INT64_MIN:
         return 0
+    aq = qty_units if qty_units >= 0 else -qty_units
     units = <int64_t>ceil(want)
     units = min(aq, max(<int64_t>1, units))
     if side < 0:
@@ -813,7 +817,10 @@ cdef int put_order(int64_t *o, const InstrumentRow *ins, int instrument, int64_t
         lu = floor(limit * <double>ins.price_scale + 1e-9)
     o[0] = instrument
     o[1] = side * units
-    o[2] = max(<int64_t>1, <int64_t>lu)
+    if not (lu < 9.223372036854775807e18):              # 2**63 as a double, or NaN
+        o[2] = INT64_MAX if not isnan(lu) else 1
+    else:
+        o[2] = max(<int64_t>1, <int64_t>lu)
     o[3] = reason
     return 1
 

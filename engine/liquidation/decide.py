@@ -16,7 +16,9 @@ for an option (whose notional is priced at it). Positions are taken largest
 requirement first until the account is healthy. Below bankruptcy (``E < 0``) every
 position of the breached scope is closed in full. The order's limit price is the
 position's bankruptcy price (no worse for the insurance fund), rounded to the
-instrument's price unit away from the account's favour.
+instrument's price unit away from the account's favour and held to 1..2**63-1 price
+units (an account whose equity nearly cancels its position's value has a bankruptcy
+price past any int64: its sell is limited at 2**63-1, which no book fills).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from engine.store.layout import Mode, Status
 from engine.store.shm import PriceSnapshot, Store
 
 DEFAULT_HEALTH_FACTOR = 1.25
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,17 @@ def decide_reference(store: Store, row: int, snap: PriceSnapshot, *,
     def order(pos, qty_contracts: float, reason: Code, bankruptcy: float | None) -> None:
         i = pos.instrument
         qs, ps = params[i].qs, params[i].ps
-        units = min(abs(pos.qty_units), max(1, math.ceil(qty_contracts * qs - 1e-9)))
+        units = min(abs(pos.qty_units), INT64_MAX, max(1, math.ceil(qty_contracts * qs - 1e-9)))
         side = -1 if pos.qty_units > 0 else 1          # sell a long, buy back a short
         mark = float(snap.marks[i])
         limit = bankruptcy if bankruptcy is not None else mark
         # A sell may not fill below the bankruptcy price: round up; a buy: round down.
-        limit_units = math.ceil(limit * ps - 1e-9) if side < 0 else math.floor(limit * ps + 1e-9)
-        limit_units = max(1, limit_units)
+        # Held to 1..2**63-1 units (the wire's int64): past it, a sell no book fills.
+        x = limit * ps - 1e-9 if side < 0 else limit * ps + 1e-9
+        if not x < 2.0**63:
+            limit_units = INT64_MAX if x == x else 1
+        else:
+            limit_units = max(1, math.ceil(x) if side < 0 else math.floor(x))
         orders.append(LiquidationOrder(row, acct_id, i, side * units, limit_units / ps, limit_units, reason))
 
     # Isolated positions: each is its own scope.

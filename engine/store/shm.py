@@ -21,6 +21,8 @@ from engine.codes import Code
 from engine.instruments import Asset, Instrument, Kind, MAX_TIERS
 from engine.store import layout as L
 
+INT64_MAX = 2**63 - 1
+
 
 class StoreError(Exception):
     """A store operation failed; ``code`` is an engine.codes.Code (5xxx)."""
@@ -356,8 +358,12 @@ class Store:
         """Create or replace the account's position in ``instrument``; return its slot.
 
         A position whose qty and cost become zero is removed (the last slot moves into its
-        place, so used slots stay compact). No free slot: CapacityError.
+        place, so used slots stay compact). No free slot: CapacityError. ``qty`` must be
+        within +-(2**63-1) (ValueError): the fill rule never makes -2**63 (3005), and no
+        int64 order could close it.
         """
+        if not -INT64_MAX <= qty <= INT64_MAX:
+            raise ValueError(f"position qty {qty} outside +-(2**63-1)")
         acct = self.accounts[row]
         n = int(acct["n_positions"])
         slots = self.slots(row)

@@ -683,3 +683,40 @@ def test_compiled_reason_codes_are_the_engines():
     assert _margin.LIQ_CODES == {c.name: int(c) for c in (Code.LIQ_BELOW_MAINTENANCE,
                                                            Code.LIQ_ISOLATED_BELOW_MAINTENANCE,
                                                            Code.LIQ_BELOW_BANKRUPTCY)}
+
+
+def test_a_bankruptcy_price_past_int64_is_held_to_the_largest_limit():
+    """An inverse BTCUSD long of 1,000,000 contracts (cs 100: 100M USD) bought at the mark
+    44,000 (cost 100M / 44,000 = 2,272.7272727 BTC, upnl ~0), cross, backed by a USDT debt
+    of 100,000,000.0001 USD: E = -0.0001 USD < 0, so everything is closed (6003) with the
+    bankruptcy price as the sell's limit. The backing equity e0 = E - upnl nearly cancels
+    the position's value: root = (e0 / 44,000 + c) / (q cs) is ~1e-16, so the price 1/root
+    is above 2**63 / 100 (price scale 100) and no int64 carries it. It used to make the
+    kernel decline and the reference return a limit > 2**63 - 1, which the worker's order
+    encoder refused with OverflowError; the limit is now 2**63 - 1 units in both (a sell
+    no book fills below its bankruptcy price)."""
+    instruments = make_instruments(KV_TIERS, KV_MARKS)
+    q = 1_000_000
+    cost_sat = round(q * 100 / 44_000 * 10**8)
+    store = build(KV_ASSETS, instruments, {USDT: -(100_000_000 * 10**6 + 100)},
+                  [(BTCUSD_INV, Mode.CROSS, q, cost_sat, 0)])
+    snap = store.price_snapshot()
+    assert margin.account_detail(store, 0, snap).positions[0].bankruptcy_price * PRICE_SCALE > 2**63
+    got = decide(store, 0, snap)
+    assert got == decide_reference(store, 0, snap)             # the kernel answers: no fallback
+    assert [(o.qty_units, o.limit_price_units, o.reason) for o in got] == \
+        [(-q, 2**63 - 1, Code.LIQ_BELOW_BANKRUPTCY)]
+    n = _margin.decide_orders(store.addr(store.instruments), store.addr(store.accounts, 0),
+                              store.addr(store.positions, 0), snap.marks, snap.asset_px, snap.asset_haircut,
+                              snap.asset_scale, H, np.zeros((1, 4), np.int64))
+    assert n == 1
+
+
+def test_a_position_of_int64_min_cannot_be_stored():
+    # No int64 order closes -2**63 units (its negation is 2**63), and the fill rule never
+    # makes one (3005): the store refuses it too.
+    store = build(KV_ASSETS, make_instruments(KV_TIERS, KV_MARKS), {}, [])
+    with pytest.raises(ValueError, match="outside"):
+        store.set_position(0, BTCUSDT, -2**63, 0)
+    assert int(store.accounts[0]["n_positions"]) == 0
+    store.set_position(0, BTCUSDT, -(2**63 - 1), 0)           # the most negative it takes
