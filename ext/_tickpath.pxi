@@ -101,16 +101,18 @@ cdef inline Py_ssize_t search_right(const double *a, Py_ssize_t n, double x) noe
 cdef inline Py_ssize_t crossed_span(const Triggers *t, double mark, double prev, const int64_t **rows,
                                    Py_ssize_t *first, Py_ssize_t *step) noexcept nogil:
     """The accounts a move from ``prev`` to ``mark`` put in breach: ``n`` rows, visited as
-    ``rows[first + j * step]`` for ``j < n``. Longs ``mark <= t < prev``, most breached
-    first; shorts ``prev < t <= mark`` (HolderIndex.candidates with a previous mark)."""
+    ``rows[first + j * step]`` for ``j < n``. Longs ``mark <= t <= prev``, most breached
+    first; shorts ``prev <= t <= mark`` (HolderIndex.candidates with a previous mark).
+    Both ends: an account whose trigger is the previous mark was visited then and not in
+    breach (``E < MM`` is strict), so the move away from it must visit it again."""
     cdef Py_ssize_t a, b
     if mark < prev:
         a = search_left(t.long_t, t.n_long, mark)
-        b = search_left(t.long_t, t.n_long, prev)
+        b = search_right(t.long_t, t.n_long, prev)
         rows[0], first[0], step[0] = t.long_rows, b - 1, -1
         return b - a
     if mark > prev:
-        a = search_right(t.short_t, t.n_short, prev)
+        a = search_left(t.short_t, t.n_short, prev)
         b = search_right(t.short_t, t.n_short, mark)
         rows[0], first[0], step[0] = t.short_rows, a, 1
         return b - a
@@ -123,7 +125,7 @@ cdef class TickPath:
     ``stage_1a()``: snapshot every price (seqlocks); for each instrument whose price
     sequence moved since ``last_seqs``, unless frozen: the accounts of each partition
     whose trigger the move from ``prev_marks[i]`` to the new mark crossed (longs
-    ``mark <= t < prev``, from the most breached; shorts ``prev < t <= mark``), each not
+    ``mark <= t <= prev``, from the most breached; shorts ``prev <= t <= mark``), each not
     already outstanding decided (``decide_core``), its orders encoded as frames and the
     account flagged outstanding. ``liquidate(rows, ...)``: the same for given rows
     (re-sends, breaches found by the holders' pass).

@@ -203,19 +203,21 @@ def holder_keys(mode: np.ndarray, qty: np.ndarray) -> np.ndarray:
 def _crossed(tables: tuple, mark: float, prev_mark: float | None) -> np.ndarray:
     """Rows of trigger ``tables`` (longs ascending, their rows, shorts ascending, their
     rows) that ``mark`` has crossed, most breached first: with ``prev_mark``, only those
-    crossed on the way from it (longs ``mark <= t < prev``, shorts ``prev < t <= mark``);
-    without, every trigger at or beyond ``mark``. Binary searches only."""
+    crossed on the way from it (longs ``mark <= t <= prev``, shorts ``prev <= t <= mark``:
+    both ends, as an account whose trigger is the previous mark was not in breach there,
+    ``E < MM`` being strict); without, every trigger at or beyond ``mark``. Binary
+    searches only."""
     long_t, long_rows, short_t, short_rows = tables
     if prev_mark is None:
         k = np.searchsorted(long_t, mark, side="left")        # long_t[k:] >= mark
         j = np.searchsorted(short_t, mark, side="right")      # short_t[:j] <= mark
         return np.concatenate([long_rows[k:][::-1], short_rows[:j]])
-    if mark < prev_mark:                                      # longs: mark <= t < prev
+    if mark < prev_mark:                                      # longs: mark <= t <= prev
         k0 = np.searchsorted(long_t, mark, side="left")
-        k1 = np.searchsorted(long_t, prev_mark, side="left")
+        k1 = np.searchsorted(long_t, prev_mark, side="right")
         return long_rows[k0:k1][::-1]
-    if mark > prev_mark:                                      # shorts: prev < t <= mark
-        j0 = np.searchsorted(short_t, prev_mark, side="right")
+    if mark > prev_mark:                                      # shorts: prev <= t <= mark
+        j0 = np.searchsorted(short_t, prev_mark, side="left")
         j1 = np.searchsorted(short_t, mark, side="right")
         return short_rows[j0:j1]
     return long_rows[:0]

@@ -720,3 +720,39 @@ def test_a_position_of_int64_min_cannot_be_stored():
         store.set_position(0, BTCUSDT, -2**63, 0)
     assert int(store.accounts[0]["n_positions"]) == 0
     store.set_position(0, BTCUSDT, -(2**63 - 1), 0)           # the most negative it takes
+
+
+def test_a_tick_leaving_a_trigger_it_landed_on_finds_the_breach():
+    """1,000 USDT and a 1 BTC long from 95,000, one tier at mmr 50 %: E = 1,000 + p - 95,000
+    and MM = 0.5 p meet at p = 188,000, the long's trigger (exact in binary). A tick to
+    exactly 188,000 visits the account, which is not in breach (E = MM = 94,000; E < MM
+    is strict). The next tick, to 187,999.9, puts it in breach (E 93,999.9 < MM
+    93,999.95): stage 1a must visit it again. The search took longs with mark <= t <
+    prev, which left out t = prev = 188,000, so only the holders' pass found it later;
+    now both ends are in."""
+    tiers = dict(KV_TIERS)
+    tiers[BTCUSDT] = [{"floor": 0.0, "imr": 1.0, "mmr": 0.5}]
+    store = build(KV_ASSETS, make_instruments(tiers, {**KV_MARKS, BTCUSDT: 200_000.0}), {USDT: 1_000 * 10**6},
+                  [(BTCUSDT, Mode.CROSS, 1_000, 95_000 * 10**6, 0)])
+    assert margin.account_detail(store, 0).positions[0].liquidation_price == 188_000.0
+    n_i = len(store.instruments)
+    tp = _margin.TickPath(store.addr(store.instruments), store.addr(store.prices), store.addr(store.assets),
+                          len(store.assets), store.addr(store.accounts), store.addr(store.positions),
+                          store.slots_per_account, n_i, 1, np.zeros(n_i, np.uint64),
+                          store.price_snapshot().marks.copy(), 0, H)
+    margin.full_pass(store, 0)
+    idx = margin.HolderIndex(store, 0)
+    idx.refresh(store.price_snapshot())
+    idx.refresh_triggers(BTCUSDT)
+    tp.set_triggers(0, BTCUSDT, *idx.triggers[BTCUSDT])
+    assert idx.triggers[BTCUSDT][0].tolist() == [188_000.0]
+    tp.stage_1a()                                       # takes the start's price sequences
+    store.publish_mark(BTCUSDT, 188_000.0)
+    assert tp.stage_1a() == 0 and decide(store, 0, store.price_snapshot()) == []
+    store.publish_mark(BTCUSDT, 187_999.9)
+    # Keep n with 0.5 n = E / 1.25 = 75,199.92 -> n = 150,399.84 USDT = 150,399.84 / 187,999.9
+    # = 0.7999996 BTC (0.8 BTC would be 150,399.92): close 0.2000004 BTC -> 201 units, rounded up
+    assert [(o.qty_units, o.reason) for o in decide(store, 0, store.price_snapshot())] == \
+        [(-201, Code.LIQ_BELOW_MAINTENANCE)]
+    assert tp.stage_1a() == 1
+    assert idx.candidates(BTCUSDT, 187_999.9, 188_000.0).tolist() == [0]

@@ -358,10 +358,12 @@ def test_crossed_on_tables_with_ties_and_infinities(book):
         for prev in pts:
             want = margin.HolderIndex.candidates(fake, 1, mark, prev).tolist()
             assert tp.crossed(0, 1, mark, prev) == want, (mark, prev)
-    # 100 -> 95: longs with 95 <= t < 100, most breached first: 99.5 (15), then 95 x3 (14, 13, 12)
-    assert tp.crossed(0, 1, 95.0, 100.0) == [15, 14, 13, 12]
-    # 100 -> 105: shorts with 100 < t <= 105: 100.5 (33), 105 (34), 105 (35)
-    assert tp.crossed(0, 1, 105.0, 100.0) == [33, 34, 35]
+    # 100 -> 95: longs with 95 <= t <= 100, most breached first: 100 (16), 99.5 (15), then
+    # 95 x3 (14, 13, 12). 100 is in: a long whose trigger is 100 sat exactly at maintenance
+    # there (not in breach, E < MM is strict) and is in breach at 95.
+    assert tp.crossed(0, 1, 95.0, 100.0) == [16, 15, 14, 13, 12]
+    # 100 -> 105: shorts with 100 <= t <= 105: 100 x2 (31, 32), 100.5 (33), 105 (34), 105 (35)
+    assert tp.crossed(0, 1, 105.0, 100.0) == [31, 32, 33, 34, 35]
     assert tp.crossed(0, 0, 1.0, 2.0) == []                 # instrument 0 never set: empty
     with pytest.raises(IndexError):
         tp.set_triggers(1, 0, lt, lr, stt, sr)
