@@ -145,6 +145,13 @@ class Worker:
         self.next_order_id = order_id_base or ((worker_id + 1) << 52 | (time.time_ns() // 1000) & ((1 << 52) - 1))
         self.breach = np.empty(65536, np.int64)
         self.outstanding_since: dict[int, int] = {}
+        # The instruments of each outstanding account's last orders not yet answered by a
+        # fill of the account in that instrument: the account is decided again (stage
+        # "fill") only once each has had one, so a fill of one order does not send again an
+        # order whose own fill is still on its way (orders are immediate-or-cancel, protocol
+        # section 4; an order no fill answers is re-sent after REISSUE_AFTER_NS if the
+        # account is still in breach). Absent: not known (flagged by a previous owner).
+        self.outstanding_instruments: dict[int, set[int]] = {}
         self.pending_events: collections.deque = collections.deque()   # order events to send
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
         # The holders' pass in progress: [snapshot, deque of (partition, instrument passed,
@@ -362,10 +369,13 @@ class Worker:
             now = time.time_ns()
             self.counters["orders"] += len(orders)
             self.counters[f"orders_{stage}"] += len(orders)
+            waiting: dict[int, set[int]] = {}
             for rec in orders.tolist():
                 self.outstanding_since[rec[0]] = now
+                waiting.setdefault(rec[0], set()).add(rec[2])
                 rec[7] &= 0xFFFF_FFFF_FFFF_FFFF          # tick_seq: a uint64 kept in an int64 column
                 self.pending_events.append(dict(zip(_margin.ORDER_COLUMNS, rec), stage=stage))
+            self.outstanding_instruments.update(waiting)
         collateral = tp.assets_moved and not np.array_equal(tp.asset_px, self.asset_px_seen)
         tp.assets_moved = False
         if collateral:
@@ -489,6 +499,7 @@ class Worker:
                 sent += 1
             if orders:
                 self._set_outstanding(row, True)
+                self.outstanding_instruments[row] = {o.instrument for o in orders}
         return sent
 
     def flush_events(self, limit: int | None = EVENTS_PER_FLUSH) -> None:
@@ -535,6 +546,7 @@ class Worker:
             self.outstanding_since[row] = time.time_ns()
         else:
             self.outstanding_since.pop(row, None)
+            self.outstanding_instruments.pop(row, None)
 
     # ------------------------------------------------------------------ 2. commands
     def drain(self, p: int, snap) -> int:
@@ -568,6 +580,8 @@ class Worker:
                     self.counters["legs_rejected"] += int(bad.sum())
                     for i in np.flatnonzero(bad).tolist():
                         self.leg_rejected(int(self._codes_buf[i]), done_recs[i])
+                if self.outstanding_instruments:
+                    self._answered(self._rows_buf[:n], done_recs["instrument"], bad)
                 last_ref = int(done_recs[n - 1]["ref"])
                 recv_ns = max(recv_ns, int(done_recs[n - 1]["ts_ns"]))
                 r += n
@@ -597,13 +611,22 @@ class Worker:
             rows = np.fromiter(touched, np.int64, len(touched))
             rows.sort()                                # the aggregates walked forward
             self.index[p].update_accounts(rows, snap)
-            cleared = sorted(touched.intersection(self.outstanding_since))
+            waiting = self.outstanding_instruments
+            cleared = sorted(r for r in touched.intersection(self.outstanding_since) if not waiting.get(r))
             for row in cleared:
                 self._set_outstanding(row, False)
-            if cleared:        # a fill of an account with an order out: still in breach -> the next order now
+            if cleared:        # every order of the account answered by a fill: still in breach -> the next order now
                 self.liquidate(np.asarray(cleared, np.int64), 0, recv_ns or time.time_ns(), STAGE_FILL)
         self.counters["records"] += done
         return done
+
+    def _answered(self, rows: np.ndarray, instruments: np.ndarray, rejected: np.ndarray) -> None:
+        """Applied fill legs (``rows``, ``instruments``; ``rejected`` legs left out): each
+        answers its outstanding account's order in that instrument."""
+        waiting = self.outstanding_instruments
+        hit = np.flatnonzero(np.isin(rows, np.fromiter(waiting, np.int64, len(waiting))) & ~rejected)
+        for row, ins in zip(rows[hit].tolist(), instruments[hit].tolist()):
+            waiting[row].discard(ins)
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
         """Deposit credits (refused, 3102, when the balance would pass 2**63-1: it is an

@@ -212,6 +212,39 @@ def test_a_fill_that_leaves_an_account_in_breach_gets_its_next_order_at_once(wor
     assert w.counters["orders_fill"] == 1
 
 
+def test_an_account_is_decided_again_only_once_each_of_its_orders_had_a_fill(worker):
+    """BTC at 85,000: B (5,000 USDT, 1 BTC from 95,000, 10 ETH from 3,400) has equity
+    5,000 + (85,000 - 95,000) + 10 (3,400 - 3,400) = -5,000 < 0, so 1a closes everything:
+    sell 1,000 BTC units and sell 10,000 ETH units (6003). The BTC order's fill comes
+    back first (sell 1 BTC at 85,000: realized -10,000, balance -5,000); the ETH order's
+    fill is still on its way, so B must not be decided again yet: that would send a
+    second sell of the 10 ETH, 20 ETH of sells against a 10 ETH position (it did). Then
+    the ETH fill, half of it (5 ETH at 3,400, realized 0; the order is immediate-or-
+    cancel, the rest cancelled): each order has had a fill, B is decided again at once
+    (stage "fill"): E = -5,000 + 5 x (3,400 - 3,400) = -5,000 < 0, sell the 5,000 ETH
+    units left."""
+    from engine.runtime.ctl import RecordKind
+    from engine.runtime.worker import STAGE_FILL
+
+    w, store, events = worker
+    _tick(w, store, BTC, 85_000.0, 2)
+    got = sorted((e["account"], e["instrument"], e["detail"]["qty_units"], e["code"]) for e in _events(w, events))
+    assert got == [(A, "BTCUSDT", -1_000, Code.LIQ_BELOW_BANKRUPTCY),     # A: 3,000 - 10,000 < 0 too
+                   (B, "BTCUSDT", -1_000, Code.LIQ_BELOW_BANKRUPTCY),
+                   (B, "ETHUSDT", -10_000, Code.LIQ_BELOW_BANKRUPTCY)]
+    row = store.row_of(B)
+    ps = store.instruments["price_scale"]
+    assert w.ctl.push(0, RecordKind.FILL_LEG, BTC, row, -1_000, 85_000 * int(ps[BTC]), 0, 1, 1_000, 0)
+    w.drain(0, w.snap)
+    assert _events(w, events) == [] and w.counters["orders_fill"] == 0
+    assert int(store.accounts[row]["flags"]) & 1                          # still outstanding
+    assert w.ctl.push(0, RecordKind.FILL_LEG, ETH, row, -5_000, 3_400 * int(ps[ETH]), 0, 2, 1_000, 0)
+    w.drain(0, w.snap)
+    [ev] = _events(w, events)
+    assert (ev["account"], ev["instrument"], ev["detail"]["qty_units"], ev["detail"]["stage"]) == \
+        (B, "ETHUSDT", -5_000, STAGE_FILL)
+
+
 def test_records_that_waited_longer_than_the_bound_are_seen_as_due(worker):
     """The loop applies fills before taking newer ticks once the oldest waiting record
     was received more than FILLS_MAX_WAIT_NS (500 us) ago: a record stamped 1 ms ago is
