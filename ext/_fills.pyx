@@ -30,10 +30,16 @@ Position ``q`` (units), ``c`` cost (settle units), ``s(x)`` the sign of x:
    if ``|δ| > m`` the rest opens the other way: ``c += s(δ) V_open``,
    ``q += s(δ) (|δ| - m)``. ``q == 0`` implies ``m == |q|`` hence ``c == 0``.
 3. Isolated margin: ``isolated_margin += iso_delta`` and ``balance[settle] -= iso_delta``
-   (a transfer; a cross position needs ``iso_delta == 0``, the result must be ``>= 0``,
-   else 3102). When ``q`` becomes 0 the slot is removed (the last used slot moves into it)
-   and its remaining isolated margin returns to ``balance[settle]``.
-4. ``balance[settle] += realized - fee``; ``fee_pool[settle] += fee`` (fee < 0: rebate).
+   (a transfer; a cross position needs ``iso_delta == 0``; a transfer out, ``iso_delta <
+   0``, must leave it ``>= 0``; else 3102).
+4. Realized PnL: an isolated position's into its isolated margin (``isolated_margin +=
+   realized``: its loss never reaches the cross balance while the margin covers it, and
+   closing at the mark leaves ``isolated_margin + upnl`` as it was, the liquidation rule's
+   premise), a cross position's into ``balance[settle]``. ``balance[settle] -= fee``;
+   ``fee_pool[settle] += fee`` (fee < 0: rebate). When ``q`` becomes 0 the slot is
+   removed (the last used slot moves into it) and its remaining isolated margin returns to
+   ``balance[settle]`` (below zero only when closed past its bankruptcy price: that loss
+   reaches the cross balance, as bad debt would).
 
 Conservation (per settle asset, over both legs of a trade)::
 
@@ -280,7 +286,7 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
         else:
             pos_mode = mode
     iso = iso0 + <me_i128>iso_delta
-    if (pos_mode != MODE_ISOLATED and iso_delta != 0) or iso < 0:
+    if (pos_mode != MODE_ISOLATED and iso_delta != 0) or (iso_delta < 0 and iso < 0):
         out.code = CODE_COLLATERAL_BAD_AMOUNT
         return out
     # (3) new values, 128-bit, then range checks
@@ -318,7 +324,11 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
             q = q + sd * <me_i128>(ad - m)
     closed = q == 0
     # q == 0 only when m == |q0| and m == |δ|: cost_removed == c0, nothing reopened.
-    bal = <me_i128>acct.balance[settle] + realized - <me_i128>fee - <me_i128>iso_delta
+    bal = <me_i128>acct.balance[settle] - <me_i128>fee - <me_i128>iso_delta
+    if pos_mode == MODE_ISOLATED:
+        iso = iso + realized                              # isolated PnL stays in its margin
+    else:
+        bal = bal + realized
     if closed:
         bal = bal + iso                                   # the isolated margin comes home
     pool = <me_i128>fee_pool[settle] + <me_i128>fee

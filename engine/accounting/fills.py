@@ -16,8 +16,10 @@ per asset)::
                       realized = cost_removed - s(q) V_close     (inverse)
                       c -= cost_removed;  q -= s(q) m
                       |δ| > m:  c += s(δ) V_open;  q += s(δ) (|δ| - m)
-    balance[settle] += realized - fee - iso_delta  (+ isolated margin left, on full close)
+    cross:     balance[settle] += realized - fee - iso_delta
+    isolated:  balance[settle] += -fee - iso_delta;  isolated_margin += realized
     fee_pool[settle] += fee;  isolated_margin += iso_delta
+    full close: balance[settle] += isolated_margin left (below 0 only past bankruptcy)
 
 so that ``sum(balance) + sum(isolated_margin) + fee_pool - sum(cost)`` (linear; ``+ sum(cost)``
 inverse) is unchanged, exactly, by the two legs of a trade: each leg moves it by
@@ -184,7 +186,7 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     else:
         pos_mode, q0, c0, iso0 = position
     iso = iso0 + iso_delta
-    if (pos_mode != L.Mode.ISOLATED and iso_delta != 0) or iso < 0:
+    if (pos_mode != L.Mode.ISOLATED and iso_delta != 0) or (iso_delta < 0 and iso < 0):
         return reject(Code.COLLATERAL_BAD_AMOUNT)
     # 3. value and new state
     ad = abs(d)
@@ -211,7 +213,14 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     closed = q == 0
     if closed:
         assert c == 0, "q == 0 only on m == |q0| == |δ|, which removes all the cost"
-    bal = balance + realized - fee - iso_delta + (iso if closed else 0)
+    if pos_mode == L.Mode.ISOLATED:
+        iso += realized                         # isolated PnL stays in its margin
+        bal = balance - fee - iso_delta
+    else:
+        bal = balance + realized - fee - iso_delta
+    if closed:
+        bal += iso                              # the isolated margin comes home
+
     pool = fee_pool + fee
     if not all(_fits(x) for x in (realized, q, c, iso, bal, pool)) or q == INT64_MIN:   # |q| must fit
         return reject(Code.FILL_BAD_QTY)

@@ -305,6 +305,21 @@ KNOWN = [
                  # close: realized 1,000 and the 1,000 isolated margin comes back: -1,000 + 1,000 + 1,000
                  None, 1_000 * USDT_1, 0, 1_000 * USDT_1, 51_000 * USDT_1,
                  id="ALICE_CLOSE_ISOLATED_MARGIN_RETURNS"),
+    pytest.param([(0, BTC_1, P50K, 0, ISO, 1_000 * USDT_1), (0, -BTC_1 // 2, P49K, 0, None, 0)],
+                 # isolated, sell 0.5 BTC at 49,000: realized 0.5 x (49,000 - 50,000) = -500 stays
+                 # in the position's margin (1,000 - 500 = 500); the cross balance keeps its
+                 # -1,000 (the transfer), untouched by the loss. Margin + upnl was
+                 # 1,000 - 1,000 = 0 at 49,000 and is 500 - 500 = 0 after: unchanged.
+                 (ISO, 500, 25_000 * USDT_1, 500 * USDT_1), -1_000 * USDT_1, 0, -500 * USDT_1,
+                 24_500 * USDT_1, id="ALICE_ISOLATED_PARTIAL_LOSS_STAYS_IN_ITS_MARGIN"),
+    pytest.param([(0, BTC_1, P50K, 0, ISO, 1_000 * USDT_1), (0, -BTC_1 // 2, 470_000, 0, None, 0),
+                  (0, -BTC_1 // 2, 470_000, 0, None, 0)],
+                 # past bankruptcy (49,000): sell 0.5 at 47,000, realized -1,500: margin
+                 # 1,000 - 1,500 = -500; again (a leg on a margin below zero is applied, not
+                 # refused 3102), realized -1,500: margin -2,000; closed, the margin comes home:
+                 # balance -1,000 + (-2,000) = -3,000 (the loss past the margin reaches it)
+                 None, -3_000 * USDT_1, 0, -1_500 * USDT_1, 23_500 * USDT_1,
+                 id="ALICE_ISOLATED_CLOSED_PAST_BANKRUPTCY"),
 ]
 
 

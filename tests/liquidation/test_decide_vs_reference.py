@@ -756,3 +756,30 @@ def test_a_tick_leaving_a_trigger_it_landed_on_finds_the_breach():
         [(-201, Code.LIQ_BELOW_MAINTENANCE)]
     assert tp.stage_1a() == 1
     assert idx.candidates(BTCUSDT, 187_999.9, 188_000.0).tolist() == [0]
+
+
+def test_an_isolated_order_filled_at_the_mark_restores_health_and_spares_the_cross_balance():
+    """Dave (known values above): 100 ETH short from 3,000, isolated with 15,000.5 USDT,
+    1,000 USDT cross; at 3,100 decide buys back 3,548 units (35.48 ETH). Filled at the
+    mark, the realized loss 35.48 x (3,100 - 3,000) = 3,548 stays in the position's margin
+    (15,000.5 - 3,548 = 11,452.5), so its equity is unchanged: 11,452.5 - 64.52 x 100 =
+    5,000.5, against MM 64.52 x 3,100 x 2 % = 4,000.24: 5,000.5 >= 1.25 x 4,000.24 =
+    5,000.3, healthy (3,547 units would leave MM 4,000.86: 1.25 x = 5,001.075 > 5,000.5).
+    The cross balance stays 1,000 USDT. The fill rule used to book the loss to the cross
+    balance (1,000 -> -2,548: the cross scope bankrupt with no position to close) while
+    the position kept its 15,000.5, so decide had closed twice what that rule needed."""
+    from engine.accounting.fills import apply_fill_leg
+
+    balances, positions = DAVE_100_ETH_SHORT_AT_3K_ISOLATED_15_000_5
+    store = build(KV_ASSETS, make_instruments(KV_TIERS, {**KV_MARKS, ETHUSDT_F: 3_100.0}), balances,
+                  list(positions))
+    [order] = decide(store, 0, store.price_snapshot())
+    assert order.qty_units == 3_548
+    assert apply_fill_leg(store, 0, 0, ETHUSDT_F, order.qty_units, 3_100 * PRICE_SCALE, 0).code == Code.OK
+    slot = store.slots(0)[0]
+    assert (int(slot["qty"]), int(slot["isolated_margin"])) == (-6_452, 11_452_500_000)
+    assert int(store.accounts[0]["balance"][USDT]) == 1_000 * 10**6
+    d = margin.account_detail(store, 0, store.price_snapshot())
+    p = d.positions[0]
+    assert abs(11_452.5 + p.unrealized_pnl - 5_000.5) < 1e-6 and abs(p.maintenance_margin - 4_000.24) < 1e-6
+    assert decide(store, 0, store.price_snapshot()) == []
