@@ -862,8 +862,13 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
     its values and bankruptcy price); (2) isolated positions in breach, each its own
     scope: all of it below bankruptcy, else the least that restores ``iso + upnl >= h MM``;
     (3) when the cross scope is liquidatable: everything below bankruptcy (``E < 0``), else
-    positions by cross requirement, largest first (stable), each closed by the least that
-    restores ``E >= h MM``, until it holds.
+    positions by benefit ``h MM_usd - cost_max``, largest first (those of benefit <= 0
+    last, by ``MM_usd``; stable), each closed by the least that restores ``E - cost_max >=
+    h MM``, until ``E >= h MM`` holds; ``cost_max`` = ``haircut_s px_s max(0, min(upnl,
+    b_s + upnl))`` is what realizing all the position's profit into its settle balance
+    ``b_s`` can take from the haircut-weighted collateral; after each order ``E`` drops by
+    the cost of the profit it realizes, and ``b_s`` grows. With no haircut (or no profit)
+    the benefit is ``h MM_usd``: largest requirement first.
     """
     cdef const PositionRow *pos
     cdef const InstrumentRow *ins
@@ -873,10 +878,12 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
     cdef double bp[MAX_SLOTS_DECIDE]
     cdef double key[MAX_SLOTS_DECIDE]
     cdef int order_of[MAX_SLOTS_DECIDE]
+    cdef int group[MAX_SLOTS_DECIDE]
     cdef int n_pos = acct.n_positions, i, j, t, n_cross = 0, n_out = 0
     cdef int ok = 1
-    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, mark_n
-    cdef int notional_of
+    cdef double e, m_total, m_pos, q, x, px_s, iso, kept, mark_n, hc, up, realized
+    cdef double bal[MAX_ASSETS]
+    cdef int notional_of, s_a
     if n_pos > MAX_SLOTS_DECIDE:
         return -1
     if n_pos == 0:
@@ -911,10 +918,19 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                                marks[pos.instrument], CODE_LIQ_ISOLATED_BELOW_MAINTENANCE)
             n_out += ok
         if ok and (r.status & STATUS_LIQUIDATABLE):         # (3) the cross scope
+            for t in range(n_assets):
+                bal[t] = <double>acct.balance[t] / asset_scale[t]
             for i in range(n_pos):
                 if slots[i].mode == MODE_CROSS and slots[i].qty != 0:
+                    # the order: largest benefit first, h MM - cost_max (USD); those whose
+                    # closing costs at least what it frees, last, largest MM first
+                    s_a = instruments[slots[i].instrument].settle_asset
+                    px_s = asset_px[s_a]
+                    up = v[i].upnl
+                    x = h * v[i].mm * px_s - asset_haircut[s_a] * px_s * fmax(0.0, fmin(up, bal[s_a] + up))
                     order_of[n_cross] = i
-                    key[n_cross] = -v[i].mm * asset_px[instruments[slots[i].instrument].settle_asset]
+                    group[n_cross] = 0 if x > 0 else 1
+                    key[n_cross] = -x if x > 0 else -v[i].mm * px_s
                     n_cross += 1
             e = r.cross_equity_usd
             if e < 0:
@@ -929,10 +945,11 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                         break
                     n_out += 1
             else:
-                for j in range(1, n_cross):                 # stable insertion sort, key ascending
+                for j in range(1, n_cross):                 # stable insertion sort, (group, key) ascending
                     t = j
-                    while t > 0 and key[t - 1] > key[t]:
+                    while t > 0 and (group[t - 1] > group[t] or (group[t - 1] == group[t] and key[t - 1] > key[t])):
                         key[t - 1], key[t] = key[t], key[t - 1]
+                        group[t - 1], group[t] = group[t], group[t - 1]
                         order_of[t - 1], order_of[t] = order_of[t], order_of[t - 1]
                         t -= 1
                 m_total = r.cross_mm_usd
@@ -942,12 +959,16 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                     i = order_of[j]
                     pos = &slots[i]
                     ins = &instruments[pos.instrument]
-                    px_s = asset_px[ins.settle_asset]
+                    s_a = ins.settle_asset
+                    px_s = asset_px[s_a]
+                    hc = asset_haircut[s_a]
+                    up = v[i].upnl
                     q = <double>pos.qty / <double>ins.qty_scale
                     m_pos = v[i].mm * px_s
                     notional_of = ins.underlying if ins.kind == KIND_OPTION else pos.instrument
                     mark_n = marks[notional_of]
-                    x = close_qty(ins, q, mark_n, px_s, e, m_total - m_pos, h)
+                    x = close_qty(ins, q, mark_n, px_s, e - hc * px_s * fmax(0.0, fmin(up, bal[s_a] + up)),
+                                  m_total - m_pos, h)
                     if x <= 0:
                         continue
                     ok = put_order(out + 4 * n_out, ins, pos.instrument, pos.qty, x, bp[i],
@@ -958,6 +979,10 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                                 / <double>ins.qty_scale)
                     n_out += 1
                     m_total = m_total - m_pos + px_s * mm_at(ins, kept, mark_n)
+                    realized = up * (1.0 - kept / fabs(q))          # at the mark
+                    if realized > 0:
+                        e -= hc * px_s * fmax(0.0, fmin(realized, bal[s_a] + realized))
+                    bal[s_a] += realized
     return n_out if ok else -1
 
 

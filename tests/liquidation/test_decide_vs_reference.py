@@ -191,17 +191,56 @@ def reference_orders(market: ref.RefMarket, acct: ref.RefAccount, price_scales: 
     def mm_usd(s: int) -> Fraction:
         return figs.positions[s].mm * market.assets[market.instruments[acct.positions[s].instrument].settle].price
 
-    cur = acct
-    for s in sorted(cross, key=lambda s: -mm_usd(s)):        # stable: slot order on ties
+    bal = {a: Fraction(u, market.assets[a].scale) for a, u in acct.balances.items()}
+    cost = HaircutCost(market, acct, figs, bal)
 
-        def slack(x: int, s=s, cur=cur) -> Fraction:
-            return e - h * ref.account_figures(market, reduced(cur, s, x), prices=False).cross_mm_usd
+    def rank(s: int) -> tuple[int, Fraction]:
+        benefit = h * mm_usd(s) - cost.most(s)
+        return (0, -benefit) if benefit > 0 else (1, -mm_usd(s))
+
+    cur = acct
+    for s in sorted(cross, key=rank):                        # stable: slot order on ties
+        if e >= h * ref.account_figures(market, cur, prices=False).cross_mm_usd:
+            break
+        e_solve = e - cost.most(s)
+
+        def slack(x: int, s=s, cur=cur, e_solve=e_solve) -> Fraction:
+            return e_solve - h * ref.account_figures(market, reduced(cur, s, x), prices=False).cross_mm_usd
 
         x, b = pick(slack, abs(cur.positions[s].qty), wanted(s), tol_cross)
         if x:
             emit(s, x, Code.LIQ_BELOW_MAINTENANCE, b)
             cur = reduced(cur, s, x)
+            e -= cost.realize(s, figs.positions[s].upnl * Fraction(x, abs(acct.positions[s].qty)))
     return out
+
+
+class HaircutCost:
+    """What realizing a cross position's profit into its settle balance ``b`` takes from
+    the haircut-weighted collateral (decide's module doc): ``haircut px max(0, min(r, b +
+    r))`` for a profit ``r`` (settle asset), nothing for a loss; ``b`` grows by ``r``."""
+
+    def __init__(self, market: ref.RefMarket, acct: ref.RefAccount, figs, bal: dict[int, Fraction]):
+        self.market, self.acct, self.figs, self.bal = market, acct, figs, bal
+
+    def _settle(self, s: int) -> int:
+        return self.market.instruments[self.acct.positions[s].instrument].settle
+
+    def _of(self, s: int, r: Fraction) -> Fraction:
+        a = self.market.assets[self._settle(s)]
+        b = self.bal.get(self._settle(s), Fraction(0))
+        return a.haircut * a.price * max(Fraction(0), min(r, b + r)) if r > 0 else Fraction(0)
+
+    def most(self, s: int) -> Fraction:
+        """All of position ``s``'s profit realized (the solve's conservative equity)."""
+        return self._of(s, self.figs.positions[s].upnl)
+
+    def realize(self, s: int, r: Fraction) -> Fraction:
+        """Realize ``r`` of position ``s``: its cost; the balance grows by ``r``."""
+        c = self._of(s, r)
+        a = self._settle(s)
+        self.bal[a] = self.bal.get(a, Fraction(0)) + r
+        return c
 
 
 # --------------------------------------------------------------------------- magnitudes
@@ -382,6 +421,11 @@ def on_unit_boundary(draw):
     want = old_usd + target - figs.cross_equity_usd
     units = round(want / (usdt.price * ((1 - usdt.haircut) if want > 0 else 1)) * usdt.scale)
     balances = {**balances, USDT: units + draw(st.sampled_from([-2, -1, 0, 0, 0, 1, 2]))}
+    # a profit realized into a haircut balance would move the boundary (the solve takes E
+    # less its cost): cases without one (the property tests above cover those)
+    acct = replace(acct, balances=balances)
+    bal = {a: Fraction(u, market.assets[a].scale) for a, u in balances.items()}
+    assume(HaircutCost(market, acct, ref.account_figures(market, acct, prices=False), bal).most(0) == 0)
     return (assets, instruments, balances, rows, i, mark), x
 
 
@@ -455,7 +499,24 @@ def check_after(market: ref.RefMarket, acct: ref.RefAccount, orders, h: Fraction
     tol_cross = Fraction(TOL) * max(1, acct_magnitude(market, acct))
     cross_orders = [o for o in orders if acct.positions[slot_of[o.instrument]].mode == ref.CROSS]
     if cross_orders and cross_orders[-1].reason == Code.LIQ_BELOW_MAINTENANCE:
+        # the rule's equity: E less what each order's realized profit costs the haircut
+        # collateral; the last position's solve took E less all of its profit's cost
+        cost = HaircutCost(market, acct, figs,
+                           {a: Fraction(u, market.assets[a].scale) for a, u in acct.balances.items()})
         e = figs.cross_equity_usd
+        for o in cross_orders:
+            s = slot_of[o.instrument]
+            e_solve = e - cost.most(s)
+            e -= cost.realize(s, realized[s])
+        # the true equity once the realized PnL is in the balances is at least the rule's
+        # (a loss realized into a haircut balance counts for more than the rule says)
+        bal = dict(acct.balances)
+        for o in cross_orders:
+            s = slot_of[o.instrument]
+            a = market.instruments[o.instrument].settle
+            bal[a] = bal.get(a, 0) + realized[s] * market.assets[a].scale
+        true_e = ref.account_figures(market, replace(after, balances=bal), prices=False).cross_equity_usd
+        assert true_e >= e - tol_cross, (float(true_e), float(e))
         everything = all(q.qty == 0 for q in after.positions if q.mode == ref.CROSS)
         assert everything or e - h * post.cross_mm_usd >= -tol_cross, "not healthy after the orders"
         last = cross_orders[-1]
@@ -464,7 +525,7 @@ def check_after(market: ref.RefMarket, acct: ref.RefAccount, orders, h: Fraction
             replace(q, qty=q.qty + _sign(acct.positions[s].qty)) if j == s else q
             for j, q in enumerate(after.positions)))
         mm_less = ref.account_figures(market, one_less, prices=False).cross_mm_usd
-        assert e - h * mm_less < tol_cross, "one unit less would already be healthy"
+        assert e_solve - h * mm_less < tol_cross, "one unit less would already be healthy"
     for o in orders:
         s = slot_of[o.instrument]
         p = acct.positions[s]
@@ -782,4 +843,37 @@ def test_an_isolated_order_filled_at_the_mark_restores_health_and_spares_the_cro
     d = margin.account_detail(store, 0, store.price_snapshot())
     p = d.positions[0]
     assert abs(11_452.5 + p.unrealized_pnl - 5_000.5) < 1e-6 and abs(p.maintenance_margin - 4_000.24) < 1e-6
+    assert decide(store, 0, store.price_snapshot()) == []
+
+
+def test_a_profit_whose_realizing_costs_haircut_collateral_is_closed_last():
+    """BTC collateral at a 30 % haircut (44,000). A cross account: 1 BTC; BTCUSD (inverse,
+    BTC-settled, cs 100) long 40,000 contracts from 40,000 (cost 100 BTC), in profit
+    100 - 4M / 44,000 = 9.0909 BTC = 400,000 USD; ETHUSDT-F short 500 ETH from 3,000, at
+    3,669: -334,500. E = 1 x 44,000 x 0.7 + 400,000 - 334,500 = 96,300. MM: BTC notional
+    90.909 BTC (tier >= 50: 2.5 %, amount 0.8) = 1.4727 BTC = 64,800 USD; ETH 1,834,500 x
+    2 % = 36,690; 101,490 > E: in breach.
+
+    Closing the BTC long would realize its 9.0909 BTC into the haircut balance: 120,000 USD
+    of equity gone (0.3 x 400,000) to free 1.25 x 64,800 = 81,000 of requirement. Its
+    benefit is negative, so it comes last, and ETH (benefit 1.25 x 36,690 = 45,862.5) is
+    closed first: keep n x 2 % = 96,300 / 1.25 - 64,800 = 12,240 -> n = 612,000 USDT =
+    166.803 ETH -> buy back 333.197 ETH = 33,320 units (qty_scale 100). That restores
+    health alone (E 96,300 vs 1.25 x 77,039.6). Largest requirement first, the rule had
+    closed the whole BTC long and then, with E at -23,700, the whole ETH short."""
+    from engine.accounting.fills import apply_fill_leg
+
+    assets = [KV_ASSETS[USDT], Asset("BTC", BTC, 10**8, 44_000.0, 0.3), KV_ASSETS[ETH]]
+    store = build(assets, make_instruments(KV_TIERS, {**KV_MARKS, ETHUSDT_F: 3_669.0}), {BTC: 10**8},
+                  [(BTCUSD_INV, Mode.CROSS, 40_000, 100 * 10**8, 0),
+                   (ETHUSDT_F, Mode.CROSS, -50_000, -1_500_000 * 10**6, 0)])
+    snap = store.price_snapshot()
+    d = margin.account_detail(store, 0, snap)
+    assert abs(d.cross_equity_usd - 96_300) < 1e-6 and abs(d.cross_mm_usd - 101_490) < 1e-6
+    got = decide(store, 0, snap)
+    assert got == decide_reference(store, 0, snap)
+    assert [(o.instrument, o.qty_units, o.reason) for o in got] == [(ETHUSDT_F, 33_320, Code.LIQ_BELOW_MAINTENANCE)]
+    assert apply_fill_leg(store, 0, 0, ETHUSDT_F, 33_320, 3_669 * PRICE_SCALE, 0).code == Code.OK
+    d = margin.account_detail(store, 0, store.price_snapshot())
+    assert d.cross_equity_usd >= 1.25 * d.cross_mm_usd and abs(d.cross_equity_usd - 96_300) < 1e-6
     assert decide(store, 0, store.price_snapshot()) == []
