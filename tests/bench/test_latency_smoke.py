@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from bench import latency
@@ -77,3 +78,51 @@ def test_paired_gaps_round_by_round():
     # a block without ticks (None) drops its round; none left gives no median
     assert latency.paired_gaps([200.0, None], [None, 230.0], 15.0) == \
         {"gaps_us": [], "median_us": None, "rounds_within": 0, "rounds": 0}
+
+
+def test_a_tick_without_its_order_counts_as_lost_in_the_percentiles():
+    """The engine answers only every 10th measured tick, at 100 us, and never the other
+    90 %. The percentiles used to be taken over the answered ticks only (p50 = p99 = 100
+    us, both targets "met"); now each unanswered tick counts at LOST_TICK_NS (1 s): with
+    90 % of ticks at 1 s, p50 and p99 are 1 s, and the counts say how many."""
+    from feeds.protocol import MsgType, Sequencer
+
+    sched = latency.make_schedule(200, 3.0, 0.5)
+    k = 2
+    n_stair = 2 * sched.d * k
+    book = latency.Book(n=10_000, n_background=10_000 - n_stair, holders=1_000, d_max=sched.d, per_tick=k,
+                        first_stair_id=10_000 - n_stair + 1)
+    intended = (np.arange(sched.n) * 5_000_000).astype(np.int64)          # 200/s: every 5 ms
+    meas = latency._measured(sched)
+    seq, frames, mono = Sequencer(), [], []
+    for j, b in enumerate(meas.tolist()):
+        if j % 10:
+            continue
+        base = (0 if sched.kind[b] == latency.DOWN else sched.d * k) + (int(sched.step[b]) - 1) * k
+        for a in range(k):                 # the staircase accounts this tick breaches
+            frames.append(seq.encode(MsgType.LIQUIDATION_ORDER, {
+                "order_id": len(frames) + 1, "account": book.first_stair_id + base + a, "instrument_id": 0,
+                "tick_seq": 3 * b + 2, "qty_units": -1, "limit_price_units": 1, "reason": 6001,
+                "tick_recv_ns": 1, "decided_ns": 2, "sent_ns": 3}))
+            mono.append(int(intended[b]) + 100_000)
+    raw = {"intended": intended, "sent1": intended, "sent2": intended, "sent2_real": intended,
+           "recv_mono": np.array(mono), "recv_real": np.full(len(mono), 4), "frames": frames}
+    r = latency.analyze_engine(raw, sched, book)
+    answered = (len(meas) + 9) // 10
+    assert r["counts"]["ticks_without_orders"] == len(meas) - answered
+    assert r["first"]["count"] == len(meas)
+    assert r["first"]["min"] == pytest.approx(100.0, rel=1e-3)              # the answered ticks: 100 us
+    assert r["first"]["p50"] == r["first"]["p99"] == pytest.approx(latency.LOST_TICK_NS / 1e3, rel=1e-3)
+
+
+def test_a_book_the_bench_cannot_lay_out_is_refused_before_any_floor():
+    # 150 accounts at 10 %: 15 holders, fewer than the staircase's 2 x 100 x 2 = 400 (legs
+    # of 100 ticks at 200/s over 0.5 s, 2 breaches per tick): exit 2 at once, not after
+    # minutes of floors with a traceback and the engine's shared memory left behind.
+    with pytest.raises(SystemExit) as e:
+        latency.main(["--accounts", "150", "--rate", "200", "--no-sweep"])
+    assert e.value.code == 2
+    for bad in (["--sweep-rates", "abc"], ["--cpus", "x"], ["--per-tick", "0"], ["--sweep-rates", "0,200"]):
+        with pytest.raises(SystemExit) as e:
+            latency.main(["--accounts", "2000", *bad])
+        assert e.value.code == 2, bad
