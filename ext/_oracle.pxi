@@ -10,7 +10,8 @@
 #
 #     index = median(fresh prices)        mark = index + clamp(basis, max_basis * index)
 #
-# is the reference's rule 3 and 6 with no exclusion and no transition, so no event. In
+# is the reference's rule 3 and 6 with no exclusion and no transition, so no event --
+# when that mark is finite (else the reference freezes the instrument: rule 4). In
 # every other case it answers TICK_FALLBACK with nothing changed, and the caller runs
 # the reference. Each tick taken here is queued (``take_applied``) for the caller to
 # fold into the reference afterwards, off the tick's path; the caller re-syncs an
@@ -158,10 +159,11 @@ cdef inline void sort_small(double *v, int n) noexcept nogil:
 
 
 cdef inline double median_sorted(const double *v, int n) noexcept nogil:
-    """``feeds.oracle.index.median`` of sorted ``v`` (the same float operations)."""
+    """``feeds.oracle.index.median`` of sorted ``v`` (the same float operations): the
+    mean of the middle two ``a <= b`` as ``a + 0.5 * (b - a)``, which cannot overflow."""
     if n % 2:
         return v[n // 2]
-    return 0.5 * (v[n // 2 - 1] + v[n // 2])
+    return v[n // 2 - 1] + 0.5 * (v[n // 2] - v[n // 2 - 1])
 
 
 cdef class OracleFast:
@@ -323,6 +325,8 @@ cdef class OracleFast:
         index = median_sorted(fresh, n_fresh)                           # rule 3
         bound = self.max_basis * index
         mark = index + fmax(-bound, fmin(bound, s.basis))               # rule 6
+        if not isfinite(mark):
+            return OF_FALLBACK                                          # never live: the reference freezes
         if self.n_applied == self.cap_applied:
             a = <OfApplied *>realloc(self.applied, 2 * self.cap_applied * sizeof(OfApplied))
             if a == NULL:

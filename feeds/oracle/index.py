@@ -15,9 +15,12 @@ Rules (``docs/oracle.md`` repeats them with the parameters):
    of the other two" is their mean). A venue is readmitted as soon as it passes again.
    Venues that cannot be judged (stale, or no fresh peer) keep their last status.
 3. ``index = median(p_v for fresh, non-excluded v)``. With an even count the median is
-   the mean of the two middle values.
+   the mean of the two middle values ``a <= b``, computed as ``a + 0.5 * (b - a)`` (the
+   sum ``a + b`` overflows for finite prices above half the largest float).
 4. Below ``quorum`` fresh non-excluded venues the instrument is *frozen*: ``index`` is
-   ``None`` and the mark stays at the last good mark.
+   ``None`` and the mark stays at the last good mark. So is an instrument whose mark
+   (rule 6) would not be a finite float (an index near the largest float plus a
+   positive basis): a non-finite price is never live, so never published.
 5. Basis: each matching-engine sample ``s = mid_or_last - index`` is clamped to
    ``[-max_basis * index, +max_basis * index]`` and smoothed by time,
    ``b <- b + a * (s - b)`` with ``a = 1 - 2 ** (-dt_ns / basis_halflife_ns)``; the first
@@ -130,12 +133,19 @@ class _Evaluation:
 
 
 def median(values: list[float]) -> float:
-    """Return the median of a non-empty list; the mean of the two middle values if even."""
+    """Return the median of a non-empty list; the mean of the two middle values if even.
+
+    The mean of the middle values ``a <= b`` is ``a + 0.5 * (b - a)``: finite whenever
+    ``a`` and ``b`` are finite and of one sign (``0.5 * (a + b)`` is inf above half the
+    largest float). The C fast path (``median_sorted``, ext/_oracle.pxi) does the same
+    float operations, so both give the same bits.
+    """
     ordered = sorted(values)
     mid = len(ordered) // 2
     if len(ordered) % 2:
         return ordered[mid]
-    return 0.5 * (ordered[mid - 1] + ordered[mid])
+    low, high = ordered[mid - 1], ordered[mid]
+    return low + 0.5 * (high - low)
 
 
 def _is_int(value: object) -> bool:
@@ -230,7 +240,9 @@ class MarkPriceCalculator:
         ``s = clamp(venue_mid_or_last - index, max_basis * index)``;
         ``b <- b + (1 - 2 ** (-dt_ns / basis_halflife_ns)) * (s - b)``, first sample
         ``b = s``; ``dt_ns <= 0`` gives weight 0. Rejected with ``ORACLE_NO_INDEX``
-        while the instrument has no live index.
+        while the instrument has no live index, and with ``ORACLE_BAD_PRICE`` when the
+        sample or the new basis would not be finite (the basis would poison every later
+        mark; with a finite index neither can happen, the check keeps it so).
         """
         code = self._validate_basis_sample(instrument, venue_mid_or_last, now_ns)
         inst = self._instruments.get(instrument) if code is Code.OK else None
@@ -243,11 +255,15 @@ class MarkPriceCalculator:
         sample = _clamp(float(venue_mid_or_last) - index, self.params.max_basis * index)
         now_ns = int(now_ns)
         if inst.basis_ts_ns is None:
-            inst.basis = sample
+            basis = sample
         else:
             dt_ns = max(0, now_ns - inst.basis_ts_ns)
             weight = 1.0 - 2.0 ** (-dt_ns / self.params.basis_halflife_ns)
-            inst.basis += weight * (sample - inst.basis)
+            basis = inst.basis + weight * (sample - inst.basis)
+        if not (math.isfinite(sample) and math.isfinite(basis)):
+            self.reject_counts[Code.ORACLE_BAD_PRICE] += 1
+            return Code.ORACLE_BAD_PRICE, []
+        inst.basis = basis
         inst.basis_ts_ns = now_ns if inst.basis_ts_ns is None else max(now_ns, inst.basis_ts_ns)
         return Code.OK, self._commit(instrument, inst, now_ns)
 
@@ -350,6 +366,9 @@ class MarkPriceCalculator:
                                deviations)
         index = median(used)
         mark = index + _clamp(inst.basis, p.max_basis * index)
+        if not (math.isfinite(index) and math.isfinite(mark)):   # rule 4: never live
+            return _Evaluation(None, None, len(fresh), len(used), frozenset(excluded),
+                               deviations)
         return _Evaluation(index, mark, len(fresh), len(used), frozenset(excluded),
                            deviations)
 
@@ -370,9 +389,10 @@ class MarkPriceCalculator:
         inst.excluded = set(ev.excluded)
         frozen = ev.index is None
         if frozen and inst.frozen is False:
+            why = "" if ev.n_used < self.params.quorum else " (the mark would not be finite)"
             events.append(Event(Code.EVENT_PRICE_FROZEN, name, None, now_ns,
                                 f"n_used={ev.n_used} quorum={self.params.quorum} "
-                                f"last_good_mark={inst.last_good_mark:.10g}"))
+                                f"last_good_mark={inst.last_good_mark:.10g}{why}"))
         elif not frozen and inst.frozen is True:
             events.append(Event(Code.EVENT_PRICE_RESUMED, name, None, now_ns,
                                 f"n_used={ev.n_used} mark={ev.mark:.10g}"))

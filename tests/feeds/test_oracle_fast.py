@@ -375,6 +375,53 @@ def test_staleness_does_not_wrap_in_int64():
     assert rig.fast.on_frame(rig.frame("a", B, 100.5, -10, 5 * S - 10), 5 * S - 10) == TAKEN
 
 
+def test_c_median_of_prices_near_the_largest_float_is_the_references():
+    """The even-count median in C is the reference's ``a + 0.5 * (b - a)``: a and b at
+    1.70e308 and 1.71e308, a ticks again, and C publishes 1.705e308, bit for bit
+    ``median`` (it published inf: 0.5 * (a + b) overflowed)."""
+    from feeds.oracle.index import median
+    rig, B = Rig(), "BTC-PERP"
+    rig.fast.sync(0, [("a", 1.70e308, T0, T0), ("b", 1.71e308, T0, T0)], True, 0.0)
+    assert rig.fast.on_frame(rig.frame("a", B, 1.70e308, T0 + MS), T0 + MS) == PUBLISHED
+    assert rig.prices[0]["mark"] == rig.prices[0]["index"] == median([1.70e308, 1.71e308]) == 1.705e308
+
+
+def test_c_never_publishes_a_mark_that_overflows():
+    """Basis 5e305 (a sample at 1.1e308 when the index was 1e308: clamped to 0.005 * 1e308),
+    then a, b and c walk up from 1e308 by 4 % a step (within max_deviation 5 %: C takes
+    them) to 1e308 * 1.04**14 = 1.7317e308, and then to 1.797e308. a's 1.797e308 leaves the
+    median at 1.7317e308 (mark 1.7317e308 + 5e305, finite); b's makes it 1.797e308, and
+    1.797e308 + 5e305 (the bound 0.005 * 1.797e308 = 8.985e305 keeps the basis) is past the
+    largest float: C falls back with nothing changed (it published inf), and the reference
+    freezes the instrument at its last good mark, published frozen."""
+    rig, B, now = Rig(), "BTC-PERP", T0
+    for v in "abc":
+        rig.tick(v, B, 1e308, now, now)
+    assert rig.calc.on_basis_sample(B, 1.1e308, now) == (Code.OK, [])
+    rig.sync(B)
+    rig.publish(B, now)
+    assert rig.prices[0]["mark"] == 1e308 + 5e305 and rig.fast.state(0)[:2] == (True, 5e305)
+    for k in range(1, 15):
+        for v in "abc":
+            now += MS
+            assert rig.tick(v, B, 1e308 * 1.04 ** k, now, now)[:2] in ((TAKEN, Code.OK), (PUBLISHED, Code.OK))
+    now += MS
+    assert rig.tick("a", B, 1.797e308, now, now)[0] == TAKEN            # median 1.04**14 * 1e308
+    good = 1e308 * 1.04 ** 14 + 5e305
+    assert rig.prices[0]["mark"] == good and rig.prices[0]["flags"] == 0
+    rig.settle()
+    before, st0 = rig.prices.tobytes(), rig.fast.state(0)
+    now += MS
+    frame = rig.frame("b", B, 1.797e308, now, now)
+    assert rig.fast.on_frame(frame, now) == FALLBACK
+    assert rig.fast.state(0) == st0 and rig.fast.n_applied == 0 and rig.prices.tobytes() == before
+    code, events = rig.calc.on_tick(B, "b", 1.797e308, now, now)
+    assert (code, [e.code for e in events]) == (Code.OK, [Code.EVENT_PRICE_FROZEN])
+    rig.sync(B)
+    rig.publish(B, now)
+    assert (rig.prices[0]["mark"], rig.prices[0]["flags"]) == (good, 1)
+
+
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
     """Worker 0 (running the mark-price stage) SIGKILLed inside a seqlock write leaves
     the row's counter odd: every reader then retried and gave up (RuntimeError in the

@@ -29,6 +29,9 @@ def calc_with(ticks, params=None):
     pytest.param([101.0], 101.0, id="one"),
     pytest.param([103.0, 100.0, 101.0], 101.0, id="odd-middle"),
     pytest.param([99.0, 101.0, 100.0, 100.5], 100.25, id="even-mean-of-two-middle"),
+    # 1.7e308 + 0.5 * (1.71e308 - 1.7e308) = 1.705e308; 0.5 * (1.7e308 + 1.71e308) is inf
+    # (the sum passes the largest float, 1.797e308)
+    pytest.param([1.71e308, 1.7e308], 1.705e308, id="even-near-the-largest-float"),
 ])
 def test_median_table(values, expected):
     assert median(values) == expected
@@ -45,6 +48,46 @@ def test_index_is_median_of_three_venues():
 def test_index_even_count_is_mean_of_two_middle():
     calc = calc_with([("a", 99.0, 0), ("b", 100.0, 0), ("c", 100.5, 0), ("d", 101.0, 0)])
     assert calc.index(BTC, 0) == 100.25  # (100 + 100.5) / 2
+
+
+def test_prices_near_the_largest_float_give_a_finite_index_and_basis():
+    """Two venues at 1.70e308 and 1.71e308: the index is their mean 1.705e308 (it was
+    inf: 0.5 * (a + b) overflowed) and live. A basis sample at 1.7e308 is
+    1.7e308 - 1.705e308 = -5e305 (within the bound 0.005 * 1.705e308 = 8.5e305), so the
+    basis is -5e305 and finite (it was -inf, from an inf index, and stayed so after the
+    prices came back: a NaN mark later)."""
+    calc = calc_with([("a", 1.70e308, 0), ("b", 1.71e308, 0)])
+    state = calc.state(BTC, 0)
+    assert (state.index, state.mark, state.frozen) == (1.705e308, 1.705e308, False)
+    assert calc.on_basis_sample(BTC, 1.7e308, 0) == (Code.OK, [])
+    assert calc._instruments[BTC].basis == 1.7e308 - 1.705e308 and math.isfinite(calc.mark(BTC, 0))
+    for venue in ("a", "b"):                   # back to 100: bound 0.5 clamps the basis
+        calc.on_tick(BTC, venue, 100.0, 1, 1)
+    assert calc.mark(BTC, 1) == 99.5           # 100 + max(-0.5, -5e305)
+
+
+def test_a_mark_that_would_overflow_freezes_and_is_never_live():
+    """Three venues at 1e308, a basis sample at 1.1e308: sample 1e307 clamped to
+    0.005 * 1e308 = 5e305, so basis 5e305 and mark 1.005e308. Then every venue goes to
+    1.797e308 (max_deviation 1: no exclusion on the way): index 1.797e308, bound
+    0.005 * 1.797e308 = 8.985e305 keeps the basis at 5e305, and 1.797e308 + 5e305 = 1.802e308
+    is past the largest float (1.7977e308): inf. That mark is never live: the instrument
+    freezes at its last good mark 1.005e308 (7001, saying why), and resumes once the venues
+    come back down (1.5e308 + 5e305 = 1.505e308)."""
+    calc = calc_with([("a", 1e308, 0), ("b", 1e308, 0), ("c", 1e308, 0)], OracleParams(max_deviation=1.0))
+    assert calc.on_basis_sample(BTC, 1.1e308, 0) == (Code.OK, [])
+    assert calc.mark(BTC, 0) == 1e308 + 5e305
+    events = [calc.on_tick(BTC, v, 1.797e308, 1 * S, 1 * S)[1] for v in ("a", "b", "c")]
+    assert events[0] == []                     # median(1.797e308, 1e308, 1e308) = 1e308
+    assert [e.code for e in events[1]] == [Code.EVENT_PRICE_FROZEN]    # median 1.797e308
+    assert "the mark would not be finite" in events[1][0].detail
+    state = calc.state(BTC, 1 * S)
+    assert (state.frozen, state.index, state.mark) == (True, None, 1e308 + 5e305)
+    assert (state.n_used, events[2]) == (3, [])                         # still frozen: no event
+    calc.on_tick(BTC, "a", 1.5e308, 2 * S, 2 * S)
+    _, events = calc.on_tick(BTC, "b", 1.5e308, 2 * S, 2 * S)          # median 1.5e308
+    assert [e.code for e in events] == [Code.EVENT_PRICE_RESUMED]
+    assert calc.mark(BTC, 2 * S) == 1.5e308 + 5e305
 
 
 def test_spike_on_one_venue_is_excluded_then_readmitted_and_mark_does_not_move():
