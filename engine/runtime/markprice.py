@@ -336,6 +336,17 @@ class MarkPriceProcess:
         self.events.close()
 
 
+def oracle_params(ap: argparse.ArgumentParser, a: argparse.Namespace) -> OracleParams:
+    """The oracle rule's parameters from the stage's options (``--staleness-ms``,
+    ``--quorum``, ``--max-deviation``); a value ``OracleParams`` refuses is a usage error
+    naming the field (exit 2), before anything is attached or bound."""
+    try:
+        return OracleParams(staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum,
+                            max_deviation=a.max_deviation)
+    except ValueError as e:
+        ap.error(f"oracle parameters (--staleness-ms, --quorum, --max-deviation): {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engine.runtime.markprice")
     ap.add_argument("--name", required=True)
@@ -347,10 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-deviation", type=float, default=0.05)
     ap.add_argument("--cpu", type=int, default=-1)
     a = ap.parse_args(argv)
+    params = oracle_params(ap, a)
     process.enter(a.cpu)
-    p = MarkPriceProcess(a.name, a.oracle, a.events,
-                         OracleParams(staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum,
-                                      max_deviation=a.max_deviation))
+    p = MarkPriceProcess(a.name, a.oracle, a.events, params)
     if a.assets:
         p.set_asset_names(a.assets.split(","))
     p.ctl.mark_ready(Role.MARKPRICE)

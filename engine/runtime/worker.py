@@ -55,7 +55,7 @@ from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
-from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess
+from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess, oracle_params
 from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import PricesUnreadable, Store
 from feeds.oracle.index import OracleParams
@@ -892,17 +892,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quorum", type=int, default=2)
     ap.add_argument("--max-deviation", type=float, default=0.05)
     a = ap.parse_args(argv)
+    if a.oracle and not a.events:
+        ap.error("--oracle needs --events (the price stage's freeze and venue events)")
+    params = oracle_params(ap, a) if a.oracle else None     # a bad value: exit 2 before attaching
     process.enter(a.cpu)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice,
                fills_max_wait_ns=a.fills_max_wait_us * 1000)
-    if a.oracle and not a.events:
-        ap.error("--oracle needs --events (the price stage's freeze and venue events)")
     if a.oracle:
-        w.run_price_stage(a.oracle, a.events, OracleParams(
-            staleness_ns=a.staleness_ms * 1_000_000, quorum=a.quorum, max_deviation=a.max_deviation),
-            a.assets.split(",") if a.assets else [])
+        w.run_price_stage(a.oracle, a.events, params, a.assets.split(",") if a.assets else [])
     w.run()
     print(json.dumps({"worker": a.worker, **w.counters,
                       **({"markprice": dict(w.prices.counters)} if w.prices is not None else {})}), file=sys.stderr)

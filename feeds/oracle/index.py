@@ -44,6 +44,8 @@ from typing import Mapping, NamedTuple
 from engine.codes import Code
 
 NS_PER_S = 1_000_000_000
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 class Tick(NamedTuple):
@@ -64,6 +66,14 @@ class OracleParams:
     quotes of; a new venue beyond them takes the place of the longest-stale one, and is
     refused (``ORACLE_UNKNOWN_VENUE``) while every one is fresh -- so a feed sending ever
     new venue names cannot grow the state or the outlier rule's work without bound.
+
+    Every field is checked on construction, and a wrong type or a value outside its
+    domain raises ``ValueError`` naming the field (``OracleParams.quorum: ...``):
+    durations are int nanoseconds in ``0 .. 2**63 - 1`` (the C fast path holds them in
+    int64), ``basis_halflife_ns`` > 0 (it divides); ``max_venues`` in ``1 .. 2**31 - 1``
+    and ``quorum`` in ``1 .. max_venues`` (more could never be live; C holds it in an
+    int); ``max_deviation`` and ``max_basis`` finite and >= 0; ``registry`` ``None`` or a
+    mapping of instrument names to sets of venue names. A bool is not an int here.
     """
 
     staleness_ns: int = 5 * NS_PER_S
@@ -73,6 +83,35 @@ class OracleParams:
     max_basis: float = 0.005
     registry: Mapping[str, frozenset[str]] | None = None
     max_venues: int = 16            # the C fast path's table (OF_MAX_VENUES) holds as many
+
+    def __post_init__(self) -> None:
+        def integer(name: str, lo: int, hi: int = INT64_MAX, hi_name: str = "") -> None:
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise ValueError(f"OracleParams.{name}: must be an integer, got {v!r}")
+            if not lo <= v <= hi:
+                raise ValueError(f"OracleParams.{name}: must be in {lo}..{hi}{hi_name}, got {v}")
+
+        def real(name: str) -> None:
+            v = getattr(self, name)
+            if not (_is_real(v) and (v == 0 or _finite_positive(v))):
+                raise ValueError(f"OracleParams.{name}: must be a finite number >= 0, got {v!r}")
+
+        integer("staleness_ns", 0)
+        integer("basis_halflife_ns", 1)
+        integer("max_venues", 1, INT32_MAX)
+        integer("quorum", 1, self.max_venues, " (max_venues)")
+        real("max_deviation")
+        real("max_basis")
+        registry = self.registry
+        if registry is not None:
+            if not isinstance(registry, Mapping):
+                raise ValueError(f"OracleParams.registry: must be None or a mapping, got {registry!r}")
+            for name, venues in registry.items():
+                if not (isinstance(name, str) and isinstance(venues, (set, frozenset))
+                        and all(isinstance(v, str) for v in venues)):
+                    raise ValueError(f"OracleParams.registry: must map instrument names to sets of "
+                                     f"venue names, got {name!r}: {venues!r}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -420,6 +421,24 @@ def test_c_never_publishes_a_mark_that_overflows():
     rig.sync(B)
     rig.publish(B, now)
     assert (rig.prices[0]["mark"], rig.prices[0]["flags"]) == (good, 1)
+
+
+@pytest.mark.parametrize("module, args, says", [
+    ("engine.runtime.markprice", ["--quorum", "0"], "OracleParams.quorum: must be in 1..16 (max_venues), got 0"),
+    ("engine.runtime.markprice", ["--staleness-ms", "-1"], "OracleParams.staleness_ns: must be in 0..9223372036854775807, got -1000000"),
+    ("engine.runtime.worker", ["--worker", "0", "--partitions", "0", "--orders", "inproc://o", "--replies",
+                               "inproc://r", "--max-deviation", "nan"], "OracleParams.max_deviation: must be a finite number >= 0, got nan"),
+], ids=["markprice-quorum-0", "markprice-staleness-negative", "worker-deviation-nan"])
+def test_a_stage_given_invalid_oracle_parameters_says_which_and_exits_2(module, args, says):
+    """An oracle parameter ``OracleParams`` refuses is a usage error of the process that runs
+    the stage: exit 2 and a one-line message naming the field, before any segment is
+    attached (the segment "no-such-engine" does not exist: attaching would be a traceback)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", module, "--name", "no-such-engine", "--oracle", "inproc://t",
+                        "--events", "inproc://e", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():

@@ -320,3 +320,44 @@ def test_venues_beyond_max_venues_take_a_stale_place_or_are_refused():
     for k in range(100):                                                    # a flood of new names
         calc.on_tick(BTC, f"x{k}", 100.0, 7 * S, 7 * S)
     assert len(calc._instruments[BTC].quotes) == 3
+
+
+@pytest.mark.parametrize("field, value, says", [
+    # max_venues 0: the first new venue took min() of no quotes (ValueError: empty sequence)
+    pytest.param("max_venues", 0, "must be in 1..2147483647, got 0", id="max_venues-0"),
+    # basis_halflife_ns 0: the second basis sample divided by it (ZeroDivisionError)
+    pytest.param("basis_halflife_ns", 0, "must be in 1..9223372036854775807, got 0", id="halflife-0"),
+    pytest.param("staleness_ns", -1, "must be in 0..9223372036854775807, got -1", id="staleness-negative"),
+    pytest.param("staleness_ns", 2**63, "must be in 0..9223372036854775807", id="staleness-past-int64"),
+    pytest.param("staleness_ns", 1.5, "must be an integer, got 1.5", id="staleness-float"),
+    pytest.param("quorum", 0, "must be in 1..16 (max_venues), got 0", id="quorum-0"),
+    pytest.param("quorum", 17, "must be in 1..16 (max_venues), got 17", id="quorum-above-max-venues"),
+    pytest.param("quorum", True, "must be an integer, got True", id="quorum-bool"),
+    pytest.param("max_deviation", float("nan"), "must be a finite number >= 0, got nan", id="deviation-nan"),
+    pytest.param("max_deviation", -0.01, "must be a finite number >= 0, got -0.01", id="deviation-negative"),
+    pytest.param("max_basis", float("inf"), "must be a finite number >= 0, got inf", id="basis-inf"),
+    pytest.param("max_basis", "0.005", "must be a finite number >= 0, got '0.005'", id="basis-str"),
+    pytest.param("max_basis", False, "must be a finite number >= 0, got False", id="basis-bool"),
+    pytest.param("registry", [BTC], "must be None or a mapping", id="registry-list"),
+    # a str of venues would have let any substring of it through ("in" on a str)
+    pytest.param("registry", {BTC: "abcd"}, "must map instrument names to sets of venue names",
+                 id="registry-str-venues"),
+])
+def test_invalid_params_are_refused_naming_the_field(field, value, says):
+    with pytest.raises(ValueError) as e:
+        OracleParams(**{field: value})
+    assert str(e.value).startswith(f"OracleParams.{field}: ") and says in str(e.value)
+
+
+def test_params_at_the_edges_of_their_domains_are_accepted():
+    # the smallest values each rule still works with: a tick fresh only at its own instant,
+    # no deviation tolerated, no basis, one venue
+    p = OracleParams(staleness_ns=0, quorum=1, max_deviation=0, basis_halflife_ns=1, max_basis=0.0,
+                     max_venues=1, registry={BTC: {"a"}})
+    calc = MarkPriceCalculator(p)
+    assert calc.on_tick(BTC, "a", 100.0, 5, 5)[0] is Code.OK
+    assert calc.on_basis_sample(BTC, 101.0, 5) == (Code.OK, [])
+    assert calc.on_basis_sample(BTC, 101.0, 6)[0] is Code.ORACLE_NO_INDEX  # 1 ns old > 0: stale
+    assert calc.on_tick(BTC, "a", 100.0, 6, 6)[0] is Code.OK
+    assert calc.on_basis_sample(BTC, 101.0, 6) == (Code.OK, [])           # dt / halflife = 1
+    assert calc.mark(BTC, 6) == 100.0                                       # max_basis 0: mark = index
