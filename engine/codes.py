@@ -48,6 +48,7 @@ class Code(enum.IntEnum):
     ORACLE_TS_BACKWARDS = 2004     # venue timestamp older than that venue's last tick
     ORACLE_STALE = 2005            # tick older than the staleness timeout on arrival
     ORACLE_NO_INDEX = 2006         # basis sample while no index is live (frozen or no venues)
+    ORACLE_TS_FUTURE = 2007        # venue timestamp further ahead of the receive time than the clock-skew bound
 
     # 3xxx fills and collateral
     FILL_DUPLICATE = 3001          # sequence number already applied (acknowledged, dropped)
@@ -126,6 +127,10 @@ REPORTED: dict[int, str] = {
     2005: "tick older than the staleness timeout when it arrives. Counted; an event at most once per 10 s for each (code, venue, instrument), with how many were refused since",
     2006: "basis sample while no index is live. Not produced by the engine (no basis samples "
           "are fed); the feeds.oracle library's `on_basis_sample`",
+    2007: "venue timestamp more than the clock-skew bound (OracleParams.max_future_skew_ns, 1 s) ahead "
+          "of the engine's receive time: accepted, it would make every later tick of that venue look "
+          "backwards (2004). Counted; an event at most once per 10 s for each (code, venue, instrument), "
+          "with how many were refused since",
     3001: "fill sequence number already accepted: dropped. ACK code 3001 (fills ROUTER); counted (PULL)",
     3002: "fill sequence number skips ahead: the missing range is reported, the fill applied. Event",
     3003: "account unknown: a fill's maker or taker; a DEPOSIT/WITHDRAWAL's account. Event (fills), "

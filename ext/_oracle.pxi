@@ -5,8 +5,9 @@
 # between, but only in the case where the reference would change nothing but one quote
 # and the mark: a well-formed frame (strict msgpack reader, 8 pairs) for an instrument
 # whose state the reference last left "clean" (live, no venue excluded), from a venue
-# already quoting it, not backwards and not stale, after which every fresh venue is
-# within ``max_deviation`` of the median of the others and the quorum still holds. Then
+# already quoting it, not ahead of the receive time by more than ``max_future_skew_ns``,
+# not backwards and not stale, after which every fresh venue is within ``max_deviation``
+# of the median of the others and the quorum still holds. Then
 #
 #     index = median(fresh prices)        mark = index + clamp(basis, max_basis * index)
 #
@@ -75,6 +76,12 @@ ctypedef struct OfTick:          # a parsed ORACLE_TICK
 cdef inline bint stale(int64_t now_ns, int64_t ts_ns, int64_t staleness_ns) noexcept nogil:
     """``now_ns - ts_ns > staleness_ns`` without int64 overflow (Python's ints never wrap)."""
     return ts_ns < now_ns and <uint64_t>now_ns - <uint64_t>ts_ns > <uint64_t>staleness_ns
+
+
+cdef inline bint ahead(int64_t now_ns, int64_t ts_ns, int64_t skew_ns) noexcept nogil:
+    """``ts_ns - now_ns > skew_ns`` without int64 overflow: the reference's
+    ``ORACLE_TS_FUTURE`` check (``max_future_skew_ns``)."""
+    return ts_ns > now_ns and <uint64_t>ts_ns - <uint64_t>now_ns > <uint64_t>skew_ns
 
 
 cdef inline bint name_ok(const uint8_t *s, Py_ssize_t n) noexcept nogil:
@@ -172,7 +179,7 @@ cdef class OracleFast:
 
     ``prices_addr``: the shared price table; ``price_seq_addr``: the header's global
     price counter; ``names``: instrument names in table order; ``doorbells``: the
-    addresses to ring on a new mark.
+    addresses to ring on a new mark; the rest are ``OracleParams`` fields.
     """
     cdef OfInstrument *ins
     cdef int n_ins
@@ -180,7 +187,7 @@ cdef class OracleFast:
     cdef uint64_t *price_seq
     cdef me_doorbell **bells
     cdef int n_bells
-    cdef int64_t staleness_ns
+    cdef int64_t staleness_ns, max_future_skew_ns
     cdef int quorum
     cdef double max_deviation, max_basis
     cdef OfApplied *applied
@@ -193,11 +200,13 @@ cdef class OracleFast:
         self.applied = NULL
 
     def __init__(self, size_t prices_addr, size_t price_seq_addr, list names, list doorbells,
-                 int64_t staleness_ns, int quorum, double max_deviation, double max_basis):
+                 int64_t staleness_ns, int quorum, double max_deviation, double max_basis,
+                 int64_t max_future_skew_ns):
         cdef int i
         cdef bytes b
-        if staleness_ns < 0 or not isfinite(max_deviation) or not isfinite(max_basis):
-            raise ValueError("OracleFast: staleness_ns >= 0, finite max_deviation and max_basis")
+        if staleness_ns < 0 or max_future_skew_ns < 0 or not isfinite(max_deviation) or not isfinite(max_basis):
+            raise ValueError("OracleFast: staleness_ns and max_future_skew_ns >= 0, finite max_deviation "
+                             "and max_basis")
         self.n_ins = len(names)
         self.ins = <OfInstrument *>calloc(max(1, self.n_ins), sizeof(OfInstrument))
         self.n_bells = len(doorbells)
@@ -217,6 +226,7 @@ cdef class OracleFast:
         self.prices = <PriceRow *>prices_addr
         self.price_seq = <uint64_t *>price_seq_addr
         self.staleness_ns = staleness_ns
+        self.max_future_skew_ns = max_future_skew_ns
         self.quorum = max(1, quorum)
         self.max_deviation = max_deviation
         self.max_basis = max_basis
@@ -301,8 +311,9 @@ cdef class OracleFast:
             return OF_FALLBACK
         q = &s.q[slot]
         fresh_ts = t.venue_ts_ns if t.venue_ts_ns < recv_ns else recv_ns
-        if t.venue_ts_ns < q.venue_ts_ns or stale(recv_ns, fresh_ts, self.staleness_ns):
-            return OF_FALLBACK                                          # backwards or stale: rejected there
+        if ahead(recv_ns, t.venue_ts_ns, self.max_future_skew_ns) or t.venue_ts_ns < q.venue_ts_ns \
+                or stale(recv_ns, fresh_ts, self.staleness_ns):
+            return OF_FALLBACK                                          # future, backwards or stale: rejected there
         for j in range(s.n_venues):                                     # rule 1: the fresh venues
             ts = fresh_ts if j == slot else s.q[j].fresh_ts_ns
             if not stale(recv_ns, ts, self.staleness_ns):

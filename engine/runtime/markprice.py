@@ -98,7 +98,7 @@ class MarkPriceProcess:
                 self.store.addr(self.store.prices),
                 self.store.header.ctypes.data + L.HEADER.fields["price_seq"][1], self.names,
                 [self.ctl.doorbell_addr(w) for w in range(self.ctl.n_workers) if w != skip_worker],
-                p.staleness_ns, p.quorum, p.max_deviation, p.max_basis)
+                p.staleness_ns, p.quorum, p.max_deviation, p.max_basis, p.max_future_skew_ns)
 
     def set_asset_names(self, names: list[str]) -> None:
         self.assets = {n: i for i, n in enumerate(names)}
@@ -115,11 +115,12 @@ class MarkPriceProcess:
                 + [f"assets[{r}]" for r in st.finish_torn_writes(st.assets)])
 
     def rejected(self, code: Code, f: dict, recv_ns: int) -> None:
-        """A tick refused by the oracle rule (2001 bad price, 2002 unknown instrument, 2004
-        timestamp backwards, 2005 stale): counted, and an ENGINE_EVENT at most once per
-        ``REJECT_EVENT_EVERY_S`` for each (code, venue, instrument), saying how many were
-        refused since its last one -- a venue sending bad prices is an incident, but it
-        must not flood the events stream."""
+        """A tick refused by the oracle rule (2001 bad price, 2002 unknown instrument, 2003
+        unknown venue, 2004 timestamp backwards, 2005 stale, 2007 timestamp ahead of the
+        receive time by more than ``max_future_skew_ns``): counted, and an ENGINE_EVENT at
+        most once per ``REJECT_EVENT_EVERY_S`` for each (code, venue, instrument), saying
+        how many were refused since its last one -- a venue sending bad prices is an
+        incident, but it must not flood the events stream."""
         self.counters[f"reject_{int(code)}"] += 1
         key = (int(code), f["venue"], f["instrument"])
         last_ns, since = self._reject_events.get(key, (None, 0))

@@ -28,6 +28,11 @@ Rules (``docs/oracle.md`` repeats them with the parameters):
 6. ``mark = index + clamp(b, -max_basis * index, +max_basis * index)`` (``b = 0`` before any
    sample), so ``|mark - index| <= max_basis * index`` always.
 
+A tick whose ``venue_ts_ns`` is more than ``max_future_skew_ns`` ahead of the receive
+time is refused (``ORACLE_TS_FUTURE``): venue and engine clocks differ a little, but one
+tick accepted from a venue clock far ahead would make every later tick of that venue
+look backwards, and the venue would be locked out.
+
 Events (freeze/resume, venue excluded/readmitted) are emitted once per transition by
 the calls that process input or time: ``on_tick``, ``on_basis_sample`` and ``on_timer``.
 The queries ``index``, ``mark`` and ``state`` never change state.
@@ -66,6 +71,8 @@ class OracleParams:
     quotes of; a new venue beyond them takes the place of the longest-stale one, and is
     refused (``ORACLE_UNKNOWN_VENUE``) while every one is fresh -- so a feed sending ever
     new venue names cannot grow the state or the outlier rule's work without bound.
+    ``max_future_skew_ns``: how far a tick's ``venue_ts_ns`` may be ahead of its receive
+    time (the venue's clock ahead of the engine's); further is ``ORACLE_TS_FUTURE``.
 
     Every field is checked on construction, and a wrong type or a value outside its
     domain raises ``ValueError`` naming the field (``OracleParams.quorum: ...``):
@@ -83,6 +90,7 @@ class OracleParams:
     max_basis: float = 0.005
     registry: Mapping[str, frozenset[str]] | None = None
     max_venues: int = 16            # the C fast path's table (OF_MAX_VENUES) holds as many
+    max_future_skew_ns: int = NS_PER_S
 
     def __post_init__(self) -> None:
         def integer(name: str, lo: int, hi: int = INT64_MAX, hi_name: str = "") -> None:
@@ -99,6 +107,7 @@ class OracleParams:
 
         integer("staleness_ns", 0)
         integer("basis_halflife_ns", 1)
+        integer("max_future_skew_ns", 0)
         integer("max_venues", 1, INT32_MAX)
         integer("quorum", 1, self.max_venues, " (max_venues)")
         real("max_deviation")
@@ -252,8 +261,10 @@ class MarkPriceCalculator:
 
         Checks, in order: field types (``WIRE_BAD_FIELD_TYPE``), finite positive price
         (``ORACLE_BAD_PRICE``), registry (``ORACLE_UNKNOWN_INSTRUMENT`` / ``_VENUE``),
-        not older than that venue's last accepted tick (``ORACLE_TS_BACKWARDS``), not
-        stale on arrival (``ORACLE_STALE``). A rejected tick changes nothing but
+        ``venue_ts_ns - now_ns <= max_future_skew_ns`` (``ORACLE_TS_FUTURE``), not older
+        than that venue's last accepted tick (``ORACLE_TS_BACKWARDS``), not stale on
+        arrival (``ORACLE_STALE``); then a new venue needs a place (``max_venues``:
+        ``ORACLE_UNKNOWN_VENUE``). A rejected tick changes nothing but
         ``reject_counts``.
         """
         code = self._validate_tick(instrument, venue, price, venue_ts_ns, now_ns)
@@ -383,6 +394,8 @@ class MarkPriceCalculator:
                 return Code.ORACLE_UNKNOWN_INSTRUMENT
             if venue not in registry[instrument]:
                 return Code.ORACLE_UNKNOWN_VENUE
+        if venue_ts_ns - now_ns > self.params.max_future_skew_ns:
+            return Code.ORACLE_TS_FUTURE
         inst = self._instruments.get(instrument)
         last = inst.quotes.get(venue) if inst is not None else None
         if last is not None and venue_ts_ns < last.venue_ts_ns:

@@ -46,7 +46,8 @@ class Rig:
         self.bells = np.zeros(2 * n_bells, np.uint32)             # (counter, waiters) each
         self.fast = _wire.OracleFast(self.prices.ctypes.data, self.gseq.ctypes.data, NAMES,
                                      [self.bells.ctypes.data + 8 * k for k in range(n_bells)],
-                                     P.staleness_ns, P.quorum, P.max_deviation, P.max_basis)
+                                     P.staleness_ns, P.quorum, P.max_deviation, P.max_basis,
+                                     P.max_future_skew_ns)
         self.calc = MarkPriceCalculator(P)
         self.seq = Sequencer()
 
@@ -157,6 +158,11 @@ CASES = {
     "inf-price": (raw({**GOOD, "price": float("inf")}), None, WIRE),
     "backwards": (raw({**GOOD, "venue_ts_ns": T0 - 1}), None, Code.ORACLE_TS_BACKWARDS),  # a's last: T0
     "stale": (raw({**GOOD, "venue_ts_ns": T0}), T0 + P.staleness_ns + 1, Code.ORACLE_STALE),  # 5 s + 1 ns old
+    # recv T0 + 1 s: T0 + 2 s + 1 ns is 1 s + 1 ns ahead > max_future_skew_ns 1 s
+    "future": (raw({**GOOD, "venue_ts_ns": T0 + 2 * S + 1}), None, Code.ORACLE_TS_FUTURE),
+    "int64-max-ts": (raw({**GOOD, "venue_ts_ns": 2**63 - 1}), None, Code.ORACLE_TS_FUTURE),
+    # recv -2**63 (C's unsigned difference, no wrap): 2**64 - 1 ns ahead
+    "future-no-wrap": (raw({**GOOD, "venue_ts_ns": 2**63 - 1}), -2**63, Code.ORACLE_TS_FUTURE),
     # a -> 107: others median(101, 102) = 101.5, |107 - 101.5| / 101.5 = 0.054 > 0.05: excluded
     "outlier": (raw({**GOOD, "price": 107.0}), None, OK),
     # recv T0 + 6 s: b and c (fresh_ts T0) are 6 s old > 5 s: 1 fresh venue < quorum 2: a freeze
@@ -196,7 +202,7 @@ def reference_says(frame, recv):
 
 def test_fallbacks_change_nothing():
     for case, (frame, recv, says) in CASES.items():
-        recv = recv or T0 + S
+        recv = T0 + S if recv is None else recv
         assert reference_says(frame, recv) == says, case        # the frame is what its name says
         rig = Rig()
         q = [("a", 100.0, T0, T0), ("b", 101.0, T0, T0), ("c", 102.0, T0, T0)]
@@ -439,6 +445,71 @@ def test_a_stage_given_invalid_oracle_parameters_says_which_and_exits_2(module, 
                         "--events", "inproc://e", *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_far_future_tick_is_left_to_the_reference_and_locks_nothing():
+    """The C path and the reference agree on a tick far ahead of the receive time: b at
+    venue_ts_ns 2**63 - 1 falls back and the reference refuses it 2007 (C took it, and every
+    later b tick was then 2004: the instrument froze at 6 s with only a fresh). b's
+    ordinary ticks after it are taken in C, and at 6 s the price is still live:
+    median(100 + k, 101 + k) = 100.5 + k, published with flags 0. A lead of exactly
+    max_future_skew_ns (1 s) is taken in C, 1 ns more falls back."""
+    rig, B = Rig(), "BTC-PERP"
+    for v, p in (("a", 100.0), ("b", 101.0)):
+        assert rig.tick(v, B, p, T0, T0)[:2] == (FALLBACK, Code.OK)
+    assert rig.tick("b", B, 101.0, 2**63 - 1, T0 + 1) == (FALLBACK, Code.ORACLE_TS_FUTURE, [])
+    for k in (1, 2):
+        now = T0 + 3 * k * S
+        assert rig.tick("b", B, 101.0 + k, now, now)[:2] == (PUBLISHED, Code.OK)      # median 100.5 + k/2
+        assert rig.tick("a", B, 100.0 + k, now, now)[:2] == (PUBLISHED, Code.OK)      # median 100.5 + k
+        rig.settle()
+        st = rig.calc.state(B, now)
+        assert (st.index, st.frozen, rig.prices[0]["mark"], rig.prices[0]["flags"]) == (100.5 + k, False, 100.5 + k, 0)
+    assert rig.calc.reject_counts == {Code.ORACLE_TS_FUTURE: 1}
+    now = T0 + 6 * S + MS
+    assert rig.fast.on_frame(rig.frame("a", B, 102.0, now + S + 1), now) == FALLBACK
+    assert rig.fast.on_frame(rig.frame("a", B, 102.0, now + S), now) == TAKEN
+
+
+def test_markprice_counts_and_reports_a_future_tick():
+    """Through MarkPriceProcess (the same code in its own process and inside worker 0): a
+    tick 1 h ahead of the receive time is refused 2007, counted (reject_2007), and reported
+    by one ENGINE_EVENT naming the venue, instrument and timestamp; a second one within 10 s
+    is counted with no second event; the venue's next ordinary tick is taken."""
+    from engine.runtime.markprice import MarkPriceProcess
+    store, ctl = _btc_store(n_workers=1)
+    tag = f"{time.time_ns()}"
+    ctx = zmq.Context.instance()
+    events = ctx.socket(zmq.PULL)
+    events.bind(f"inproc://ev-{tag}")
+    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"inproc://or-{tag}")
+    seq, name = Sequencer(), p.names[0]
+    try:
+        def send(venue, price, ahead_ns=0):
+            ts = time.time_ns() + ahead_ns
+            push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
+                                                       "venue_ts_ns": ts}))
+            assert p.sock.poll(2000) and p.fold() == 1
+            return ts
+        send("a", 60_000.0)
+        send("b", 60_000.0)
+        hour = 3600 * S
+        ts = send("b", 60_100.0, hour)
+        send("b", 60_100.0, hour)
+        assert p.counters["reject_2007"] == 2 and p.counters["ticks"] == 2
+        assert events.poll(1000)
+        ev = decode(events.recv())
+        assert ev.fields["code"] == Code.ORACLE_TS_FUTURE and ev.fields["instrument"] == name
+        assert f"venue=b instrument={name} price=60100.0 venue_ts_ns={ts}" in ev.fields["detail"]
+        assert events.poll(100) == 0                            # the second: counted, no event
+        send("b", 60_100.0)                                     # median(60,000, 60,100) = 60,050
+        p.settle()                                              # (C may have taken it: counted here)
+        assert p.counters["ticks"] == 3 and store.prices[0]["mark"] == 60_050.0
+    finally:
+        for s in (push, events, p.sock, p.events):
+            s.close(0)
 
 
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():

@@ -179,6 +179,9 @@ def fresh_three_venue_calc(params=None):
     pytest.param(BTC, None, 100.0, 2 * S, Code.WIRE_BAD_FIELD_TYPE, id="venue-none"),
     pytest.param(BTC, "a", 100.0, 2.5 * S, Code.WIRE_BAD_FIELD_TYPE, id="ts-float"),
     pytest.param(BTC, "a", 100.0, -1, Code.ORACLE_TS_BACKWARDS, id="ts-before-last"),
+    # now 2 s: 3 s + 1 ns is 1 s + 1 ns ahead > max_future_skew_ns 1 s
+    pytest.param(BTC, "a", 100.0, 3 * S + 1, Code.ORACLE_TS_FUTURE, id="ts-future"),
+    pytest.param(BTC, "a", 100.0, 2**63 - 1, Code.ORACLE_TS_FUTURE, id="ts-int64-max"),
     pytest.param("ETH-USD", "a", 100.0, 2 * S, Code.ORACLE_UNKNOWN_INSTRUMENT,
                  id="unknown-instrument"),
     pytest.param(BTC, "zz", 100.0, 2 * S, Code.ORACLE_UNKNOWN_VENUE, id="unknown-venue"),
@@ -203,6 +206,33 @@ def test_tick_stale_on_arrival_is_rejected():
     # sent at 1 s, arrives at 7 s: age 6 s > 5 s
     assert calc.on_tick(BTC, "d", 100.0, 1 * S, 7 * S) == (Code.ORACLE_STALE, [])
     assert calc.state(BTC, 7 * S) == before
+
+
+def test_a_far_future_tick_is_refused_and_does_not_lock_its_venue_out():
+    """Venues a and b quote at 0. b's clock glitches: venue_ts_ns 2**63 - 1 at now 1 ns is
+    refused 2007 (it was accepted, and then every later b tick was older than 2**63 - 1:
+    2004 for good, and the instrument froze once a alone was left below quorum 2). At 3 s
+    and 6 s both venues' ordinary ticks are taken and the index stays live: median(101, 102)
+    = 101.5 at 3 s, median(102, 103) = 102.5 at 6 s (the 0 s quotes are stale by then)."""
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0)])
+    assert calc.on_tick(BTC, "b", 100.0, 2**63 - 1, 1) == (Code.ORACLE_TS_FUTURE, [])
+    assert calc.reject_counts == {Code.ORACLE_TS_FUTURE: 1}
+    for t, pa, pb, index in ((3, 101.0, 102.0, 101.5), (6, 102.0, 103.0, 102.5)):
+        assert calc.on_tick(BTC, "b", pb, t * S, t * S) == (Code.OK, [])
+        assert calc.on_tick(BTC, "a", pa, t * S, t * S) == (Code.OK, [])
+        state = calc.state(BTC, t * S)
+        assert (state.index, state.frozen, state.n_used) == (index, False, 2)
+
+
+def test_future_skew_boundary():
+    """max_future_skew_ns 1 s (the default): a venue clock exactly 1 s ahead of the
+    receive time is taken, 1 s + 1 ns is refused; 0 allows no lead at all."""
+    calc = MarkPriceCalculator()
+    assert calc.on_tick(BTC, "a", 100.0, 1 * S + 1, 1) == (Code.OK, [])                 # lead 1 s
+    assert calc.on_tick(BTC, "b", 100.0, 1 * S + 2, 1)[0] is Code.ORACLE_TS_FUTURE   # 1 s + 1 ns
+    strict = MarkPriceCalculator(OracleParams(max_future_skew_ns=0))
+    assert strict.on_tick(BTC, "a", 100.0, 5, 5)[0] is Code.OK
+    assert strict.on_tick(BTC, "a", 100.0, 6, 5)[0] is Code.ORACLE_TS_FUTURE
 
 
 def test_reject_counts_accumulate_per_code():
@@ -330,6 +360,7 @@ def test_venues_beyond_max_venues_take_a_stale_place_or_are_refused():
     pytest.param("staleness_ns", -1, "must be in 0..9223372036854775807, got -1", id="staleness-negative"),
     pytest.param("staleness_ns", 2**63, "must be in 0..9223372036854775807", id="staleness-past-int64"),
     pytest.param("staleness_ns", 1.5, "must be an integer, got 1.5", id="staleness-float"),
+    pytest.param("max_future_skew_ns", -1, "must be in 0..9223372036854775807, got -1", id="skew-negative"),
     pytest.param("quorum", 0, "must be in 1..16 (max_venues), got 0", id="quorum-0"),
     pytest.param("quorum", 17, "must be in 1..16 (max_venues), got 17", id="quorum-above-max-venues"),
     pytest.param("quorum", True, "must be an integer, got True", id="quorum-bool"),

@@ -308,17 +308,24 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     # crash the worker, and again after each restart: the record stayed in its ring)
     c.request(MsgType.DEPOSIT, {"request_id": 7, "account": ALICE, "asset": "USDT", "amount_units": 2**63 - 1})
     assert c.reply().fields == {"request_id": 7, "code": Code.COLLATERAL_BAD_AMOUNT, "balance_units": FUNDED_100K}
-    # oracle: malformed, wrong type, unknown instrument, bad price
+    # oracle: malformed, wrong type, unknown instrument, bad price, a venue clock far ahead
     c.oracle.send(MALFORMED)
     c.oracle.send(_raw(MsgType.ORACLE_TICK, 1, venue="a", instrument="SOLUSDT", price="181",
                        venue_ts_ns=time.time_ns()))
     c.tick("DOGEUSDT", 0.1, venues=("a",))
     c.tick("SOLUSDT", -5.0, venues=("a",))
     c.tick("SOLUSDT", -6.0, venues=("a",))          # the same refusal again: counted, no second event
+    # venue_ts_ns 2**63 - 1: refused 2007 (once accepted, it made every later tick of venue a
+    # 2004; the valid SOL ticks below then counted 2, not 3)
+    c.oracle.send(c.seq_oracle.encode(MsgType.ORACLE_TICK, {"venue": "a", "instrument": "SOLUSDT",
+                                                            "price": 181.0, "venue_ts_ns": 2**63 - 1}))
     unknown = c.event(Code.ORACLE_UNKNOWN_INSTRUMENT)
     assert unknown["instrument"] is None and "venue=a instrument=DOGEUSDT price=0.1" in unknown["detail"]
     bad = c.event(Code.ORACLE_BAD_PRICE)
     assert bad["instrument"] == "SOLUSDT" and "venue=a instrument=SOLUSDT price=-5.0" in bad["detail"]
+    future = c.event(Code.ORACLE_TS_FUTURE)
+    assert future["instrument"] == "SOLUSDT" and "venue=a instrument=SOLUSDT price=181.0 " \
+        "venue_ts_ns=9223372036854775807" in future["detail"]
     assert [e["code"] for e in c.drain_events(0.3)].count(Code.ORACLE_BAD_PRICE) == 1   # one in 10 s
 
     # every process still answers valid requests
@@ -350,6 +357,7 @@ def test_bad_input_is_rejected_and_counted_and_changes_nothing(start_engine):
     assert gw["fills"] == 1                     # the valid one only
     mp = process_counters(run.log("markprice"), "markprice")
     assert (mp["reject_1001"], mp["reject_1006"], mp["reject_2002"], mp["reject_2001"]) == (1, 1, 1, 2)
+    assert mp["reject_2007"] == 1 and "reject_2004" not in mp
     assert mp["ticks"] == 3                     # the valid SOL ticks from a, b, c
 
 
