@@ -13,7 +13,12 @@ Rules (``docs/oracle.md`` repeats them with the parameters):
    two remain and disagree, both go: neither can be trusted). Excluding the worst first
    keeps one spike from dragging the others' reference (with three venues the "median
    of the other two" is their mean). A venue is readmitted as soon as it passes again.
-   Venues that cannot be judged (stale, or no fresh peer) keep their last status.
+   A stale venue cannot be judged and keeps its last status. A fresh venue with no
+   fresh peer (the only fresh one) cannot be judged either, and it is readmitted: its
+   exclusion could never be lifted while no peer is left to compare it with (with two
+   venues, one glitch excludes both; had the glitching one gone silent, the good one
+   stayed excluded for good), so the quorum decides -- it is the index with ``quorum``
+   1, and the price stays frozen with more.
 3. ``index = median(p_v for fresh, non-excluded v)``. With an even count the median is
    the mean of the two middle values ``a <= b``, computed as ``a + 0.5 * (b - a)`` (the
    sum ``a + b`` overflows for finite prices above half the largest float).
@@ -410,8 +415,9 @@ class MarkPriceCalculator:
         fresh = {v: q.price for v, q in inst.quotes.items()
                  if now_ns - q.fresh_ts_ns <= p.staleness_ns}
         judged, deviations = _outliers(fresh, p.max_deviation)
-        # venues that cannot be judged now (stale, or no fresh peer) keep their status
-        excluded = {v for v in inst.excluded if v not in deviations} | judged
+        # rule 2: with two or more fresh venues every fresh one was judged; a stale venue
+        # keeps its status; the only fresh venue (no peer to judge it) is readmitted
+        excluded = {v for v in inst.excluded if v not in fresh} | judged
         used = [price for venue, price in fresh.items() if venue not in excluded]
         if len(used) < max(1, p.quorum):
             return _Evaluation(None, None, len(fresh), len(used), frozenset(excluded),
@@ -435,9 +441,13 @@ class MarkPriceCalculator:
                                 f"price={price:.10g} ref_median={reference:.10g} "
                                 f"bound={self.params.max_deviation:g}"))
         for venue in sorted(inst.excluded - ev.excluded):
-            price, reference = ev.deviations[venue]
-            events.append(Event(Code.EVENT_VENUE_READMITTED, name, venue, now_ns,
-                                f"price={price:.10g} ref_median={reference:.10g}"))
+            if venue in ev.deviations:
+                price, reference = ev.deviations[venue]
+                detail = f"price={price:.10g} ref_median={reference:.10g}"
+            else:
+                detail = (f"price={inst.quotes[venue].price:.10g} the only fresh venue: "
+                          f"no peer to judge it by")
+            events.append(Event(Code.EVENT_VENUE_READMITTED, name, venue, now_ns, detail))
         inst.excluded = set(ev.excluded)
         frozen = ev.index is None
         if frozen and inst.frozen is False:

@@ -512,6 +512,35 @@ def test_markprice_counts_and_reports_a_future_tick():
             s.close(0)
 
 
+def test_a_venue_readmitted_alone_brings_the_c_path_back(monkeypatch):
+    """Quorum 1, venues a and b at 100: b's glitch to 150 excludes both (the reference's,
+    C not clean). Once b is stale (8 s: its last tick at 1 s), a's tick readmits a (the only
+    fresh venue): published live at 100.5 by the reference (it stayed frozen, and every tick
+    the reference's, for good). C stays off while b, stale, keeps its exclusion; b back at
+    101 is judged against a (0.5 %) and readmitted, the state is clean again, and a's next
+    tick is C's: median(101.5, 101) = 101.25, published in C."""
+    import sys
+    monkeypatch.setattr(sys.modules[__name__], "P", OracleParams(staleness_ns=5 * S, quorum=1,
+                                                                  max_deviation=0.05, max_basis=0.005))
+    rig, B = Rig(), "BTC-PERP"
+    for v in "ab":
+        rig.tick(v, B, 100.0, T0, T0)
+    r, code, events = rig.tick("b", B, 150.0, T0 + S, T0 + S)
+    assert (r, code, [e.code for e in events]) == (FALLBACK, Code.OK, [Code.EVENT_VENUE_EXCLUDED,
+                                                   Code.EVENT_VENUE_EXCLUDED, Code.EVENT_PRICE_FROZEN])
+    assert rig.prices[0]["flags"] == 1 and rig.fast.state(0)[0] is False
+    r, code, events = rig.tick("a", B, 100.5, T0 + 8 * S, T0 + 8 * S)
+    assert (r, code, [(e.code, e.venue) for e in events]) == (FALLBACK, Code.OK, [
+        (Code.EVENT_VENUE_READMITTED, "a"), (Code.EVENT_PRICE_RESUMED, None)])
+    assert (rig.prices[0]["mark"], rig.prices[0]["flags"], rig.fast.state(0)[0]) == (100.5, 0, False)
+    r, code, events = rig.tick("b", B, 101.0, T0 + 8 * S + MS, T0 + 8 * S + MS)
+    assert (r, code, [(e.code, e.venue) for e in events]) == (FALLBACK, Code.OK, [
+        (Code.EVENT_VENUE_READMITTED, "b")])
+    assert rig.fast.state(0)[0] is True and rig.prices[0]["mark"] == 100.75     # median(100.5, 101)
+    assert rig.tick("a", B, 101.5, T0 + 9 * S, T0 + 9 * S)[:2] == (PUBLISHED, Code.OK)
+    assert rig.prices[0]["mark"] == 101.25
+
+
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
     """Worker 0 (running the mark-price stage) SIGKILLed inside a seqlock write leaves
     the row's counter odd: every reader then retried and gave up (RuntimeError in the

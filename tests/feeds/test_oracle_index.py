@@ -132,6 +132,63 @@ def test_two_disagreeing_venues_are_both_excluded_and_freeze():
     assert state.frozen and state.mark == 100.0 and state.index is None
 
 
+def test_two_venues_quorum_1_the_survivor_of_a_glitch_is_readmitted_once_alone():
+    """Quorum 1, venues a and b at 100. b glitches to 150 at 1 s: 50 % apart, both
+    excluded, frozen. At 3 s b (age 2 s) is still fresh, so a at 100 is judged against it
+    and both stay out. At 7 s b (last tick at 1 s: 6 s > 5 s) is stale: a is the only fresh
+    venue, no peer can judge it, so it is readmitted and, quorum 1, the index: 100 (it
+    stayed excluded and the price frozen for good, a fresh and right). b, stale, keeps its
+    exclusion; back at 100 at 8 s it is judged against a (0 % apart) and readmitted."""
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0)], OracleParams(quorum=1))
+    _, events = calc.on_tick(BTC, "b", 150.0, 1 * S, 1 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_EXCLUDED, "a"),
+                                                   (Code.EVENT_VENUE_EXCLUDED, "b"),
+                                                   (Code.EVENT_PRICE_FROZEN, None)]
+    assert calc.on_tick(BTC, "a", 100.0, 3 * S, 3 * S) == (Code.OK, [])
+    assert calc.state(BTC, 3 * S).frozen
+    code, events = calc.on_tick(BTC, "a", 100.0, 7 * S, 7 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_READMITTED, "a"),
+                                                   (Code.EVENT_PRICE_RESUMED, None)]
+    assert "the only fresh venue" in events[0].detail
+    state = calc.state(BTC, 7 * S)
+    assert (state.index, state.frozen, state.n_used, state.excluded) == (100.0, False, 1, frozenset({"b"}))
+    _, events = calc.on_tick(BTC, "b", 100.0, 8 * S, 8 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_READMITTED, "b")]
+    assert calc.state(BTC, 8 * S).index == 100.0
+
+
+def test_the_timer_readmits_the_only_fresh_venue():
+    """The same glitch, with a's last tick at 3 s: no tick comes when b goes stale, and the
+    staleness timer at 6.5 s (b 5.5 s old, a 3.5 s) readmits a and resumes the price."""
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0)], OracleParams(quorum=1))
+    calc.on_tick(BTC, "b", 150.0, 1 * S, 1 * S)
+    calc.on_tick(BTC, "a", 100.0, 3 * S, 3 * S)
+    assert calc.on_timer(6 * S) == []                       # b 5 s old: still fresh, both out
+    events = calc.on_timer(int(6.5 * S))
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_READMITTED, "a"),
+                                                   (Code.EVENT_PRICE_RESUMED, None)]
+    assert calc.mark(BTC, int(6.5 * S)) == 100.0
+
+
+def test_a_readmitted_lone_venue_does_not_meet_a_larger_quorum():
+    """Quorum 2: c spikes (120 against median(100, 100): 20 % > 5 %) and is excluded at 1 s;
+    a and b stop at 0 s. At 5.5 s c is the only fresh venue and is readmitted, but one
+    venue is below quorum 2: frozen at the last good mark 100. When a returns at 6 s it is
+    judged against c (110 against 120: 8.3 % > 5 %): two that disagree, both out."""
+    calc = calc_with([("a", 100.0, 0), ("b", 100.0, 0), ("c", 100.0, 0)])
+    _, events = calc.on_tick(BTC, "c", 120.0, 1 * S, 1 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_EXCLUDED, "c")]
+    events = calc.on_timer(int(5.5 * S))
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_READMITTED, "c"),
+                                                   (Code.EVENT_PRICE_FROZEN, None)]
+    state = calc.state(BTC, int(5.5 * S))
+    assert (state.frozen, state.mark, state.n_used, state.excluded) == (True, 100.0, 1, frozenset())
+    _, events = calc.on_tick(BTC, "a", 110.0, 6 * S, 6 * S)
+    assert [(e.code, e.venue) for e in events] == [(Code.EVENT_VENUE_EXCLUDED, "a"),
+                                                   (Code.EVENT_VENUE_EXCLUDED, "c")]
+    assert calc.state(BTC, 6 * S).frozen
+
+
 def test_stale_venue_drops_out():
     calc = calc_with([("a", 100.0, 0), ("b", 101.0, 0), ("c", 105.0, 0),
                       ("a", 100.0, 4), ("b", 101.0, 4)])
