@@ -86,7 +86,6 @@ class MarkPriceProcess:
         self.events.connect(events_endpoint)
         self.seq_events = Sequencer()
         self.timer_ns = timer_ms * 1_000_000
-        self.frozen: set[str] = set()
         self.last_tick: dict[str, tuple[int, int]] = {}     # name -> (recv_ns, seq) of its last tick
         self.counters = collections.Counter()
         self._reject_events: dict[tuple, tuple] = {}       # (code, venue, instrument) -> (last event ns, since)
@@ -168,7 +167,9 @@ class MarkPriceProcess:
         return name
 
     def publish(self, name: str, recv_ns: int, tick_seq: int) -> bool:
-        """Publish ``name``'s current state; True when a new price went out."""
+        """Publish ``name``'s current state; True when a new price went out (an
+        instrument's row already holding its mark and frozen flag is left alone: no
+        wake-up)."""
         st = self.calc.state(name, recv_ns)
         if st.mark is None:
             return False
@@ -179,15 +180,8 @@ class MarkPriceProcess:
                 return True
             return False
         i = self.instruments[name]
-        pr = self.store.prices[i]
-        if st.frozen and name in self.frozen:
-            return False                         # already published frozen
-        if st.frozen:
-            self.frozen.add(name)
-        else:
-            self.frozen.discard(name)
-            if float(pr["mark"]) == st.mark and not (int(pr["flags"]) & 1):
-                return False                     # unchanged: no wake-up
+        if self.row_holds(i, st):
+            return False
         self.store.publish_mark(i, st.mark, st.index if st.index is not None else st.mark,
                                 ts_ns=recv_ns, frozen=st.frozen, tick_seq=tick_seq)
         self.ring()
@@ -294,13 +288,44 @@ class MarkPriceProcess:
         return not (self.fast is not None and self.fast.n_applied) or now_ns >= due_ns + TIMER_DEFER_MAX_NS
 
     def on_timer(self, now_ns: int) -> None:
+        """The staleness timer (every ``timer_ns``; inside worker 0 too, from
+        ``TickWake.timer``): fold in the C path's ticks, re-evaluate every instrument at
+        ``now_ns``, then publish each instrument whose mark or frozen flag now differs from
+        its price row (each collateral asset whose live price differs from its row) --
+        not only those with an event: a venue going stale moves the median with no
+        freeze or exclusion -- and then send the events, so that a subscriber that sees
+        one reads the price row it describes. A republished row keeps its ``tick_seq``."""
         self.settle()
-        for e in self.calc.on_timer(now_ns):
-            self.emit(e.code, e.instrument, e.detail)
+        events = self.calc.on_timer(now_ns)
+        for e in events:
             self.sync(e.instrument)             # a freeze, resume or exclusion: clean changes
-            if e.instrument in self.instruments or e.instrument in self.assets:
-                self.publish(e.instrument, now_ns, int(self.store.prices[self.instruments[e.instrument]]["tick_seq"])
-                             if e.instrument in self.instruments else 0)
+        for name in self.rows_behind(now_ns):
+            self.sync(name)
+            i = self.instruments.get(name)
+            self.publish(name, now_ns, int(self.store.prices[i]["tick_seq"]) if i is not None else 0)
+        for e in events:
+            self.emit(e.code, e.instrument, e.detail)
+
+    def row_holds(self, i: int, st) -> bool:
+        """Instrument ``i``'s price row holds the mark and frozen flag of ``st``."""
+        pr = self.store.prices[i]
+        return float(pr["mark"]) == st.mark and bool(int(pr["flags"]) & L.PRICE_FROZEN) == st.frozen
+
+    def rows_behind(self, now_ns: int) -> list[str]:
+        """Instruments whose price row differs from the reference's state at ``now_ns``
+        (the mark, or the frozen flag), and assets whose row differs from a live price;
+        the reference must have caught up (``settle``). Names with no mark yet are left
+        alone: their rows keep the configured starting price."""
+        calc, out = self.calc, []
+        for name, i in self.instruments.items():
+            st = calc.state(name, now_ns)
+            if st.mark is not None and not self.row_holds(i, st):
+                out.append(name)
+        for name, k in self.assets.items():
+            st = calc.state(name, now_ns)
+            if st.mark is not None and not st.frozen and float(self.store.assets[k]["price_usd"]) != st.mark:
+                out.append(name)
+        return out
 
     def pause(self, timeout_ns: int) -> bool:
         """Wait up to ``timeout_ns`` for a tick, consuming nothing; True when one waits."""

@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import _wire
+from engine import _shm, _wire
 from engine.codes import Code
 from engine.store import layout as L
 from feeds.oracle.index import MarkPriceCalculator, OracleParams
@@ -541,13 +541,60 @@ def test_a_venue_readmitted_alone_brings_the_c_path_back(monkeypatch):
     assert rig.prices[0]["mark"] == 101.25
 
 
+def test_the_timer_publishes_a_mark_moved_by_a_venue_going_stale():
+    """Venues a 60,000 (its venue clock 4.5 s behind: stale 0.5 s later), b 60,600, c 61,200:
+    the row's mark is their median, 60,600. At now + 1 s a is 5.5 s old (> 5 s) and drops out
+    with no event (2 fresh >= quorum 2, none excluded): the index is median(60,600, 61,200) =
+    60,900, and the timer publishes it, stamped with the timer's time and the row's
+    tick_seq, ringing the doorbell (the row kept 60,600 until the next tick: the timer
+    published only instruments with an event). The same timer again publishes nothing.
+    Then b and c go stale too (now + 6 s): a freeze, published before its event (7001), so a
+    subscriber reads the frozen row."""
+    from engine.runtime.markprice import MarkPriceProcess
+    store, ctl = _btc_store(n_workers=1)
+    tag = f"{time.time_ns()}"
+    ctx = zmq.Context.instance()
+    events = ctx.socket(zmq.PULL)
+    events.bind(f"inproc://ev-{tag}")
+    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"inproc://or-{tag}")
+    seq, name = Sequencer(), p.names[0]
+    emitted = []
+    emit = p.emit
+    p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
+                                         emit(code, inst, detail))
+    try:
+        for venue, price, behind_ns in (("a", 60_000.0, 4_500 * MS), ("b", 60_600.0, 0), ("c", 61_200.0, 0)):
+            push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
+                                                       "venue_ts_ns": time.time_ns() - behind_ns}))
+            assert p.sock.poll(2000) and p.fold() == 1
+        row = store.prices[0]
+        assert row["mark"] == 60_600.0 and row["tick_seq"] == 3
+        seq0, bell0 = int(row["price_seq"]), _shm.doorbell_value(ctl.doorbell_addr(0))
+        now = time.time_ns() + S
+        p.on_timer(now)
+        st = p.calc.state(name, now)
+        assert (st.index, st.n_fresh, st.frozen) == (60_900.0, 2, False) and emitted == []
+        assert (row["mark"], row["index"], row["flags"], row["ts_ns"], row["tick_seq"]) == (60_900.0, 60_900.0, 0, now, 3)
+        assert int(row["price_seq"]) == seq0 + 1 and _shm.doorbell_value(ctl.doorbell_addr(0)) != bell0
+        p.on_timer(now + 1)
+        assert int(row["price_seq"]) == seq0 + 1                        # nothing new: nothing published
+        p.on_timer(now + 5 * S)                                           # b, c 6 s old: 0 fresh < 2
+        assert (row["mark"], row["flags"]) == (60_900.0, 1)
+        assert emitted == [(Code.EVENT_PRICE_FROZEN, 1)]                  # the row was frozen first
+        assert events.poll(1000) and decode(events.recv()).fields["code"] == Code.EVENT_PRICE_FROZEN
+    finally:
+        for s in (push, events, p.sock, p.events):
+            s.close(0)
+
+
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
     """Worker 0 (running the mark-price stage) SIGKILLed inside a seqlock write leaves
     the row's counter odd: every reader then retried and gave up (RuntimeError in the
     workers, StoreError in the gateway's order checks, over and over). The stage's next
     writer finishes such writes when it starts, and the prices read again."""
     from engine.runtime.markprice import MarkPriceProcess
-    from engine import _shm
     store, ctl = _btc_store(n_workers=1)
     _shm.write_begin(store.addr(store.prices, 0))          # the writer dies here
     _shm.write_begin(store.addr(store.assets, 0))

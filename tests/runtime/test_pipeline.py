@@ -519,6 +519,24 @@ def test_silent_venues_freeze_the_mark_in_both_stages(start_engine, price_stage)
 
 
 @STAGES
+def test_a_venue_going_stale_moves_the_published_mark_in_both_stages(start_engine, price_stage):
+    """ETHUSDT from venues a at 3,300 (its clock 4.5 s behind: stale 0.5 s after it
+    arrives), b at 3,400 and c at 3,420: the mark is the median, 3,400. Once a is stale
+    the index is median(3,400, 3,420) = 3,410 with no event (b and c agree and keep the
+    quorum of 2), and the staleness timer (every 200 ms, wherever the stage runs)
+    publishes it with no new tick. It published only instruments with an event: the row
+    kept 3,400 until the next tick."""
+    run = start_engine(alice_and_bob_100k_usdt, price_stage=price_stage)
+    st, c = run.store, run.client
+    for venue, price, behind_ns in (("a", 3_300.0, 4_500_000_000), ("b", 3_400.0, 0), ("c", 3_420.0, 0)):
+        c.oracle.send(c.seq_oracle.encode(MsgType.ORACLE_TICK, {
+            "venue": venue, "instrument": "ETHUSDT", "price": price, "venue_ts_ns": time.time_ns() - behind_ns}))
+    wait_until(lambda: float(st.read(st.prices, ETH)["mark"]) == 3_410.0, 3.0, "the mark of b and c")
+    assert not int(st.read(st.prices, ETH)["flags"]) & PRICE_FROZEN
+    assert Code.EVENT_PRICE_FROZEN not in [e["code"] for e in c.drain_events(0.1)]
+
+
+@STAGES
 def test_frozen_price_produces_no_liquidation(start_engine, price_stage):
     """Only two venues quote ETHUSDT. When one alone drops 5.3% below the other, both are
     excluded (two that disagree cannot be told apart), the quorum of 2 is lost and the mark
