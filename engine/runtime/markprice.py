@@ -87,6 +87,7 @@ class MarkPriceProcess:
         self.seq_events = Sequencer()
         self.timer_ns = timer_ms * 1_000_000
         self.last_tick: dict[str, tuple[int, int]] = {}     # name -> (recv_ns, seq) of its last tick
+        self._held_events: list = []                         # events of ticks fold took, sent after it publishes
         self.counters = collections.Counter()
         self._reject_events: dict[tuple, tuple] = {}       # (code, venue, instrument) -> (last event ns, since)
         self.names = list(self.instruments)                  # table order
@@ -162,9 +163,18 @@ class MarkPriceProcess:
         self.last_tick[name] = (recv_ns, m.seq)
         if publish:
             self.publish(name, recv_ns, m.seq)
-        for e in events:
-            self.emit(e.code, e.instrument, e.detail)
+            for e in events:
+                self.emit(e.code, e.instrument, e.detail)
+        else:                                      # the caller publishes, then sends them
+            self._held_events.extend(events)
         return name
+
+    def _emit_held(self) -> None:
+        """The events of the ticks ``fold`` took, once their marks are published: an event
+        reports what the price row already says (a freeze, a resume)."""
+        held, self._held_events = self._held_events, []
+        for e in held:
+            self.emit(e.code, e.instrument, e.detail)
 
     def publish(self, name: str, recv_ns: int, tick_seq: int) -> bool:
         """Publish ``name``'s current state; True when a new price went out (an
@@ -226,6 +236,7 @@ class MarkPriceProcess:
             self.sync(name)
             if first_mark:
                 if self.publish(name, *self.last_tick[name]):
+                    self._emit_held()
                     return n
             else:
                 moved[name] = None
@@ -233,6 +244,7 @@ class MarkPriceProcess:
             self.settle()                   # before the reference publishes
         for name in moved:
             self.publish(name, *self.last_tick[name])
+        self._emit_held()
         return n
 
     def settle(self, limit: int = -1) -> None:

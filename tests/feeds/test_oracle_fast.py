@@ -589,6 +589,42 @@ def test_the_timer_publishes_a_mark_moved_by_a_venue_going_stale():
             s.close(0)
 
 
+def test_a_freeze_on_a_tick_is_published_before_its_event(monkeypatch):
+    """Venues a and b quote BTC at 100; b then quotes 150 (50 % off, beyond 5 %): both are
+    excluded (a pair cannot tell which is wrong) and the index, with no venue left, freezes
+    -- on the tick, inside ``fold``, which publishes its marks after taking the burst. The
+    7001 event went out before the row said frozen (``fold`` sent each tick's events as it
+    took it), so a subscriber reading the row on the event saw it live (it failed the
+    pipeline test once in a while); now the events follow the publication."""
+    import sys
+
+    from engine.runtime.markprice import MarkPriceProcess
+    monkeypatch.setattr(sys.modules[__name__], "P", OracleParams(staleness_ns=5 * S, quorum=1,
+                                                                  max_deviation=0.05, max_basis=0.005))
+    store, ctl = _btc_store(n_workers=1)
+    tag = f"{time.time_ns()}"
+    ctx = zmq.Context.instance()
+    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"inproc://or-{tag}")
+    seq, name = Sequencer(), p.names[0]
+    emitted = []
+    emit = p.emit
+    p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
+                                         emit(code, inst, detail))
+    try:
+        for venue, price in (("a", 100.0), ("b", 100.0), ("b", 150.0)):
+            push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
+                                                       "venue_ts_ns": time.time_ns()}))
+            assert p.sock.poll(2000) and p.fold() == 1
+        assert int(store.prices[0]["flags"]) == 1
+        assert emitted == [(Code.EVENT_VENUE_EXCLUDED, 1), (Code.EVENT_VENUE_EXCLUDED, 1),
+                           (Code.EVENT_PRICE_FROZEN, 1)]              # each after the frozen row
+    finally:
+        for s in (push, p.sock, p.events):
+            s.close(0)
+
+
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
     """Worker 0 (running the mark-price stage) SIGKILLed inside a seqlock write leaves
     the row's counter odd: every reader then retried and gave up (RuntimeError in the
