@@ -158,8 +158,8 @@ REPORTED: dict[int, str] = {
     4001: "post-trade equity below post-trade initial margin: the order would be refused. ORDER_CHECK_REPLY",
     4002: "account unknown. ORDER_CHECK_REPLY",
     4003: "instrument unknown. ORDER_CHECK_REPLY",
-    4004: "quantity zero. ORDER_CHECK_REPLY",
-    4005: "price not positive, or the instrument has no mark yet. ORDER_CHECK_REPLY",
+    4004: "quantity zero, or its size (abs(qty_units)) 2**62 or more. ORDER_CHECK_REPLY",
+    4005: "price not positive. ORDER_CHECK_REPLY",
     4006: "the instrument's mark is frozen (oracle quorum lost). ORDER_CHECK_REPLY",
     4007: "the order would open a position the account has no free slot for. ORDER_CHECK_REPLY",
     4008: "no consistent copy of the account, or of the prices, could be read (a writer stopped "

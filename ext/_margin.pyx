@@ -1007,6 +1007,7 @@ cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *
     cdef double q_old = 0.0, c_old = 0.0, dq, pnl, px_s, scale_s, iso = 0.0, lack
     cdef double mark = marks[instrument], under = 0.0
     cdef bint reducing, ok
+    cdef int64_t qo
     cdef AssetPass w
     ins_pass_held(table, instruments, acct, slots, marks, asset_px, asset_scale)
     asset_pass_fill(&w, n_assets, asset_px, asset_haircut, asset_scale)
@@ -1038,7 +1039,12 @@ cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *
         pnl = dq * ins.contract_size * (mark - price)
     old = holder_values(ins, q_old, c_old, mark, under)
     new = holder_values(ins, q_old + dq, c_old, mark, under)
-    reducing = fabs(q_old + dq) <= fabs(q_old) and (q_old + dq) * q_old >= 0 and dq != 0
+    # A pure reduction (no flip), decided in integer units: in doubles, a small order on a
+    # position past 2**53 units rounds away (q_old + dq == q_old) and read as one
+    qo = slots[slot].qty if slot >= 0 else 0
+    reducing = (dqty != 0 and qo != 0 and (dqty < 0) != (qo < 0)
+                and (<uint64_t>0 - <uint64_t>dqty if dqty < 0 else <uint64_t>dqty)
+                <= (<uint64_t>0 - <uint64_t>qo if qo < 0 else <uint64_t>qo))
     if mode == MODE_CROSS:
         out.post_equity_usd = r.cross_equity_usd + pnl * px_s
         out.post_im_usd = r.cross_im_usd + (new.im - old.im) * px_s

@@ -124,3 +124,39 @@ def test_desk_survives_any_bytes_and_mutations(world, raw, at, byte):
         if got is not None:
             m = decode(bytes(frame))
             assert type(m) is Message and m.type == MsgType.ORDER_CHECK
+
+
+def test_an_increase_too_small_for_a_double_to_see_is_not_a_reduction():
+    """A BTCUSDT long of 2**54 units (18,014,398,509,481.984 BTC) bought at a mark of 0.1,
+    no collateral: equity 0, and the position's IM is above 0. Buying 1 more unit
+    increases it, so it needs margin and is refused 4001. The desk decided "a pure
+    reduction, always accepted" in doubles, where 2**54 + 1 == 2**54 (the spacing is 4
+    there): it accepted. Now the reduction is decided in integer units; selling 1 unit
+    is still a reduction, accepted whatever the margin."""
+    from fractions import Fraction
+
+    from engine.risk import reference as ref
+
+    cfg = load_default()
+    store = Store.create(None, assets=list(cfg.assets), instruments=list(cfg.instruments), accounts_capacity=4,
+                         n_partitions=1, slots_per_account=cfg.engine.slots_per_account)
+    for i, ins in enumerate(cfg.instruments):
+        store.publish_mark(i, 0.1 if i == 0 else ins.mark_price)
+    row = store.add_account(1)
+    q = 2**54
+    store.set_position(row, 0, q, round(q / 1000 * 0.1 * 10**6))     # qty_scale 1000: at the mark
+    ids, rows = np.array([1], np.int64), np.array([row], np.int64)
+    desk = _margin.CheckDesk(store.addr(store.instruments), store.addr(store.accounts), store.addr(store.positions),
+                             store.addr(store.prices), store.addr(store.assets), store.slots_per_account,
+                             len(store.instruments), len(store.assets), ids, rows,
+                             np.ascontiguousarray(store.instruments["price_scale"], dtype=np.int64), 1 << 20)
+    snap = store.price_snapshot()
+    market = ref.market_from_engine(list(cfg.assets), list(cfg.instruments), snap.marks, snap.asset_px)
+    ps = int(store.instruments["price_scale"][0])
+    for dq, want in ((1, Code.CHECK_INSUFFICIENT_MARGIN), (-1, Code.OK)):
+        frame = encode(MsgType.ORDER_CHECK, {"request_id": 1, "account": 1, "instrument_id": 0, "qty_units": dq,
+                                             "price_units": 1}, seq=1, ts_ns=1)
+        assert decode(desk.answer(frame, 1, 1)).fields["code"] == want, dq
+        assert pretrade_check_consistent(store, row, 0, dq, 1 / ps, snap).code == want, dq
+        assert ref.pretrade_check(market, ref.account_from_store(store, row), store.slots_per_account, 0, dq,
+                                  Fraction(1, ps))[0] == want, dq
