@@ -12,6 +12,7 @@ through ``MarkPriceProcess.fold`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -308,9 +309,13 @@ def _btc_store(n_workers: int):
     return store, Control.create(None, n_workers=n_workers, n_partitions=1, slots_per_account=2, ring_capacity=64)
 
 
-def test_markprice_process_fold():
-    from engine.runtime.markprice import TIMER_DEFER_MAX_NS, MarkPriceProcess
-    store, ctl = _btc_store(n_workers=2)
+@contextlib.contextmanager
+def _markprice(n_workers: int = 1):
+    """A MarkPriceProcess on the BTC store (``_btc_store``) with its ticks PUSHed in and
+    its events on a PULL, over inproc sockets, all closed after: ``(p, store, ctl, push,
+    events, seq, name)``. ``P`` is read when called (tests monkeypatch it)."""
+    from engine.runtime.markprice import MarkPriceProcess
+    store, ctl = _btc_store(n_workers=n_workers)
     tag = f"{time.time_ns()}"
     ctx = zmq.Context.instance()
     events = ctx.socket(zmq.PULL)
@@ -318,8 +323,16 @@ def test_markprice_process_fold():
     p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
     push = ctx.socket(zmq.PUSH)
     push.connect(f"inproc://or-{tag}")
-    seq, name = Sequencer(), p.names[0]
     try:
+        yield p, store, ctl, push, events, Sequencer(), p.names[0]
+    finally:
+        for sock in (push, events, p.sock, p.events):
+            sock.close(0)
+
+
+def test_markprice_process_fold():
+    from engine.runtime.markprice import TIMER_DEFER_MAX_NS
+    with _markprice(n_workers=2) as (p, store, ctl, push, events, seq, name):
         def send(venue, price):
             push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
                                                        "venue_ts_ns": time.time_ns()}))
@@ -352,9 +365,6 @@ def test_markprice_process_fold():
         p.settle()
         assert p.fast.n_applied == 0 and p.timer_due(now, now)  # caught up: at once
         assert not p.must_catch_up(now, now)
-    finally:
-        for s in (push, events, p.sock, p.events):
-            s.close(0)
 
 
 def test_staleness_does_not_wrap_in_int64():
@@ -476,17 +486,7 @@ def test_markprice_counts_and_reports_a_future_tick():
     tick 1 h ahead of the receive time is refused 2007, counted (reject_2007), and reported
     by one ENGINE_EVENT naming the venue, instrument and timestamp; a second one within 10 s
     is counted with no second event; the venue's next ordinary tick is taken."""
-    from engine.runtime.markprice import MarkPriceProcess
-    store, ctl = _btc_store(n_workers=1)
-    tag = f"{time.time_ns()}"
-    ctx = zmq.Context.instance()
-    events = ctx.socket(zmq.PULL)
-    events.bind(f"inproc://ev-{tag}")
-    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"inproc://or-{tag}")
-    seq, name = Sequencer(), p.names[0]
-    try:
+    with _markprice(n_workers=1) as (p, store, ctl, push, events, seq, name):
         def send(venue, price, ahead_ns=0):
             ts = time.time_ns() + ahead_ns
             push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
@@ -507,9 +507,6 @@ def test_markprice_counts_and_reports_a_future_tick():
         send("b", 60_100.0)                                     # median(60,000, 60,100) = 60,050
         p.settle()                                              # (C may have taken it: counted here)
         assert p.counters["ticks"] == 3 and store.prices[0]["mark"] == 60_050.0
-    finally:
-        for s in (push, events, p.sock, p.events):
-            s.close(0)
 
 
 def test_a_venue_readmitted_alone_brings_the_c_path_back(monkeypatch):
@@ -550,21 +547,11 @@ def test_the_timer_publishes_a_mark_moved_by_a_venue_going_stale():
     published only instruments with an event). The same timer again publishes nothing.
     Then b and c go stale too (now + 6 s): a freeze, published before its event (7001), so a
     subscriber reads the frozen row."""
-    from engine.runtime.markprice import MarkPriceProcess
-    store, ctl = _btc_store(n_workers=1)
-    tag = f"{time.time_ns()}"
-    ctx = zmq.Context.instance()
-    events = ctx.socket(zmq.PULL)
-    events.bind(f"inproc://ev-{tag}")
-    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"inproc://or-{tag}")
-    seq, name = Sequencer(), p.names[0]
-    emitted = []
-    emit = p.emit
-    p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
-                                         emit(code, inst, detail))
-    try:
+    with _markprice(n_workers=1) as (p, store, ctl, push, events, seq, name):
+        emitted = []
+        emit = p.emit
+        p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
+                                             emit(code, inst, detail))
         for venue, price, behind_ns in (("a", 60_000.0, 4_500 * MS), ("b", 60_600.0, 0), ("c", 61_200.0, 0)):
             push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
                                                        "venue_ts_ns": time.time_ns() - behind_ns}))
@@ -584,9 +571,6 @@ def test_the_timer_publishes_a_mark_moved_by_a_venue_going_stale():
         assert (row["mark"], row["flags"]) == (60_900.0, 1)
         assert emitted == [(Code.EVENT_PRICE_FROZEN, 1)]                  # the row was frozen first
         assert events.poll(1000) and decode(events.recv()).fields["code"] == Code.EVENT_PRICE_FROZEN
-    finally:
-        for s in (push, events, p.sock, p.events):
-            s.close(0)
 
 
 def test_a_freeze_on_a_tick_is_published_before_its_event(monkeypatch):
@@ -598,21 +582,13 @@ def test_a_freeze_on_a_tick_is_published_before_its_event(monkeypatch):
     pipeline test once in a while); now the events follow the publication."""
     import sys
 
-    from engine.runtime.markprice import MarkPriceProcess
     monkeypatch.setattr(sys.modules[__name__], "P", OracleParams(staleness_ns=5 * S, quorum=1,
                                                                   max_deviation=0.05, max_basis=0.005))
-    store, ctl = _btc_store(n_workers=1)
-    tag = f"{time.time_ns()}"
-    ctx = zmq.Context.instance()
-    p = MarkPriceProcess("unused", f"inproc://or-{tag}", f"inproc://ev-{tag}", P, store=store, ctl=ctl)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"inproc://or-{tag}")
-    seq, name = Sequencer(), p.names[0]
-    emitted = []
-    emit = p.emit
-    p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
-                                         emit(code, inst, detail))
-    try:
+    with _markprice() as (p, store, ctl, push, events, seq, name):
+        emitted = []
+        emit = p.emit
+        p.emit = lambda code, inst, detail: (emitted.append((code, int(store.prices[0]["flags"]))),
+                                             emit(code, inst, detail))
         for venue, price in (("a", 100.0), ("b", 100.0), ("b", 150.0)):
             push.send(seq.encode(MsgType.ORACLE_TICK, {"venue": venue, "instrument": name, "price": price,
                                                        "venue_ts_ns": time.time_ns()}))
@@ -620,9 +596,6 @@ def test_a_freeze_on_a_tick_is_published_before_its_event(monkeypatch):
         assert int(store.prices[0]["flags"]) == 1
         assert emitted == [(Code.EVENT_VENUE_EXCLUDED, 1), (Code.EVENT_VENUE_EXCLUDED, 1),
                            (Code.EVENT_PRICE_FROZEN, 1)]              # each after the frozen row
-    finally:
-        for s in (push, p.sock, p.events):
-            s.close(0)
 
 
 def test_a_new_price_writer_finishes_a_write_its_predecessor_died_in():
