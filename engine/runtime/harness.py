@@ -34,14 +34,31 @@ def local_config(root: str, base: Config | None = None, *, tcp_ports: dict | Non
 
 
 class LocalEngine:
-    """Context manager: create state, let ``setup(store)`` fill it, start, stop on exit."""
+    """Context manager: create state, let ``setup(store)`` fill it, start, stop on exit.
+
+    When creating the state or ``setup`` fails (an exception, Ctrl-C included) the
+    shared-memory segments it made are unlinked before the exception goes on; a failed
+    start stops what it started and unlinks them too (``Engine.start``). One created
+    but never entered is released with ``discard()``."""
 
     def __init__(self, config: Config, setup=None, n_workers: int | None = None, quiet: bool = True):
         self.config = config
         self.engine = Engine(config, n_workers=n_workers, quiet=quiet)
-        self.store = self.engine.create_state()
-        if setup is not None:
-            setup(self.store)
+        try:
+            self.store = self.engine.create_state()
+            if setup is not None:
+                setup(self.store)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Unlink the store and control segments of an engine that is not running
+        (idempotent; the mappings of this process stay valid until it lets them go)."""
+        if self.engine.store is not None:
+            self.engine.store.unlink()
+        if self.engine.ctl is not None:
+            self.engine.ctl.unlink()
 
     def __enter__(self) -> "LocalEngine":
         self.engine.start()
