@@ -168,10 +168,17 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from engine.demo import run_demo
+    from engine.demo import DemoError, DemoInterrupted, run_demo
 
-    summary = run_demo(duration_s=args.duration, accounts=args.accounts, workers=args.workers,
-                       crash_pct=args.crash / 100.0, seed=args.seed)
+    try:
+        summary = run_demo(duration_s=args.duration, accounts=args.accounts, workers=args.workers,
+                           crash_pct=args.crash / 100.0, seed=args.seed)
+    except DemoInterrupted:
+        print("margin-engine demo: interrupted while starting; stopped, nothing left behind", file=sys.stderr)
+        return 130
+    except DemoError as e:
+        print(f"margin-engine demo: {e}; stopped", file=sys.stderr)
+        return 1
     codes = set(summary["engine_exit_codes"].values())
     return 0 if codes <= {0} else 1
 
@@ -248,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print(f"margin-engine {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

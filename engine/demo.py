@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -47,6 +48,7 @@ from engine.config import load_default
 from engine.runtime.harness import LocalEngine, local_config
 from engine.runtime.provision import HOUSE_ACCOUNT, provision
 from engine.runtime.status import snapshot
+from engine.runtime.supervisor import _exit_words
 from engine.runtime.worker import STAGE_COLLATERAL, STAGE_FILL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER, STAGES
 from feeds.protocol import MsgType, Rejected, decode
 
@@ -56,17 +58,57 @@ LIQ_CODES = {int(Code.LIQ_BELOW_MAINTENANCE): "below maintenance",
 CRASH_INSTRUMENTS = ("BTCUSDT", "ETHUSDT")
 
 
+class DemoError(Exception):
+    """The demo could not run to its end: the engine did not start, or the simulated
+    exchange died. One line saying why; ``margin-engine demo`` exits 1."""
+
+
+class DemoInterrupted(Exception):
+    """Ctrl-C (or SIGTERM, SIGHUP) before the run began: the engine is stopped and
+    everything removed; ``margin-engine demo`` exits 130."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _ExchangeFailed(Exception):
+    """Inside the exchange process: one of its threads died (the message says which)."""
+
+
 def _exchange(cfg, n_accounts: int, duration_s: float, crash_at_s: float, crash_pct: float,
-              seed: int, out: mp.Queue, done) -> None:
+              seed: int, out, done) -> None:
     """Simulated venues and matching engine, in their own process (protocol only).
 
-    ``done``: the receiving end of a pipe; anything on it ends the run early.
+    ``done``: the receiving end of a pipe; anything on it ends the run early. ``out``:
+    the sending end of one; at the end it carries ``("summary", stats)``, or as soon as
+    something here fails (the venues' or the matching engine's thread died, or this
+    process could not start them) ``("error", one line)``: the demo then stops.
     """
+    # The demo stops us (a pipe message), not a signal. It started us with these
+    # signals blocked, so a Ctrl-C while we imported stayed pending: ignoring them
+    # discards it, and only then are they unblocked.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    failed: list[str] = []
+
+    def on_thread_error(a) -> None:          # a thread's uncaught exception: report it, once
+        failed.append(f"{a.thread.name if a.thread else 'a thread'} died: {a.exc_type.__name__}: {a.exc_value}")
+
+    threading.excepthook = on_thread_error
+    try:
+        out.send(("summary", _simulate(cfg, n_accounts, duration_s, crash_at_s, crash_pct, seed,
+                                       done, failed)))
+    except _ExchangeFailed as e:
+        out.send(("error", str(e)))
+    except BaseException as e:               # noqa: BLE001 -- whatever it was, the demo hears it
+        out.send(("error", failed[0] if failed else f"{type(e).__name__}: {e}"))
+
+
+def _simulate(cfg, n_accounts, duration_s, crash_at_s, crash_pct, seed, done, failed) -> dict:
     from feeds.sim.matching import MatchingSim
     from feeds.sim.venues import VenueSim, run_venues
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)                 # the demo stops us (a pipe message)
     ep = cfg.endpoints
     vsim = VenueSim.from_config(cfg, seed=seed)
     t0 = time.monotonic()
@@ -79,22 +121,30 @@ def _exchange(cfg, n_accounts: int, duration_s: float, crash_at_s: float, crash_
             crashed.append(1)
 
     stop = threading.Event()
-    venues = threading.Thread(target=run_venues, daemon=True, args=(ep.oracle, {}),
+    venues = threading.Thread(target=run_venues, daemon=True, name="venue simulator", args=(ep.oracle, {}),
                               kwargs={"duration_s": None, "stop_event": stop, "sim": vsim,
                                       "rate_hz": 10.0, "on_step": on_step})
     venues.start()
     names = [i.name for i in cfg.instruments if i.kind.name in ("PERP", "FUTURE")]
-    sim = MatchingSim(ep.fills, ep.checks, ep.orders, names, n_accounts, seed, config=cfg,
-                      price_fn=vsim.price, rate_hz=300, backstop_account=HOUSE_ACCOUNT,
-                      max_order_usd=2000)
-    sim.start(duration_s)
+    sim = None
     try:
-        done.poll(duration_s)               # the run's length, or until the demo ends early
+        sim = MatchingSim(ep.fills, ep.checks, ep.orders, names, n_accounts, seed, config=cfg,
+                          price_fn=vsim.price, rate_hz=300, backstop_account=HOUSE_ACCOUNT,
+                          max_order_usd=2000)
+        sim.start(duration_s)
+        deadline = time.monotonic() + duration_s
+        while True:                          # the run's length, or until the demo ends it early
+            left = deadline - time.monotonic()
+            if left <= 0 or done.poll(min(0.1, left)):
+                break
+            if failed or not venues.is_alive():   # the venues run until told to stop
+                raise _ExchangeFailed(failed[0] if failed else "the venue simulator stopped")
     finally:
         stop.set()
-        sim.stop(linger_ms=500)
+        if sim is not None:
+            sim.stop(linger_ms=500)
         venues.join(2.0)
-    out.put(sim.stats.summary())
+    return sim.stats.summary()
 
 
 def _percentiles(values) -> str:
@@ -126,38 +176,125 @@ class Screen:
         sys.stdout.flush()
 
 
+def _start_exchange(mpc, args: tuple):
+    """Start the exchange process with the stop signals blocked here, so that it starts
+    with them blocked (a signal mask survives fork and exec): a Ctrl-C to the terminal's
+    process group while it imports stays pending in it until it ignores them. Here the
+    signal waits the few milliseconds of the start, and is then handled: nothing lost.
+
+    The resource tracker is started first: starting it (on a process's first start)
+    unblocks SIGINT and SIGTERM on its way out, which would undo the block."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    proc = mpc.Process(target=_exchange, daemon=True, name="demo exchange", args=args)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return proc
+
+
+def _exchange_result(proc, results, timeout_s: float):
+    """The exchange's ``(kind, value)`` message, waiting at most ``timeout_s``; ``None``
+    when it exited (or was still silent) without one. Returns as soon as either comes."""
+    mp.connection.wait([results, proc.sentinel], timeout=timeout_s)
+    try:
+        if results.poll():
+            return results.recv()
+    except (EOFError, OSError):
+        pass
+    return None
+
+
+def _stop_exchange(proc, stop_exchange, results) -> tuple | None:
+    """Tell the exchange to stop, take its last message, make sure it is gone."""
+    try:
+        stop_exchange.send(True)       # early end (Ctrl-C): the exchange stops and reports
+    except OSError:
+        pass                           # it is gone already
+    message = _exchange_result(proc, results, 8.0)
+    proc.join(timeout=5)
+    if proc.is_alive():                # it ignores SIGTERM: the stop above is its way out
+        proc.kill()
+        proc.join()
+    return message
+
+
 def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, crash_pct: float = 0.12,
              seed: int = 7, tty: bool | None = None) -> dict:
-    """Run the demo; return its summary (also printed)."""
+    """Run the demo; return its summary (also printed).
+
+    Ctrl-C, a closed terminal or a kill all end the run the same way: cleanly, with the
+    engine stopped and its shared memory, sockets and temporary directory removed.
+    Before the run began (the engine starting) that raises ``DemoInterrupted``; after,
+    the run ends early and the summary is returned. ``DemoError`` when the engine did
+    not start or the simulated exchange died, with everything removed as well.
+    """
     tty = sys.stdout.isatty() if tty is None else tty
-    root = tempfile.mkdtemp(prefix="me-demo-")
+    stop: list = []
+    old = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in STOP_SIGNALS}
+    try:
+        root = tempfile.mkdtemp(prefix="me-demo-")
+        try:
+            return _run(root, stop, duration_s, accounts, workers, crash_pct, seed, tty)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run(root: str, stop: list, duration_s: float, accounts: int, workers: int, crash_pct: float,
+         seed: int, tty: bool) -> dict:
     base = load_default()
     cfg = local_config(root, base, accounts_capacity=max(accounts + 10, 1000), partitions=max(2, workers))
     print(f"margin-engine demo: loading {accounts:,} accounts (leveraged 2x-25x on BTC, ETH, SOL "
           f"perps and the BTC future) into shared memory /{cfg.engine.name} ...", file=sys.stderr)
-    stop = []
-    # Ctrl-C, a closed terminal or a kill all end the run the same way: cleanly, with the
-    # engine stopped and its shared memory and sockets removed.
-    old = {sig: signal.signal(sig, lambda *_: stop.append(1))
-           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # on failure (Ctrl-C is only a flag here) the segments it made are unlinked
     engine = LocalEngine(cfg, setup=lambda st: provision(st, cfg, accounts, seed=seed), n_workers=workers)
-    store = engine.store
-    names = [bytes(r["name"]).rstrip(b"\0").decode() for r in store.instruments]
-    summary: dict = {}
     ctx = zmq.Context.instance()
     events = ctx.socket(zmq.SUB)
     events.setsockopt(zmq.LINGER, 0)
     events.setsockopt(zmq.SUBSCRIBE, b"")
+    started = False
+    try:
+        if not stop:
+            try:
+                engine.__enter__()          # a failed start stops what it started, unlinks the memory
+                started = True
+            except Exception as e:          # EngineFailure, TimeoutError, OSError
+                if not stop:
+                    raise DemoError(f"the engine did not start: {e}") from None
+        if stop:                            # a Ctrl-C to the process group also kills the engine's
+            raise DemoInterrupted()         # processes that had not yet set their signals
+        return _live(engine, cfg, events, stop, duration_s, accounts, workers, crash_pct, seed, tty)
+    finally:
+        events.close()
+        if not started:
+            engine.discard()                # nothing runs: release the segments
+        elif not hasattr(engine, "exit_codes"):   # running still: an error on the way
+            engine.__exit__(None, None, None)
+
+
+def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accounts: int, workers: int,
+          crash_pct: float, seed: int, tty: bool) -> dict:
+    store = engine.store
+    names = [bytes(r["name"]).rstrip(b"\0").decode() for r in store.instruments]
+    summary: dict = {}
+    events.connect(cfg.endpoints.events)
+    crash = f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s"
+    print(f"engine up: {workers} workers, blocking waits; starting venues and "
+          f"matching engine; {crash}", file=sys.stderr)
     mpc = mp.get_context("spawn")
-    q: mp.Queue = mpc.Queue()
-    done, stop_exchange = mpc.Pipe(duplex=False)     # a message on it ends the exchange early
-    with engine:
-        events.connect(cfg.endpoints.events)
-        print(f"engine up: {workers} workers, blocking waits; starting venues and matching engine; "
-              f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s", file=sys.stderr)
-        exch = mpc.Process(target=_exchange, daemon=True,
-                           args=(cfg, accounts, duration_s, duration_s * 0.3, crash_pct, seed, q, done))
-        exch.start()
+    results, results_w = mpc.Pipe(duplex=False)    # the exchange's summary, or why it failed
+    done, stop_exchange = mpc.Pipe(duplex=False)   # a message on it ends the exchange early
+    exch = _start_exchange(mpc, (cfg, accounts, duration_s, duration_s * 0.3, crash_pct, seed, results_w, done))
+    results_w.close()                              # its copy is the exchange's now
+    done.close()
+    early = None          # what the exchange said, or how it ended, before the run's end
+    try:
         screen = Screen(tty)
         start_marks = store.prices["mark"].copy()
         liqs: deque = deque(maxlen=8)
@@ -193,6 +330,12 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
                                    else f"({d['stage']})"))
                 else:
                     other_events.append(f"  [{f['code']}] {f.get('instrument') or ''} {f['detail'][:70]}")
+            if results.poll() or not exch.is_alive():   # it ended first: it failed
+                early = _exchange_result(exch, results, 1.0)
+                if early is None:
+                    exch.join(1.0)
+                    early = ("error", _exit_words(exch.exitcode))
+                break
             now = time.monotonic()
             seq = int(store.prices["price_seq"].sum())
             fills = int(store.partitions["fills_applied"].sum())
@@ -220,21 +363,15 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
             lines += ["", "latest liquidations:"] + (list(liqs) or ["  (none yet: prices have not moved far enough)"])
             lines += ["", "other engine events:"] + (list(other_events) or ["  (none)"])
             screen.show(lines)
-        try:
-            stop_exchange.send(True)        # early end (Ctrl-C): the exchange stops and reports
-        except OSError:
-            pass                            # it is gone already
-        try:
-            summary["exchange"] = q.get(timeout=8)
-        except Exception:
-            summary["exchange"] = None
-        exch.join(timeout=5)
-        if exch.is_alive():
-            exch.terminate()
-    events.close()
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-    shutil.rmtree(root, ignore_errors=True)
+    finally:
+        last = _stop_exchange(exch, stop_exchange, results)
+        results.close()
+        stop_exchange.close()
+    kind, value = early or last or ("summary", None)
+    if kind == "error":
+        raise DemoError(f"the simulated exchange failed: {value}")
+    summary["exchange"] = value
+    engine.__exit__(None, None, None)
     summary.update({"accounts": accounts, "liquidation_orders": n_liq,
                     "accounts_liquidated": len(n_accounts_liquidated),
                     "orders_by_stage": by_stage,

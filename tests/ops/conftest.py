@@ -4,8 +4,9 @@ stopped, with their shared memory and ipc directories removed, whatever the test
 ``ops_dir``     a short ``/tmp/me-ops-*`` directory (a Unix socket path is at most 107
                 bytes; pytest's ``tmp_path`` can be longer), removed at teardown.
 ``spawn``       ``spawn(argv, segments=(), **popen_kw) -> Popen`` in its own session; at
-                teardown the whole process group is stopped (SIGTERM, then SIGKILL) and
-                the named /dev/shm segments are unlinked.
+                teardown the whole process group is stopped (SIGINT, then SIGKILL) and
+                the named /dev/shm segments are unlinked: ``segments`` is read then, so
+                a list the test fills in later (a demo names its segment on stderr) counts.
 ``local_engine`` ``local_engine(setup=None, n_workers=1, **engine_overrides) -> LocalEngine``
                 started on private ipc endpoints; stopped and unlinked at teardown.
 """
@@ -64,12 +65,12 @@ def ops_dir():
 
 @pytest.fixture
 def spawn(ops_dir):                      # ops_dir outlives the processes that work in it
-    started: list[tuple[subprocess.Popen, tuple[str, ...]]] = []
+    started: list[tuple[subprocess.Popen, list[str]]] = []
 
     def start(argv: list[str], segments=(), **popen_kw) -> subprocess.Popen:
         popen_kw.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen(argv, start_new_session=True, **popen_kw)
-        started.append((proc, tuple(segments)))
+        started.append((proc, segments))          # not a copy: read at teardown
         return proc
 
     yield start

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,41 @@ def wait_up(proc: subprocess.Popen, name: str, log: Path, timeout_s: float = 20.
             pytest.fail(f"engine {name} not up after {timeout_s} s; last status: {r.returncode} "
                         f"{r.stderr}\n{log.read_text()}")
         time.sleep(0.2)
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of every process in session ``sid`` (read from /proc: fast
+    enough to catch a child in the first milliseconds of its life)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            if int(stat[stat.rindex(")") + 2:].split()[3]) != sid:     # field 6: the session
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue                                   # gone meanwhile
+    return found
+
+
+def wait_for_child(proc: subprocess.Popen, needle: str, timeout_s: float = 20.0) -> int:
+    """The pid of the first process of ``proc``'s session (``start_new_session``) whose
+    command line contains ``needle``, polled every 2 ms."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid, cmd in session_processes(proc.pid).items():
+            if needle in cmd and pid != proc.pid:
+                return pid
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode} before a process running {needle!r} appeared")
+        time.sleep(0.002)
+    pytest.fail(f"no process running {needle!r} after {timeout_s} s")
+
+
+def demo_segments(stderr: str) -> list[str]:
+    """The segments a demo names on stderr ("... into shared memory /me-...")."""
+    return [s for m in re.findall(r"shared memory /(me-[0-9a-f]+)", stderr) for s in (m, m + "-ctl")]

@@ -1,4 +1,5 @@
-"""A demo killed as a process group (systemd stop, a closed terminal, `timeout`) ends cleanly."""
+"""A demo killed as a process group (systemd stop, a closed terminal, `timeout`) ends cleanly,
+and so does a Ctrl-C while it is starting."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from ops_support import REPO, assert_group_gone, cli, demo_segments, shm_exists, wait_for_child
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -46,3 +50,71 @@ def test_sigterm_to_the_demos_process_group_ends_it_cleanly():
     else:
         left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
         pytest.fail(f"processes of the demo's group still running:\n{left}")
+
+
+# --------------------------------------------------------------------------- Ctrl-C while it starts
+def _start_demo(spawn, ops_dir):
+    """The demo on 300 accounts for 20 s in its own session, its stderr in a file, its
+    temporary directory under ops_dir. Returns (proc, stderr path, its segments: a list
+    filled in by ``_finish``, unlinked by the teardown whatever happened)."""
+    segments: list[str] = []
+    err_path = Path(ops_dir) / "demo.err"
+    with open(err_path, "w") as err_file:
+        proc = spawn(cli("demo", "--duration", "20", "--accounts", "300"), segments=segments,
+                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
+                     env={**os.environ, "TMPDIR": ops_dir})
+    return proc, err_path, segments
+
+
+def _finish(proc, err_path, segments, timeout_s: float):
+    """Wait for the demo's end: (stdout, stderr, seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        err = err_path.read_text()
+        segments += demo_segments(err)
+    return out, err, time.monotonic() - t0
+
+
+def _assert_nothing_left(proc, ops_dir, segments):
+    assert segments, "the demo did not name its segment"
+    for seg in segments:
+        assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
+    assert not [d for d in os.listdir(ops_dir) if d.startswith("me-demo-")], "the demo's temp dir left behind"
+    assert_group_gone(proc.pid, within_s=10)   # the resource tracker leaves just after its parent
+
+
+def test_ctrl_c_while_the_engine_starts_exits_130_and_leaves_nothing(spawn, ops_dir):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) the moment the first
+    margin worker process exists: the engine's processes still importing die of it, so
+    the start fails. Expected: exit 130 (interrupted before the run began) with one line
+    saying so, no traceback, and the engine stopped, its segments and the demo's temp
+    directory gone. The old code: an EngineFailure traceback ("liqgw exited with 1
+    during start-up"), exit 1, the /tmp/me-demo-* directory left."""
+    proc, err_path, segments = _start_demo(spawn, ops_dir)
+    wait_for_child(proc, "engine.runtime.worker")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err, _ = _finish(proc, err_path, segments, timeout_s=20)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("margin-engine demo: interrupted while starting; stopped, "
+                                            "nothing left behind"), err
+    _assert_nothing_left(proc, ops_dir, segments)
+
+
+def test_ctrl_c_while_the_exchange_starts_ends_the_run_at_once(spawn, ops_dir):
+    """Ctrl-C the moment the simulated exchange's process exists (it is still importing
+    numpy): it must not die of it -- it starts with the signal blocked and then ignores
+    it -- and the demo ends the run early as for any Ctrl-C: exit 0, its summary, no
+    traceback, nothing left. The old code: a KeyboardInterrupt traceback from the
+    exchange process, then 8 s waiting for the report of a process already dead."""
+    proc, err_path, segments = _start_demo(spawn, ops_dir)
+    wait_for_child(proc, "multiprocessing.spawn")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err, took = _finish(proc, err_path, segments, timeout_s=25)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert out.strip().splitlines()[-1].startswith("demo done:"), out[-2000:]
+    assert took < 8.0, f"{took:.1f} s from Ctrl-C to exit"      # the old code's wait alone was 8 s
+    _assert_nothing_left(proc, ops_dir, segments)
