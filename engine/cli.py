@@ -9,8 +9,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from importlib import resources
+
+
+# --------------------------------------------------------------------------- argument types
+# Each raises ArgumentTypeError: argparse then prints the usage and one line
+# "margin-engine CMD: error: argument --X: ..." and exits with status 2.
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def _crash_percent(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"must be a percent in [0, 100) (0: no crash), got {text}")
+    return value
+
+
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        why = "does not exist" if not os.path.exists(text) else "is not a directory"
+        raise argparse.ArgumentTypeError(f"{text} {why}")
+    return text
 
 
 def _cmd_evaluate(args) -> int:
@@ -73,6 +121,10 @@ def _cmd_run(args) -> int:
 
     cfg = _load_config(args.config)
     if cfg is None:
+        return 2
+    if args.workers is not None and args.workers > cfg.engine.partitions:
+        print(f"margin-engine run: --workers {args.workers}: at most engine.partitions "
+              f"({cfg.engine.partitions}) workers (each owns at least one partition)", file=sys.stderr)
         return 2
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))   # handlers only enqueue
@@ -194,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the engine on a configuration until SIGTERM / Ctrl-C")
     run.add_argument("--config", default=None, help="TOML file; default: the embedded default")
-    run.add_argument("--workers", type=int, default=None)
-    run.add_argument("--accounts", type=int, default=None,
+    run.add_argument("--workers", type=_int_at_least(1), default=None,
+                     help="margin worker processes, 1..engine.partitions; default min(engine.partitions, "
+                          "the CPUs in engine.cpus, or 1 when it is empty)")
+    run.add_argument("--accounts", type=_int_at_least(1), default=None,
                      help="a new book: empty accounts 1..N (default 1000)")
-    run.add_argument("--demo-accounts", type=int, default=0,
+    run.add_argument("--demo-accounts", type=_int_at_least(0), default=0,
                      help="a new book: instead, N funded accounts with positions (demo data)")
     run.add_argument("--fresh", action="store_true",
                      help="set the state directory's (engine.state_dir) snapshot and journal aside "
@@ -207,17 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the engine on its embedded default against simulated venues "
                                        "and a simulated matching engine, live in the terminal")
-    demo.add_argument("--duration", type=float, default=30.0, help="seconds (Ctrl-C ends it early)")
-    demo.add_argument("--accounts", type=int, default=5000)
-    demo.add_argument("--workers", type=int, default=1, help="margin workers (1 suits a 2-core machine)")
-    demo.add_argument("--crash", type=float, default=12.0, help="percent BTC and ETH fall at 30%% of the run")
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--duration", type=_seconds, default=30.0, help="seconds (Ctrl-C ends it early)")
+    demo.add_argument("--accounts", type=_int_at_least(1), default=5000)
+    demo.add_argument("--workers", type=_int_at_least(1), default=1, help="margin workers (1 suits a 2-core machine)")
+    demo.add_argument("--crash", type=_crash_percent, default=12.0,
+                      help="percent BTC and ETH fall at 30%% of the run (0: no crash)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=7)
     demo.set_defaults(func=_cmd_demo)
 
     st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")
     st.add_argument("--name", default="margin-engine", help="the engine's shared-memory name")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--state-dir", default="",
+    st.add_argument("--state-dir", type=_directory, default=None,
                     help="the engine's engine.state_dir: also show its snapshot's age and what a restart "
                          "would replay")
     st.set_defaults(func=_cmd_status)

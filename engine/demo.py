@@ -11,9 +11,9 @@ What runs (all real processes and sockets, on private ipc endpoints):
    outages and spikes) and a simulated matching engine (random trades between the
    accounts, each checked first with the engine's pre-trade check; liquidation orders
    filled against the backstop);
-3. at 30 % of the run BTC and ETH crash (``--crash`` percent over a few seconds), so
-   the accounts nearest liquidation breach and the engine liquidates them, partially
-   first, tier by tier.
+3. at 30 % of the run BTC and ETH crash (``--crash`` percent over a few seconds; 0: no
+   crash), so the accounts nearest liquidation breach and the engine liquidates them,
+   partially first, tier by tier.
 
 The screen shows ticks/s, fills/s, marks, the accounts nearest liquidation, the
 liquidations as they happen and the tick-to-decision latency the workers stamp on
@@ -112,7 +112,7 @@ def _simulate(cfg, n_accounts, duration_s, crash_at_s, crash_pct, seed, done, fa
     ep = cfg.endpoints
     vsim = VenueSim.from_config(cfg, seed=seed)
     t0 = time.monotonic()
-    crashed = []
+    crashed = [] if crash_pct else [0]       # --crash 0: none scheduled
 
     def on_step(sim) -> None:
         if not crashed and time.monotonic() - t0 >= crash_at_s:
@@ -284,7 +284,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
     names = [bytes(r["name"]).rstrip(b"\0").decode() for r in store.instruments]
     summary: dict = {}
     events.connect(cfg.endpoints.events)
-    crash = f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s"
+    crash = f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s" if crash_pct else "no crash"
     print(f"engine up: {workers} workers, blocking waits; starting venues and "
           f"matching engine; {crash}", file=sys.stderr)
     mpc = mp.get_context("spawn")

@@ -1,4 +1,4 @@
-"""The demo when its simulated counterparties fail.
+"""The demo when its simulated counterparties fail, and ``--crash 0``.
 
 Before: a venue thread that died (``--crash 0`` raised in it) or an exchange process
 that died (``--accounts 0``) left the demo showing 0 ticks/s and 0 fills/s until the
@@ -77,3 +77,27 @@ def test_a_dead_venue_thread_is_reported_at_once(ops_dir):
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+def test_crash_0_runs_without_a_crash(spawn, ops_dir):
+    """``--crash 0`` means no crash: the run goes to its end (exit 0, every engine process
+    exiting 0) and says "no crash". The old code scheduled a 0 % crash, which the venue
+    simulator refused with a traceback in its thread, and the run went on without ticks."""
+    segments: list[str] = []
+    err_path = Path(ops_dir) / "demo.err"
+    with open(err_path, "w") as err_file:
+        proc = spawn(cli("demo", "--duration", "4", "--accounts", "200", "--crash", "0"), segments=segments,
+                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
+                     env={**os.environ, "TMPDIR": ops_dir})
+    try:
+        out, _ = proc.communicate(timeout=25)
+    finally:
+        err = err_path.read_text()
+        segments += demo_segments(err)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "; no crash" in err, err
+    final = out.strip().splitlines()[-1]
+    assert final.startswith("demo done:") and final.endswith("engine processes exited [0]"), final
+    for seg in segments:
+        assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
