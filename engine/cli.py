@@ -1,7 +1,9 @@
 """``margin-engine`` command line.
 
-Subcommands: ``evaluate`` (what-if on a JSON scenario), ``bench`` (kernel, feeds,
-latency benchmarks), and the live engine's ``run``, ``status`` and ``demo`` as they land.
+Subcommands: ``demo`` (the engine against simulated venues and a simulated matching
+engine, live in the terminal), ``run`` (the engine on a configuration), ``status`` (a
+running engine, or its state directory), ``evaluate`` (what-if on a JSON scenario) and
+``bench`` (kernel, feeds, latency, acknowledgement and recovery benchmarks).
 Bad input exits with status 2 and one line naming the problem, never a traceback.
 """
 
@@ -236,7 +238,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="margin-engine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="margin-engine", description=" ".join(__doc__.replace("``", "").split()))
     sub = p.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="margins of a JSON scenario at one point in time (docs/evaluate.md)")
@@ -259,14 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "the book from them")
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="the engine on its embedded default against simulated venues "
-                                       "and a simulated matching engine, live in the terminal")
+    demo_help = ("the engine on its embedded default against simulated venues and a simulated "
+                 "matching engine, live in the terminal")
+    demo = sub.add_parser("demo", help=demo_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          description=demo_help.capitalize() + ". Ctrl-C ends it early (exit 0 once it runs, "
+                                      "130 while it starts); everything it created is removed.")
     demo.add_argument("--duration", type=_seconds, default=30.0, help="seconds (Ctrl-C ends it early)")
-    demo.add_argument("--accounts", type=_int_at_least(1), default=5000)
-    demo.add_argument("--workers", type=_int_at_least(1), default=1, help="margin workers (1 suits a 2-core machine)")
+    demo.add_argument("--accounts", type=_int_at_least(1), default=5000,
+                      help="leveraged accounts loaded into the book (plus the house account)")
+    demo.add_argument("--workers", type=_int_at_least(1), default=1,
+                      help="margin workers (1 suits a 2-core machine)")
     demo.add_argument("--crash", type=_crash_percent, default=12.0,
                       help="percent BTC and ETH fall at 30%% of the run (0: no crash)")
-    demo.add_argument("--seed", type=_int_at_least(0), default=7)
+    demo.add_argument("--seed", type=_int_at_least(0), default=7,
+                      help="seeds the book, the venues and the matching engine")
     demo.set_defaults(func=_cmd_demo)
 
     st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")

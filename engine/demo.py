@@ -71,6 +71,14 @@ class DemoInterrupted(Exception):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def code_name(code: int) -> str:
+    """An event code's name (``EVENT_VENUE_READMITTED``), its number when it has none."""
+    try:
+        return Code(code).name
+    except ValueError:
+        return str(code)
+
+
 class _ExchangeFailed(Exception):
     """Inside the exchange process: one of its threads died (the message says which)."""
 
@@ -285,7 +293,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
     summary: dict = {}
     events.connect(cfg.endpoints.events)
     crash = f"BTC and ETH crash {crash_pct:.0%} at {duration_s * 0.3:.0f} s" if crash_pct else "no crash"
-    print(f"engine up: {workers} workers, blocking waits; starting venues and "
+    print(f"engine up: {workers} worker{'' if workers == 1 else 's'}, blocking waits; starting venues and "
           f"matching engine; {crash}", file=sys.stderr)
     mpc = mp.get_context("spawn")
     results, results_w = mpc.Pipe(duplex=False)    # the exchange's summary, or why it failed
@@ -304,10 +312,11 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
         by_stage = dict.fromkeys(STAGES, 0)
         other_events: deque = deque(maxlen=4)
         t0 = time.monotonic()
+        end = t0 + duration_s
         last_t, last_seq, last_fills = t0, int(store.prices["price_seq"].sum()), int(store.partitions["fills_applied"].sum())
         rates = (0.0, 0.0)
-        while not stop and time.monotonic() - t0 < duration_s + 1.0:
-            deadline = time.monotonic() + 0.5
+        while not stop and time.monotonic() < end:
+            deadline = min(time.monotonic() + 0.5, end)
             while time.monotonic() < deadline:
                 if not events.poll(50):
                     continue
@@ -329,7 +338,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
                                 + (f"tick->order {d['tick_to_sent_us']:.0f} us ({d['stage']})" if d["stage"] in t2d
                                    else f"({d['stage']})"))
                 else:
-                    other_events.append(f"  [{f['code']}] {f.get('instrument') or ''} {f['detail'][:70]}")
+                    other_events.append(f"  [{code_name(f['code'])}] {f.get('instrument') or ''} {f['detail'][:70]}")
             if results.poll() or not exch.is_alive():   # it ended first: it failed
                 early = _exchange_result(exch, results, 1.0)
                 if early is None:
@@ -344,7 +353,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
             s = snapshot(store, top=5)
             lines = [
                 "margin-engine demo: simulated venues -> mark prices -> margin workers -> liquidation orders",
-                f"t={now - t0:5.1f}s of {duration_s:.0f}s   mark updates {rates[0]:6.0f}/s   fills applied {rates[1]:6.0f}/s   "
+                f"t={min(now, end) - t0:5.1f}s of {duration_s:.0f}s   mark updates {rates[0]:6.0f}/s   fills applied {rates[1]:6.0f}/s   "
                 f"accounts {s['accounts']:,}",
                 f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts), by what found the breach:",
                 f"  {_by_stage(t2d, by_stage)}",

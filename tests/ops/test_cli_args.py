@@ -114,3 +114,18 @@ def test_status_refuses_a_state_dir_that_is_not_a_directory(spawn, ops_dir, what
     line = _refused(spawn, ops_dir, ["status", "--name", unique_name(), "--state-dir", str(path)])
     words = "does not exist" if what == "missing" else "is not a directory"
     assert line == f"margin-engine status: error: argument --state-dir: {path} {words}", line
+
+
+def test_help_shows_the_demos_defaults_and_no_rst_markup():
+    """``demo --help`` says what the demo is and each option's default; the top-level
+    help is plain text (it showed the module docstring's ``double backticks``)."""
+    demo = subprocess.run(cli("demo", "--help"), capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert demo.returncode == 0, demo.stderr
+    text = " ".join(demo.stdout.split())
+    assert "simulated venues and a simulated matching engine" in text
+    for default in ("(default: 30.0)", "(default: 5000)", "(default: 1)", "(default: 12.0)", "(default: 7)"):
+        assert default in text, (default, text)
+    top = subprocess.run(cli("--help"), capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert top.returncode == 0, top.stderr
+    assert "``" not in top.stdout, top.stdout
+    assert "margin-engine command line" in top.stdout

@@ -1,4 +1,4 @@
-"""The demo when its simulated counterparties fail, and ``--crash 0``.
+"""The demo when its simulated counterparties fail, ``--crash 0``, and what its screen shows.
 
 Before: a venue thread that died (``--crash 0`` raised in it) or an exchange process
 that died (``--accounts 0``) left the demo showing 0 ticks/s and 0 fills/s until the
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.codes import Code
 from engine.demo import _exchange
 from engine.runtime.harness import local_config
 from ops_support import REPO, assert_group_gone, cli, demo_segments, shm_exists, wait_for_child
@@ -96,8 +97,17 @@ def test_crash_0_runs_without_a_crash(spawn, ops_dir):
         segments += demo_segments(err)
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
-    assert "; no crash" in err, err
+    assert "engine up: 1 worker, " in err and "; no crash" in err, err
     final = out.strip().splitlines()[-1]
     assert final.startswith("demo done:") and final.endswith("engine processes exited [0]"), final
     for seg in segments:
         assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
+
+
+def test_other_events_show_the_codes_name():
+    """The screen's "other engine events" showed bare numbers (``[7004]``)."""
+    from engine.demo import code_name             # here: the old demo module has none
+
+    assert code_name(7004) == "EVENT_VENUE_READMITTED" == Code(7004).name
+    assert code_name(int(Code.EVENT_PRICE_FROZEN)) == "EVENT_PRICE_FROZEN"
+    assert code_name(65000) == "65000"            # a code this build does not know: its number
