@@ -267,8 +267,9 @@ def test_doorbell_pause_ends_at_a_ring_and_consumes_nothing(doorbell):
 
 
 def _pull_push(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
-    """A PULL bound on a fresh ipc endpoint (receives time out after 2 s) and a PUSH to it."""
-    endpoint = f"ipc:///tmp/me-test-pause-{uuid.uuid4().hex[:8]}"
+    """A PULL bound on a fresh ipc endpoint (receives time out after 2 s) and a PUSH to it.
+    The endpoint is in Linux's abstract namespace: no socket file is left in /tmp."""
+    endpoint = f"ipc://@me-test-pause-{uuid.uuid4().hex[:8]}"
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.RCVTIMEO, 2000)
