@@ -77,7 +77,8 @@ def _cmd_evaluate(args) -> int:
     except OSError as e:
         print(f"margin-engine evaluate: cannot read {args.scenario}: {e.strerror}", file=sys.stderr)
         return 2
-    except ValueError as e:   # JSONDecodeError, and int literals past Python's digit limit
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, int literals past Python's
+        # digit limit, and arrays or objects nested past the decoder's recursion limit
         print(f"margin-engine evaluate: {args.scenario}: not valid JSON: {e}", file=sys.stderr)
         return 2
     try:

@@ -254,6 +254,14 @@ def test_integer_literal_beyond_pythons_digit_limit(tmp_path):
     _assert_clean_refusal(evaluate(str(p)), "not valid JSON")
 
 
+def test_json_nested_past_the_decoders_recursion_limit(tmp_path):
+    # 100,000 nested arrays: json raises RecursionError, not a ValueError (was a traceback, exit 1)
+    p = tmp_path / "scenario.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    _assert_clean_refusal(evaluate(str(p)), "not valid JSON")
+    _assert_clean_refusal(evaluate("-", stdin="[" * 100_000 + "]" * 100_000), "not valid JSON")
+
+
 def test_the_documented_example_gives_the_documented_output(tmp_path):
     """docs/evaluate.md: its example scenario, run through the CLI, prints its example output."""
     text = (REPO / "docs" / "evaluate.md").read_text()
