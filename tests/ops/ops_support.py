@@ -129,3 +129,17 @@ def wait_for_child(proc: subprocess.Popen, needle: str, timeout_s: float = 20.0)
 def demo_segments(stderr: str) -> list[str]:
     """The segments a demo names on stderr ("... into shared memory /me-...")."""
     return [s for m in re.findall(r"shared memory /(me-[0-9a-f]+)", stderr) for s in (m, m + "-ctl")]
+
+
+def start_demo(spawn, ops_dir: str) -> tuple[subprocess.Popen, Path, list[str]]:
+    """The demo on 300 accounts for 20 s in its own session, its stderr in a file, its
+    temporary directory under ops_dir. Returns (proc, stderr path, its segments: a list
+    the caller fills in from stderr (``demo_segments``), unlinked by the ``spawn``
+    teardown whatever happened)."""
+    segments: list[str] = []
+    err_path = Path(ops_dir) / "demo.err"
+    with open(err_path, "w") as err_file:
+        proc = spawn(cli("demo", "--duration", "20", "--accounts", "300"), segments=segments,
+                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
+                     env={**os.environ, "TMPDIR": ops_dir})
+    return proc, err_path, segments

@@ -19,7 +19,7 @@ import pytest
 from engine.codes import Code
 from engine.demo import _exchange
 from engine.runtime.harness import local_config
-from ops_support import REPO, assert_group_gone, cli, demo_segments, shm_exists, wait_for_child
+from ops_support import REPO, assert_group_gone, cli, demo_segments, shm_exists, start_demo, wait_for_child
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -29,12 +29,7 @@ def test_a_killed_exchange_stops_the_demo_with_exit_1(spawn, ops_dir):
     notices within its next refresh (0.5 s), stops the engine and exits 1 with one line
     naming what happened -- no summary of a run that did not happen, no traceback,
     nothing left behind. The old code went on showing zeros for the rest of the 20 s."""
-    segments: list[str] = []
-    err_path = Path(ops_dir) / "demo.err"
-    with open(err_path, "w") as err_file:
-        proc = spawn(cli("demo", "--duration", "20", "--accounts", "300"), segments=segments,
-                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
-                     env={**os.environ, "TMPDIR": ops_dir})
+    proc, err_path, segments = start_demo(spawn, ops_dir)
     exchange = wait_for_child(proc, "multiprocessing.spawn")
     time.sleep(1.0)
     os.kill(exchange, signal.SIGKILL)

@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from ops_support import REPO, assert_group_gone, cli, demo_segments, shm_exists, wait_for_child
+from ops_support import assert_group_gone, demo_segments, shm_exists, start_demo, wait_for_child
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -53,19 +52,6 @@ def test_sigterm_to_the_demos_process_group_ends_it_cleanly():
 
 
 # --------------------------------------------------------------------------- Ctrl-C while it starts
-def _start_demo(spawn, ops_dir):
-    """The demo on 300 accounts for 20 s in its own session, its stderr in a file, its
-    temporary directory under ops_dir. Returns (proc, stderr path, its segments: a list
-    filled in by ``_finish``, unlinked by the teardown whatever happened)."""
-    segments: list[str] = []
-    err_path = Path(ops_dir) / "demo.err"
-    with open(err_path, "w") as err_file:
-        proc = spawn(cli("demo", "--duration", "20", "--accounts", "300"), segments=segments,
-                     stdout=subprocess.PIPE, stderr=err_file, text=True, cwd=REPO,
-                     env={**os.environ, "TMPDIR": ops_dir})
-    return proc, err_path, segments
-
-
 def _finish(proc, err_path, segments, timeout_s: float):
     """Wait for the demo's end: (stdout, stderr, seconds it took)."""
     t0 = time.monotonic()
@@ -92,7 +78,7 @@ def test_ctrl_c_while_the_engine_starts_exits_130_and_leaves_nothing(spawn, ops_
     saying so, no traceback, and the engine stopped, its segments and the demo's temp
     directory gone. The old code: an EngineFailure traceback ("liqgw exited with 1
     during start-up"), exit 1, the /tmp/me-demo-* directory left."""
-    proc, err_path, segments = _start_demo(spawn, ops_dir)
+    proc, err_path, segments = start_demo(spawn, ops_dir)
     wait_for_child(proc, "engine.runtime.worker")
     os.killpg(proc.pid, signal.SIGINT)
     out, err, _ = _finish(proc, err_path, segments, timeout_s=20)
@@ -109,7 +95,7 @@ def test_ctrl_c_while_the_exchange_starts_ends_the_run_at_once(spawn, ops_dir):
     it -- and the demo ends the run early as for any Ctrl-C: exit 0, its summary, no
     traceback, nothing left. The old code: a KeyboardInterrupt traceback from the
     exchange process, then 8 s waiting for the report of a process already dead."""
-    proc, err_path, segments = _start_demo(spawn, ops_dir)
+    proc, err_path, segments = start_demo(spawn, ops_dir)
     wait_for_child(proc, "multiprocessing.spawn")
     os.killpg(proc.pid, signal.SIGINT)
     out, err, took = _finish(proc, err_path, segments, timeout_s=25)
