@@ -461,8 +461,9 @@ def test_trigger_candidates_equal_breaches_after_one_move(world, i, move):
     # Trigger prices are liquidation prices with the rest of the account fixed, so after
     # only instrument i moves, candidates(i, mark) = the holders of i that breach at the
     # new mark (cross: equity < MM; isolated: iso + upnl < MM), by the exact reference.
-    # A holder already in breach at the start has an always-crossed trigger (+inf long,
-    # -inf short: "any tick finds it"), so it is a candidate whatever the move.
+    # A holder already in breach at the start has its trigger all the same (it was
+    # +inf long / -inf short, "any tick finds it", which a search between two marks never
+    # did): it is a candidate when it breaches at the new mark, like every other.
     # Holders within TOL of the boundary (start or end), and accounts with an option on
     # i (its requirement moves with i too), are left out. Options have no liquidation
     # price by rule, so their holders never have a trigger: the incremental tick that
@@ -500,7 +501,7 @@ def test_trigger_candidates_equal_breaches_after_one_move(world, i, move):
         before, after = margin_left(start, acct, slot), margin_left(market, acct, slot)
         if abs(before) <= tol or abs(after) <= tol:
             continue
-        expect = before < 0 or after < 0
+        expect = after < 0
         assert (r in got) == expect, (acct.positions[slot], float(before), float(after))
 
 
