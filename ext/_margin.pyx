@@ -851,6 +851,12 @@ def decide_orders(size_t instruments_addr, size_t account_addr, size_t slots_add
     return n
 
 
+cdef inline double realize_cost(double haircut, double px, double r, double bal) noexcept nogil:
+    """Equity that realizing ``r`` (settle asset) into a balance ``bal`` of a haircut asset
+    takes: ``haircut px max(0, min(r, bal + r))``; 0 for a loss (decide.py's module doc)."""
+    return haircut * px * fmax(0.0, fmin(r, bal + r))
+
+
 cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, const PositionRow *slots,
                      const double *marks, const double *asset_px, const double *asset_haircut,
                      const double *asset_scale, int n_assets, double h, int64_t *out,
@@ -862,13 +868,12 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
     its values and bankruptcy price); (2) isolated positions in breach, each its own
     scope: all of it below bankruptcy, else the least that restores ``iso + upnl >= h MM``;
     (3) when the cross scope is liquidatable: everything below bankruptcy (``E < 0``), else
-    positions by benefit ``h MM_usd - cost_max``, largest first (those of benefit <= 0
-    last, by ``MM_usd``; stable), each closed by the least that restores ``E - cost_max >=
-    h MM``, until ``E >= h MM`` holds; ``cost_max`` = ``haircut_s px_s max(0, min(upnl,
-    b_s + upnl))`` is what realizing all the position's profit into its settle balance
-    ``b_s`` can take from the haircut-weighted collateral; after each order ``E`` drops by
-    the cost of the profit it realizes, and ``b_s`` grows. With no haircut (or no profit)
-    the benefit is ``h MM_usd``: largest requirement first.
+    positions by benefit ``h MM_usd - realize_cost(upnl)``, largest first (those of
+    benefit <= 0 last, by ``MM_usd``; stable), each closed by the least that restores
+    ``E - realize_cost(upnl) >= h MM``, until ``E >= h MM`` holds; after each order ``E``
+    drops by the cost of the profit it realizes, and the settle balance grows by it
+    (decide.py's module doc). With no haircut (or no profit) the benefit is ``h MM_usd``:
+    largest requirement first.
     """
     cdef const PositionRow *pos
     cdef const InstrumentRow *ins
@@ -922,12 +927,12 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                 bal[t] = <double>acct.balance[t] / asset_scale[t]
             for i in range(n_pos):
                 if slots[i].mode == MODE_CROSS and slots[i].qty != 0:
-                    # the order: largest benefit first, h MM - cost_max (USD); those whose
+                    # the order: largest benefit first, h MM - realize_cost (USD); those whose
                     # closing costs at least what it frees, last, largest MM first
                     s_a = instruments[slots[i].instrument].settle_asset
                     px_s = asset_px[s_a]
                     up = v[i].upnl
-                    x = h * v[i].mm * px_s - asset_haircut[s_a] * px_s * fmax(0.0, fmin(up, bal[s_a] + up))
+                    x = h * v[i].mm * px_s - realize_cost(asset_haircut[s_a], px_s, up, bal[s_a])
                     order_of[n_cross] = i
                     group[n_cross] = 0 if x > 0 else 1
                     key[n_cross] = -x if x > 0 else -v[i].mm * px_s
@@ -967,7 +972,7 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                     m_pos = v[i].mm * px_s
                     notional_of = ins.underlying if ins.kind == KIND_OPTION else pos.instrument
                     mark_n = marks[notional_of]
-                    x = close_qty(ins, q, mark_n, px_s, e - hc * px_s * fmax(0.0, fmin(up, bal[s_a] + up)),
+                    x = close_qty(ins, q, mark_n, px_s, e - realize_cost(hc, px_s, up, bal[s_a]),
                                   m_total - m_pos, h)
                     if x <= 0:
                         continue
@@ -980,8 +985,7 @@ cdef int decide_core(const InstrumentRow *instruments, const AccountRow *acct, c
                     n_out += 1
                     m_total = m_total - m_pos + px_s * mm_at(ins, kept, mark_n)
                     realized = up * (1.0 - kept / fabs(q))          # at the mark
-                    if realized > 0:
-                        e -= hc * px_s * fmax(0.0, fmin(realized, bal[s_a] + realized))
+                    e -= realize_cost(hc, px_s, realized, bal[s_a])     # 0 for a loss
                     bal[s_a] += realized
     return n_out if ok else -1
 

@@ -2,20 +2,11 @@
 
 Closing ``x`` contracts of a position at the mark leaves equity ``E`` unchanged (the
 unrealized PnL becomes realized) and lowers the requirement, so the rule is solved on
-the requirement alone -- with one exception: a cross position's profit, once realized,
-counts at ``1 - haircut`` of its settle asset (a positive balance is haircut, unrealized
-PnL is not), so for each cross position the solve takes ``E - cost_max``, ``cost_max =
-haircut_s px_s max(0, min(upnl, b_s + upnl))`` (all its profit realized into the settle
-balance ``b_s``), and after its order ``E`` drops by what the profit it realizes costs
-(``b_s`` grows by it). That is the least quantity for this conservative equity (exact
-when the haircut is 0 or the position is at a loss; a loss realized into a haircut
-balance raises the true equity, which the rule does not count). Cross positions are
-taken by benefit ``h MM_usd - cost_max``, largest first; those whose closing would cost
-at least what it frees (benefit <= 0) last, largest requirement first. With no haircut
-the benefit is ``h MM_usd``: largest requirement first. With ``h`` the health factor (``E >= h * MM`` is healthy; the
-default 1.25 is a margin ratio MM/E of 0.8), ``M_o`` the requirement of everything else
-and the position's tiered requirement ``MM(n) = px_s (n mmr_k - maint_k)`` at notional
-``n``, the largest notional the position may keep is, tier by tier from the top::
+the requirement alone (but for haircuts, below). With ``h`` the health factor (``E >=
+h * MM`` is healthy; the default 1.25 is a margin ratio MM/E of 0.8), ``M_o`` the
+requirement of everything else and the position's tiered requirement ``MM(n) = px_s (n
+mmr_k - maint_k)`` at notional ``n``, the largest notional the position may keep is,
+tier by tier from the top::
 
     n_k = (E / h - M_o + px_s maint_k) / (px_s mmr_k)     valid when n_k >= floor_k
     n*  = min(n_k, floor_(k+1)) for the highest valid tier k
@@ -23,13 +14,24 @@ and the position's tiered requirement ``MM(n) = px_s (n mmr_k - maint_k)`` at no
 and the quantity to close is ``|q| - n*/(cs p)`` (linear) or ``|q| - n* p / cs``
 (inverse), rounded up to a whole quantity unit; ``p`` is the mark, the underlying's mark
 for an option (whose notional is priced at it). Positions are taken largest
-requirement first (largest benefit with haircuts, below) until the account is healthy.
-Below bankruptcy (``E < 0``) every
+requirement first until the account is healthy. Below bankruptcy (``E < 0``) every
 position of the breached scope is closed in full. The order's limit price is the
 position's bankruptcy price (no worse for the insurance fund), rounded to the
 instrument's price unit away from the account's favour and held to 1..2**63-1 price
 units (an account whose equity nearly cancels its position's value has a bankruptcy
 price past any int64: its sell is limited at 2**63-1, which no book fills).
+
+Haircuts: a cross position's profit, once realized, counts at ``1 - haircut`` of its
+settle asset (a positive balance is haircut, unrealized PnL is not). Realizing ``r > 0``
+into the settle balance ``b_s`` costs ``cost(r) = haircut_s px_s max(0, min(r, b_s +
+r))`` of equity. So each cross position is solved on ``E - cost(upnl)`` (all its profit
+realized), and after its order ``E`` drops by the cost of the profit it realizes (``b_s``
+grows by it): the least quantity for this conservative equity (exact when the haircut
+is 0 or the position is at a loss; a loss realized into a haircut balance raises the
+true equity, which the rule does not count). Cross positions are taken by benefit ``h
+MM_usd - cost(upnl)``, largest first; those whose closing would cost at least what it
+frees (benefit <= 0) last, largest requirement first. With no haircut the benefit is
+``h MM_usd``: largest requirement first.
 """
 
 from __future__ import annotations
@@ -191,14 +193,14 @@ def decide_reference(store: Store, row: int, snap: PriceSnapshot, *,
     acct_row = store.accounts[row]
     bal = [int(acct_row["balance"][a]) / float(snap.asset_scale[a]) for a in range(len(px))]
 
-    def cost_max(pos) -> float:
-        s_a = params[pos.instrument].settle
-        up = pos.unrealized_pnl
-        return haircut[s_a] * px[s_a] * max(0.0, min(up, bal[s_a] + up))
+    def cost(s_a: int, r: float) -> float:
+        """Equity realizing ``r`` into settle asset ``s_a``'s balance takes (module doc)."""
+        return haircut[s_a] * px[s_a] * max(0.0, min(r, bal[s_a] + r))
 
     def rank(pos) -> tuple[int, float]:
-        mm_usd = pos.maintenance_margin * px[params[pos.instrument].settle]
-        benefit = health_factor * mm_usd - cost_max(pos)
+        s_a = params[pos.instrument].settle
+        mm_usd = pos.maintenance_margin * px[s_a]
+        benefit = health_factor * mm_usd - cost(s_a, pos.unrealized_pnl)
         return (0, -benefit) if benefit > 0 else (1, -mm_usd)
 
     for pos in sorted(cross, key=rank):
@@ -206,10 +208,10 @@ def decide_reference(store: Store, row: int, snap: PriceSnapshot, *,
             break
         ins = params[pos.instrument]
         s_a = ins.settle
-        px_s, hc, up = px[s_a], haircut[s_a], pos.unrealized_pnl
+        px_s, up = px[s_a], pos.unrealized_pnl
         q = pos.qty_units / ins.qs
         m_pos = pos.maintenance_margin * px_s
-        x = _close_qty_contracts(ins, q, float(snap.marks[ins.notional_of]), px_s, e - cost_max(pos),
+        x = _close_qty_contracts(ins, q, float(snap.marks[ins.notional_of]), px_s, e - cost(s_a, up),
                                  m_total - m_pos, health_factor)
         if x <= 0:
             continue
@@ -218,8 +220,7 @@ def decide_reference(store: Store, row: int, snap: PriceSnapshot, *,
         kept = max(0.0, abs(q) - abs(orders[-1].qty_units) / ins.qs)
         m_total = m_total - m_pos + px_s * _mm_at(ins, kept, float(snap.marks[ins.notional_of]))
         r = up * (1.0 - kept / abs(q))                                # realized at the mark
-        if r > 0:
-            e -= hc * px_s * max(0.0, min(r, bal[s_a] + r))
+        e -= cost(s_a, r)                                             # 0 for a loss
         bal[s_a] += r
     return orders
 

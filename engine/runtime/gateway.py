@@ -309,11 +309,7 @@ class Gateway:
             self.flush_fills(recv_ns)                 # keep the stream's order
             run = decode_fills(frame)
             if type(run) is Rejected:
-                self.counters[f"reject_{int(run.code)}"] += 1
-                self.emit(run.code, f"fills frame rejected: {run.detail}")
-                self._ack(ident, MsgType.REJECT, {"ref_seq": run.ref_seq if 0 <= run.ref_seq < 2**64 else 0,
-                                                  "ref_type": run.ref_type if 0 <= run.ref_type <= 255 else 0,
-                                                  "code": int(run.code), "detail": run.detail[:1000]})
+                self._reject_fills(ident, run)
                 return
             first_seq, fills, n = run.first_seq, run.fills, len(run.fills)
         tracker = self.trackers.get(ident)
@@ -347,17 +343,19 @@ class Gateway:
         so that resent frames stay duplicates). A malformed frame gets its own 1xxx code."""
         self.flush_fills(recv_ns)                     # the earlier frames' ACKs go first
         m = decode(frame, types=frozenset({MsgType.FILL, MsgType.BATCH}))
-        if type(m) is Rejected:
-            ref_seq, ref_type, code, detail = m.ref_seq, m.ref_type, m.code, m.detail
-        else:
-            ref_seq, ref_type, code = m.seq, int(m.type), Code.FILL_TOO_MANY_STREAMS
-            detail = (f"{MAX_FILLS_STREAMS} fills streams are tracked already: "
-                      "give the matching engine a fixed routing id (ZMQ_ROUTING_ID)")
-        self.counters[f"reject_{int(code)}"] += 1
-        self.emit(code, f"fills frame rejected: {detail}")
-        self._ack(ident, MsgType.REJECT, {"ref_seq": ref_seq if 0 <= ref_seq < 2**64 else 0,
-                                          "ref_type": ref_type if 0 <= ref_type <= 255 else 0,
-                                          "code": int(code), "detail": detail[:1000]})
+        if type(m) is not Rejected:
+            m = Rejected(Code.FILL_TOO_MANY_STREAMS, f"{MAX_FILLS_STREAMS} fills streams are tracked already: "
+                         "give the matching engine a fixed routing id (ZMQ_ROUTING_ID)", m.seq, int(m.type))
+        self._reject_fills(ident, m)
+
+    def _reject_fills(self, ident: bytes | None, rej: Rejected) -> None:
+        """A fills frame refused whole: counted, reported as an event, and answered by a
+        REJECT on an acknowledged stream (its ``ref_seq``/``ref_type`` when they fit)."""
+        self.counters[f"reject_{int(rej.code)}"] += 1
+        self.emit(rej.code, f"fills frame rejected: {rej.detail}")
+        self._ack(ident, MsgType.REJECT, {"ref_seq": rej.ref_seq if 0 <= rej.ref_seq < 2**64 else 0,
+                                          "ref_type": rej.ref_type if 0 <= rej.ref_type <= 255 else 0,
+                                          "code": int(rej.code), "detail": rej.detail[:1000]})
 
     def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted account ids and their rows, for the C paths (built on first use, like
