@@ -313,11 +313,13 @@ def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = 
     notional = np.abs(qf) * nu[inst]
     settle = t.settle[inst]
     charged = valid
+    long_opt = np.zeros_like(valid)
     if t.has_options:
-        opt = t.kind[inst] == int(Kind.OPTION)
-        charged = valid & ~(opt & (qf >= 0))      # long options carry no requirement
+        long_opt = valid & (t.kind[inst] == int(Kind.OPTION)) & (qf >= 0)
+        charged = valid & ~long_opt               # long options: IM their value, no MM
     g = np.searchsorted(t.keys, inst + notional / (notional + _Tables.SQUASH), side="right") - 1
     im = np.where(charged, notional * t.imr[g] - t.init_amount[g], 0.0)
+    im = np.where(long_opt, qf * x[inst], im)
     mm = np.where(charged, notional * t.mmr[g] - t.maint_amount[g], 0.0)
     upnl = np.where(valid, upnl, 0.0)
 
@@ -334,11 +336,11 @@ def numpy_pass(store: Store, partition: int, snap: PriceSnapshot, write: bool = 
     status = np.zeros(n, np.int32)
     if np.any(isolated & valid):
         iso = pos["isolated_margin"].astype(np.float64) * inv_scale[inst]
-        breach = (isolated & valid & (iso + upnl < mm)).any(axis=1)
+        breach = (isolated & valid & (iso + upnl < mm) & (mm > 0)).any(axis=1)
         status |= np.where(breach, int(L.Status.ISOLATED_LIQUIDATABLE), 0).astype(np.int32)
     equity = collateral + cross_upnl
     status |= np.where(equity < cross_im, int(L.Status.BELOW_IM), 0).astype(np.int32)
-    status |= np.where(equity < cross_mm, int(L.Status.LIQUIDATABLE), 0).astype(np.int32)
+    status |= np.where((equity < cross_mm) & (cross_mm > 0), int(L.Status.LIQUIDATABLE), 0).astype(np.int32)
     status |= np.where(equity < 0, int(L.Status.BANKRUPT), 0).astype(np.int32)
 
     if write:

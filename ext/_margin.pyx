@@ -11,8 +11,14 @@ Per position, in its settle asset, with ``q = qty / qty_scale`` contracts,
     linear (perp, future):  notional = |q| cs p        upnl = q cs p - c
     inverse:                notional = |q| cs / p      upnl = c - q cs / p
     option:                 notional = |q| cs S        upnl = q cs p - c   (S: underlying mark;
-                            requirement only for short options, tiers on notional)
+                            short: tiers on notional; long, q >= 0: IM = q cs p, MM = 0)
     IM = notional * imr_k - init_amount_k,  MM = notional * mmr_k - maint_amount_k  (tier k)
+
+A long option's initial margin is its value at the mark: opening one at the mark leaves
+equity unchanged and raises IM by the premium, so the pre-trade check asks the free
+margin (equity - IM) to cover the premium; the option's value is not usable as initial
+margin for anything else. It holds no maintenance margin (the most it can lose is that
+value, which its IM reserved).
 
 Per account, in USD, with settle-asset price ``px`` and haircut ``h``:
 
@@ -79,7 +85,7 @@ ctypedef struct InsPass:                # one instrument at one price snapshot, 
     double upnl_per_cost                # per cost unit: -1 / scale_s (linear, option), +1 / scale_s (inverse)
     double per_settle_unit              # 1 / scale_s (isolated margin units to settle asset)
     double px_settle                    # USD per settle asset
-    int long_free                       # option: a long holds no requirement
+    int long_free                       # option: a long holds IM = its value, MM = 0
     int8_t k_lo[64]                     # by bit length b of |qty| (|qty| in [2**b, 2**(b+1))):
                                         #   the tier of the least notional there when those
                                         #   notionals span at most two tiers, else -1 (search);
@@ -217,7 +223,8 @@ cdef inline PosValues position_values(const InsPass *e, const PositionRow *pos) 
     v.im = 0.0
     v.mm = 0.0
     if e.long_free and qty >= 0:
-        return v                      # a long option's premium is paid
+        v.im = qty * e.x_per_unit     # a long option: IM its value at the mark, no MM
+        return v
     k = pass_tier(e, pos.qty, v.notional)
     v.im = v.notional * e.tier[k].imr - e.tier[k].init_amount
     v.mm = v.notional * e.tier[k].mmr - e.tier[k].maint_amount
@@ -342,7 +349,7 @@ cdef inline PosValues holder_values(const InstrumentRow *ins, double q, double c
         v.notional = fabs(q) * cs * p
         v.upnl = q * cs * p - c
     if ins.kind == KIND_OPTION and q >= 0:
-        v.im = 0.0
+        v.im = q * cs * p             # a long option: IM its value at the mark, no MM
         v.mm = 0.0
         return v
     k = tier_index(ins, v.notional)
@@ -584,7 +591,7 @@ def tick_holders(size_t instruments_addr, int instrument, const double[::1] mark
             free_long = long_free and q >= 0
             if not isinf(hold[h].key):           # cross
                 if free_long:
-                    d_im = 0.0
+                    d_im = q * du_per_qty         # a long option's IM is its value
                     d_mm = 0.0
                 else:
                     # Tier cursors: the holders are sorted by |qty| (HolderIndex), so the

@@ -12,7 +12,7 @@ Per position, in its settle asset, with ``q = qty / qty_scale`` contracts,
     linear (perp, future):  notional = |q| cs p    upnl = q cs p - c
     inverse:                notional = |q| cs / p  upnl = c - q cs / p
     option:                 notional = |q| cs S    upnl = q cs p - c   (S: underlying mark;
-                            long options, q >= 0, need no margin)
+                            a long option, q >= 0: IM = q cs p, its value; MM = 0)
     tier k = last tier with floor_k <= notional
     IM = notional imr_k - init_amount_k,  MM = notional mmr_k - maint_amount_k
 
@@ -188,8 +188,8 @@ def values(ins: RefInstrument, q: Fraction, c: Fraction, mark: Fraction,
     else:
         notional = abs(q) * cs * mark
         upnl = q * cs * mark - c
-    if ins.kind == OPTION and q >= 0:
-        return PosFigures(notional, upnl, Fraction(0), Fraction(0))
+    if ins.kind == OPTION and q >= 0:                 # its premium reserved, nothing to maintain
+        return PosFigures(notional, upnl, q * cs * mark, Fraction(0))
     im, mm = requirement(ins, notional)
     return PosFigures(notional, upnl, im, mm)
 
