@@ -2,8 +2,9 @@
 
 Subcommands: ``demo`` (the engine against simulated venues and a simulated matching
 engine, live in the terminal), ``run`` (the engine on a configuration), ``status`` (a
-running engine, or its state directory), ``evaluate`` (what-if on a JSON scenario) and
-``bench`` (kernel, feeds, latency, acknowledgement and recovery benchmarks).
+running engine, or its state directory), ``evaluate`` (what-if on a JSON scenario),
+``keys`` (a CURVE key pair for ``[security]``) and ``bench`` (kernel, feeds, latency,
+acknowledgement and recovery benchmarks).
 Bad input exits with status 2 and one line naming the problem, never a traceback.
 """
 
@@ -61,6 +62,31 @@ def _directory(text: str) -> str:
         why = "does not exist" if not os.path.exists(text) else "is not a directory"
         raise argparse.ArgumentTypeError(f"{text} {why}")
     return text
+
+
+def _key_name(text: str) -> str:
+    if not text or "/" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"a plain file name, got {text!r}")
+    return text
+
+
+def _cmd_keys(args) -> int:
+    """A CURVE key pair: DIR/NAME.key (public: give it to the other side, or put it in
+    the engine's allowlist) and DIR/NAME.key_secret (both keys, owner-only)."""
+    import zmq.auth
+
+    public, secret = (os.path.join(args.dir, args.name + s) for s in (".key", ".key_secret"))
+    if os.path.exists(public) or os.path.exists(secret):
+        print(f"margin-engine keys: {public} or {secret} exists; not overwritten", file=sys.stderr)
+        return 2
+    old = os.umask(0o077)                       # the secret is never readable by others, not even briefly
+    try:
+        zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(old)
+    os.chmod(public, 0o644)
+    print(f"public key: {public}\nsecret key: {secret} (mode 600)")
+    return 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -277,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_int_at_least(0), default=7,
                       help="seeds the book, the venues and the matching engine")
     demo.set_defaults(func=_cmd_demo)
+
+    keys = sub.add_parser("keys", help="make a CURVE key pair for [security] (docs/configuration.md)")
+    keys.add_argument("dir", type=_directory, help="where to write NAME.key and NAME.key_secret")
+    keys.add_argument("name", type=_key_name, help="the key pair's file name, e.g. engine or matching-1")
+    keys.set_defaults(func=_cmd_keys)
 
     st = sub.add_parser("status", help="attach read-only to a running engine and summarize it")
     st.add_argument("--name", default="margin-engine", help="the engine's shared-memory name")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_number, known_keys,
                                 power_of_ten)
+from engine.runtime.curve import Security, SecurityError, check as check_security
 
 WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
 PRICE_STAGES = ("process", "worker")
@@ -97,6 +99,7 @@ class Config:
     assets: tuple[Asset, ...]
     instruments: tuple[Instrument, ...]
     endpoints: Endpoints = Endpoints()
+    security: Security = Security()
 
     def asset(self, name: str) -> Asset:
         for a in self.assets:
@@ -194,7 +197,7 @@ def from_dict(doc: dict) -> Config:
     """Validate a parsed configuration document. Checks every field, names the first bad one."""
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a table")
-    unknown = set(doc) - {"engine", "assets", "instruments", "endpoints"}
+    unknown = set(doc) - {"engine", "assets", "instruments", "endpoints", "security"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}")
     e = doc.get("engine", {})
@@ -339,4 +342,25 @@ def from_dict(doc: dict) -> Config:
             continue
         if not isinstance(val, str) or (key != "runtime_dir" and "://" not in val):
             raise ConfigError(f"endpoints.{key}: a ZeroMQ endpoint like tcp://127.0.0.1:5701, got {val!r}")
-    return Config(settings, tuple(assets), tuple(instruments), Endpoints(**ep))
+    endpoints = Endpoints(**ep)
+    return Config(settings, tuple(assets), tuple(instruments), endpoints, _security(doc, endpoints))
+
+
+def _security(doc: dict, ep: Endpoints) -> Security:
+    """``[security]``: CURVE on the tcp:// endpoints (engine/runtime/curve.py). Paths are
+    resolved against the working directory here, so every process gets the same file."""
+    sec = doc.get("security", {})
+    if not isinstance(sec, dict):
+        raise ConfigError("security: must be a table")
+    known = set(Security.__dataclass_fields__)
+    for key, val in sec.items():
+        if key not in known:
+            raise ConfigError(f"security.{key}: unknown setting; known: {sorted(known)}")
+        if not isinstance(val, str) or not val:
+            raise ConfigError(f"security.{key}: must be a file or directory path, got {val!r}")
+    s = Security(**{k: os.path.abspath(v) for k, v in sec.items()})
+    try:
+        check_security(s, orders_direct_tcp=not ep.orders_via_gateway and ep.orders.startswith("tcp://"))
+    except SecurityError as e:
+        raise ConfigError(str(e)) from None
+    return s

@@ -41,7 +41,7 @@ from engine import _margin, _shm, _wire
 from engine.accounting.fills import route_reject
 from engine.codes import Code
 from engine.risk.margin import pretrade_check_consistent
-from engine.runtime import process
+from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role
 from engine.runtime.journal import (MAGIC, Journal, journal_file, journal_record, read_fills_streams,
                                     write_fills_streams)
@@ -218,7 +218,7 @@ class Gateway:
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, 100_000)
-        s.bind(endpoint)
+        curve.bind(s, endpoint)                      # behind the CURVE allowlist over tcp, when set
         return s
 
     def set_asset_names(self, names: list[str]) -> None:
@@ -758,8 +758,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--journal-fsync-interval-s", type=float, default=1.0)
     ap.add_argument("--fills-streams-from", default="",
                     help="a fills-streams.json: each acknowledged stream's last accepted seq before this start")
+    curve.add_args(ap)
     a = ap.parse_args(argv)
     process.enter(a.cpu)
+    curve.install(a)
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
                 [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq,
                 journal_sync=a.journal_sync, journal_fsync_interval_s=a.journal_fsync_interval_s,
@@ -770,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     g.run()
     g.counters["peers_forgotten"] = sum(p.forgotten for p in g.peers.values())
     print(json.dumps({"gateway": dict(g.counters), "journal_syncs": g.journal.syncs}), file=sys.stderr)
+    curve.stop()
     return 0
 
 

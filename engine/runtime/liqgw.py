@@ -21,7 +21,7 @@ import time
 
 import zmq
 
-from engine.runtime import process
+from engine.runtime import curve, process
 from engine.runtime.ctl import Control, Role
 from feeds.protocol import restamp
 
@@ -39,7 +39,7 @@ def _sockets(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
     back = ctx.socket(back_kind)
     back.setsockopt(zmq.LINGER, 1000)
     back.setsockopt(zmq.SNDHWM, 100_000)
-    back.bind(back_ep)
+    curve.bind(back, back_ep)                  # behind the CURVE allowlist over tcp, when set
     ctrl = ctx.socket(zmq.SUB)
     ctrl.setsockopt(zmq.SUBSCRIBE, b"")
     ctrl.connect(stop_ep)
@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events-in", required=True)
     ap.add_argument("--events-out", required=True)
     ap.add_argument("--cpu", type=int, default=-1)
+    curve.add_args(ap)
     a = ap.parse_args(argv)
     process.enter(a.cpu)
+    curve.install(a)
     ctl = Control.attach(a.name + "-ctl")
     ctx = process.zmq_context()
     stop_ep = f"inproc://stop-{a.name}"
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.join(timeout=3)
     stop.close(0)
+    curve.stop()
     return 0
 
 

@@ -30,7 +30,7 @@ import zmq
 
 from engine import _wire
 from engine.codes import Code
-from engine.runtime import process
+from engine.runtime import curve, process
 from engine.runtime.ctl import Control, Role
 from engine.store import layout as L
 from engine.store.shm import Store
@@ -79,7 +79,7 @@ class MarkPriceProcess:
         self.zctx = process.zmq_context()
         self.sock = self.zctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(oracle_endpoint)
+        curve.bind(self.sock, oracle_endpoint)              # behind the CURVE allowlist over tcp, when set
         self.events = self.zctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 500)
         self.events.setsockopt(zmq.SNDHWM, 10000)
@@ -395,15 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quorum", type=int, default=2)
     ap.add_argument("--max-deviation", type=float, default=0.05)
     ap.add_argument("--cpu", type=int, default=-1)
+    curve.add_args(ap)
     a = ap.parse_args(argv)
     params = oracle_params(ap, a)
     process.enter(a.cpu)
+    curve.install(a)
     p = MarkPriceProcess(a.name, a.oracle, a.events, params)
     if a.assets:
         p.set_asset_names(a.assets.split(","))
     p.ctl.mark_ready(Role.MARKPRICE)
     p.run()
     print(json.dumps({"markprice": dict(p.counters)}), file=sys.stderr)
+    curve.stop()
     return 0
 
 

@@ -35,7 +35,7 @@ import zmq
 
 from engine.codes import Code
 from engine.config import Config
-from engine.runtime import process
+from engine.runtime import curve, process
 from engine.runtime.ctl import Control, Role
 from engine.runtime.journal import FILLS_STREAMS_FILE, journal_file, journal_generations, read_fills_streams
 from engine.store.shm import Store
@@ -158,7 +158,7 @@ class Engine:
     def _spawn(self, child: Child) -> None:
         out = subprocess.DEVNULL if self.quiet else None
         child.log = open(os.path.join(self.runtime_dir, f"{child.role}.log"), "ab")
-        child.proc = subprocess.Popen([self.python, "-m", *child.args],
+        child.proc = subprocess.Popen([self.python, "-m", *child.args, *curve.args(self.config.security)],
                                       stdout=out, stderr=child.log, stdin=subprocess.DEVNULL,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

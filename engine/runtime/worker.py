@@ -53,7 +53,7 @@ from engine.codes import Code
 from engine.config import EngineSettings
 from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
-from engine.runtime import process
+from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess, oracle_params
 from engine.store.layout import AccountFlag, PRICE_FROZEN
@@ -126,7 +126,7 @@ class Worker:
         self.orders = self.zctx.socket(zmq.PUSH)
         self.orders.setsockopt(zmq.LINGER, 1000)
         self.orders.setsockopt(zmq.IMMEDIATE, 0)
-        self.orders.connect(orders_endpoint)
+        curve.connect(self.orders, orders_endpoint)       # CURVE client over tcp, when set
         self.replies = self.zctx.socket(zmq.PUSH)
         self.replies.setsockopt(zmq.LINGER, 1000)
         self.replies.connect(replies_endpoint)
@@ -887,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fills-max-wait-us", type=int, default=FILLS_MAX_WAIT_NS // 1000,
                     help="microseconds a fill may wait behind newer ticks (engine.fills_max_wait_us)")
     ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
+    curve.add_args(ap)
     ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
     ap.add_argument("--staleness-ms", type=int, default=5000)
     ap.add_argument("--quorum", type=int, default=2)
@@ -896,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--oracle needs --events (the price stage's freeze and venue events)")
     params = oracle_params(ap, a) if a.oracle else None     # a bad value: exit 2 before attaching
     process.enter(a.cpu)
+    curve.install(a)
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice,
@@ -905,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     w.run()
     print(json.dumps({"worker": a.worker, **w.counters,
                       **({"markprice": dict(w.prices.counters)} if w.prices is not None else {})}), file=sys.stderr)
+    curve.stop()
     return 0
 
 

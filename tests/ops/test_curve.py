@@ -1,0 +1,244 @@
+"""CURVE on the engine's TCP endpoints: only clients in the allowlist get in
+(engine/runtime/curve.py; design.md: "TCP endpoints are authenticated with CURVE keys").
+
+``margin-engine run`` with every external endpoint on tcp://127.0.0.1 and ``[security]``
+set, key pairs made with ``margin-engine keys``: real processes, real sockets. The
+allowed client's deposit is answered and its fill's reject is published to its events
+subscription; a client with a key not in the allowlist, and one without CURVE, get
+nothing through, and their deposits never reach the book.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from engine.codes import Code
+from engine.config import ConfigError, load
+from engine.runtime import curve
+from engine.store.shm import Store
+from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
+from ops_support import BTC, REPO, USDT, cli, unique_name, wait_up, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+NOT_IN_S = 1.5          # how long a refused client waits for an answer that must not come
+
+
+def free_tcp_endpoints(n: int) -> list[str]:
+    """``n`` loopback ports free now (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def make_keys(root: Path) -> dict[str, Path]:
+    """Key pairs for the engine, the matching engine (allowed) and mallory (not), made by
+    the real command; the allowlist directory holds the matching engine's public key."""
+    keys = root / "keys"
+    keys.mkdir()
+    for who in ("engine", "matching", "mallory"):
+        r = subprocess.run(cli("keys", str(keys), who), capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+    assert os.stat(keys / "engine.key_secret").st_mode & 0o777 == 0o600
+    allow = root / "allowed"
+    allow.mkdir()
+    shutil.copy(keys / "matching.key", allow / "matching.key")
+    return {"dir": keys, "allowed": allow}
+
+
+def client(ctx: zmq.Context, kind: int, endpoint: str, keys: Path, who: str | None) -> zmq.Socket:
+    """A socket connected to the engine: a CURVE client with ``who``'s key pair (the
+    engine's public key as the server's), or a plain one (``who`` None)."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    if who is not None:
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(keys / f"{who}.key_secret")
+        s.curve_serverkey, _ = zmq.auth.load_certificate(keys / "engine.key")
+    if kind == zmq.SUB:
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.connect(endpoint)
+    return s
+
+
+def deposit(sock: zmq.Socket, request_id: int, account: int, usdt: int, wait_s: float) -> dict | None:
+    """A DEPOSIT; its COLLATERAL_REPLY's fields, or None when none came within ``wait_s``."""
+    sock.send(Sequencer().encode(MsgType.DEPOSIT, {"request_id": request_id, "account": account,
+                                                   "asset": "USDT", "amount_units": usdt * USDT}))
+    if not sock.poll(int(wait_s * 1000)):
+        return None
+    m = decode(sock.recv())
+    assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY, m
+    return m.fields
+
+
+def first_event(sock: zmq.Socket, wait_s: float) -> dict | None:
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            return None
+        m = decode(sock.recv())
+        if type(m) is Message and m.type == MsgType.ENGINE_EVENT and m.fields["code"] == Code.FILL_UNKNOWN_ACCOUNT:
+            return m.fields
+    return None
+
+
+def usdt_balance(name: str, account: int) -> int:
+    st = Store.attach(name, readonly=True)
+    try:
+        a, _ = st.read_account(st.row_of(account))
+        return int(a["balance"][0])
+    finally:
+        st.detach()
+
+
+def test_only_allowlisted_curve_clients_reach_the_tcp_endpoints(spawn, ops_dir):
+    root = Path(ops_dir)
+    k = make_keys(root)
+    name = unique_name()
+    oracle, fills, checks, orders, events = free_tcp_endpoints(5)
+    cfg = write_config(root / "engine.toml", name, endpoints={
+        "oracle": oracle, "fills": fills, "checks": checks, "orders": orders, "events": events,
+        "runtime_dir": str(root / "run")},
+        extra=f'\n[security]\ncurve_secret_key = "{k["dir"] / "engine.key_secret"}"\n'
+              f'curve_allowed_keys = "{k["allowed"]}"\n')
+    log = root / "run.err"
+    with open(log, "wb") as err:
+        proc = spawn(cli("run", "--config", str(cfg), "--accounts", "10"), segments=[name, name + "-ctl"],
+                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    wait_up(proc, name, log)
+
+    ctx = zmq.Context()
+    try:
+        # The allowed client: its deposit is applied and answered (10 USDT to account 1) ...
+        ok = client(ctx, zmq.DEALER, checks, k["dir"], "matching")
+        assert deposit(ok, 1, 1, 10, 10.0) == {"request_id": 1, "code": 0, "balance_units": 10 * USDT}
+        # ... and a fill naming an unknown account (99) sent on its fills PUSH comes back as
+        # a 3003 event on its events SUB (the SUB joined first: PUB sends only to those there).
+        sub = client(ctx, zmq.SUB, events, k["dir"], "matching")
+        time.sleep(0.5)
+        push = client(ctx, zmq.PUSH, fills, k["dir"], "matching")
+        fill = {"trade_id": 1, "instrument_id": BTC, "maker_account": 99, "taker_account": 1, "qty_units": 10,
+                "price_units": 950_000, "maker_fee_units": 0, "taker_fee_units": 0, "taker_side": "buy"}
+        push.send(encode_batch(MsgType.FILL, [fill], first_seq=1, ts_ns=time.time_ns()))
+        ev = first_event(sub, 10.0)
+        assert ev is not None and ev.get("account") is None and "fill 1 rejected" in ev["detail"], ev
+
+        # Mallory (CURVE, key not allowed) and a plain client: no answer, nothing applied;
+        # mallory's events SUB hears nothing of a second rejected fill the allowed client sends.
+        mallory = client(ctx, zmq.DEALER, checks, k["dir"], "mallory")
+        plain = client(ctx, zmq.DEALER, checks, k["dir"], None)
+        msub = client(ctx, zmq.SUB, events, k["dir"], "mallory")
+        assert deposit(mallory, 2, 1, 1_000, NOT_IN_S) is None
+        assert deposit(plain, 3, 1, 1_000, NOT_IN_S) is None
+        push.send(encode_batch(MsgType.FILL, [{**fill, "trade_id": 2}], first_seq=2, ts_ns=time.time_ns()))
+        assert first_event(sub, 10.0) is not None                  # the allowed subscriber's
+        assert first_event(msub, NOT_IN_S) is None
+        # Only the allowed client's 10 USDT is in the book (the others' 1,000 each are not);
+        # and the engine still serves it.
+        assert usdt_balance(name, 1) == 10 * USDT
+        assert deposit(ok, 4, 1, 5, 10.0) == {"request_id": 4, "code": 0, "balance_units": 15 * USDT}
+    finally:
+        ctx.destroy(linger=0)
+
+    # The refusal is in the gateway's log once, naming mallory's public key.
+    mallory_key = zmq.auth.load_certificate(k["dir"] / "mallory.key")[0].decode()
+    gw_log = (root / "run" / "gateway.log").read_text()
+    assert gw_log.count(f"refused a client whose public key {mallory_key}") == 1, gw_log[-2000:]
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
+
+
+@pytest.fixture
+def keys(tmp_path):
+    k = make_keys(tmp_path)
+    return k["dir"], k["allowed"]
+
+
+def _security(tmp_path: Path, body: str, endpoints: str = "") -> str:
+    p = write_config(tmp_path / "c.toml", "me-curve-cfg", extra=endpoints + "\n[security]\n" + body)
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    return str(e.value)
+
+
+def test_security_settings_that_cannot_work_are_refused_by_name(keys, tmp_path):
+    d, allow = keys
+    secret, public = d / "engine.key_secret", d / "engine.key"
+    assert "curve_secret_key and curve_allowed_keys go together" in _security(
+        tmp_path, f'curve_secret_key = "{secret}"\n')
+    assert "holds no secret key" in _security(
+        tmp_path, f'curve_secret_key = "{public}"\ncurve_allowed_keys = "{allow}"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no *.key file" in _security(tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{empty}"\n')
+    assert "not a ZeroMQ certificate" in _security(
+        tmp_path, f'curve_secret_key = "{tmp_path / "c.toml"}"\ncurve_allowed_keys = "{allow}"\n')
+    assert "security.colour: unknown setting" in _security(tmp_path, 'colour = "blue"\n')
+    assert "required when the workers send orders straight to a tcp:// endpoint" in _security(
+        tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{allow}"\n',
+        '[endpoints]\norders = "tcp://127.0.0.1:5704"\norders_via_gateway = false\n')
+    os.chmod(secret, 0o640)
+    assert "is open to others (mode 640); chmod 600 it" in _security(
+        tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{allow}"\n')
+    # and `run` exits 2 naming it, before anything starts
+    r = subprocess.run(cli("run", "--config", str(tmp_path / "c.toml")), capture_output=True, text=True,
+                       timeout=30, cwd=REPO)
+    assert r.returncode == 2 and "chmod 600 it" in r.stderr, r.stderr
+
+
+def test_a_worker_sending_orders_straight_to_the_matching_engine_is_its_curve_client(keys, tmp_path):
+    """``curve.connect`` (the workers' orders PUSH with ``orders_via_gateway = false``):
+    with the engine's key pair and the matching engine's public key, its message reaches
+    a matching engine's CURVE PULL that admits only the engine's key (its own ZAP handler)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    d, _ = keys
+    shutil.copy(d / "engine.key", tmp_path / "allowed-engine.key")
+    only_engine = tmp_path / "only-engine"
+    only_engine.mkdir()
+    shutil.move(tmp_path / "allowed-engine.key", only_engine / "engine.key")
+    (endpoint,) = free_tcp_endpoints(1)
+    ctx = zmq.Context()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    try:
+        auth.configure_curve(domain="*", location=str(only_engine))
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.curve_publickey, pull.curve_secretkey = zmq.auth.load_certificate(d / "matching.key_secret")
+        pull.curve_server = True
+        pull.bind(endpoint)
+        curve.install(type("A", (), {"curve_secret_key": str(d / "engine.key_secret"),
+                                      "curve_allowed_keys": "", "curve_orders_server_key": str(d / "matching.key")}))
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        curve.connect(push, endpoint)
+        push.send(b"order")
+        assert pull.poll(10_000) and pull.recv() == b"order"
+        # mallory's key pair, same server key: refused by the matching engine's allowlist
+        bad = ctx.socket(zmq.PUSH)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.curve_publickey, bad.curve_secretkey = zmq.auth.load_certificate(d / "mallory.key_secret")
+        bad.curve_serverkey = zmq.auth.load_certificate(d / "matching.key")[0]
+        bad.connect(endpoint)
+        bad.send(b"forged")
+        assert not pull.poll(int(NOT_IN_S * 1000))
+    finally:
+        curve.install(type("A", (), {"curve_secret_key": "", "curve_allowed_keys": "",
+                                      "curve_orders_server_key": ""}))
+        auth.stop()
+        ctx.destroy(linger=0)
