@@ -67,6 +67,8 @@ class Code(enum.IntEnum):
     TRANSFER_ALREADY_APPLIED = 3105  # this transfer_id was applied before: nothing applied now
     TRANSFER_ID_REUSED = 3106      # this transfer_id was applied to another account, asset, amount or kind
     TRANSFER_IN_FLIGHT = 3107      # a request with this transfer_id is being applied: ask again
+    ACCOUNT_EXISTS = 3108          # OPEN_ACCOUNT of an account id in use: nothing changed
+    ACCOUNTS_FULL = 3109           # OPEN_ACCOUNT: the id's partition has no free row
 
     # 4xxx order check (pre-trade)
     CHECK_INSUFFICIENT_MARGIN = 4001  # post-trade equity below post-trade initial margin
@@ -155,6 +157,10 @@ REPORTED: dict[int, str] = {
     3105: "this `transfer_id` was applied before: nothing applied now. COLLATERAL_REPLY with the balance",
     3106: "this `transfer_id` was applied to another account, asset, amount or type. COLLATERAL_REPLY",
     3107: "a request with this `transfer_id` is being applied: ask again. COLLATERAL_REPLY",
+    3108: "OPEN_ACCOUNT of an account id already in use (a retry of an open that was applied): "
+          "nothing changed. OPEN_ACCOUNT_REPLY",
+    3109: "OPEN_ACCOUNT: the id's partition (id mod `engine.partitions`) has no free row; raise "
+          "`engine.accounts_capacity`. OPEN_ACCOUNT_REPLY",
     4001: "post-trade equity below post-trade initial margin: the order would be refused. ORDER_CHECK_REPLY",
     4002: "account unknown. ORDER_CHECK_REPLY",
     4003: "instrument unknown. ORDER_CHECK_REPLY",

@@ -60,6 +60,7 @@ class RecordKind(enum.IntEnum):
     FILL_LEG = 1
     DEPOSIT = 2
     WITHDRAWAL = 3
+    OPEN_ACCOUNT = 4                # delta: the account id; aux: 1 isolated by default, else 0
 
 
 CTL_HEADER = np.dtype([

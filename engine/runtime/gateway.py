@@ -4,7 +4,7 @@ Sockets::
 
     fills    PULL   (external) FILL or BATCH of FILLs from the matching engine (or ROUTER
                     with ``fills_acks``: every frame answered by ACK / REJECT)
-    checks   ROUTER (external) ORDER_CHECK, DEPOSIT, WITHDRAWAL requests -> replies
+    checks   ROUTER (external) ORDER_CHECK, DEPOSIT, WITHDRAWAL, OPEN_ACCOUNT requests -> replies
     replies  PULL   (internal) COLLATERAL_REPLY from the workers
 
 A fills frame is (1) decoded and sequence-checked (a duplicate is dropped, a gap is
@@ -22,7 +22,10 @@ C call (``_margin.CheckDesk``: parse, copy, rule, reply); anything else takes th
 reference path (``feeds.protocol.decode``, ``pretrade_check_consistent``). Collateral
 requests go to the owning worker (the account's only writer) and its reply is routed
 back; a request the worker applied is appended to the journal first, so that a restart
-replays it (engine/runtime/recovery.py).
+replays it (engine/runtime/recovery.py). An OPEN_ACCOUNT goes the same way to the worker
+that owns the new id's partition (it is that partition's only writer); once it is
+applied the gateway adds the account to its own maps (``_note_account``), so fills and
+checks for it are routed from the next frame on.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 # What the checks ROUTER takes; any other known type is 1010 WIRE_UNEXPECTED_TYPE, decided
 # before its fields are looked at (protocol.md section 5, step 5).
-CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL})
+CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT})
 
 
 LOST_REPLY_AFTER_NS = 500_000_000   # a committed collateral record's reply this late: lost with its worker
@@ -190,6 +193,7 @@ class Gateway:
             int(t["transfer_id"]): (int(t["kind"]), int(t["account"]), int(t["asset"]), int(t["amount_units"]))
             for t in self.ctl.transfers_in_order()}
         self._transfers_in_flight: dict[int, int] = {}
+        self._opening: dict[int, int] = {}      # ticket of an OPEN_ACCOUNT at its worker -> account id
         self._last_ticket = 0
         self.counters = collections.Counter()
         self.snap = self.store.price_snapshot()
@@ -483,6 +487,8 @@ class Gateway:
         if m.type == MsgType.ORDER_CHECK:
             self._answer_check(ident, f["request_id"], f["account"], f["instrument_id"], f["qty_units"],
                                f["price_units"], recv_ns)
+        elif m.type == MsgType.OPEN_ACCOUNT:
+            self._open_account(ident, frame, f, recv_ns)
         else:                                                     # DEPOSIT or WITHDRAWAL (CHECKS_TYPES)
             row = self.store.row_of(f["account"])
             asset = self.asset_index.get(f["asset"])
@@ -504,17 +510,52 @@ class Gateway:
                         "request_id": f["request_id"], "code": int(code),
                         "balance_units": int(self.store.accounts[row]["balance"][asset])})
                     return
-            p = int(self.store.accounts[row]["partition"])
             kind = RecordKind.DEPOSIT if m.type == MsgType.DEPOSIT else RecordKind.WITHDRAWAL
-            self._last_ticket += 1
-            self.pending[self._last_ticket] = (ident, f["request_id"], frame, recv_ns, transfer)
+            ticket = self._to_worker(int(self.store.accounts[row]["partition"]), ident, f["request_id"], frame,
+                                     recv_ns, transfer, kind, row, f["amount_units"], asset)
             if transfer is not None:
-                self._transfers_in_flight[transfer[0]] = self._last_ticket
-            # where the record lands (this loop is the rings' only producer): for a reply lost
-            # with its worker (recover_lost_replies)
-            self._pending_at[self._last_ticket] = (p, int(self.ctl.rings[p][0]["write_idx"]), time.monotonic_ns())
-            self._push(p, kind, 0, row, f["amount_units"], 0, 0, self._last_ticket, recv_ns, asset)
-            _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
+                self._transfers_in_flight[transfer[0]] = ticket
+
+    def _to_worker(self, p: int, ident: bytes, request_id: int, frame: bytes, recv_ns: int, transfer,
+                   kind: RecordKind, row: int, delta: int, aux: int) -> int:
+        """A request for partition ``p``'s worker, under a new ticket (its ring record's
+        ``ref``), pending until the worker's reply (or its noted outcome) comes back."""
+        self._last_ticket += 1
+        self.pending[self._last_ticket] = (ident, request_id, frame, recv_ns, transfer)
+        # where the record lands (this loop is the rings' only producer): for a reply lost
+        # with its worker (recover_lost_replies)
+        self._pending_at[self._last_ticket] = (p, int(self.ctl.rings[p][0]["write_idx"]), time.monotonic_ns())
+        self._push(p, kind, 0, row, delta, 0, 0, self._last_ticket, recv_ns, aux)
+        _shm.doorbell_ring(self.ctl.doorbell_addr(self.owner[p]))
+        return self._last_ticket
+
+    def _open_account(self, ident: bytes, frame: bytes, f: dict, recv_ns: int) -> None:
+        """OPEN_ACCOUNT: an id in use is answered 3108 here; otherwise the request goes to
+        the worker owning the id's partition (``Store.partition_of``), which adds the row
+        (3109 when the partition is full). Held like collateral during a snapshot's cut."""
+        if self.store.row_of(f["account"]) is not None:
+            self.counters["open_account_exists"] += 1
+            self._reply(ident, MsgType.OPEN_ACCOUNT_REPLY, {"request_id": f["request_id"],
+                                                            "code": int(Code.ACCOUNT_EXISTS)})
+            return
+        if self._cut_since is not None:
+            self._held.append((ident, frame, recv_ns))
+            return
+        ticket = self._to_worker(self.store.partition_of(f["account"]), ident, f["request_id"], frame, recv_ns,
+                                 None, RecordKind.OPEN_ACCOUNT, -1, f["account"], int(f["mode"] == "isolated"))
+        self._opening[ticket] = f["account"]
+
+    def _note_account(self, account: int, row: int) -> None:
+        """An account a worker opened at ``row``: into this process's id maps (``Store.row_of``
+        and the sorted arrays of the C paths, by one insertion); the C fills intake and
+        check desk are built again on their next use (nothing is buffered in the intake
+        here: replies are taken after the burst's flush)."""
+        self.store.note_account(account, row)
+        if self._ids is not None:
+            k = int(np.searchsorted(self._ids, account))
+            self._ids, self._rows = np.insert(self._ids, k, account), np.insert(self._rows, k, row)
+            self._intake = None
+            self._desk = None
 
     def _transfer_seen(self, transfer_id: int, kind: int, account: int, asset: int, amount: int) -> Code | None:
         """Why a request with this ``transfer_id`` must not be applied, or None: applied
@@ -589,6 +630,14 @@ class Gateway:
         if pending is None:
             return
         ident, request_id, request, recv_ns, transfer = pending
+        account = self._opening.pop(ticket, None)
+        if account is not None:             # an OPEN_ACCOUNT: balance_units carries the new row
+            if code == Code.OK:
+                self.journal.append(0, recv_ns, request)
+                self._note_account(account, balance_units)
+            self.counters[f"open_account_{int(code)}"] += 1
+            self._reply(ident, MsgType.OPEN_ACCOUNT_REPLY, {"request_id": request_id, "code": int(code)})
+            return
         if transfer is not None:
             self._transfers_in_flight.pop(transfer[0], None)
         if code == Code.OK:                 # applied: journaled before the client hears so

@@ -64,7 +64,7 @@ from engine.runtime.ctl import TRANSFER
 from engine.runtime.progress import ProgressBar
 from engine.runtime.journal import MAGIC, header_cut_short, journal_file, journal_generations, replay
 from engine.store import layout as L
-from engine.store.shm import Store
+from engine.store.shm import Store, StoreError
 from feeds.protocol import MsgType, Rejected, decode, decode_fills
 
 SNAPSHOT_FILE = "state.snapshot"
@@ -294,6 +294,7 @@ class ReplayStats:
     legs_rejected: int = 0
     deposits: int = 0
     withdrawals: int = 0
+    accounts_opened: int = 0
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
     generations: int = 0           # journal files replayed (replay_generations)
     fills_last_seq: int = 0        # the PULL stream's highest fill sequence number replayed (0: none)
@@ -350,6 +351,16 @@ class _FillChunks:
         if self.n >= self.CHUNK:
             self.flush()
         return True
+
+    def note_account(self, account: int, row: int) -> None:
+        """An account the replay opened (after ``flush``): into the id maps."""
+        if self.row_by_id is not None:
+            if 0 <= account < len(self.row_by_id):
+                self.row_by_id[account] = row
+            else:
+                self.row_by_id = None              # an id past the dense table: search instead
+        k = int(np.searchsorted(self.ids, account))
+        self.ids, self.rows = np.insert(self.ids, k, account), np.insert(self.rows, k, row)
 
     def _row(self, accounts: np.ndarray) -> np.ndarray:
         if self.row_by_id is not None:
@@ -453,11 +464,21 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
                 apply_legs()                               # before the next fast chunk
             continue
         m = decode(rec.frame)
-        if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL):
+        if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT):
             st.unreadable += 1
             continue
         apply_legs()                                       # keep the journal's order
         f = m.fields
+        if m.type == MsgType.OPEN_ACCOUNT:                 # journaled once its worker had opened it
+            try:
+                row = store.add_account(f["account"], isolated_default=f["mode"] == "isolated")
+            except StoreError:                             # in use or no room: never journaled so
+                st.unreadable += 1
+                continue
+            if chunks is not None:
+                chunks.note_account(f["account"], row)
+            st.accounts_opened += 1
+            continue
         row, asset = row_of(f["account"]), asset_index.get(f["asset"])
         if row is None or asset is None:
             st.unreadable += 1
@@ -515,7 +536,8 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
         st = replay_journal(store, journal_file(state_dir, g), offset if g == generation else 0, asset_names,
                             progress=bar, progress_base=base)
         base += n_bytes
-        for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals", "unreadable"):
+        for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals",
+                  "accounts_opened", "unreadable"):
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n

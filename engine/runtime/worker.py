@@ -57,7 +57,7 @@ from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess, oracle_params
 from engine.store.layout import AccountFlag, PRICE_FROZEN
-from engine.store.shm import PricesUnreadable, Store
+from engine.store.shm import CapacityError, PricesUnreadable, Store
 from feeds.oracle.index import OracleParams
 from feeds.protocol import MsgType, Sequencer
 
@@ -185,6 +185,12 @@ class Worker:
         read_idx, _ = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
         if int(read_idx) == int(u["ref"]):      # not committed: restore, it is applied again
             row = int(u["row"])
+            rec = self.ctl.records[p][int(read_idx) & (self.ctl.capacity - 1)]
+            if int(rec["kind"]) == RecordKind.OPEN_ACCOUNT and row == p * st.per_partition + \
+                    int(st.partitions[p]["n_accounts"]) - 1:
+                with st.writing(st.partitions, p) as prow:     # an open: the row is free again
+                    prow["n_accounts"] = row - p * st.per_partition
+                st._row_of = None                                # its id with it (rebuilt on use)
             with self.store.writing(self.store.accounts, row):
                 acct = self.store.accounts[row]
                 saved = u["account"].copy()
@@ -586,19 +592,26 @@ class Worker:
                 recv_ns = max(recv_ns, int(done_recs[n - 1]["ts_ns"]))
                 r += n
             else:
-                row = int(rec["row"])
-                u["row"], u["ref"] = row, r
-                u["account"] = st.accounts[row]
-                u["slots"] = st.slots(row)
-                u["fee_pool"] = st.partitions[p]["fee_pool"]
-                u["state"] = UNDO_APPLYING
-                code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
+                opening = kind == RecordKind.OPEN_ACCOUNT
+                lo, hi = st.partition_rows(p)
+                row = int(rec["row"]) if not opening else (hi if hi < lo + st.per_partition else -1)
+                if row >= 0:               # the row it may write: an open's is the next free one
+                    u["row"], u["ref"] = row, r
+                    u["account"] = st.accounts[row]
+                    u["slots"] = st.slots(row)
+                    u["fee_pool"] = st.partitions[p]["fee_pool"]
+                    u["state"] = UNDO_APPLYING
+                if opening:                # an open's reply carries the new row in balance_units
+                    code, bal = self.open_account(int(rec["delta"]), bool(rec["aux"]))
+                else:
+                    code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
                 last_ref = int(rec["ref"])
                 self.ctl.note_outcome(p, last_ref, int(code), bal)    # the reply may die with us
                 self.replies.send(self.seq_replies.encode(
                     MsgType.COLLATERAL_REPLY, {"request_id": last_ref, "code": int(code),
                                                "balance_units": bal}))
-                touched.add(row)
+                if code == Code.OK:
+                    touched.add(row)
                 r += 1
                 _shm.ring_commit(hdr, r)
                 u["state"] = UNDO_IDLE
@@ -627,6 +640,18 @@ class Worker:
         hit = np.flatnonzero(np.isin(rows, np.fromiter(waiting, np.int64, len(waiting))) & ~rejected)
         for row, ins in zip(rows[hit].tolist(), instruments[hit].tolist()):
             waiting[row].discard(ins)
+
+    def open_account(self, account: int, isolated_default: bool) -> tuple[Code, int]:
+        """OPEN_ACCOUNT in one of this worker's partitions (the gateway routes it by
+        ``Store.partition_of``): the next free row of the partition, ``(OK, row)``; an id in
+        use, ``(3108, -1)``; a full partition, ``(3109, -1)``. Nothing written but on OK."""
+        st = self.store
+        if st.row_of(account) is not None:
+            return Code.ACCOUNT_EXISTS, -1
+        try:
+            return Code.OK, st.add_account(account, isolated_default=isolated_default)
+        except CapacityError:
+            return Code.ACCOUNTS_FULL, -1
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
         """Deposit credits (refused, 3102, when the balance would pass 2**63-1: it is an

@@ -312,6 +312,12 @@ class Store:
                 self._row_of.update(zip(ids.tolist(), range(lo, hi)))
         return self._row_of.get(int(account_id))
 
+    def note_account(self, account_id: int, row: int) -> None:
+        """Another process (the partition's worker) added ``account_id`` at ``row``: keep
+        this process's ``row_of`` index in step."""
+        if self._row_of is not None:
+            self._row_of[int(account_id)] = int(row)
+
     def sorted_account_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """Every used row's account id, ascending, and the rows in the same order
         (int64, contiguous): the table the C paths binary-search (``_wire`` intake, the

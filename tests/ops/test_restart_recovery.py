@@ -26,59 +26,13 @@ import pytest
 import zmq
 
 from engine.runtime.harness import wait_until
-from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
-from ops_support import (BTC, REPO, USDT, cli, ipc_endpoints, shm_exists, status, unique_name, wait_up,
-                         write_config)
+from ops_support import (BTC, REPO, USDT, book, cli, collateral, gateway_pid, ipc_endpoints, shm_exists, status,
+                         unique_name, wait_up, write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 N_FILLS = 50
-
-
-def book(name: str) -> dict:
-    """What a restart must bring back, read from the running engine's shared memory:
-    every used account row's identity, flags, balances and position slots, and the
-    partitions' account counts and fee pools (margin results and seqlock counters are
-    recomputed and left out)."""
-    st = Store.attach(name, readonly=True)
-    try:
-        out = {}
-        for p in range(st.n_partitions):
-            lo, hi = st.partition_rows(p)
-            for row in range(lo, hi):
-                a, slots = st.read_account(row)
-                out[int(a["account_id"])] = (int(a["partition"]), int(a["flags"]), a["balance"].tolist(),
-                                             [tuple(s.tolist()) for s in slots])
-        parts = st.partitions.copy()
-        return {"accounts": out, "n_accounts": parts["n_accounts"].tolist(),
-                "fee_pool": parts["fee_pool"].tolist()}
-    finally:
-        st.detach()
-
-
-def gateway_pid(name: str) -> int:
-    needle = b"engine.runtime.gateway\0--name\0" + name.encode() + b"\0"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle in f.read():
-                    return int(pid)
-        except OSError:
-            continue
-    raise LookupError(f"no gateway process of {name}")
-
-
-def collateral(sock: zmq.Socket, seq: Sequencer, kind: MsgType, request_id: int, account: int,
-               usdt: int, transfer_id: int | None = None) -> dict:
-    body = {"request_id": request_id, "account": account, "asset": "USDT", "amount_units": usdt * USDT}
-    if transfer_id is not None:
-        body["transfer_id"] = transfer_id
-    sock.send(seq.encode(kind, body))
-    assert sock.poll(5_000), f"no reply to request {request_id} within 5 s"
-    m = decode(sock.recv())
-    assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY, m
-    return m.fields
 
 
 def custody_and_matching(ctx: zmq.Context, ep: dict) -> tuple[zmq.Socket, Sequencer, zmq.Socket, Sequencer]:

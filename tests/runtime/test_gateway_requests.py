@@ -329,3 +329,48 @@ def test_a_reply_lost_with_its_worker_is_recovered_from_the_outcomes_table(desk)
     assert client.poll(5000)
     assert decode(client.recv()).fields == {"request_id": 61, "code": 0, "balance_units": 1_007}
     assert ticket not in g.pending and 3099 in g.transfers     # remembered: a retry is answered 3105
+
+
+def test_an_open_account_whose_reply_was_lost_is_answered_and_known_to_every_path(desk):
+    """OPEN_ACCOUNT of id 50 (partition 50 mod 2 = 0): its worker adds the row, notes the
+    outcome (code 0, the row) and commits, then dies before replying. The gateway answers
+    from the outcomes table like a lost deposit reply, journals the open and takes the id
+    into its maps: a second open is answered 3108 at once (no ring record) and the C
+    check desk answers an ORDER_CHECK for 50 by the margin rule (4001: no collateral)
+    instead of 4002 unknown account."""
+    from engine.store.shm import Store
+
+    g, ctl, client = desk
+    client.send(encode(MsgType.OPEN_ACCOUNT, {"request_id": 62, "account": 50}, seq=1, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    [ticket] = [t for t, v in g.pending.items() if v[1] == 62]
+    p = 50 % ctl.n_partitions
+    rec = ctl.records[p][int(ctl.rings[p][0]["read_idx"]) % ctl.capacity]
+    assert (int(rec["kind"]), int(rec["delta"]), int(rec["aux"])) == (int(RecordKind.OPEN_ACCOUNT), 50, 0)
+    worker_view = Store.attach(g.store.name, readonly=False)       # the worker's act
+    try:
+        row = worker_view.add_account(50)
+    finally:
+        worker_view.detach()
+    ctl.note_outcome(p, ticket, 0, row)
+    ctl.rings[p][0]["read_idx"] = int(ctl.rings[p][0]["write_idx"])     # committed; then it died
+    assert g.recover_lost_replies(time.monotonic_ns() + G.LOST_REPLY_AFTER_NS + 1) == 1
+    assert client.poll(5000)
+    assert decode(client.recv()).fields == {"request_id": 62, "code": 0}
+    assert g.store.row_of(50) == row and ticket not in g.pending
+
+    before = g._last_ticket
+    client.send(encode(MsgType.OPEN_ACCOUNT, {"request_id": 63, "account": 50}, seq=2, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    assert g._last_ticket == before                                 # answered here
+    assert client.poll(5000) and decode(client.recv()).fields == {"request_id": 63, "code": 3108}
+
+    client.send(encode(MsgType.ORDER_CHECK, {"request_id": 64, "account": 50, "instrument_id": 0,
+                                             "qty_units": 10, "price_units": 950_000}, seq=3, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    assert client.poll(5000)
+    m = decode(client.recv())
+    assert (m.type, m.fields["request_id"], m.fields["code"]) == (MsgType.ORDER_CHECK_REPLY, 64, 4001)

@@ -80,3 +80,43 @@ def test_a_worker_notes_each_collateral_outcome_before_its_commit():
         w.drain(0, store.price_snapshot())
         assert w.ctl.outcome(0, 55) == (0, 10_250 * USDT)
         assert int(w.ctl.rings[0][0]["read_idx"]) == 1
+
+
+BOB = 2                                   # a new account: the partition's next row (1)
+OPEN = (int(RecordKind.OPEN_ACCOUNT), 0, -1, BOB, 0, 0, 9, 1, 0)    # ticket 9, cross
+
+
+@pytest.mark.parametrize("dead_at", ["row-written", "row-and-count-written", "committed"])
+def test_an_open_account_the_worker_died_in_is_applied_exactly_once(dead_at):
+    """OPEN_ACCOUNT of BOB (ALICE holds row 0): the worker saved row 1 (empty) to the undo
+    area and died after writing the row with garbage, after also counting it
+    (``n_accounts`` 2), or after the commit. Before the commit the next owner frees the
+    row (its saved copy, the count back to 1) and applies the record again: BOB at row 1,
+    balance 0, 2 accounts, outcome (0, row 1) noted for the gateway; after it, nothing
+    is applied again."""
+    def setup(store) -> None:
+        store.add_account(ALICE)
+        ctl = Control.attach(store.name.lstrip("/") + "-ctl")
+        assert ctl.push(0, *OPEN)
+        u = ctl.undo[0][0]
+        u["row"], u["ref"] = 1, 0
+        u["account"] = store.accounts[1]
+        u["slots"] = store.slots(1)
+        u["fee_pool"] = store.partitions[0]["fee_pool"]
+        u["state"] = UNDO_APPLYING
+        if dead_at == "row-written":
+            with store.writing(store.accounts, 1) as a:
+                a["account_id"], a["balance"][0] = 77, -5
+        else:
+            store.set_balance(store.add_account(BOB), 0, -5 if dead_at != "committed" else 0)
+            if dead_at == "committed":
+                ctl.note_outcome(0, 9, 0, 1)
+                ctl.rings[0][0]["read_idx"] = 1
+
+    with in_process_worker(setup) as (w, store, _):         # start() ran recover()
+        w.drain(0, w.store.price_snapshot())
+        assert int(store.partitions[0]["n_accounts"]) == 2
+        assert (int(store.accounts[1]["account_id"]), int(store.accounts[1]["balance"][0])) == (BOB, 0)
+        assert w.ctl.outcome(0, 9) == (0, 1)
+        assert int(w.ctl.rings[0][0]["read_idx"]) == 1
+        assert w.store.row_of(BOB) == 1
