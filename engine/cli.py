@@ -125,7 +125,7 @@ def _cmd_bench_kernel(args) -> int:
     return 0
 
 
-PASS_THROUGH_BENCHES = ("acks", "feeds", "latency", "recovery")   # their options are bench/NAME.py's own
+PASS_THROUGH_BENCHES = ("acks", "curve", "feeds", "latency", "recovery")   # their options are bench/NAME.py's own
 
 
 def _load_config(path):
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.add_parser("acks", help="what a durable acknowledgement costs: fills ACK and deposit round trips, "
                                  "acknowledged fills/s, journal_sync interval vs ack (options: margin-engine "
                                  "bench acks --help)")
+    bsub.add_parser("curve", help="what CURVE costs: order-check and bare-echo round trips over tcp with and "
+                                  "without it (options: margin-engine bench curve --help)")
     bsub.add_parser("feeds", help="order-check round trip vs a bare ZeroMQ echo; fills/s through the "
                                   "gateway (options: margin-engine bench feeds --help)")
     bsub.add_parser("latency", help="tick-to-decision vs a bare relay, HdrHistogram percentiles, rate "
