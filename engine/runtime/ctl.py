@@ -12,14 +12,15 @@ Beside the data store (``/NAME``) the engine keeps a small control segment
   number of its LIQUIDATION_ORDER stream, so that a restarted worker goes on numbering
   where its predecessor stopped.
 - A **ring** per partition: single-producer (the fills gateway) single-consumer (the
-  partition's worker) queue of 64-byte records (fill legs, deposits, withdrawals). The
+  partition's worker) queue of 64-byte records (fill legs, deposits, withdrawals, account
+  opens). The
   worker commits its read index only after applying, so records not yet applied
   survive a worker crash and are taken again by its replacement.
 - An **undo area** per partition: before applying a record the worker copies the
   account row, its slots and the partition's fee pool there and marks it *applying*;
   after, it marks it *idle*. A replacement that finds *applying* restores the copy (a
   half-applied record is rolled back whole) and applies the record again.
-- The **outcomes** of a partition's last ``OUTCOMES`` deposits and withdrawals, written
+- The **outcomes** of a partition's last ``OUTCOMES`` deposits, withdrawals and opens, written
   by its worker before it commits each record (slot ``ticket % OUTCOMES``): the reply
   the worker sends can die with it after the commit, before its I/O thread sends it,
   and the gateway then takes the outcome from here instead (``Gateway.recover_lost_replies``).

@@ -214,6 +214,7 @@ class Gateway:
         self._desk: _margin.CheckDesk | None = None
         self._ids: np.ndarray | None = None
         self._rows: np.ndarray | None = None
+        self._new_accounts: list[tuple[int, int]] = []   # (id, row) opened since _ids was merged
         self._jbuf = bytearray()                         # the burst's journal records
         self._jrecs = 0
         self._acks: list[tuple[bytes, int]] = []         # (DEALER identity, first seq) to ACK
@@ -363,9 +364,15 @@ class Gateway:
 
     def _account_map(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted account ids and their rows, for the C paths (built on first use, like
-        ``Store.row_of``: accounts are provisioned before the engine starts)."""
+        ``Store.row_of``; accounts opened since are merged in here)."""
         if self._ids is None:
             self._ids, self._rows = self.store.sorted_account_ids()
+            self._new_accounts.clear()
+        elif self._new_accounts:                         # opened since: one merge for all
+            new = np.array(sorted(self._new_accounts), np.int64)
+            k = np.searchsorted(self._ids, new[:, 0])
+            self._ids, self._rows = np.insert(self._ids, k, new[:, 0]), np.insert(self._rows, k, new[:, 1])
+            self._new_accounts.clear()
         return self._ids, self._rows
 
     def _fill_intake(self) -> _wire.FillIntake:
@@ -546,14 +553,14 @@ class Gateway:
         self._opening[ticket] = f["account"]
 
     def _note_account(self, account: int, row: int) -> None:
-        """An account a worker opened at ``row``: into this process's id maps (``Store.row_of``
-        and the sorted arrays of the C paths, by one insertion); the C fills intake and
-        check desk are built again on their next use (nothing is buffered in the intake
-        here: replies are taken after the burst's flush)."""
+        """An account a worker opened at ``row``: into ``Store.row_of`` at once, and into
+        the sorted id arrays of the C paths at their next use (``_account_map``: the opens
+        of a burst merged with one copy, ~6 ms at 1M accounts); the C fills intake and
+        check desk are then built again (nothing is buffered in the intake here: replies
+        are taken after the burst's flush)."""
         self.store.note_account(account, row)
         if self._ids is not None:
-            k = int(np.searchsorted(self._ids, account))
-            self._ids, self._rows = np.insert(self._ids, k, account), np.insert(self._rows, k, row)
+            self._new_accounts.append((account, row))
             self._intake = None
             self._desk = None
 
@@ -631,8 +638,11 @@ class Gateway:
             return
         ident, request_id, request, recv_ns, transfer = pending
         account = self._opening.pop(ticket, None)
-        if account is not None:             # an OPEN_ACCOUNT: balance_units carries the new row
-            if code == Code.OK:
+        if account is not None:             # an OPEN_ACCOUNT: balance_units carries the row
+            # 3108 for an id this gateway does not know: an earlier open of it was applied
+            # and its reply (and noted outcome) lost; journaled and taken in now.
+            lost = code == Code.ACCOUNT_EXISTS and balance_units >= 0 and self.store.row_of(account) is None
+            if code == Code.OK or lost:
                 self.journal.append(0, recv_ns, request)
                 self._note_account(account, balance_units)
             self.counters[f"open_account_{int(code)}"] += 1

@@ -326,6 +326,7 @@ class _FillChunks:
         from engine.runtime.gateway import FILL_DTYPE
         self.store, self.st, self.ok_status = store, st, _wire.OK
         self.ids, self.rows = store.sorted_account_ids()
+        self.new_accounts: list[tuple[int, int]] = []     # opened by the replay, not yet in ids
         # Ids dense enough (the usual 1..N): a row table indexed by id instead of a search.
         top = int(self.ids[-1]) if len(self.ids) else -1
         self.row_by_id = None
@@ -353,16 +354,20 @@ class _FillChunks:
         return True
 
     def note_account(self, account: int, row: int) -> None:
-        """An account the replay opened (after ``flush``): into the id maps."""
-        if self.row_by_id is not None:
-            if 0 <= account < len(self.row_by_id):
-                self.row_by_id[account] = row
-            else:
-                self.row_by_id = None              # an id past the dense table: search instead
-        k = int(np.searchsorted(self.ids, account))
-        self.ids, self.rows = np.insert(self.ids, k, account), np.insert(self.rows, k, row)
+        """An account the replay opened (after ``flush``): into the dense id table, or
+        with the sorted arrays merged once at the next search (``_row``)."""
+        if self.row_by_id is not None and 0 <= account < len(self.row_by_id):
+            self.row_by_id[account] = row
+        else:
+            self.row_by_id = None                  # an id past the dense table: search instead
+        self.new_accounts.append((account, row))
 
     def _row(self, accounts: np.ndarray) -> np.ndarray:
+        if self.new_accounts and self.row_by_id is None:
+            new = np.array(sorted(self.new_accounts), np.int64)
+            k = np.searchsorted(self.ids, new[:, 0])
+            self.ids, self.rows = np.insert(self.ids, k, new[:, 0]), np.insert(self.rows, k, new[:, 1])
+            self.new_accounts.clear()
         if self.row_by_id is not None:
             known = (accounts >= 0) & (accounts < len(self.row_by_id))
             return np.where(known, self.row_by_id[np.where(known, accounts, 0)], -1)
@@ -472,11 +477,13 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
         if m.type == MsgType.OPEN_ACCOUNT:                 # journaled once its worker had opened it
             try:
                 row = store.add_account(f["account"], isolated_default=f["mode"] == "isolated")
-            except StoreError:                             # in use or no room: never journaled so
-                st.unreadable += 1
-                continue
+            except StoreError as e:                        # in use, or no room at this capacity
+                raise RecoveryError(f"{path}: the journal opens account {f['account']}, which this book "
+                                    f"cannot take ({e}); engine.accounts_capacity may not shrink "
+                                    "below what the journal needs") from None
             if chunks is not None:
                 chunks.note_account(f["account"], row)
+            store.partitions["fills_applied"][row // store.per_partition] += 1    # as the worker counts it
             st.accounts_opened += 1
             continue
         row, asset = row_of(f["account"]), asset_index.get(f["asset"])

@@ -16,7 +16,7 @@ see ``TickWake``)::
                    breaches stale triggers missed), a slice of ``engine.holders_slice``
                    holders a turn: a new tick waits at most one slice, and nothing but
                    1a runs until the pass is whole
-    2. commands -- fill legs, deposits and withdrawals from the partitions' rings,
+    2. commands -- fill legs, deposits, withdrawals and account opens from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
     3. upkeep   -- in slices between wake-ups: every ``OUTSTANDING_CHECK_S`` the
@@ -185,6 +185,7 @@ class Worker:
         read_idx, _ = _shm.ring_pending(self.ctl.rings[p].ctypes.data)
         if int(read_idx) == int(u["ref"]):      # not committed: restore, it is applied again
             row = int(u["row"])
+            st.finish_torn_writes(st.accounts, row, row + 1)   # an open's new row is past the used ones
             rec = self.ctl.records[p][int(read_idx) & (self.ctl.capacity - 1)]
             if int(rec["kind"]) == RecordKind.OPEN_ACCOUNT and row == p * st.per_partition + \
                     int(st.partitions[p]["n_accounts"]) - 1:
@@ -644,12 +645,16 @@ class Worker:
     def open_account(self, account: int, isolated_default: bool) -> tuple[Code, int]:
         """OPEN_ACCOUNT in one of this worker's partitions (the gateway routes it by
         ``Store.partition_of``): the next free row of the partition, ``(OK, row)``; an id in
-        use, ``(3108, -1)``; a full partition, ``(3109, -1)``. Nothing written but on OK."""
+        use, ``(3108, its row)`` (the gateway may not know it: an open whose reply was
+        lost); a full partition, ``(3109, -1)``. Nothing written but on OK. The id is
+        looked for in its partition alone (a scan: no index of every partition to build
+        on the hot path's loop)."""
         st = self.store
-        if st.row_of(account) is not None:
-            return Code.ACCOUNT_EXISTS, -1
+        row = st.partition_row_of(account)
+        if row is not None:
+            return Code.ACCOUNT_EXISTS, row
         try:
-            return Code.OK, st.add_account(account, isolated_default=isolated_default)
+            return Code.OK, st.append_account(account, isolated_default=isolated_default)
         except CapacityError:
             return Code.ACCOUNTS_FULL, -1
 

@@ -336,6 +336,17 @@ class Store:
         """Append an account to its partition; return its row. Full partition: CapacityError."""
         if self.row_of(account_id) is not None:
             raise StoreError(Code.STORE_CAPACITY_ACCOUNTS, f"account {account_id} exists")
+        return self.append_account(account_id, isolated_default=isolated_default)
+
+    def partition_row_of(self, account_id: int) -> int | None:
+        """Row of ``account_id`` found by a scan of its own partition's ids (no index:
+        for the partition's worker, which must not stop to index every partition)."""
+        lo, hi = self.partition_rows(self.partition_of(account_id))
+        hit = np.flatnonzero(self.accounts["account_id"][lo:hi] == int(account_id))
+        return lo + int(hit[0]) if len(hit) else None
+
+    def append_account(self, account_id: int, *, isolated_default: bool = False) -> int:
+        """``add_account`` without the check that the id is new (the caller made it)."""
         p = self.partition_of(account_id)
         part = self.partitions[p]
         n = int(part["n_accounts"])
@@ -351,7 +362,8 @@ class Store:
             a["flags"] = int(L.AccountFlag.ISOLATED_DEFAULT) if isolated_default else 0
         with self.writing(self.partitions, p) as prow:
             prow["n_accounts"] = n + 1
-        self._row_of[int(account_id)] = row
+        if self._row_of is not None:
+            self._row_of[int(account_id)] = row
         return row
 
     def set_balance(self, row: int, asset: int, units: int) -> None:

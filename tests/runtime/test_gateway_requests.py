@@ -374,3 +374,29 @@ def test_an_open_account_whose_reply_was_lost_is_answered_and_known_to_every_pat
     assert client.poll(5000)
     m = decode(client.recv())
     assert (m.type, m.fields["request_id"], m.fields["code"]) == (MsgType.ORDER_CHECK_REPLY, 64, 4001)
+
+
+def test_an_open_the_worker_finds_done_already_is_journaled_and_known(desk):
+    """An open of 52 whose first reply and noted outcome were lost (the outcome slot
+    reused since): custody resends, and the worker answers 3108 with the row it holds.
+    The gateway, not knowing 52, journals the open (the first never was) and takes the id
+    in; custody hears 3108."""
+    from engine.store.shm import Store
+
+    g, ctl, client = desk
+    worker_view = Store.attach(g.store.name, readonly=False)        # the first open, applied
+    try:
+        row = worker_view.add_account(52)
+    finally:
+        worker_view.detach()
+    written = g.journal.written
+    client.send(encode(MsgType.OPEN_ACCOUNT, {"request_id": 65, "account": 52}, seq=4, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    [ticket] = [t for t, v in g.pending.items() if v[1] == 65]
+    p = 52 % ctl.n_partitions
+    ctl.rings[p][0]["read_idx"] = int(ctl.rings[p][0]["write_idx"])
+    g.on_worker_reply(Sequencer().encode(MsgType.COLLATERAL_REPLY, {"request_id": ticket, "code": 3108,
+                                                                    "balance_units": row}))
+    assert client.poll(5000) and decode(client.recv()).fields == {"request_id": 65, "code": 3108}
+    assert g.store.row_of(52) == row and g.journal.written > written

@@ -613,3 +613,53 @@ def test_a_stop_that_must_kill_a_worker_writes_no_snapshot_and_the_journal_has_t
     opened = recovery.open_book(book, eng.state_dir, NAMES, lambda s: pytest.fail("a new book"))
     assert opened.recovered and opened.replay.fills == 1
     assert position(book, 1)[0] == 10
+
+
+def open_frame(request_id: int, account: int) -> bytes:
+    return encode(MsgType.OPEN_ACCOUNT, {"request_id": request_id, "account": account}, seq=request_id, ts_ns=1)
+
+
+def test_replayed_opens_take_their_deposits_and_fills_on_both_paths(tmp_path):
+    """A journal that opens 100 (partition 0) and 7 (partition 1), deposits 500 USDT to
+    100, then fills 100 buying 0.01 BTC (10 units) from 7 at 95,000 (price units 950,000),
+    then a fill naming 5, never opened (3003). Both replay paths give one book: 100 long
+    10 units at cost 0.01 x 95,000 = 950 USDT with 500 USDT; 7 short 10 units; 2 opens,
+    1 fill, 1 rejected. (100 is past the dense id table of 1..3, so the fast path merges
+    it into its sorted arrays.)"""
+    path = str(tmp_path / "opens.log")
+    j = Journal(path, fsync_interval_s=0)
+    j.append(0, 1, open_frame(1, 100))
+    j.append(0, 2, open_frame(2, 7))
+    j.append(0, 3, collateral(MsgType.DEPOSIT, 3, 100, 500 * U))
+    j.append(1, 4, encode(MsgType.FILL, fill(1, 100, 7, 10, 950_000), seq=1, ts_ns=1))
+    j.append(2, 5, encode(MsgType.FILL, fill(2, 5, 7, 10, 950_000), seq=2, ts_ns=1))
+    j.close()
+    books = []
+    for fast in (True, False):
+        book = new_store()
+        three_accounts(book)
+        s = recovery.replay_journal(book, path, 0, NAMES, fast=fast)
+        assert (s.accounts_opened, s.deposits, s.fills, s.fills_rejected, s.unreadable) == (2, 1, 1, 1, 0)
+        assert position(book, 100) == (10, 950 * U) and balance(book, 100) == 500 * U
+        assert position(book, 7) == (-10, -950 * U)
+        books.append(book)
+    assert_same_book(*books)
+
+
+def test_a_journal_that_opens_more_accounts_than_the_book_holds_is_refused(tmp_path):
+    """Capacity 8 over 2 partitions (4 rows each); accounts 1..3 use one row of partition 0
+    (2) and two of partition 1. Opening 100, 102, 104 fills partition 0; 106 does not
+    fit: the replay stops with a RecoveryError naming accounts_capacity (it counted the
+    open "unreadable" and went on, losing the account's later money, before)."""
+    cfg = load_default()
+    book = Store.create(None, assets=list(cfg.assets), instruments=list(cfg.instruments),
+                        accounts_capacity=8, n_partitions=2, slots_per_account=8)
+    three_accounts(book)
+    path = str(tmp_path / "full.log")
+    j = Journal(path, fsync_interval_s=0)
+    for k, acct in enumerate((100, 102, 104, 106)):
+        j.append(0, k, open_frame(k + 1, acct))
+    j.close()
+    with pytest.raises(recovery.RecoveryError, match="account 106.*accounts_capacity"):
+        recovery.replay_journal(book, path, 0, NAMES)
+    assert [book.row_of(a) is not None for a in (100, 102, 104, 106)] == [True, True, True, False]

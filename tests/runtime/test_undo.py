@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine import _shm
 from engine.runtime.ctl import UNDO_APPLYING, UNDO_IDLE, Control, RecordKind
 from runtime_support import USDT, in_process_worker
 
@@ -86,11 +87,12 @@ BOB = 2                                   # a new account: the partition's next 
 OPEN = (int(RecordKind.OPEN_ACCOUNT), 0, -1, BOB, 0, 0, 9, 1, 0)    # ticket 9, cross
 
 
-@pytest.mark.parametrize("dead_at", ["row-written", "row-and-count-written", "committed"])
+@pytest.mark.parametrize("dead_at", ["inside-the-row-write", "row-written", "row-and-count-written", "committed"])
 def test_an_open_account_the_worker_died_in_is_applied_exactly_once(dead_at):
     """OPEN_ACCOUNT of BOB (ALICE holds row 0): the worker saved row 1 (empty) to the undo
-    area and died after writing the row with garbage, after also counting it
-    (``n_accounts`` 2), or after the commit. Before the commit the next owner frees the
+    area and died inside the row's seqlock write (its counter left odd, past the used
+    rows), after writing the row with garbage, after also counting it (``n_accounts``
+    2), or after the commit. Before the commit the next owner frees the
     row (its saved copy, the count back to 1) and applies the record again: BOB at row 1,
     balance 0, 2 accounts, outcome (0, row 1) noted for the gateway; after it, nothing
     is applied again."""
@@ -104,7 +106,10 @@ def test_an_open_account_the_worker_died_in_is_applied_exactly_once(dead_at):
         u["slots"] = store.slots(1)
         u["fee_pool"] = store.partitions[0]["fee_pool"]
         u["state"] = UNDO_APPLYING
-        if dead_at == "row-written":
+        if dead_at == "inside-the-row-write":
+            _shm.write_begin(store.addr(store.accounts, 1))
+            store.accounts[1]["account_id"] = 77
+        elif dead_at == "row-written":
             with store.writing(store.accounts, 1) as a:
                 a["account_id"], a["balance"][0] = 77, -5
         else:
@@ -120,3 +125,6 @@ def test_an_open_account_the_worker_died_in_is_applied_exactly_once(dead_at):
         assert w.ctl.outcome(0, 9) == (0, 1)
         assert int(w.ctl.rings[0][0]["read_idx"]) == 1
         assert w.store.row_of(BOB) == 1
+        assert int(store.accounts[1]["seq"]) % 2 == 0                # readers see it
+        a, _ = store.read_account(1)
+        assert int(a["account_id"]) == BOB
