@@ -67,7 +67,7 @@ from libc.math cimport rint, isfinite
 from libc.stdint cimport int32_t, int64_t, uint64_t, INT64_MAX, INT64_MIN
 
 from _types cimport (InstrumentRow, AssetRow, AccountRow, PositionRow, MAX_ASSETS,
-                     KIND_INVERSE_PERP, KIND_INVERSE_FUTURE, MODE_CROSS, MODE_ISOLATED,
+                     KIND_INVERSE_PERP, KIND_INVERSE_FUTURE, KIND_OPTION, MODE_CROSS, MODE_ISOLATED,
                      ACCOUNT_FLAG_ISOLATED_DEFAULT)
 from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw
 
@@ -90,7 +90,7 @@ cdef enum:
     CODE_COLLATERAL_BAD_AMOUNT = 3102      # isolated margin rule
 
 cdef enum:
-    MODE_ACCOUNT_DEFAULT = -1              # mode argument: the account's ISOLATED_DEFAULT flag
+    MODE_ACCOUNT_DEFAULT = -1              # mode argument: the account's ISOLATED_DEFAULT flag (options: cross)
     MAX_CS_DECIMALS = 8                    # den = 10**k, k <= 8
 
 ctypedef struct Ratio:                     # K = kn / kd in lowest terms
@@ -281,8 +281,9 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
         if n >= slots_per_account:
             out.code = CODE_FILL_POSITION_SLOTS_FULL
             return out
-        if mode == MODE_ACCOUNT_DEFAULT:
-            pos_mode = MODE_ISOLATED if (acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT) else MODE_CROSS
+        if mode == MODE_ACCOUNT_DEFAULT:       # an option is cross whatever the account's default
+            pos_mode = MODE_ISOLATED if ((acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT)
+                                         and ins.kind != KIND_OPTION) else MODE_CROSS
         else:
             pos_mode = mode
     iso = iso0 + <me_i128>iso_delta
@@ -377,7 +378,9 @@ def apply_leg(size_t instruments_addr, size_t assets_addr, size_t account_addr, 
     ``fee_pool_addr`` points at the partition's ``fee_pool[MAX_ASSETS]``,
     ``fee_pool_seq_addr`` at that partition row's seqlock counter (0: the caller brackets
     the fee pool write). ``mode`` -1 takes the account's ISOLATED_DEFAULT flag for a new
-    position. See the module docstring.
+    position, but for an option, which is then cross: an isolated long option's initial
+    margin (its premium) would be reserved by nothing, since the order check and
+    withdrawals weigh cross figures. See the module docstring.
     """
     cdef LegOut r
     with nogil:

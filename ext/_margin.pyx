@@ -1036,8 +1036,9 @@ cdef CheckOut pretrade_core(const InstrumentRow *instruments, const AccountRow *
         c_old = <double>slots[slot].cost / scale_s
         mode = slots[slot].mode
         iso = <double>slots[slot].isolated_margin / scale_s
-    else:
-        mode = MODE_ISOLATED if (acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT) else MODE_CROSS
+    else:                               # a new position: as the fill rule opens it
+        mode = MODE_ISOLATED if ((acct.flags & ACCOUNT_FLAG_ISOLATED_DEFAULT)
+                                 and ins.kind != KIND_OPTION) else MODE_CROSS
     out.post_equity_usd = r.cross_equity_usd
     out.post_im_usd = r.cross_im_usd
     if slot < 0 and acct.n_positions >= slots_per_account:

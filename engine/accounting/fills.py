@@ -181,7 +181,9 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     if position is None:
         if slots_full:
             return reject(Code.FILL_POSITION_SLOTS_FULL)
-        pos_mode = (int(isolated_default) if mode == MODE_ACCOUNT_DEFAULT else mode)
+        # the account's default, but an option is cross whatever it is (module doc)
+        pos_mode = (int(isolated_default and params.kind != Kind.OPTION) if mode == MODE_ACCOUNT_DEFAULT
+                    else mode)
         q0 = c0 = iso0 = 0
     else:
         pos_mode, q0, c0, iso0 = position

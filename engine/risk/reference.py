@@ -393,7 +393,7 @@ def pretrade_check(market: RefMarket, acct: RefAccount, slots_per_account: int, 
         return POSITION_SLOTS_FULL, acc.cross_equity_usd, acc.cross_im_usd
     if slot is None:
         q_old, c_old, iso = Fraction(0), Fraction(0), Fraction(0)
-        mode = ISOLATED if acct.isolated_default else CROSS
+        mode = ISOLATED if acct.isolated_default and ins.kind != OPTION else CROSS   # as a fill opens it
     else:
         p = acct.positions[slot]
         q_old, c_old = Fraction(p.qty, ins.qty_scale), Fraction(p.cost, settle.scale)

@@ -145,3 +145,28 @@ def test_a_tick_of_the_option_moves_the_holders_im_as_a_full_pass_does(store):
     assert ticked == (7_500.0, 7_500.0, 0.0)                             # E 5,000 + 2,500
     d = margin.account_detail(store, row)
     assert (d.cross_equity_usd, d.cross_im_usd, d.cross_mm_usd) == ticked
+
+
+def test_an_option_opens_cross_in_an_isolated_by_default_account(store):
+    """An account isolated by default (ISOLATED_DEFAULT): its new option position is cross,
+    in the order check (kernel and reference) and in the fill rule (kernel and reference).
+    Isolated, a long option's IM (its premium) was checked once against cross free margin
+    and then reserved by nothing: a review bought 3,250 USDT of calls on 2,000 and
+    withdrew the 2,000. Here 5,000 USDT, buying 5 calls at the mark: IM 5,000 in the cross
+    figures; a second 5 is refused (post IM 10,000 > 5,000); the fill opens it cross."""
+    from engine.accounting.fills import apply_fill_leg, reference_apply_leg, instrument_params
+    from engine.store.layout import AccountFlag, Mode
+
+    row = account(store, 5_000)
+    with store.writing(store.accounts, row) as a:
+        a["flags"] = int(AccountFlag.ISOLATED_DEFAULT)
+    assert both_checks(store, row, 20, 1_000.0) == (Code.OK, 5_000.0, 5_000.0)
+    leg = reference_apply_leg(None, 5_000 * USDT, 0, instrument_params(store, CALL), 20, 100_000, 0,
+                              isolated_default=True)
+    assert leg.code == Code.OK and leg.position[0] == Mode.CROSS
+    assert apply_fill_leg(store, 0, row, CALL, 20, 100_000, 0).code == Code.OK      # the kernel: cost 5,000
+    assert int(store.slots(row)[0]["mode"]) == Mode.CROSS
+    assert both_checks(store, row, 20, 1_000.0)[0] == Code.CHECK_INSUFFICIENT_MARGIN
+    # a perp in the same account still opens isolated, as before
+    assert reference_apply_leg(None, 5_000 * USDT, 0, instrument_params(store, BTCUSDT), 1, 5_000_000, 0,
+                               isolated_default=True).position[0] == Mode.ISOLATED
