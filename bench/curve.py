@@ -106,26 +106,44 @@ def run(json_out: str | os.PathLike | None = "bench/results/curve.json", *, acco
     allowed = sorted(os.sched_getaffinity(0))
     pin = len(allowed) >= 2
     client_cpu, server_cpu = (allowed[0], allowed[1]) if pin else (-1, -1)
-    own = os.sched_getaffinity(0)
-    root = tempfile.mkdtemp(prefix="me-bench-curve-")
-    keys = _keys(root)
-    mp_ctx = mp.get_context("spawn")
-    # A CURVE client against a plain server (or the reverse) never completes its handshake:
-    # its first request times out (10 s) and the run fails, so a finished run used CURVE
-    # wherever it says so.
-    zctx = zmq.Context()
     result: dict = {"hardware": hardware(), "settings": {
         "transport": "tcp", "accounts": accounts, "checks": checks, "warmup": warmup, "seed": seed,
         "pinned": {"client_cpu": client_cpu, "server_cpu": server_cpu} if pin else None}}
+    root = tempfile.mkdtemp(prefix="me-bench-curve-")
+    zctx = zmq.Context()
+    try:
+        _measure(result, root, zctx, accounts, checks, warmup, seed, client_cpu, server_cpu, quiet)
+    finally:                                    # the keys and the engines' directories, whatever happened
+        zctx.destroy(linger=0)
+        shutil.rmtree(root, ignore_errors=True)
+    _finish(result)
+    if json_out is not None:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        if plot_out is not None:
+            plot(result, Path(plot_out) if plot_out else path.with_suffix(".png"))
+    _log(quiet, summary(result))
+    return result
+
+
+def _measure(result: dict, root: str, zctx: zmq.Context, accounts: int, checks: int, warmup: int, seed: int,
+             client_cpu: int, server_cpu: int, quiet: bool) -> None:
+    """The four loops into ``result``. A CURVE client against a plain server (or the
+    reverse) never completes its handshake: its first request times out (10 s) and the
+    run fails, so a finished run used CURVE wherever it says so."""
+    own = os.sched_getaffinity(0)
+    keys = _keys(root)
+    mp_ctx = mp.get_context("spawn")
 
     def loop(endpoint: str, curve: bool, frames: list[bytes]) -> tuple[dict, list]:
         c = _client(zctx, endpoint, keys if curve else None)
-        if pin:
+        if client_cpu >= 0:
             os.sched_setaffinity(0, {client_cpu})
         try:
             hist, replies = rtt_closed_loop(c, frames, checks, warmup)
         finally:
-            if pin:
+            if client_cpu >= 0:
                 os.sched_setaffinity(0, own)
             c.close()
         return _pct_us(hist), replies
@@ -151,8 +169,12 @@ def run(json_out: str | os.PathLike | None = "bench/results/curve.json", *, acco
         stop.send(b"stop")
         echo.join(5)
         stop.close()
+    _engine_loops(result, base, keys, frames, accounts, checks, seed, loop, quiet)
 
-    # 3-4. the engine, the same configuration without and with [security]
+
+def _engine_loops(result: dict, base, keys: dict, frames: list[bytes], accounts: int, checks: int, seed: int,
+                  loop, quiet: bool) -> None:
+    """3-4: the engine, the same configuration without and with ``[security]``."""
     secured = Security(keys["secret"], keys["allowed"])
     for label, sec in (("engine_plain", Security()), ("engine_curve", secured)):
         config = dataclasses.replace(base, engine=dataclasses.replace(base.engine, name=f"{base.engine.name}-{label[7]}"),
@@ -162,9 +184,9 @@ def run(json_out: str | os.PathLike | None = "bench/results/curve.json", *, acco
         with LocalEngine(config, setup=setup, n_workers=1):
             result[label], replies = loop(config.endpoints.checks, sec.on, frames)
         assert all(decode(r).type == MsgType.ORDER_CHECK_REPLY for r in replies), replies[:1]
-    zctx.term()
-    shutil.rmtree(root, ignore_errors=True)
 
+
+def _finish(result: dict) -> None:
     r = result
     result.update({
         "floor_plain_p50_us": r["floor_plain"]["p50"], "floor_curve_p50_us": r["floor_curve"]["p50"],
@@ -174,14 +196,6 @@ def run(json_out: str | os.PathLike | None = "bench/results/curve.json", *, acco
         "engine_curve_cost_p50_us": r["engine_curve"]["p50"] - r["engine_plain"]["p50"],
         "engine_curve_cost_p99_us": r["engine_curve"]["p99"] - r["engine_plain"]["p99"],
     })
-    if json_out is not None:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        if plot_out is not None:
-            plot(result, Path(plot_out) if plot_out else path.with_suffix(".png"))
-    _log(quiet, summary(result))
-    return result
 
 
 def summary(r: dict) -> str:

@@ -76,7 +76,7 @@ def _cmd_keys(args) -> int:
     import zmq.auth
 
     public, secret = (os.path.join(args.dir, args.name + s) for s in (".key", ".key_secret"))
-    if os.path.exists(public) or os.path.exists(secret):
+    if os.path.lexists(public) or os.path.lexists(secret):        # a dangling link too: never written through
         print(f"margin-engine keys: {public} or {secret} exists; not overwritten", file=sys.stderr)
         return 2
     old = os.umask(0o077)                       # the secret is never readable by others, not even briefly

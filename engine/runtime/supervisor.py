@@ -110,6 +110,14 @@ class Engine:
             os.path.join(tempfile.gettempdir(), f"margin-engine-{e.name}")
         os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
         _warn_if_open(self.runtime_dir)
+        # [security]: the keys read once, here, and staged for every process started (a
+        # restarted worker included), whatever happens to the files meanwhile.
+        sec = self.config.security
+        self.curve_keys = curve.stage(sec, self.runtime_dir) if sec.on else None
+        if sec.on and not any(str(getattr(self.config.endpoints, k)).startswith("tcp://")
+                              for k in ("oracle", "fills", "checks", "orders", "events")):
+            print("margin-engine: [security] is set but no endpoint is tcp://: CURVE protects "
+                  "nothing here", file=sys.stderr)
         self.owner = [p % self.n_workers for p in range(e.partitions)]
         self.store: Store | None = None
         self.ctl: Control | None = None
@@ -158,7 +166,7 @@ class Engine:
     def _spawn(self, child: Child) -> None:
         out = subprocess.DEVNULL if self.quiet else None
         child.log = open(os.path.join(self.runtime_dir, f"{child.role}.log"), "ab")
-        child.proc = subprocess.Popen([self.python, "-m", *child.args, *curve.args(self.config.security)],
+        child.proc = subprocess.Popen([self.python, "-m", *child.args, *curve.args(self.curve_keys)],
                                       stdout=out, stderr=child.log, stdin=subprocess.DEVNULL,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -191,6 +191,20 @@ def test_security_settings_that_cannot_work_are_refused_by_name(keys, tmp_path):
     assert "required when the workers send orders straight to a tcp:// endpoint" in _security(
         tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{allow}"\n',
         '[endpoints]\norders = "tcp://127.0.0.1:5704"\norders_via_gateway = false\n')
+    assert "no such file" in _security(
+        tmp_path, f'curve_secret_key = "{tmp_path / "nope.key_secret"}"\ncurve_allowed_keys = "{allow}"\n')
+    # a secret file whose public line is another key's (a copy edited by hand, say)
+    other = zmq.auth.load_certificate(d / "mallory.key")[0].decode()
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(secret.read_text().replace(zmq.auth.load_certificate(public)[0].decode(), other))
+    mixed.chmod(0o600)
+    assert "its public key is not the secret key's" in _security(
+        tmp_path, f'curve_secret_key = "{mixed}"\ncurve_allowed_keys = "{allow}"\n')
+    bad = tmp_path / "bad"                        # an allowlist key that is not 40 z85 characters
+    bad.mkdir()
+    (bad / "x.key").write_text('metadata\ncurve\n    public-key = "xyz"\n')
+    assert "not a CURVE key (40 z85 characters)" in _security(
+        tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{bad}"\n')
     os.chmod(secret, 0o640)
     assert "is open to others (mode 640); chmod 600 it" in _security(
         tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{allow}"\n')
@@ -222,8 +236,8 @@ def test_a_worker_sending_orders_straight_to_the_matching_engine_is_its_curve_cl
         pull.curve_publickey, pull.curve_secretkey = zmq.auth.load_certificate(d / "matching.key_secret")
         pull.curve_server = True
         pull.bind(endpoint)
-        curve.install(type("A", (), {"curve_secret_key": str(d / "engine.key_secret"),
-                                      "curve_allowed_keys": "", "curve_orders_server_key": str(d / "matching.key")}))
+        public, secret = zmq.auth.load_certificate(d / "engine.key_secret")
+        curve.use(curve.Keys(public, secret, frozenset(), zmq.auth.load_certificate(d / "matching.key")[0]))
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         curve.connect(push, endpoint)
@@ -238,7 +252,63 @@ def test_a_worker_sending_orders_straight_to_the_matching_engine_is_its_curve_cl
         bad.send(b"forged")
         assert not pull.poll(int(NOT_IN_S * 1000))
     finally:
-        curve.install(type("A", (), {"curve_secret_key": "", "curve_allowed_keys": "",
-                                      "curve_orders_server_key": ""}))
+        curve.use(None)
         auth.stop()
         ctx.destroy(linger=0)
+
+
+def test_the_keys_are_read_once_and_staged_for_every_process(keys, tmp_path):
+    """``stage`` (what ``margin-engine run`` does at start) writes the checked keys into
+    the runtime directory, mode 600, and the processes read that copy: editing the
+    allowlist afterwards (a half-copied key file, a removed one) changes nothing until the
+    next start, and cannot make a restarted worker fail on it (a review's worker 0,
+    restarted after a half-copied key landed, crash-looped: 24 tracebacks in 5 s)."""
+    d, allow = keys
+    sec = curve.Security(str(d / "engine.key_secret"), str(allow))
+    path = curve.stage(sec, str(tmp_path))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    matching = zmq.auth.load_certificate(d / "matching.key")[0]
+    (allow / "half.key").write_text("metadata\n")                   # half copied
+    (allow / "matching.key").unlink()
+    k = curve.read_staged(path)
+    assert k.allowed == frozenset({matching}) and k.orders_server == b""
+    assert zmq.curve_public(k.secret) == k.public == zmq.auth.load_certificate(d / "engine.key")[0]
+
+
+def test_the_zap_handler_names_a_few_refused_keys_counts_the_rest_and_never_raises(keys, capfd):
+    """A peer trying a fresh key on every connection: the first 16 refused keys are named
+    in the log, the rest counted (one line at most a minute), 1,024 remembered; and a log
+    that cannot be written (closed stderr, a full disk) leaves the refusal standing instead
+    of ending pyzmq's handler thread (which left the process admitting nobody)."""
+    d, _ = keys
+    ctx = zmq.Context()
+    public, secret = zmq.auth.load_certificate(d / "engine.key_secret")
+    allowed = zmq.auth.load_certificate(d / "matching.key")[0]
+    zap = curve._Allowlist(ctx, curve.Keys(public, secret, frozenset({allowed})))
+    try:
+        assert zap.callback("", allowed) is True
+        fresh = [zmq.curve_keypair()[0] for _ in range(2_000)]
+        assert not any(zap.callback("", k) for k in fresh)
+        err = capfd.readouterr().err
+        assert err.count("curve: refused a client whose public key") == curve.REFUSED_NAMED == 16
+        assert err.count("more connections refused") <= 1
+        assert len(zap.refused) == curve.REFUSED_REMEMBERED and zap.count == 2_000
+        import sys
+        real, sys.stderr = sys.stderr, open(os.devnull, "w")
+        sys.stderr.close()                                               # writes now raise ValueError
+        try:
+            zap.named = 0
+            assert zap.callback("", zmq.curve_keypair()[0]) is False
+        finally:
+            sys.stderr = real
+    finally:
+        zap.auth.stop()
+        ctx.destroy(linger=0)
+
+
+def test_keys_never_writes_through_a_dangling_link(tmp_path):
+    (tmp_path / "k").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "k" / "dang.key_secret")
+    r = subprocess.run(cli("keys", str(tmp_path / "k"), "dang"), capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 2 and "not overwritten" in r.stderr
+    assert not (tmp_path / "elsewhere").exists()
