@@ -192,3 +192,21 @@ def collateral(sock: zmq.Socket, seq: Sequencer, kind: MsgType, request_id: int,
     m = decode(sock.recv())
     assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY, m
     return m.fields
+
+
+def start_run(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
+    """``margin-engine run --config cfg`` in its own session (stderr to ``log``), waited
+    up; its segments unlinked by the ``spawn`` teardown."""
+    with open(log, "wb") as err:
+        proc = spawn(cli("run", "--config", str(cfg), *extra), segments=[name, name + "-ctl"],
+                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    wait_up(proc, name, log)
+    return proc
+
+
+def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A client DEALER (linger 0) connected to ``endpoint``."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s

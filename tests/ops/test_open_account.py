@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from engine.codes import Code
 from engine.runtime.harness import wait_until
 from engine.store.layout import AccountFlag
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode, encode_batch
-from ops_support import (BTC, REPO, USDT, book, cli, collateral, gateway_pid, ipc_endpoints, unique_name, wait_up,
+from ops_support import (BTC, USDT, book, collateral, dealer, gateway_pid, ipc_endpoints, start_run, unique_name,
                          write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -56,26 +55,16 @@ def order_check(sock: zmq.Socket, seq: Sequencer, request_id: int, account: int)
     return m.fields["code"]
 
 
-def start(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
-    with open(log, "wb") as err:
-        proc = spawn(cli("run", "--config", str(cfg), *extra), segments=[name, name + "-ctl"],
-                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
-    wait_up(proc, name, log)
-    return proc
-
-
 def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(spawn, ops_dir):
     root = Path(ops_dir)
     name = unique_name()
     ep = ipc_endpoints(ops_dir)
     cfg = write_config(root / "engine.toml", name, endpoints=ep,
                        engine={"accounts_capacity": "16", "state_dir": json.dumps(str(root / "state"))})
-    proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
     ctx = zmq.Context()
     try:
-        custody = ctx.socket(zmq.DEALER)
-        custody.setsockopt(zmq.LINGER, 0)
-        custody.connect(ep["checks"])
+        custody = dealer(ctx, ep["checks"])
         cseq = Sequencer()
         # Unknown before it is opened: an order check says 4002, a deposit 3003.
         assert order_check(custody, cseq, 1, 1000) == Code.CHECK_UNKNOWN_ACCOUNT
@@ -121,7 +110,7 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
     assert proc.wait(timeout=20) == 1
     shutil.rmtree(ep["runtime_dir"])
     log2 = root / "run2.err"
-    proc2 = start(spawn, cfg, name, log2)
+    proc2 = start_run(spawn, cfg, name, log2)
     err = log2.read_text()
     m = re.search(r"(\d+) deposits, (\d+) withdrawals, (\d+) accounts opened", err)
     assert m and tuple(map(int, m.groups())) == (2, 0, 4), err
@@ -129,9 +118,7 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
     # and the recovered gateway knows them: 1000 again is 3108, its check is answered
     ctx = zmq.Context()
     try:
-        custody = ctx.socket(zmq.DEALER)
-        custody.setsockopt(zmq.LINGER, 0)
-        custody.connect(ep["checks"])
+        custody = dealer(ctx, ep["checks"])
         cseq = Sequencer()
         assert open_account(custody, cseq, 1, 1000) == Code.ACCOUNT_EXISTS
         assert order_check(custody, cseq, 2, 1001) == Code.OK
@@ -148,12 +135,10 @@ def test_a_malformed_open_account_is_rejected_with_its_code(spawn, ops_dir):
     name = unique_name()
     ep = ipc_endpoints(ops_dir)
     cfg = write_config(root / "engine.toml", name, endpoints=ep)
-    proc = start(spawn, cfg, name, root / "run.err", "--accounts", "4")
+    proc = start_run(spawn, cfg, name, root / "run.err", "--accounts", "4")
     ctx = zmq.Context()
     try:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(ep["checks"])
+        s = dealer(ctx, ep["checks"])
         frame = encode(MsgType.OPEN_ACCOUNT, {"request_id": 1, "account": 50, "mode": "cross"}, seq=1, ts_ns=1)
         s.send(frame.replace(b"\xa5cross", b"\xa5crass"))
         assert s.poll(5_000)

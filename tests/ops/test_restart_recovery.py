@@ -27,8 +27,8 @@ import zmq
 
 from engine.runtime.harness import wait_until
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
-from ops_support import (BTC, REPO, USDT, book, cli, collateral, gateway_pid, ipc_endpoints, shm_exists, status,
-                         unique_name, wait_up, write_config)
+from ops_support import (BTC, REPO, USDT, book, cli, collateral, gateway_pid, ipc_endpoints, shm_exists, start_run,
+                         status, unique_name, write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -48,14 +48,6 @@ def custody_and_matching(ctx: zmq.Context, ep: dict) -> tuple[zmq.Socket, Sequen
     return checks, cseq, fills, fseq
 
 
-def start(spawn, cfg: Path, name: str, log: Path, *extra: str) -> subprocess.Popen:
-    with open(log, "wb") as err:
-        proc = spawn(cli("run", "--config", str(cfg), *extra), segments=[name, name + "-ctl"],
-                     stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
-    wait_up(proc, name, log)
-    return proc
-
-
 def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move(spawn, ops_dir):
     root = Path(ops_dir)
     name = unique_name()
@@ -63,7 +55,7 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     # the journal and snapshots in a state directory of their own, as under systemd
     cfg = write_config(root / "engine.toml", name, endpoints=ep,
                        engine={"state_dir": json.dumps(str(root / "state"))})
-    proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
 
     ctx = zmq.Context()
     try:
@@ -116,7 +108,7 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
         assert os.stat(root / "state" / f).st_mode & 0o777 == 0o600, f
 
     log2 = root / "run2.err"
-    proc2 = start(spawn, cfg, name, log2)                        # what Restart=on-failure runs
+    proc2 = start_run(spawn, cfg, name, log2)                        # what Restart=on-failure runs
     err = log2.read_text()
     # Snapshot: the new book of 10 empty accounts; journal: the batch and three collateral
     # records (two deposits, one withdrawal; the refused one is not there)
@@ -164,7 +156,7 @@ def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move
     proc2.send_signal(signal.SIGTERM)                            # clean: a snapshot at the journal's end
     assert proc2.wait(timeout=20) == 0, log2.read_text()
     log3 = root / "run3.err"
-    proc3 = start(spawn, cfg, name, log3)
+    proc3 = start_run(spawn, cfg, name, log3)
     assert re.search(r"replayed 0 journal records", log3.read_text()), log3.read_text()
     assert book(name) == before
     # Nothing replayed this time: the transfer window came back from the stop's snapshot.
@@ -200,7 +192,7 @@ def test_a_journal_without_its_snapshot_is_refused_until_fresh_sets_it_aside(spa
     assert "Traceback" not in r.stderr and "--fresh" in r.stderr, r.stderr
     assert not shm_exists(name)
 
-    proc = start(spawn, cfg, name, root / "fresh.err", "--fresh", "--accounts", "5")
+    proc = start_run(spawn, cfg, name, root / "fresh.err", "--fresh", "--accounts", "5")
     assert "kept the old book's file as" in (root / "fresh.err").read_text()
     assert [p.name.split(".set-aside-")[0] for p in run_dir.glob("*.set-aside-*")] == ["journal-00000001.log"]
     assert sorted(book(name)["accounts"]) == [1, 2, 3, 4, 5]
@@ -227,7 +219,7 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
     cfg = write_config(root / "engine.toml", name, endpoints=ep,
                        engine={"state_dir": json.dumps(str(state)), "snapshot_interval_s": "0.3"})
     log = root / "run1.err"
-    proc = start(spawn, cfg, name, log, "--accounts", "10")
+    proc = start_run(spawn, cfg, name, log, "--accounts", "10")
     snap = state / "state.snapshot"
     # the new book's snapshot points to the start of generation 1, and each one since
     # (every 0.3 s: some may have been taken already) to the start of a later one
@@ -278,7 +270,7 @@ def test_snapshots_while_running_bound_what_a_restart_replays(spawn, ops_dir):
     assert after_snapshot <= 1                                   # the second batch, unless a later snapshot has it
 
     log2 = root / "run2.err"
-    proc2 = start(spawn, cfg, name, log2)
+    proc2 = start_run(spawn, cfg, name, log2)
     m = re.search(r"replayed (\d+) journal records", log2.read_text())
     assert m and int(m.group(1)) == after_snapshot, log2.read_text()
     assert book(name) == before
@@ -326,7 +318,7 @@ def test_an_acknowledged_fills_stream_keeps_its_numbering_across_a_crash_and_a_c
         b = book(name)["accounts"]
         return b[1][3][0][2] if b[1][3] and b[2][3] and b[2][3][0][2] == -b[1][3][0][2] else -1
 
-    proc = start(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
     assert send(1, 2) == [(1, 0), (2, 0)]
     wait_until(lambda: long_units() == 20, 10.0, "frames 1 and 2 applied")
     os.kill(gateway_pid(name), signal.SIGKILL)
@@ -336,7 +328,7 @@ def test_an_acknowledged_fills_stream_keeps_its_numbering_across_a_crash_and_a_c
     # process logs are still there to read.
     assert os.path.exists(os.path.join(ep["runtime_dir"], "gateway.log"))
 
-    proc2 = start(spawn, cfg, name, root / "run2.err")
+    proc2 = start_run(spawn, cfg, name, root / "run2.err")
     # Frame 2 again (its ACK lost, say): a duplicate, 3001; frame 3 is new. 20 + 10 = 30 units.
     assert send(2, 3) == [(2, 3001), (3, 0)]
     wait_until(lambda: long_units() == 30, 10.0, "frame 3 applied")
@@ -345,7 +337,7 @@ def test_an_acknowledged_fills_stream_keeps_its_numbering_across_a_crash_and_a_c
     proc2.send_signal(signal.SIGTERM)
     assert proc2.wait(timeout=20) == 0
 
-    proc3 = start(spawn, cfg, name, root / "run3.err")           # from the stop's snapshot alone
+    proc3 = start_run(spawn, cfg, name, root / "run3.err")           # from the stop's snapshot alone
     assert re.search(r"replayed 0 journal records", (root / "run3.err").read_text())
     assert send(3) == [(3, 3001)]
     time.sleep(0.3)
