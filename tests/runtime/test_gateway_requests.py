@@ -9,6 +9,9 @@ of the wrong type and bytes that are not msgpack -- and plays the owning worker 
 each collateral request the gateway puts on a ring is answered applied or refused.
 Each request must be answered once: ORDER_CHECK_REPLY or COLLATERAL_REPLY with its
 ``request_id``, or REJECT for a malformed frame; a transfer applied twice is a failure.
+OPEN_ACCOUNTs of new ids (200-202, also drawn by the collateral requests) and known ones
+are mixed in: the played worker really adds the row, or refuses it full (3109); an id is
+opened at most once, and once open the gateway answers its next open 3108 itself.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from hypothesis import strategies as st
 from engine.codes import Code
 from engine.runtime import gateway as G
 from engine.runtime.ctl import RecordKind
+from engine.store.shm import Store
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode
 from runtime_support import close_gateway, gateway_state
 
@@ -51,7 +55,9 @@ def desk(tmp_path_factory):
     close_gateway(g, ctl, store)
 
 
-accounts = st.sampled_from(ACCOUNTS + [77])
+NEW_IDS = [200, 201, 202]
+OPENED: set[int] = set()                 # ids opened over the module's examples (the desk is shared)
+accounts = st.sampled_from(ACCOUNTS + [77, 200])
 assets = st.sampled_from(["USDT", "BTC", "DOGE"])
 collateral = st.fixed_dictionaries({
     "type": st.sampled_from([MsgType.DEPOSIT, MsgType.WITHDRAWAL]), "account": accounts, "asset": assets,
@@ -61,6 +67,8 @@ check = st.fixed_dictionaries({
     "type": st.just(MsgType.ORDER_CHECK), "account": accounts, "instrument_id": st.sampled_from([0, 1, 2, 999]),
     "qty_units": st.sampled_from([0, 1, -1, 1000, -10**9]), "price_units": st.sampled_from([0, -1, 1, 950_000]),
     "version": st.sampled_from([1, 2])})
+opens = st.fixed_dictionaries({"type": st.just(MsgType.OPEN_ACCOUNT), "account": st.sampled_from(ACCOUNTS + NEW_IDS),
+                               "applied": st.booleans()})
 junk = st.fixed_dictionaries({"type": st.just("junk"), "raw": st.sampled_from([
     b"\xc1", b"", msgpack.packb([1, 2]), msgpack.packb({"v": 1, "t": 10, "seq": 1, "ts_ns": 1}),
     msgpack.packb({"v": 2, "t": 11, "seq": 1, "ts_ns": 1, "request_id": 5, "account": 1, "asset": "USDT",
@@ -70,6 +78,8 @@ junk = st.fixed_dictionaries({"type": st.just("junk"), "raw": st.sampled_from([
 def frame_of(req: dict, rid: int, seq: int) -> bytes:
     if req["type"] == "junk":
         return req["raw"]
+    if req["type"] == MsgType.OPEN_ACCOUNT:
+        return encode(MsgType.OPEN_ACCOUNT, {"request_id": rid, "account": req["account"]}, seq=seq, ts_ns=1)
     if req["type"] == MsgType.ORDER_CHECK:
         body = {k: req[k] for k in ("account", "instrument_id", "qty_units", "price_units")}
         return encode(MsgType.ORDER_CHECK, {"request_id": rid, **body}, seq=seq, ts_ns=1, version=req["version"])
@@ -82,15 +92,28 @@ def frame_of(req: dict, rid: int, seq: int) -> bytes:
 
 def play_worker(g: G.Gateway, ctl, decisions: dict[int, bool]) -> int:
     """Answer every collateral request on the rings as its worker would: applied (code 0)
-    or refused (3104), by the test's draw for that request; returns how many."""
+    or refused (3104), by the test's draw for that request; an open, by adding the row
+    (code 0 and the row) or as a full partition (3109); returns how many."""
     n, worker = 0, Sequencer()
     for p in range(ctl.n_partitions):
         r, w = (int(x) for x in ctl.rings[p][0][["read_idx", "write_idx"]])
         for i in range(r, w):
             rec = ctl.records[p][i % ctl.capacity]
-            assert int(rec["kind"]) in (int(RecordKind.DEPOSIT), int(RecordKind.WITHDRAWAL))
             ticket = int(rec["ref"])
             applied = decisions.get(ticket, True)
+            if int(rec["kind"]) == int(RecordKind.OPEN_ACCOUNT):
+                code, row = int(Code.ACCOUNTS_FULL), -1
+                if applied:
+                    view = Store.attach(g.store.name, readonly=False)     # the worker's act
+                    try:
+                        code, row = 0, view.add_account(int(rec["delta"]))
+                    finally:
+                        view.detach()
+                g.on_worker_reply(worker.encode(MsgType.COLLATERAL_REPLY, {
+                    "request_id": ticket, "code": code, "balance_units": row}))
+                n += 1
+                continue
+            assert int(rec["kind"]) in (int(RecordKind.DEPOSIT), int(RecordKind.WITHDRAWAL))
             g.on_worker_reply(worker.encode(MsgType.COLLATERAL_REPLY, {
                 "request_id": ticket, "code": 0 if applied else int(Code.WITHDRAWAL_INSUFFICIENT_BALANCE),
                 "balance_units": 0}))
@@ -100,7 +123,7 @@ def play_worker(g: G.Gateway, ctl, decisions: dict[int, bool]) -> int:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(collateral, check, junk, st.just("retry")), min_size=1, max_size=20))
+@given(st.lists(st.one_of(collateral, check, opens, junk, st.just("retry")), min_size=1, max_size=20))
 def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, reqs):
     g, ctl, client = desk
     g.transfers.clear()                          # each example from an empty window
@@ -121,7 +144,8 @@ def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, req
         before = g._last_ticket
         g.on_request(ident, frame, 1)                             # must not raise
         if g._last_ticket != before:                              # went to a worker
-            assert req["type"] in (MsgType.DEPOSIT, MsgType.WITHDRAWAL)
+            assert req["type"] in (MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT)
+            assert req["type"] != MsgType.OPEN_ACCOUNT or (req["account"] not in OPENED and req["account"] not in ACCOUNTS)
             assert play_worker(g, ctl, {g._last_ticket: req["applied"]}) == 1
         assert client.poll(5000), f"no answer to {req}"
         m = decode(client.recv())
@@ -130,8 +154,15 @@ def test_every_request_is_answered_once_and_a_transfer_is_applied_once(desk, req
         if req["type"] == "junk":
             assert m.type == MsgType.REJECT
             continue
-        want = MsgType.ORDER_CHECK_REPLY if req["type"] == MsgType.ORDER_CHECK else MsgType.COLLATERAL_REPLY
+        want = {MsgType.ORDER_CHECK: MsgType.ORDER_CHECK_REPLY,
+                MsgType.OPEN_ACCOUNT: MsgType.OPEN_ACCOUNT_REPLY}.get(req["type"], MsgType.COLLATERAL_REPLY)
         assert (m.type, m.fields["request_id"]) == (want, rid)
+        if want == MsgType.OPEN_ACCOUNT_REPLY:
+            known = req["account"] in OPENED or req["account"] in ACCOUNTS
+            assert m.fields["code"] == (3108 if known else 0 if req["applied"] else 3109), (req, m)
+            if m.fields["code"] == 0:
+                OPENED.add(req["account"])
+                assert g.store.row_of(req["account"]) is not None
         if want == MsgType.COLLATERAL_REPLY and m.fields["code"] == 0 and req["transfer_id"] is not None:
             tid = 1000 * req["account"] + req["transfer_id"]
             assert tid not in applied_ids, f"transfer {tid} applied twice"
