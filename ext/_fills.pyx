@@ -40,13 +40,31 @@ Position ``q`` (units), ``c`` cost (settle units), ``s(x)`` the sign of x:
    removed (the last used slot moves into it) and its remaining isolated margin returns to
    ``balance[settle]`` (below zero only when closed past its bankruptcy price: that loss
    reaches the cross balance, as bad debt would).
+5. Isolated auto funding (``auto_fund``: the workers' wire fills, ``drain_fill_legs``, and
+   the journal replay): a leg given no isolated margin (``iso_delta == 0``) that leaves
+   an isolated, non-option position open (``q != 0``) moves into its isolated margin,
+   from ``balance[settle]``, what it lacks of its initial margin at the trade price::
+
+       N        = V(|q|) at P            (the trade-value formula on the whole new position)
+       IM       = ceil(N imr_k - init_amount_k S)   tier k: the last with floor_k <= N / S
+       equity   = isolated_margin + s(q) N - c      (linear; after rule 4's realized PnL)
+                  isolated_margin + c - s(q) N      (inverse)
+       transfer = max(0, IM - equity);  isolated_margin += transfer;  balance[settle] -= transfer
+
+   The tier floats are taken exactly (``m 2**e``) and IM is computed in 128-bit integers
+   (``isolated_im_units``), equal to the reference's ``Fraction`` arithmetic. Nothing
+   is ever taken out (a reduce that leaves more than IM keeps it); a full close is rule
+   4's (the margin comes home). The balance may go below zero (the order check decided
+   the trade). An explicit ``iso_delta`` turns the rule off for that leg, as does
+   ``auto_fund`` false (the checked API's default).
 
 Conservation (per settle asset, over both legs of a trade)::
 
     linear:  Q = sum(balance) + sum(isolated_margin) + fee_pool - sum(cost)
     inverse: Q = sum(balance) + sum(isolated_margin) + fee_pool + sum(cost)
 
-Proof: fee and isolated-margin moves are transfers inside Q. Linear open moves Q by
+Proof: fee and isolated-margin moves (``iso_delta`` and rule 5's transfer, which adds to
+``isolated_margin`` what it takes from ``balance``) are transfers inside Q. Linear open moves Q by
 ``-s(δ) V``; a reduce moves it by ``s(q) V_close - cost_removed + cost_removed - s(δ) V_open
 = -s(δ) V`` since ``s(q) = -s(δ)``. Inverse likewise by ``+s(δ) V``. The two legs of one
 trade have the same ``V`` and opposite ``δ``, so Q is unchanged exactly.
@@ -55,7 +73,11 @@ Checks, in order (a rejected leg changes nothing): ``δ == 0`` or ``δ == INT64_
 ``P <= 0``: 3006; contract size not an exact decimal or ``K`` too wide: 3004; mode not
 -1/0/1: 1008; no slot and none free: 3007; isolated margin rule broken: 3102; any result
 (V, realized, q, c, balance, isolated margin, fee pool) outside int64, or q == INT64_MIN
-(whose size, |q|, a liquidation must be able to state): 3005.
+(whose size, |q|, a liquidation must be able to state): 3005; then rule 5's: the
+position's notional N outside int64: 3005; a tier floor (past the first), or the chosen
+tier's imr or init_amount, not a finite number >= 0: 3004; ``floor(N imr_k)`` or
+``floor(init_amount_k S)`` at 2**64 or more: 3005; the funded balance or isolated margin
+outside int64: 3005.
 
 Writes to the account row and its slots are bracketed by the account's seqlock; the fee
 pool write by the partition row's seqlock (``fee_pool_seq``; NULL: the caller brackets it).
@@ -63,10 +85,10 @@ A rejected leg writes nothing, counters included. The caller must not be inside 
 seqlock already (a nested write_begin would make the counter even mid-write).
 """
 
-from libc.math cimport rint, isfinite
+from libc.math cimport rint, isfinite, frexp, ldexp
 from libc.stdint cimport int32_t, int64_t, uint64_t, INT64_MAX, INT64_MIN
 
-from _types cimport (InstrumentRow, AssetRow, AccountRow, PositionRow, MAX_ASSETS,
+from _types cimport (InstrumentRow, AssetRow, AccountRow, PositionRow, MAX_ASSETS, MAX_TIERS,
                      KIND_INVERSE_PERP, KIND_INVERSE_FUTURE, KIND_OPTION, MODE_CROSS, MODE_ISOLATED,
                      ACCOUNT_FLAG_ISOLATED_DEFAULT)
 from _seqlock cimport me_seqlock_write_begin, me_seqlock_write_end, me_prefetch_rw
@@ -231,16 +253,130 @@ cdef inline int find_slot(const PositionRow *slots, int n, int instrument) noexc
     return -1
 
 
+
+# ---------------------------------------------------------------- isolated auto funding
+cdef inline bint dbl_parts(double x, uint64_t *m, int *e) noexcept nogil:
+    """``x = m 2**e`` exactly (``m < 2**53``); False when ``x`` is not finite or is < 0."""
+    cdef int ex
+    cdef double f
+    if not (isfinite(x) and x >= 0.0):
+        return False
+    if x == 0.0:
+        m[0] = 0
+        e[0] = 0
+        return True
+    f = frexp(x, &ex)                      # x = f 2**ex, f in [0.5, 1), at most 53 bits
+    m[0] = <uint64_t>ldexp(f, 53)          # exact: an integer below 2**53
+    e[0] = ex - 53
+    return True
+
+
+cdef inline int bitlen_u(me_u128 x) noexcept nogil:
+    cdef int n = 0
+    while x != 0:
+        x >>= 1
+        n += 1
+    return n
+
+
+cdef inline bint floor_at_or_below(uint64_t mf, int ef, int64_t scale, int64_t n) noexcept nogil:
+    """``mf 2**ef <= n / scale`` exactly, i.e. ``mf scale 2**ef <= n`` (``0 <= n < 2**63``)."""
+    cdef me_u128 pf = <me_u128>mf * <me_u128>scale       # < 2**116
+    cdef me_u128 c
+    cdef int k
+    if pf == 0:
+        return True
+    if ef >= 0:
+        if ef >= 63:
+            return False                                  # pf 2**ef >= 2**63 > n
+        return pf <= (<me_u128>n >> ef)                   # integers: x 2**e <= n <=> x <= floor(n / 2**e)
+    k = -ef
+    if k > 127:
+        c = 1                                             # 0 < pf / 2**k < 1: its ceiling
+    else:
+        c = (pf + ((<me_u128>1) << k) - 1) >> k           # ceil(pf / 2**k) <= n <=> pf / 2**k <= n
+    return c <= <me_u128>n
+
+
+cdef inline bint split_dyadic(me_u128 p, int e, me_u128 *ip, me_u128 *r, int *k) noexcept nogil:
+    """``p 2**e = ip + r / 2**k`` with ``0 <= r < 2**k`` (``p < 2**117``); False when
+    ``ip >= 2**64``."""
+    if e >= 0:
+        if p != 0 and (e >= 64 or (p >> (64 - e)) != 0):
+            return False
+        ip[0] = p << e
+        r[0] = 0
+        k[0] = 0
+        return True
+    k[0] = -e
+    if k[0] >= 128:
+        ip[0] = 0
+        r[0] = p
+    else:
+        ip[0] = p >> k[0]
+        r[0] = p & (((<me_u128>1) << k[0]) - 1)
+    return (ip[0] >> 64) == 0
+
+
+cdef inline bint frac_gt(me_u128 ra, int ka, me_u128 rb, int kb) noexcept nogil:
+    """``ra / 2**ka > rb / 2**kb`` exactly (both below 1, ``ra, rb < 2**117``)."""
+    cdef int la, lb
+    if ra == 0:
+        return False
+    if rb == 0:
+        return True
+    la = bitlen_u(ra) - ka                 # ra / 2**ka in [2**(la-1), 2**la)
+    lb = bitlen_u(rb) - kb
+    if la != lb:
+        return la > lb
+    if ka <= kb:                           # bitlen(ra) + kb - ka == bitlen(rb) <= 117: no overflow
+        return (ra << (kb - ka)) > rb
+    return ra > (rb << (ka - kb))
+
+
+cdef int isolated_im_units(const InstrumentRow *ins, int64_t scale, int64_t n,
+                           me_i128 *im_out) noexcept nogil:
+    """``ceil(n imr_k - init_amount_k scale)``, exactly, for the tier ``k`` of notional
+    ``n / scale`` (``n`` settle units, ``0 <= n < 2**63``): the last tier with
+    ``floor_k <= n / scale`` (tier 0 when none). Each float64 is ``m 2**e`` exactly; the
+    two products ``n m`` and ``m scale`` are below 2**116; each is split into its integer
+    part and a binary fraction, so ``ceil(A - B) = floor(A) - floor(B) + (frac(A) > frac(B))``.
+    Returns 0; 3004 when a tier floor (past the first) or the chosen tier's imr or
+    init_amount is not a finite number >= 0; 3005 when ``floor(n imr)`` or
+    ``floor(init_amount scale)`` is 2**64 or more.
+    """
+    cdef int t, kk = 0, nt = ins.n_tiers, ef, ea, eb, fa, fb
+    cdef uint64_t mf, ma, mb
+    cdef me_u128 ia, ra, ib, rb
+    if nt > MAX_TIERS:
+        nt = MAX_TIERS
+    for t in range(1, nt):
+        if not dbl_parts(ins.tier_floor[t], &mf, &ef):
+            return CODE_FILL_UNKNOWN_INSTRUMENT
+        if floor_at_or_below(mf, ef, scale, n):
+            kk = t
+    if not dbl_parts(ins.tier_imr[kk], &ma, &ea) or not dbl_parts(ins.tier_init_amount[kk], &mb, &eb):
+        return CODE_FILL_UNKNOWN_INSTRUMENT
+    if not split_dyadic(<me_u128>n * <me_u128>ma, ea, &ia, &ra, &fa):
+        return CODE_FILL_BAD_QTY
+    if not split_dyadic(<me_u128>mb * <me_u128>scale, eb, &ib, &rb, &fb):
+        return CODE_FILL_BAD_QTY
+    im_out[0] = <me_i128>ia - <me_i128>ib + (1 if frac_gt(ra, fa, rb, fb) else 0)
+    return CODE_OK
+
+
 cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets,
                         AccountRow *acct, PositionRow *slots, int slots_per_account,
                         int64_t *fee_pool, uint64_t *fee_pool_seq, int instrument,
                         int64_t delta, int64_t price, int64_t fee, int mode,
-                        int64_t iso_delta) noexcept nogil:
+                        int64_t iso_delta, bint auto_fund) noexcept nogil:
     """Apply one leg (module docstring); on any reject change nothing.
 
     Steps: (1) check δ, P, the instrument ratio and the mode; (2) find or allocate the
-    slot; (3) compute every new value in 128 bits and check it fits int64; (4) write the
-    account row and its slots under the account's seqlock, then the fee pool.
+    slot; (3) compute every new value in 128 bits and check it fits int64, then the
+    isolated auto funding (rule 5: ``auto_fund``, ``iso_delta == 0``, an isolated non-option
+    position left open); (4) write the account row and its slots under the account's
+    seqlock, then the fee pool.
     """
     cdef LegOut out
     cdef const InstrumentRow *ins = &instruments[instrument]
@@ -251,7 +387,8 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
     cdef me_i128 q0 = 0, c0 = 0, iso0 = 0, q, c, iso, bal, pool, realized = 0
     cdef me_i128 sd, sq, cost_removed, v_close, v_open
     cdef uint64_t ad, aq, m
-    cdef int64_t v
+    cdef int64_t v, notional
+    cdef me_i128 im, equity
     cdef bint closed
     out.code = CODE_OK
     out.realized = 0
@@ -337,6 +474,27 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
             and fits64(bal) and fits64(pool)):        # q -2**63: |q| (a liquidation's size) is no int64
         out.code = CODE_FILL_BAD_QTY
         return out
+    # (3b) isolated auto funding: the initial margin the position lacks at P, from the balance
+    if auto_fund and iso_delta == 0 and pos_mode == MODE_ISOLATED and not closed and ins.kind != KIND_OPTION:
+        aq = <uint64_t>(-q) if q < 0 else <uint64_t>q     # q fits int64, not INT64_MIN
+        if not trade_value(inv, ratio, aq, price, &notional):
+            out.code = CODE_FILL_BAD_QTY
+            return out
+        code = isolated_im_units(ins, assets[settle].scale, notional, &im)
+        if code != CODE_OK:
+            out.code = code
+            return out
+        sq = 1 if q > 0 else -1
+        if inv:
+            equity = iso + c - sq * <me_i128>notional
+        else:
+            equity = iso + sq * <me_i128>notional - c
+        if im > equity:
+            iso = iso + (im - equity)
+            bal = bal - (im - equity)
+            if not (fits64(iso) and fits64(bal)):
+                out.code = CODE_FILL_BAD_QTY
+                return out
     # (4) writes
     me_seqlock_write_begin(&acct.seq)
     acct.balance[settle] = <int64_t>bal
@@ -372,7 +530,7 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
 def apply_leg(size_t instruments_addr, size_t assets_addr, size_t account_addr, size_t slots_addr,
               int slots_per_account, size_t fee_pool_addr, int instrument, int64_t delta_units,
               int64_t price_units, int64_t fee_units, int mode=-1,
-              int64_t isolated_margin_delta_units=0, size_t fee_pool_seq_addr=0):
+              int64_t isolated_margin_delta_units=0, size_t fee_pool_seq_addr=0, bint auto_fund=False):
     """Apply one trade leg to one account; return ``(code, realized_units, value_units)``.
 
     ``fee_pool_addr`` points at the partition's ``fee_pool[MAX_ASSETS]``,
@@ -380,14 +538,18 @@ def apply_leg(size_t instruments_addr, size_t assets_addr, size_t account_addr, 
     the fee pool write). ``mode`` -1 takes the account's ISOLATED_DEFAULT flag for a new
     position, but for an option, which is then cross: an isolated long option's initial
     margin (its premium) would be reserved by nothing, since the order check and
-    withdrawals weigh cross figures. See the module docstring.
+    withdrawals weigh cross figures. ``auto_fund``: a leg given no isolated margin
+    (``isolated_margin_delta_units == 0``) that leaves an isolated position open funds it
+    from the balance up to its initial margin at the trade price (rule 5 of the module
+    docstring). See the module docstring.
     """
     cdef LegOut r
     with nogil:
         r = apply_leg_c(<const InstrumentRow *>instruments_addr, <const AssetRow *>assets_addr,
                         <AccountRow *>account_addr, <PositionRow *>slots_addr, slots_per_account,
                         <int64_t *>fee_pool_addr, <uint64_t *>fee_pool_seq_addr, instrument,
-                        delta_units, price_units, fee_units, mode, isolated_margin_delta_units)
+                        delta_units, price_units, fee_units, mode, isolated_margin_delta_units,
+                        auto_fund)
     return r.code, r.realized, r.value
 
 
@@ -402,8 +564,9 @@ def apply_legs_batch(size_t instruments_addr, size_t assets_addr, size_t account
                      const int32_t[::1] instruments, const int64_t[::1] deltas,
                      const int64_t[::1] prices, const int64_t[::1] fees, const int32_t[::1] modes,
                      const int64_t[::1] iso_deltas, int32_t[::1] out_codes,
-                     int64_t[::1] out_realized, int64_t[::1] out_value):
-    """Apply legs ``0..n-1`` in order (each as ``apply_leg``); return how many were OK.
+                     int64_t[::1] out_realized, int64_t[::1] out_value, bint auto_fund=False):
+    """Apply legs ``0..n-1`` in order (each as ``apply_leg``, ``auto_fund`` for every
+    leg); return how many were OK.
 
     Leg ``i`` acts on account row ``rows[i]``; its fees go to the fee pool of that
     account's partition row (``partitions_addr + partition * partition_stride``, the pool
@@ -434,7 +597,8 @@ def apply_legs_batch(size_t instruments_addr, size_t assets_addr, size_t account
                                             * sizeof(PositionRow)),
                             slots_per_account,
                             <int64_t *>(prow + <size_t>fee_pool_offset), <uint64_t *>prow,
-                            instruments[i], deltas[i], prices[i], fees[i], modes[i], iso_deltas[i])
+                            instruments[i], deltas[i], prices[i], fees[i], modes[i], iso_deltas[i],
+                            auto_fund)
             out_codes[i] = r.code
             out_realized[i] = r.realized
             out_value[i] = r.value
@@ -452,6 +616,19 @@ def contract_ratio_of(size_t instrument_addr, size_t assets_addr):
     r.kd = 0
     code = contract_ratio(ins, (<const AssetRow *>assets_addr)[ins.settle_asset].scale, &r)
     return code, r.kn, r.kd
+
+
+def isolated_im_of(size_t instrument_addr, size_t assets_addr, int64_t notional_units):
+    """``(code, im_units)``: ``isolated_im_units`` of one instrument row (tests; the
+    reference is ``engine.accounting.fills.reference_isolated_im``)."""
+    cdef const InstrumentRow *ins = <const InstrumentRow *>instrument_addr
+    cdef me_i128 im = 0
+    cdef int code
+    if notional_units < 0:
+        raise ValueError("notional_units must be >= 0")
+    code = isolated_im_units(ins, (<const AssetRow *>assets_addr)[ins.settle_asset].scale,
+                             notional_units, &im)
+    return code, (int(<int64_t>(im >> 64)) << 64) + int(<uint64_t>im)   # exact, im >= -2**65
 
 
 # ---------------------------------------------------------------- ring drain (worker)
@@ -478,7 +655,9 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
     row and the ring index, mark it *applying*; (2) apply the leg (``apply_leg_c``);
     (3) commit the ring's read index past the record; (4) mark the undo area *idle*.
     A crash between (1) and (3) is rolled back by the next owner and the record applied
-    again; after (3) the record is done. Stops at the first record of another kind, at
+    again; after (3) the record is done. Each leg takes the account's default mode and
+    is auto funded (rule 5 of the module docstring: the wire carries no isolated margin).
+    Stops at the first record of another kind, at
     ``max_records``, or at the producer's write index.
 
     Returns ``(n_applied, n_ok)``; ``out_rows[i]``/``out_codes[i]`` are record ``i``'s
@@ -530,7 +709,8 @@ def drain_fill_legs(size_t instruments_addr, size_t assets_addr, size_t accounts
             me_atomic_store_u64(undo_state, UNDO_APPLYING)
             res = apply_leg_c(ins_tab, asset_tab, acct, slots, slots_per_account, fee_pool,   # (2)
                               <uint64_t *>partition_addr, rec.instrument, rec.delta, rec.price,
-                              rec.fee, MODE_ACCOUNT_DEFAULT, 0)
+                              rec.fee, MODE_ACCOUNT_DEFAULT, 0, True)   # auto funding: the wire carries
+                                                                         # no isolated margin
             r += 1
             me_atomic_store_u64(&ring.read_idx, r)                         # (3)
             me_atomic_store_u64(undo_state, UNDO_IDLE)                     # (4)

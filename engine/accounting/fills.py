@@ -20,10 +20,18 @@ per asset)::
     isolated:  balance[settle] += -fee - iso_delta;  isolated_margin += realized
     fee_pool[settle] += fee;  isolated_margin += iso_delta
     full close: balance[settle] += isolated_margin left (below 0 only past bankruptcy)
+    auto funding (``auto_fund``, iso_delta == 0, an isolated non-option position left open):
+        N = V(|q|) at P;  IM = ceil(N imr_k - init_amount_k S), tier k the last with
+        floor_k <= N/S (the float64 tier columns taken exactly);
+        equity = isolated_margin + s(q) N - c  (linear;  + c - s(q) N  inverse)
+        t = max(0, IM - equity);  isolated_margin += t;  balance[settle] -= t
 
 so that ``sum(balance) + sum(isolated_margin) + fee_pool - sum(cost)`` (linear; ``+ sum(cost)``
 inverse) is unchanged, exactly, by the two legs of a trade: each leg moves it by
-``-s(δ) V`` (inverse ``+s(δ) V``). The kernel's module docstring (ext/_fills.pyx) has the
+``-s(δ) V`` (inverse ``+s(δ) V``; the auto funding moves ``t`` from balance to isolated
+margin, inside the sum). The workers apply wire fills (which carry no isolated margin)
+with auto funding, and so does the journal replay; ``auto_fund`` defaults to False in
+this API, so explicit-``iso_delta`` callers see the rule of old. The kernel's module docstring (ext/_fills.pyx) has the
 proof and the order of the checks.
 
 ``apply_fill_leg`` / ``apply_fill_legs`` check every argument and return a reject code
@@ -84,6 +92,8 @@ class InstrumentParams:
     qty_scale: int               # quantity units per contract
     price_scale: int             # price units per 1 quote
     settle_scale: int            # settle units per 1 settle asset
+    # (floor, imr, init_amount) per tier, float64 as stored (the isolated auto funding's IM)
+    tiers: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 0.0),)
 
     @property
     def is_inverse(self) -> bool:
@@ -93,9 +103,12 @@ class InstrumentParams:
 def instrument_params(store: Store, instrument: int) -> InstrumentParams:
     """The fill parameters of ``store.instruments[instrument]``."""
     row = store.instruments[instrument]
+    nt = min(max(int(row["n_tiers"]), 1), L.MAX_TIERS)      # the kernel reads tier 0 whatever n_tiers
+    tiers = tuple((float(row["tier_floor"][t]), float(row["tier_imr"][t]), float(row["tier_init_amount"][t]))
+                  for t in range(nt))
     return InstrumentParams(int(row["kind"]), float(row["contract_size"]), int(row["qty_scale"]),
                             int(row["price_scale"]),
-                            int(store.assets[int(row["settle_asset"])]["scale"]))
+                            int(store.assets[int(row["settle_asset"])]["scale"]), tiers)
 
 
 # --------------------------------------------------------------------------- reference
@@ -151,16 +164,47 @@ def _fits(x: int) -> bool:
     return INT64_MIN <= x <= INT64_MAX
 
 
+def _nonneg_finite(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def reference_isolated_im(params: InstrumentParams, notional_units: int) -> tuple[Code, int]:
+    """``(code, IM)``: the initial margin of an isolated position of notional
+    ``notional_units`` (settle units) rounded up to a whole unit, over exact rationals:
+    tier ``k`` the last with ``floor_k <= N / S`` (tier 0 when none);
+    ``IM = ceil(N imr_k - init_amount_k S)`` with each float64 taken exactly.
+    3004: a tier floor past the first, or the chosen tier's imr or init_amount, is not a
+    finite number >= 0; 3005: ``floor(N imr_k)`` or ``floor(init_amount_k S)`` >= 2**64."""
+    n, scale = notional_units, params.settle_scale
+    k = 0
+    for t in range(1, len(params.tiers)):
+        floor = params.tiers[t][0]
+        if not _nonneg_finite(floor):
+            return Code.FILL_UNKNOWN_INSTRUMENT, 0
+        if Fraction(floor) <= Fraction(n, scale):
+            k = t
+    _floor, imr, init = params.tiers[k]
+    if not (_nonneg_finite(imr) and _nonneg_finite(init)):
+        return Code.FILL_UNKNOWN_INSTRUMENT, 0
+    a, b = n * Fraction(imr), Fraction(init) * scale
+    if math.floor(a) >= 2**64 or math.floor(b) >= 2**64:
+        return Code.FILL_BAD_QTY, 0
+    return Code.OK, math.ceil(a - b)
+
+
 def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int, fee_pool: int,
                         params: InstrumentParams, delta_units: int, price_units: int,
                         fee_units: int, *, mode: int = MODE_ACCOUNT_DEFAULT,
                         isolated_margin_delta_units: int = 0, isolated_default: bool = False,
-                        slots_full: bool = False) -> RefLeg:
+                        slots_full: bool = False, auto_fund: bool = False) -> RefLeg:
     """Apply one leg to ``position = (mode, qty, cost, isolated_margin)`` (None: no slot).
 
     Same rule, same checks in the same order as the kernel (module docstring): 3005, 3006,
     3004, 1008, 3007, 3102, then 3005 for any result outside int64 (and a position of
-    -2**63, whose size is not one). ``slots_full``: the
+    -2**63, whose size is not one), then the isolated auto funding's (``auto_fund``, no
+    isolated margin given, an isolated non-option position left open): 3005 when the
+    position's notional ``N`` leaves int64, ``reference_isolated_im``'s 3004/3005, 3005 when
+    the funded balance or isolated margin leaves int64. ``slots_full``: the
     account has no free slot. The returned position is None when the leg closed it.
     """
     def reject(code: Code) -> RefLeg:
@@ -226,6 +270,23 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     pool = fee_pool + fee
     if not all(_fits(x) for x in (realized, q, c, iso, bal, pool)) or q == INT64_MIN:   # |q| must fit
         return reject(Code.FILL_BAD_QTY)
+    if auto_fund and iso_delta == 0 and pos_mode == L.Mode.ISOLATED and not closed \
+            and params.kind != Kind.OPTION:
+        # the initial margin the position lacks at P comes from the balance (a transfer)
+        if params.is_inverse:
+            n = round(Fraction(abs(q) * k.numerator, k.denominator * price))
+        else:
+            n = round(Fraction(abs(q) * price * k.numerator, k.denominator))
+        if n > INT64_MAX:
+            return reject(Code.FILL_BAD_QTY)
+        code, im = reference_isolated_im(params, n)
+        if code != Code.OK:
+            return reject(code)
+        upnl = (c - _sign(q) * n) if params.is_inverse else (_sign(q) * n - c)
+        transfer = max(0, im - (iso + upnl))
+        iso, bal = iso + transfer, bal - transfer
+        if not (_fits(iso) and _fits(bal)):
+            return reject(Code.FILL_BAD_QTY)
     new_pos = None if closed else (pos_mode, q, c, iso)
     return RefLeg(Code.OK, new_pos, bal, pool, realized, v)
 
@@ -267,7 +328,7 @@ def route_reject(fill: dict, n_instruments: int, taker_row: int | None, maker_ro
 
 def apply_fill_leg(store: Store, partition: int, row: int, instrument: int, delta_units: int,
                    price_units: int, fee_units: int, *, mode: int | None = None,
-                   isolated_margin_delta_units: int = 0) -> LegResult:
+                   isolated_margin_delta_units: int = 0, auto_fund: bool = False) -> LegResult:
     """Check one leg's arguments, then apply it with the kernel; never raise for bad input.
 
     Checks, in order: ``partition`` and ``row`` name a used account row of that
@@ -276,6 +337,9 @@ def apply_fill_leg(store: Store, partition: int, row: int, instrument: int, delt
     int64 (3102); ``mode`` None (the account's default), 0 or 1 (1008). The kernel then
     checks the rule's own conditions (module docstring). The fee goes to ``partition``'s
     fee pool, written under that partition row's seqlock (the caller must not hold it).
+    ``auto_fund``: a leg with ``isolated_margin_delta_units == 0`` that leaves an isolated
+    position open moves into its isolated margin, from the balance, what it lacks of its
+    initial margin at the trade price (the workers' rule for wire fills; module docstring).
     A rejected leg changes no byte of the store.
     """
     if store.readonly:
@@ -308,7 +372,7 @@ def apply_fill_leg(store: Store, partition: int, row: int, instrument: int, delt
     code, realized, value = _fills.apply_leg(
         store.addr(store.instruments), store.addr(store.assets), store.addr(store.accounts, r),
         store.addr(store.positions, r * store.slots_per_account), store.slots_per_account,
-        prow + _FEE_POOL_OFFSET, i, d, px, fee, m, iso, prow)
+        prow + _FEE_POOL_OFFSET, i, d, px, fee, m, iso, prow, bool(auto_fund))
     return LegResult(Code(code), int(realized), int(value))
 
 
@@ -336,11 +400,12 @@ def _int_array(x, n: int, lo: int, hi: int, dtype) -> tuple[np.ndarray, np.ndarr
 
 
 def apply_fill_legs(store: Store, rows, instruments, deltas, prices, fees, modes=None,
-                    iso_deltas=None) -> BatchResult:
+                    iso_deltas=None, *, auto_fund: bool = False) -> BatchResult:
     """Apply legs in order with the kernel (one GIL release); return per-leg outcomes.
 
     Each argument is a 1-D integer array of one length (``modes``/``iso_deltas`` default to
-    the account default / 0). Per leg, the same checks as ``apply_fill_leg`` (the
+    the account default / 0); ``auto_fund`` as in ``apply_fill_leg``, for every leg (the
+    journal replay passes True, as the workers apply wire fills). Per leg, the same checks as ``apply_fill_leg`` (the
     partition is the account row's own); a leg failing them is not given to the kernel
     and changes nothing, the others are applied in their order. Mismatched lengths or
     shapes are a caller bug: ValueError.
@@ -393,7 +458,7 @@ def apply_fill_legs(store: Store, rows, instruments, deltas, prices, fees, modes
             g_rows, np.ascontiguousarray(ins_v[good]), np.ascontiguousarray(d_v[good]),
             np.ascontiguousarray(px_v[good]), np.ascontiguousarray(fee_v[good]),
             np.ascontiguousarray(mode_v[good]), np.ascontiguousarray(iso_v[good]),
-            out_codes, out_real, out_val)
+            out_codes, out_real, out_val, bool(auto_fund))
         codes[good] = out_codes
         realized[good] = out_real
         value[good] = out_val

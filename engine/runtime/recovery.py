@@ -5,7 +5,8 @@
 Every change to a balance or a position reaches the book through a journaled record:
 fills frames (journaled by the gateway before any leg is routed) and the DEPOSIT and
 WITHDRAWAL frames the owning worker applied (journaled before the client is answered).
-Fill legs are applied by the same integer kernel as live (``apply_fill_legs``), after
+Fill legs are applied by the same integer kernel as live (``apply_fill_legs``, auto funding
+isolated positions as the workers do), after
 the same routing rule (``route_reject``), so a replayed fill moves the book exactly as
 it did live; a collateral record credits or debits its balance without deciding again
 (the worker's margin check was made at the prices of that moment). Balances only add,
@@ -402,7 +403,7 @@ class _FillChunks:
         rows = legs(taker[ok], maker[ok])
         res = apply_fill_legs(store, rows, legs(g["instrument_id"], g["instrument_id"]),
                               legs(g["qty_units"], -g["qty_units"]), legs(g["price_units"], g["price_units"]),
-                              legs(g["taker_fee_units"], g["maker_fee_units"]))
+                              legs(g["taker_fee_units"], g["maker_fee_units"]), auto_fund=True)
         bad = res.codes != Code.OK
         st.legs_rejected += int(bad.sum())
         for c in res.codes[bad].tolist():
@@ -429,7 +430,7 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
     def apply_legs() -> None:
         if not legs[0]:
             return
-        res = apply_fill_legs(store, *(np.asarray(c, np.int64) for c in legs))
+        res = apply_fill_legs(store, *(np.asarray(c, np.int64) for c in legs), auto_fund=True)
         bad = res.codes != Code.OK
         st.legs_rejected += int(bad.sum())
         for c in res.codes[bad].tolist():
