@@ -204,14 +204,15 @@ def private_store(config: Config, setup) -> Store:
 
 def apply_privately(config: Config, setup, fills: list[dict]) -> Store:
     """The books after ``fills`` (all valid) applied from scratch with engine.accounting.fills,
-    leg by leg as the gateway splits them: taker ``+q`` then maker ``-q``."""
+    leg by leg as the gateway splits them: taker ``+q`` then maker ``-q``, isolated
+    positions auto funded as the workers do."""
     st = private_store(config, setup)
     for f in fills:
         for acct, delta, fee in ((f["taker_account"], f["qty_units"], f["taker_fee_units"]),
                                  (f["maker_account"], -f["qty_units"], f["maker_fee_units"])):
             row = st.row_of(acct)
             res = apply_fill_leg(st, int(st.accounts[row]["partition"]), row, f["instrument_id"],
-                                 delta, f["price_units"], fee)
+                                 delta, f["price_units"], fee, auto_fund=True)
             assert res.code == Code.OK, (f, res)
     return st
 
