@@ -41,9 +41,10 @@ Position ``q`` (units), ``c`` cost (settle units), ``s(x)`` the sign of x:
    ``balance[settle]`` (below zero only when closed past its bankruptcy price: that loss
    reaches the cross balance, as bad debt would).
 5. Isolated auto funding (``auto_fund``: the workers' wire fills, ``drain_fill_legs``, and
-   the journal replay): a leg given no isolated margin (``iso_delta == 0``) that leaves
-   an isolated, non-option position open (``q != 0``) moves into its isolated margin,
-   from ``balance[settle]``, what it lacks of its initial margin at the trade price::
+   the journal replay): a leg given no isolated margin (``iso_delta == 0``) that opens,
+   increases or flips an isolated, non-option position (a reduce is left alone, as the
+   order check accepts it whatever the margin) moves into its isolated margin, from
+   ``balance[settle]``, what it lacks of its initial margin at the trade price::
 
        N        = V(|q|) at P            (the trade-value formula on the whole new position)
        IM       = ceil(N imr_k - init_amount_k S)   tier k: the last with floor_k <= N / S
@@ -475,7 +476,9 @@ cdef LegOut apply_leg_c(const InstrumentRow *instruments, const AssetRow *assets
         out.code = CODE_FILL_BAD_QTY
         return out
     # (3b) isolated auto funding: the initial margin the position lacks at P, from the balance
-    if auto_fund and iso_delta == 0 and pos_mode == MODE_ISOLATED and not closed and ins.kind != KIND_OPTION:
+    # (only a leg that opens, increases or flips the position: a reduce pulls nothing in)
+    if (auto_fund and iso_delta == 0 and pos_mode == MODE_ISOLATED and not closed and ins.kind != KIND_OPTION
+            and (q0 == 0 or (q0 > 0) == (delta > 0) or (q > 0) != (q0 > 0))):
         aq = <uint64_t>(-q) if q < 0 else <uint64_t>q     # q fits int64, not INT64_MIN
         if not trade_value(inv, ratio, aq, price, &notional):
             out.code = CODE_FILL_BAD_QTY

@@ -20,7 +20,8 @@ per asset)::
     isolated:  balance[settle] += -fee - iso_delta;  isolated_margin += realized
     fee_pool[settle] += fee;  isolated_margin += iso_delta
     full close: balance[settle] += isolated_margin left (below 0 only past bankruptcy)
-    auto funding (``auto_fund``, iso_delta == 0, an isolated non-option position left open):
+    auto funding (``auto_fund``, iso_delta == 0, a leg opening, increasing or flipping an
+    isolated non-option position; a reduce is left alone):
         N = V(|q|) at P;  IM = ceil(N imr_k - init_amount_k S), tier k the last with
         floor_k <= N/S (the float64 tier columns taken exactly);
         equity = isolated_margin + s(q) N - c  (linear;  + c - s(q) N  inverse)
@@ -270,8 +271,9 @@ def reference_apply_leg(position: tuple[int, int, int, int] | None, balance: int
     pool = fee_pool + fee
     if not all(_fits(x) for x in (realized, q, c, iso, bal, pool)) or q == INT64_MIN:   # |q| must fit
         return reject(Code.FILL_BAD_QTY)
+    grows = q0 == 0 or (q0 > 0) == (d > 0) or (q > 0) != (q0 > 0)     # opens, increases or flips
     if auto_fund and iso_delta == 0 and pos_mode == L.Mode.ISOLATED and not closed \
-            and params.kind != Kind.OPTION:
+            and params.kind != Kind.OPTION and grows:
         # the initial margin the position lacks at P comes from the balance (a transfer)
         if params.is_inverse:
             n = round(Fraction(abs(q) * k.numerator, k.denominator * price))

@@ -335,3 +335,18 @@ def test_auto_funded_legs_kernel_equals_reference_and_conserve(trades, iso_defau
         event(f"codes {sorted({int(r.code) for r in refs})}")
         q0 = q1
     event(f"legs with a transfer > 0: {min(n_funded, 5)}{'+' if n_funded >= 5 else ''}")
+
+
+def test_a_reduce_pulls_nothing_in_even_after_an_adverse_move():
+    """A reduce is left alone (the order check accepts any pure reduce, whatever the
+    margin, and venues do not top a position up as it is cut): open long 1 BTC at 95,000
+    (margin 850,000,001, as above), then sell 0.5 at 80,000: V = 40,000, cost removed
+    47,500, realized -7,500 into the margin: 850,000,001 - 7,500,000,000 =
+    -6,649,999,999 units; the balance stays 9,149,999,999 (funding it to IM at 80,000
+    would have pulled ~14,470 USDT from the cross balance)."""
+    store, r = default_store()
+    store.set_balance(r, USDT, 10_000 * USDT_1)
+    assert leg(store, r, BTCUSDT, QBTC, 95_000 * PX).code == OK
+    assert leg(store, r, BTCUSDT, -QBTC // 2, 80_000 * PX).code == OK
+    assert iso_position(store, r, BTCUSDT) == (Mode.ISOLATED, 500, 47_500 * USDT_1, -6_649_999_999)
+    assert int(store.accounts[r]["balance"][USDT]) == 9_149_999_999
