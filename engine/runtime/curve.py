@@ -6,8 +6,10 @@ CurveZMQ: the client proves it holds the secret half of a public key, and the
 connection is encrypted). A ZAP handler in each binding process (pyzmq's
 ``ThreadAuthenticator``, one thread, consulted only while a connection is set up)
 admits a client only if its public key is one of the ``*.key`` files in
-``curve_allowed_keys``. One allowlist covers every endpoint: an allowed key may use any
-of them. A refused client's connection is dropped during the handshake: nothing it
+``curve_allowed_keys``: a key file at its top level may use every endpoint, one in its
+subdirectory ``oracle/``, ``fills/``, ``checks/``, ``orders/`` or ``events/`` only that
+endpoint (each socket names its endpoint as its ZAP domain), so an operator's event
+subscriber need not be able to send fills. A refused client's connection is dropped during the handshake: nothing it
 sends reaches the engine; the process's log names the first refused keys and then
 counts the rest (a peer trying fresh keys cannot fill the log). ``ipc://`` endpoints
 are left as they are, and so are the engine's internal sockets (in the owner-only
@@ -43,6 +45,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+ENDPOINTS = ("oracle", "fills", "checks", "orders", "events")    # the allowlist's subdirectories
 REFUSED_NAMED = 16              # refused keys named one by one in the log; the rest counted
 REFUSED_REMEMBERED = 1024       # the most recent refused keys remembered (so each is named once)
 REFUSED_SUMMARY_S = 60.0        # a line with the count of refusals at most this often
@@ -86,7 +89,7 @@ class Keys:
 
     public: bytes
     secret: bytes
-    allowed: frozenset
+    allowed: frozenset              # (endpoint name or "*", key) pairs
     orders_server: bytes = b""
 
 
@@ -126,10 +129,17 @@ def load(sec: Security) -> Keys:
                             f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")
     if not os.path.isdir(sec.curve_allowed_keys):
         raise SecurityError(f"security.curve_allowed_keys: {sec.curve_allowed_keys} is not a directory")
-    allowed = frozenset(_certificate(str(p), "security.curve_allowed_keys")[0]
-                        for p in sorted(Path(sec.curve_allowed_keys).glob("*.key")))
+    top = Path(sec.curve_allowed_keys)
+    for sub in sorted(p.name for p in top.iterdir() if p.is_dir()):
+        if sub not in ENDPOINTS:
+            raise SecurityError(f"security.curve_allowed_keys: {top / sub}: a subdirectory must be named for "
+                                f"an endpoint, one of {', '.join(ENDPOINTS)}")
+    allowed = frozenset((domain, _certificate(str(p), "security.curve_allowed_keys")[0])
+                        for domain, d in [("*", top)] + [(e, top / e) for e in ENDPOINTS if (top / e).is_dir()]
+                        for p in sorted(d.glob("*.key")))
     if not allowed:
-        raise SecurityError(f"security.curve_allowed_keys: no *.key file in {sec.curve_allowed_keys}")
+        raise SecurityError(f"security.curve_allowed_keys: no *.key file in {sec.curve_allowed_keys} "
+                            "or its endpoint subdirectories")
     server = b""
     if sec.curve_orders_server_key:
         server = _certificate(sec.curve_orders_server_key, "security.curve_orders_server_key")[0]
@@ -143,7 +153,7 @@ def stage(sec: Security, directory: str) -> str:
     k = load(sec)
     path = os.path.join(directory, "curve.keys")
     lines = [b"public " + k.public, b"secret " + k.secret, b"orders_server " + (k.orders_server or b"-")]
-    lines += [b"allow " + a for a in sorted(k.allowed)]
+    lines += [b"allow " + d.encode() + b" " + a for d, a in sorted(k.allowed)]
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
@@ -159,7 +169,8 @@ def read_staged(path: str) -> Keys:
             k, _, v = line.partition(b" ")
             got[k].append(v)
     server = got[b"orders_server"][0]
-    return Keys(got[b"public"][0], got[b"secret"][0], frozenset(got[b"allow"]), b"" if server == b"-" else server)
+    allowed = frozenset((d.decode(), key) for d, _, key in (v.partition(b" ") for v in got[b"allow"]))
+    return Keys(got[b"public"][0], got[b"secret"][0], allowed, b"" if server == b"-" else server)
 
 
 # ------------------------------------------------------------------ process side
@@ -195,17 +206,18 @@ class _Allowlist:
     process would then admit nobody."""
 
     def __init__(self, ctx: zmq.Context, keys: Keys):
-        self.keys = keys.allowed
+        self.keys = keys.allowed            # (domain, key): "*" for every endpoint
         self.refused: collections.OrderedDict = collections.OrderedDict()
         self.named = self.count = self.count_logged = 0
         self.summary_at = 0.0
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
-        self.auth.configure_curve_callback("*", self)
+        for domain in ("*",) + ENDPOINTS:          # pyzmq asks the provider of the socket's domain
+            self.auth.configure_curve_callback(domain, self)
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
-            if key in self.keys:
+            if ("*", key) in self.keys or (domain, key) in self.keys:
                 return True
             self.count += 1
             if key in self.refused:
@@ -238,10 +250,14 @@ class _Allowlist:
             pass
 
 
-def bind(sock: zmq.Socket, endpoint: str) -> None:
-    """Bind an external endpoint: a CURVE server behind the allowlist when CURVE is on
-    and the endpoint is ``tcp://``, a plain bind otherwise."""
+def bind(sock: zmq.Socket, endpoint: str, name: str) -> None:
+    """Bind the external endpoint ``name`` (one of ``ENDPOINTS``): a CURVE server behind
+    the allowlist, its ZAP domain the endpoint's name, when CURVE is on and the endpoint
+    is ``tcp://``; a plain bind otherwise."""
+    if name not in ENDPOINTS:
+        raise ValueError(f"endpoint name {name!r}: one of {ENDPOINTS}")
     if _KEYS is not None and endpoint.startswith("tcp://"):
+        sock.zap_domain = name.encode()
         with _LOCK:
             if id(sock.context) not in _AUTH:
                 _AUTH[id(sock.context)] = _Allowlist(sock.context, _KEYS)

@@ -141,9 +141,9 @@ class Gateway:
         self.zctx = process.zmq_context()
         # PULL by default; with acks a ROUTER answers every fills frame (ACK / REJECT).
         self.fills_acks = fills_acks
-        self.fills = self._bind(zmq.ROUTER if fills_acks else zmq.PULL, fills_endpoint)
-        self.checks = self._bind(zmq.ROUTER, checks_endpoint)
-        self.replies = self._bind(zmq.PULL, replies_endpoint)
+        self.fills = self._bind(zmq.ROUTER if fills_acks else zmq.PULL, fills_endpoint, "fills")
+        self.checks = self._bind(zmq.ROUTER, checks_endpoint, "checks")
+        self.replies = self._bind(zmq.PULL, replies_endpoint, None)
         self.events = self.zctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 500)
         self.events.setsockopt(zmq.SNDHWM, 10000)
@@ -219,11 +219,16 @@ class Gateway:
         self._jrecs = 0
         self._acks: list[tuple[bytes, int]] = []         # (DEALER identity, first seq) to ACK
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, name: str | None) -> zmq.Socket:
+        """A socket bound at ``endpoint``: an external one (``name``) behind the CURVE
+        allowlist over tcp when it is set, an internal one (None) plainly."""
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, 100_000)
-        curve.bind(s, endpoint)                      # behind the CURVE allowlist over tcp, when set
+        if name is None:
+            s.bind(endpoint)
+        else:
+            curve.bind(s, endpoint, name)
         return s
 
     def set_asset_names(self, names: list[str]) -> None:

@@ -39,7 +39,7 @@ def _sockets(ctx: zmq.Context, front_ep: str, back_ep: str, back_kind: int,
     back = ctx.socket(back_kind)
     back.setsockopt(zmq.LINGER, 1000)
     back.setsockopt(zmq.SNDHWM, 100_000)
-    curve.bind(back, back_ep)                  # behind the CURVE allowlist over tcp, when set
+    curve.bind(back, back_ep, "events" if back_kind == zmq.PUB else "orders")    # CURVE over tcp, when set
     ctrl = ctx.socket(zmq.SUB)
     ctrl.setsockopt(zmq.SUBSCRIBE, b"")
     ctrl.connect(stop_ep)

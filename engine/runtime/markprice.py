@@ -79,7 +79,7 @@ class MarkPriceProcess:
         self.zctx = process.zmq_context()
         self.sock = self.zctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
-        curve.bind(self.sock, oracle_endpoint)              # behind the CURVE allowlist over tcp, when set
+        curve.bind(self.sock, oracle_endpoint, "oracle")    # behind the CURVE allowlist over tcp, when set
         self.events = self.zctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 500)
         self.events.setsockopt(zmq.SNDHWM, 10000)

@@ -46,17 +46,20 @@ def free_tcp_endpoints(n: int) -> list[str]:
 
 
 def make_keys(root: Path) -> dict[str, Path]:
-    """Key pairs for the engine, the matching engine (allowed) and mallory (not), made by
-    the real command; the allowlist directory holds the matching engine's public key."""
+    """Key pairs for the engine, the matching engine (allowed everywhere), a watcher
+    (allowed on the events endpoint only: its key in ``allowed/events/``) and mallory (not
+    allowed), made by the real command."""
     keys = root / "keys"
     keys.mkdir()
-    for who in ("engine", "matching", "mallory"):
+    for who in ("engine", "matching", "mallory", "watcher"):
         r = subprocess.run(cli("keys", str(keys), who), capture_output=True, text=True, timeout=30, cwd=REPO)
         assert r.returncode == 0, r.stderr
     assert os.stat(keys / "engine.key_secret").st_mode & 0o777 == 0o600
     allow = root / "allowed"
     allow.mkdir()
-    shutil.copy(keys / "matching.key", allow / "matching.key")
+    shutil.copy(keys / "matching.key", allow / "matching.key")       # every endpoint
+    (allow / "events").mkdir()
+    shutil.copy(keys / "watcher.key", allow / "events" / "watcher.key")     # the events endpoint only
     return {"dir": keys, "allowed": allow}
 
 
@@ -147,10 +150,19 @@ def test_only_allowlisted_curve_clients_reach_the_tcp_endpoints(spawn, ops_dir):
         push.send(encode_batch(MsgType.FILL, [{**fill, "trade_id": 2}], first_seq=2, ts_ns=time.time_ns()))
         assert first_event(sub, 10.0) is not None                  # the allowed subscriber's
         assert first_event(msub, NOT_IN_S) is None
+        # The watcher, allowed on events only: it hears the next rejected fill, and its
+        # deposit on the checks endpoint gets nothing (its key is not allowed there).
+        wsub = client(ctx, zmq.SUB, events, k["dir"], "watcher")
+        time.sleep(0.5)
+        push.send(encode_batch(MsgType.FILL, [{**fill, "trade_id": 3}], first_seq=3, ts_ns=time.time_ns()))
+        assert first_event(wsub, 10.0) is not None
+        wdealer = client(ctx, zmq.DEALER, checks, k["dir"], "watcher")
+        assert deposit(wdealer, 5, 1, 1_000, NOT_IN_S) is None
         # Only the allowed client's 10 USDT is in the book (the others' 1,000 each are not);
         # and the engine still serves it.
         assert usdt_balance(name, 1) == 10 * USDT
         assert deposit(ok, 4, 1, 5, 10.0) == {"request_id": 4, "code": 0, "balance_units": 15 * USDT}
+        assert usdt_balance(name, 1) == 15 * USDT                       # not the watcher's 1,000
     finally:
         ctx.destroy(linger=0)
 
@@ -203,6 +215,11 @@ def test_security_settings_that_cannot_work_are_refused_by_name(keys, tmp_path):
     bad = tmp_path / "bad"                        # an allowlist key that is not 40 z85 characters
     bad.mkdir()
     (bad / "x.key").write_text('metadata\ncurve\n    public-key = "xyz"\n')
+    odd = tmp_path / "odd"                        # a subdirectory that names no endpoint
+    (odd / "fils").mkdir(parents=True)
+    shutil.copy(d / "matching.key", odd / "matching.key")
+    assert "a subdirectory must be named for an endpoint" in _security(
+        tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{odd}"\n')
     assert "not a CURVE key (40 z85 characters)" in _security(
         tmp_path, f'curve_secret_key = "{secret}"\ncurve_allowed_keys = "{bad}"\n')
     os.chmod(secret, 0o640)
@@ -271,7 +288,8 @@ def test_the_keys_are_read_once_and_staged_for_every_process(keys, tmp_path):
     (allow / "half.key").write_text("metadata\n")                   # half copied
     (allow / "matching.key").unlink()
     k = curve.read_staged(path)
-    assert k.allowed == frozenset({matching}) and k.orders_server == b""
+    watcher = zmq.auth.load_certificate(d / "watcher.key")[0]
+    assert k.allowed == frozenset({("*", matching), ("events", watcher)}) and k.orders_server == b""
     assert zmq.curve_public(k.secret) == k.public == zmq.auth.load_certificate(d / "engine.key")[0]
 
 
@@ -284,9 +302,13 @@ def test_the_zap_handler_names_a_few_refused_keys_counts_the_rest_and_never_rais
     ctx = zmq.Context()
     public, secret = zmq.auth.load_certificate(d / "engine.key_secret")
     allowed = zmq.auth.load_certificate(d / "matching.key")[0]
-    zap = curve._Allowlist(ctx, curve.Keys(public, secret, frozenset({allowed})))
+    watcher = zmq.auth.load_certificate(d / "watcher.key")[0]
+    zap = curve._Allowlist(ctx, curve.Keys(public, secret, frozenset({("*", allowed), ("events", watcher)})))
     try:
-        assert zap.callback("", allowed) is True
+        assert zap.callback("fills", allowed) is True
+        assert (zap.callback("events", watcher), zap.callback("fills", watcher)) == (True, False)
+        zap.named = zap.count = zap.count_logged = 0
+        capfd.readouterr()                                               # (the watcher's refusal on fills)
         fresh = [zmq.curve_keypair()[0] for _ in range(2_000)]
         assert not any(zap.callback("", k) for k in fresh)
         err = capfd.readouterr().err
