@@ -112,6 +112,7 @@ F64 = Kind(float, doc="float64, finite (an int is accepted)")
 NAME = Kind(str, 1, MAX_NAME_CHARS, ascii=True, doc="str, ASCII, 1..64 bytes")
 TEXT = Kind(str, 0, MAX_DETAIL_CHARS, doc="str, UTF-8, 0..1024 code points")
 SIDE = Kind(str, 3, 4, choices=frozenset({"buy", "sell"}), doc='str, "buy" or "sell"')
+MODE = Kind(str, 5, 8, choices=frozenset({"cross", "isolated"}), doc='str, "cross" or "isolated"')
 NAME_OR_NIL = NAME._replace(nullable=True, doc="str (as NAME) or nil")
 ID_OR_NIL = ID._replace(nullable=True, doc="int64 >= 0, or nil")
 
@@ -161,7 +162,8 @@ SCHEMAS: dict[MsgType, dict[str, tuple[Kind, bool]]] = {
     },
     MsgType.OPEN_ACCOUNT: {
         "request_id": (ID, REQ),
-        "account": (ID, REQ),              # the new account's id (its partition: id mod partitions); cross
+        "account": (ID, REQ),              # the new account's id (its partition: id mod partitions)
+        "mode": (MODE, OPT),               # its new positions' margin mode: "cross" (absent) or "isolated"
     },
     MsgType.OPEN_ACCOUNT_REPLY: {
         "request_id": (ID, REQ),
@@ -788,7 +790,7 @@ EXAMPLES: dict[MsgType, dict] = {
     MsgType.WITHDRAWAL: {"request_id": 78, "account": 2002, "asset": "USDT",
                          "amount_units": 1_000_000_000, "transfer_id": 7_700_032},
     MsgType.COLLATERAL_REPLY: {"request_id": 78, "code": 0, "balance_units": 4_000_000_000},
-    MsgType.OPEN_ACCOUNT: {"request_id": 76, "account": 2002},
+    MsgType.OPEN_ACCOUNT: {"request_id": 76, "account": 2002, "mode": "isolated"},
     MsgType.OPEN_ACCOUNT_REPLY: {"request_id": 76, "code": 0},
     MsgType.ORDER_CHECK: {"request_id": 5150, "account": 2002, "instrument_id": 1,
                           "qty_units": 1000, "price_units": 9712000},

@@ -554,7 +554,7 @@ class Gateway:
             self._held.append((ident, frame, recv_ns))
             return
         ticket = self._to_worker(self.store.partition_of(f["account"]), ident, f["request_id"], frame, recv_ns,
-                                 None, RecordKind.OPEN_ACCOUNT, -1, f["account"], 0)     # aux 0: cross
+                                 None, RecordKind.OPEN_ACCOUNT, -1, f["account"], int(f["mode"] == "isolated"))
         self._opening[ticket] = f["account"]
 
     def _note_account(self, account: int, row: int) -> None:

@@ -477,7 +477,7 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
         f = m.fields
         if m.type == MsgType.OPEN_ACCOUNT:                 # journaled once its worker had opened it
             try:
-                row = store.add_account(f["account"])
+                row = store.add_account(f["account"], isolated_default=f["mode"] == "isolated")
             except StoreError as e:                        # in use, or no room at this capacity
                 raise RecoveryError(f"{path}: the journal opens account {f['account']}, which this book "
                                     f"cannot take ({e}); engine.accounts_capacity may not shrink "

@@ -29,6 +29,7 @@ import zmq
 
 from engine.codes import Code
 from engine.runtime.harness import wait_until
+from engine.store.layout import AccountFlag
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode, encode_batch
 from ops_support import (BTC, USDT, book, collateral, dealer, gateway_pid, ipc_endpoints, start_run, unique_name,
                          write_config)
@@ -36,8 +37,9 @@ from ops_support import (BTC, USDT, book, collateral, dealer, gateway_pid, ipc_e
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
-def open_account(sock: zmq.Socket, seq: Sequencer, request_id: int, account: int) -> int:
-    sock.send(seq.encode(MsgType.OPEN_ACCOUNT, {"request_id": request_id, "account": account}))
+def open_account(sock: zmq.Socket, seq: Sequencer, request_id: int, account: int, mode: str | None = None) -> int:
+    body = {"request_id": request_id, "account": account, **({"mode": mode} if mode else {})}
+    sock.send(seq.encode(MsgType.OPEN_ACCOUNT, body))
     assert sock.poll(5_000), f"no reply to OPEN_ACCOUNT {request_id} within 5 s"
     m = decode(sock.recv())
     assert type(m) is Message and m.type == MsgType.OPEN_ACCOUNT_REPLY and m.fields["request_id"] == request_id, m
@@ -68,11 +70,11 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
         # Unknown before it is opened: an order check says 4002, a deposit 3003.
         assert order_check(custody, cseq, 1, 1000) == Code.CHECK_UNKNOWN_ACCOUNT
         assert collateral(custody, cseq, MsgType.DEPOSIT, 2, 1000, 10_000)["code"] == Code.FILL_UNKNOWN_ACCOUNT
-        # Opened: 1000 (partition 0, its 6th row), 1001 (partition 1),
+        # Opened: 1000 (partition 0, its 6th row), 1001 isolated by default (partition 1),
         # 1002 and 1004 (partition 0: rows 7 and 8 of 8). A second open of 1000, or of
         # a provisioned id (5), is 3108; 1006 finds partition 0 full: 3109.
         assert open_account(custody, cseq, 3, 1000) == Code.OK
-        assert open_account(custody, cseq, 4, 1001) == Code.OK
+        assert open_account(custody, cseq, 4, 1001, "isolated") == Code.OK
         assert [open_account(custody, cseq, 5 + k, a) for k, a in enumerate((1000, 5, 1002, 1004, 1006))] == \
             [Code.ACCOUNT_EXISTS, Code.ACCOUNT_EXISTS, Code.OK, Code.OK, Code.ACCOUNTS_FULL]
         # Known to every path at once: deposits (at its worker), the C order-check desk
@@ -100,7 +102,7 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
     assert before["n_accounts"] == [8, 6]
     assert acc[1000][:3] == (0, 0, [9_999 * USDT] + [0] * (len(acc[1000][2]) - 1))     # 10,000 - 1 fee
     assert acc[1000][3] == [(BTC, 0, 500, 47_500 * USDT, 0)]                           # 0.5 x 95,000
-    assert acc[1001][:2] == (1, 0) and acc[1001][2][0] == 5_000 * USDT        # partition 1, cross
+    assert acc[1001][:2] == (1, int(AccountFlag.ISOLATED_DEFAULT)) and acc[1001][2][0] == 5_000 * USDT
     assert acc[1002][3] == [] and acc[1004][2][0] == 0 and 1006 not in acc
 
     # A crash (the gateway killed): the engine exits 1; the restart replays the journal
@@ -128,9 +130,8 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
 
 
 def test_a_malformed_open_account_is_rejected_with_its_code(spawn, ops_dir):
-    """A field OPEN_ACCOUNT does not have (``mode``: the account is cross, isolated cannot
-    be opened over the wire) is a wire error, 1009; a negative id, 1008. REJECT, nothing
-    opened."""
+    """A mode that is neither "cross" nor "isolated" (1008, a value out of its domain), a
+    field OPEN_ACCOUNT does not have (1009), a negative id (1008): REJECT, nothing opened."""
     root = Path(ops_dir)
     name = unique_name()
     ep = ipc_endpoints(ops_dir)
@@ -140,7 +141,8 @@ def test_a_malformed_open_account_is_rejected_with_its_code(spawn, ops_dir):
     try:
         s = dealer(ctx, ep["checks"])
         frame = encode(MsgType.OPEN_ACCOUNT, {"request_id": 1, "account": 50}, seq=1, ts_ns=1)
-        for bad, code in ((msgpack.packb({**msgpack.unpackb(frame), "mode": "isolated"}), Code.WIRE_UNKNOWN_FIELD),
+        for bad, code in ((msgpack.packb({**msgpack.unpackb(frame), "mode": "crass"}), Code.WIRE_BAD_VALUE),
+                          (msgpack.packb({**msgpack.unpackb(frame), "leverage": 20}), Code.WIRE_UNKNOWN_FIELD),
                           (msgpack.packb({**msgpack.unpackb(frame), "account": -50}), Code.WIRE_BAD_VALUE)):
             s.send(bad)
             assert s.poll(5_000)
