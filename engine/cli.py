@@ -193,7 +193,7 @@ def _cmd_run(args) -> int:
               f"({r.generations} files) in "
               f"{r.seconds:.2f} s: {r.fills:,} fills ({r.fills_rejected} rejected by routing, "
               f"{r.legs_rejected} legs by the kernel), {r.deposits} deposits, {r.withdrawals} withdrawals, "
-              f"{r.accounts_opened} accounts opened"
+              f"{r.accounts_opened} accounts opened, {r.isolated_margin_moves} isolated margin moves"
               + (f", {r.unreadable} unreadable" if r.unreadable else "")
               + f"; fills stream goes on after seq {opened.fills_last_seq:,}", file=sys.stderr)
         if args.accounts or args.demo_accounts:

@@ -69,6 +69,8 @@ class Code(enum.IntEnum):
     TRANSFER_IN_FLIGHT = 3107      # a request with this transfer_id is being applied: ask again
     ACCOUNT_EXISTS = 3108          # OPEN_ACCOUNT of an account id in use: nothing changed
     ACCOUNTS_FULL = 3109           # OPEN_ACCOUNT: the id's partition has no free row
+    NOT_ISOLATED = 3110            # ISOLATED_MARGIN: the account holds no isolated position in that instrument
+    ISOLATED_BELOW_INITIAL_MARGIN = 3111   # ISOLATED_MARGIN: taking it out would leave the position below its IM
 
     # 4xxx order check (pre-trade)
     CHECK_INSUFFICIENT_MARGIN = 4001  # post-trade equity below post-trade initial margin
@@ -161,6 +163,9 @@ REPORTED: dict[int, str] = {
           "nothing changed. OPEN_ACCOUNT_REPLY",
     3109: "OPEN_ACCOUNT: the id's partition (id mod `engine.partitions`) has no free row; raise "
           "`engine.accounts_capacity`. OPEN_ACCOUNT_REPLY",
+    3110: "ISOLATED_MARGIN: the account holds no isolated position in that instrument. COLLATERAL_REPLY",
+    3111: "ISOLATED_MARGIN out of a position: it would leave the position's isolated margin below 0, "
+          "or its margin plus unrealized PnL below its initial margin at the mark. COLLATERAL_REPLY",
     4001: "post-trade equity below post-trade initial margin: the order would be refused. ORDER_CHECK_REPLY",
     4002: "account unknown. ORDER_CHECK_REPLY",
     4003: "instrument unknown. ORDER_CHECK_REPLY",

@@ -62,6 +62,7 @@ class MsgType(enum.IntEnum):
     COLLATERAL_REPLY = 13       # fills gateway -> custody
     OPEN_ACCOUNT = 14           # custody / account admin -> fills gateway
     OPEN_ACCOUNT_REPLY = 15     # fills gateway -> custody / account admin
+    ISOLATED_MARGIN = 16        # custody / the account -> fills gateway: margin into / out of a position
     ORDER_CHECK = 20            # matching engine -> order-check gateway
     ORDER_CHECK_REPLY = 21      # order-check gateway -> matching engine
     LIQUIDATION_ORDER = 30      # liquidation gateway -> matching engine
@@ -164,6 +165,12 @@ SCHEMAS: dict[MsgType, dict[str, tuple[Kind, bool]]] = {
         "request_id": (ID, REQ),
         "account": (ID, REQ),              # the new account's id (its partition: id mod partitions)
         "mode": (MODE, OPT),               # its new positions' margin mode: "cross" (absent) or "isolated"
+    },
+    MsgType.ISOLATED_MARGIN: {
+        "request_id": (ID, REQ),
+        "account": (ID, REQ),
+        "instrument_id": (ID, REQ),        # its isolated position's instrument
+        "amount_units": (I64, REQ),        # settle-asset units: > 0 into the position, < 0 out of it
     },
     MsgType.OPEN_ACCOUNT_REPLY: {
         "request_id": (ID, REQ),
@@ -792,6 +799,7 @@ EXAMPLES: dict[MsgType, dict] = {
     MsgType.COLLATERAL_REPLY: {"request_id": 78, "code": 0, "balance_units": 4_000_000_000},
     MsgType.OPEN_ACCOUNT: {"request_id": 76, "account": 2002, "mode": "isolated"},
     MsgType.OPEN_ACCOUNT_REPLY: {"request_id": 76, "code": 0},
+    MsgType.ISOLATED_MARGIN: {"request_id": 79, "account": 2002, "instrument_id": 0, "amount_units": 250_000_000},
     MsgType.ORDER_CHECK: {"request_id": 5150, "account": 2002, "instrument_id": 1,
                           "qty_units": 1000, "price_units": 9712000},
     MsgType.ORDER_CHECK_REPLY: {"request_id": 5150, "code": 4001,

@@ -62,6 +62,7 @@ class RecordKind(enum.IntEnum):
     DEPOSIT = 2
     WITHDRAWAL = 3
     OPEN_ACCOUNT = 4                # delta: the account id; aux: 1 isolated by default, else 0
+    ISOLATED_MARGIN = 5             # delta: settle units into (> 0) or out of (< 0) the position; aux: instrument
 
 
 CTL_HEADER = np.dtype([

@@ -62,7 +62,8 @@ FILL_BUFFER = 16 * MAX_BATCH_MSGS
 
 # What the checks ROUTER takes; any other known type is 1010 WIRE_UNEXPECTED_TYPE, decided
 # before its fields are looked at (protocol.md section 5, step 5).
-CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT})
+CHECKS_TYPES = frozenset({MsgType.ORDER_CHECK, MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT,
+                          MsgType.ISOLATED_MARGIN})
 
 
 LOST_REPLY_AFTER_NS = 500_000_000   # a committed collateral record's reply this late: lost with its worker
@@ -501,6 +502,8 @@ class Gateway:
                                f["price_units"], recv_ns)
         elif m.type == MsgType.OPEN_ACCOUNT:
             self._open_account(ident, frame, f, recv_ns)
+        elif m.type == MsgType.ISOLATED_MARGIN:
+            self._isolated_margin(ident, frame, f, recv_ns)
         else:                                                     # DEPOSIT or WITHDRAWAL (CHECKS_TYPES)
             row = self.store.row_of(f["account"])
             asset = self.asset_index.get(f["asset"])
@@ -556,6 +559,24 @@ class Gateway:
         ticket = self._to_worker(self.store.partition_of(f["account"]), ident, f["request_id"], frame, recv_ns,
                                  None, RecordKind.OPEN_ACCOUNT, -1, f["account"], int(f["mode"] == "isolated"))
         self._opening[ticket] = f["account"]
+
+    def _isolated_margin(self, ident: bytes, frame: bytes, f: dict, recv_ns: int) -> None:
+        """ISOLATED_MARGIN: an unknown account (3003), instrument (3004) or a zero amount
+        (3102) answered here; otherwise to the account's worker, which moves the margin or
+        refuses it (3110, 3103, 3104, 3111). Held like collateral during a snapshot's cut."""
+        row = self.store.row_of(f["account"])
+        code = (Code.FILL_UNKNOWN_ACCOUNT if row is None else
+                Code.FILL_UNKNOWN_INSTRUMENT if f["instrument_id"] >= self.n_instruments else
+                Code.COLLATERAL_BAD_AMOUNT if f["amount_units"] == 0 else None)
+        if code is not None:
+            self._reply(ident, MsgType.COLLATERAL_REPLY, {"request_id": f["request_id"], "code": int(code),
+                                                          "balance_units": 0})
+            return
+        if self._cut_since is not None:
+            self._held.append((ident, frame, recv_ns))
+            return
+        self._to_worker(int(self.store.accounts[row]["partition"]), ident, f["request_id"], frame, recv_ns, None,
+                        RecordKind.ISOLATED_MARGIN, row, f["amount_units"], f["instrument_id"])
 
     def _note_account(self, account: int, row: int) -> None:
         """An account a worker opened at ``row``: into ``Store.row_of`` at once, and into

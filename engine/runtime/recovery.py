@@ -296,6 +296,7 @@ class ReplayStats:
     deposits: int = 0
     withdrawals: int = 0
     accounts_opened: int = 0
+    isolated_margin_moves: int = 0
     unreadable: int = 0            # records whose frame no longer decodes (never written by the gateway)
     generations: int = 0           # journal files replayed (replay_generations)
     fills_last_seq: int = 0        # the PULL stream's highest fill sequence number replayed (0: none)
@@ -412,6 +413,28 @@ class _FillChunks:
                                                          minlength=store.n_partitions).astype(np.uint64)
 
 
+def _replay_isolated_margin(store: Store, row: int | None, instrument: int, amount: int) -> bool:
+    """An applied ISOLATED_MARGIN again: ``amount`` from the settle balance into the
+    account's isolated position in ``instrument`` (margin checks were the worker's, at
+    the prices of the moment). False when there is no such position or a figure would
+    leave int64 (never journaled so)."""
+    if row is None:
+        return False
+    slots = store.slots(row)[: int(store.accounts[row]["n_positions"])]
+    k = next((i for i, s in enumerate(slots) if int(s["instrument"]) == instrument), None)
+    if k is None or int(slots[k]["mode"]) != L.Mode.ISOLATED:
+        return False
+    settle = int(store.instruments[instrument]["settle_asset"])
+    iso, bal = int(slots[k]["isolated_margin"]) + amount, int(store.accounts[row]["balance"][settle]) - amount
+    if not (0 <= iso < 2**63 and -2**63 <= bal < 2**63):
+        return False
+    with store.writing(store.accounts, row) as a:
+        a["balance"][settle] = bal
+        store.slots(row)[k]["isolated_margin"] = iso
+    store.partitions["fills_applied"][row // store.per_partition] += 1     # as the worker counts it
+    return True
+
+
 def replay_journal(store: Store, path: str, offset: int, asset_names: list[str], *,
                    fast: bool = True, progress: ProgressBar | None = None, progress_base: int = 0) -> ReplayStats:
     """Apply the journal's records from byte ``offset`` to ``store`` (module doc).
@@ -470,7 +493,8 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
                 apply_legs()                               # before the next fast chunk
             continue
         m = decode(rec.frame)
-        if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT):
+        if type(m) is Rejected or m.type not in (MsgType.DEPOSIT, MsgType.WITHDRAWAL, MsgType.OPEN_ACCOUNT,
+                                                 MsgType.ISOLATED_MARGIN):
             st.unreadable += 1
             continue
         apply_legs()                                       # keep the journal's order
@@ -486,6 +510,12 @@ def replay_journal(store: Store, path: str, offset: int, asset_names: list[str],
                 chunks.note_account(f["account"], row)
             store.partitions["fills_applied"][row // store.per_partition] += 1    # as the worker counts it
             st.accounts_opened += 1
+            continue
+        if m.type == MsgType.ISOLATED_MARGIN:              # applied live: moved again, unchecked
+            if not _replay_isolated_margin(store, row_of(f["account"]), f["instrument_id"], f["amount_units"]):
+                st.unreadable += 1
+                continue
+            st.isolated_margin_moves += 1
             continue
         row, asset = row_of(f["account"]), asset_index.get(f["asset"])
         if row is None or asset is None:
@@ -545,7 +575,7 @@ def replay_generations(store: Store, state_dir: str, generation: int, offset: in
                             progress=bar, progress_base=base)
         base += n_bytes
         for f in ("records", "fills", "fills_rejected", "legs_rejected", "deposits", "withdrawals",
-                  "accounts_opened", "unreadable"):
+                  "accounts_opened", "isolated_margin_moves", "unreadable"):
             setattr(total, f, getattr(total, f) + getattr(st, f))
         for c, n in st.reject_codes.items():
             total.reject_codes[c] = total.reject_codes.get(c, 0) + n

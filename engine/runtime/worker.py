@@ -16,7 +16,8 @@ see ``TickWake``)::
                    breaches stale triggers missed), a slice of ``engine.holders_slice``
                    holders a turn: a new tick waits at most one slice, and nothing but
                    1a runs until the pass is whole
-    2. commands -- fill legs, deposits, withdrawals and account opens from the partitions' rings,
+    2. commands -- fill legs, deposits, withdrawals, account opens and isolated-margin
+                   moves from the partitions' rings,
                    each applied under undo protection, then the touched accounts are
                    re-margined from scratch
     3. upkeep   -- in slices between wake-ups: every ``OUTSTANDING_CHECK_S`` the
@@ -56,7 +57,7 @@ from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, accoun
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess, oracle_params
-from engine.store.layout import AccountFlag, PRICE_FROZEN
+from engine.store.layout import AccountFlag, Mode, PRICE_FROZEN
 from engine.store.shm import CapacityError, PricesUnreadable, Store
 from feeds.oracle.index import OracleParams
 from feeds.protocol import MsgType, Sequencer
@@ -604,6 +605,8 @@ class Worker:
                     u["state"] = UNDO_APPLYING
                 if opening:                # an open's reply carries the new row in balance_units
                     code, bal = self.open_account(int(rec["delta"]), bool(rec["aux"]))
+                elif kind == RecordKind.ISOLATED_MARGIN:      # its reply: the position's margin after
+                    code, bal = self.isolated_margin(row, int(rec["aux"]), int(rec["delta"]), snap)
                 else:
                     code, bal = self.collateral(row, kind, int(rec["aux"]), int(rec["delta"]), snap)
                 last_ref = int(rec["ref"])
@@ -657,6 +660,41 @@ class Worker:
             return Code.OK, st.append_account(account, isolated_default=isolated_default)
         except CapacityError:
             return Code.ACCOUNTS_FULL, -1
+
+    def isolated_margin(self, row: int, instrument: int, amount: int, snap) -> tuple[Code, int]:
+        """ISOLATED_MARGIN: move ``amount`` settle units from the settle balance into the
+        account's isolated position in ``instrument`` (``amount > 0``), or back (``< 0``).
+        Into it: refused as a withdrawal of that much would be (3104 beyond the balance,
+        3103 below cross initial margin). Out of it: refused (3111) when the margin would
+        go below 0 or margin + upnl below the position's initial margin at the mark. No
+        isolated position there: 3110. Returns the code and the position's isolated margin
+        after (unchanged when refused)."""
+        st = self.store
+        slots = st.slots(row)[: int(st.accounts[row]["n_positions"])]
+        k = next((i for i, s in enumerate(slots) if int(s["instrument"]) == instrument), None)
+        if k is None or int(slots[k]["mode"]) != Mode.ISOLATED:
+            return Code.NOT_ISOLATED, 0
+        settle = int(st.instruments[instrument]["settle_asset"])
+        iso, bal = int(slots[k]["isolated_margin"]), int(st.accounts[row]["balance"][settle])
+        d = account_detail(st, row, snap)
+        if amount > 0:
+            if amount > bal:
+                return Code.WITHDRAWAL_INSUFFICIENT_BALANCE, iso
+            value = amount / snap.asset_scale[settle] * snap.asset_px[settle] * (1 - snap.asset_haircut[settle])
+            if d.cross_equity_usd - value < d.cross_im_usd:
+                return Code.WITHDRAWAL_BELOW_INITIAL_MARGIN, iso
+            if iso + amount > INT64_MAX:
+                return Code.COLLATERAL_BAD_AMOUNT, iso
+        else:
+            pos = next(p for p in d.positions if p.instrument == instrument)
+            if iso + amount < 0 or (iso + amount) / snap.asset_scale[settle] + pos.unrealized_pnl < pos.initial_margin:
+                return Code.ISOLATED_BELOW_INITIAL_MARGIN, iso
+            if bal - amount > INT64_MAX:
+                return Code.COLLATERAL_BAD_AMOUNT, iso
+        with st.writing(st.accounts, row) as a:      # the slots are under the account's seqlock too
+            a["balance"][settle] = bal - amount
+            st.slots(row)[k]["isolated_margin"] = iso + amount
+        return Code.OK, iso + amount
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:
         """Deposit credits (refused, 3102, when the balance would pass 2**63-1: it is an

@@ -431,3 +431,34 @@ def test_an_open_the_worker_finds_done_already_is_journaled_and_known(desk):
                                                                     "balance_units": row}))
     assert client.poll(5000) and decode(client.recv()).fields == {"request_id": 65, "code": 3108}
     assert g.store.row_of(52) == row and g.journal.written > written
+
+
+def test_isolated_margin_requests_are_checked_here_then_go_to_the_accounts_worker(desk):
+    """ISOLATED_MARGIN: an unknown account (77: 3003), an unknown instrument (999: 3004)
+    and a zero amount (3102) are answered here; account 3's 40 USDT into its BTCUSDT
+    position goes to its partition's ring (kind ISOLATED_MARGIN, delta 40 USDT, aux the
+    instrument) and the worker's answer (applied, margin now 140 USDT) reaches custody."""
+    g, ctl, client = desk
+    bad = [(77, 0, 5), (3, 999, 5), (3, 0, 0)]
+    for k, (acct, ins, amount) in enumerate(bad):
+        before = g._last_ticket
+        client.send(encode(MsgType.ISOLATED_MARGIN, {"request_id": 70 + k, "account": acct, "instrument_id": ins,
+                                                     "amount_units": amount}, seq=10 + k, ts_ns=1))
+        assert g.checks.poll(5000)
+        g.on_request(*g.checks.recv_multipart(), time.time_ns())
+        assert g._last_ticket == before and client.poll(5000)
+        assert decode(client.recv()).fields == {"request_id": 70 + k, "code": (3003, 3004, 3102)[k], "balance_units": 0}
+    client.send(encode(MsgType.ISOLATED_MARGIN, {"request_id": 73, "account": 3, "instrument_id": 0,
+                                                 "amount_units": 40_000_000}, seq=13, ts_ns=1))
+    assert g.checks.poll(5000)
+    g.on_request(*g.checks.recv_multipart(), time.time_ns())
+    ticket = g._last_ticket
+    p = next(q for q in range(ctl.n_partitions) if int(ctl.rings[q][0]["write_idx"]) > int(ctl.rings[q][0]["read_idx"]))
+    rec = ctl.records[p][int(ctl.rings[p][0]["read_idx"]) % ctl.capacity]
+    assert (int(rec["kind"]), int(rec["delta"]), int(rec["aux"]), int(rec["ref"])) == \
+        (int(RecordKind.ISOLATED_MARGIN), 40_000_000, 0, ticket)
+    ctl.rings[p][0]["read_idx"] = int(ctl.rings[p][0]["write_idx"])
+    g.on_worker_reply(Sequencer().encode(MsgType.COLLATERAL_REPLY, {"request_id": ticket, "code": 0,
+                                                                    "balance_units": 140_000_000}))
+    assert client.poll(5000)
+    assert decode(client.recv()).fields == {"request_id": 73, "code": 0, "balance_units": 140_000_000}
