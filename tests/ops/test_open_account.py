@@ -154,3 +154,64 @@ def test_a_malformed_open_account_is_rejected_with_its_code(spawn, ops_dir):
     assert 50 not in book(name)["accounts"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def isolated_margin(sock: zmq.Socket, seq: Sequencer, request_id: int, account: int, usdt: int) -> dict:
+    sock.send(seq.encode(MsgType.ISOLATED_MARGIN, {"request_id": request_id, "account": account,
+                                                   "instrument_id": BTC, "amount_units": usdt * USDT}))
+    assert sock.poll(5_000), f"no reply to ISOLATED_MARGIN {request_id} within 5 s"
+    m = decode(sock.recv())
+    assert type(m) is Message and m.type == MsgType.COLLATERAL_REPLY and m.fields["request_id"] == request_id, m
+    return m.fields
+
+
+def test_an_isolated_account_opened_over_the_wire_is_funded_at_its_fill_and_adjusted(spawn, ops_dir):
+    """The isolated path end to end: OPEN_ACCOUNT 1001 isolated, 10,000 USDT deposited, a
+    fill where 1001 buys 1 BTC from account 2 at the mark, 95,000. The worker funds the
+    new isolated position with its initial margin at 95,000: tier 1 of BTCUSDT, 95,000 x
+    1 % - 50,000 x (1 % - 0.8 %) = 850 USDT, and one micro-USDT more (0.01 as a float64
+    is a little over 1/100): 850,000,001 units; the balance is 9,149,999,999. Then
+    ISOLATED_MARGIN +500 (margin 1,350,000,001), -600 refused 3111 (750.000001 < IM
+    850), -500 (back to 850,000,001). A gateway crash; the restart replays the open,
+    the deposit, the fill (funded the same way) and the two moves into the same book."""
+    root = Path(ops_dir)
+    name = unique_name()
+    ep = ipc_endpoints(ops_dir)
+    cfg = write_config(root / "engine.toml", name, endpoints=ep,
+                       engine={"state_dir": json.dumps(str(root / "state"))})
+    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    ctx = zmq.Context()
+    try:
+        custody = dealer(ctx, ep["checks"])
+        cseq = Sequencer()
+        assert open_account(custody, cseq, 1, 1001, "isolated") == Code.OK
+        assert collateral(custody, cseq, MsgType.DEPOSIT, 2, 1001, 10_000)["code"] == 0
+        fills = ctx.socket(zmq.PUSH)
+        fills.connect(ep["fills"])
+        fills.send(encode_batch(MsgType.FILL, [{
+            "trade_id": 1, "instrument_id": BTC, "maker_account": 2, "taker_account": 1001, "qty_units": 1000,
+            "price_units": 950_000, "maker_fee_units": 0, "taker_fee_units": 0, "taker_side": "buy"}],
+            first_seq=1, ts_ns=time.time_ns()))
+        pos = wait_until(lambda: book(name)["accounts"][1001][3], 10.0, "1001's fill applied")
+        assert pos == [(BTC, 1, 1000, 95_000 * USDT, 850_000_001)]              # mode 1: isolated
+        assert book(name)["accounts"][1001][2][0] == 9_149_999_999
+        assert isolated_margin(custody, cseq, 3, 1001, 500) == {"request_id": 3, "code": 0,
+                                                                 "balance_units": 1_350_000_001}
+        assert isolated_margin(custody, cseq, 4, 1001, -600)["code"] == Code.ISOLATED_BELOW_INITIAL_MARGIN
+        assert isolated_margin(custody, cseq, 5, 1001, -500) == {"request_id": 5, "code": 0,
+                                                                  "balance_units": 850_000_001}
+        before = book(name)
+    finally:
+        ctx.destroy(linger=2000)
+    assert before["accounts"][1001][2][0] == 9_149_999_999
+    os.kill(gateway_pid(name), signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1
+    shutil.rmtree(ep["runtime_dir"])
+    log2 = root / "run2.err"
+    proc2 = start_run(spawn, cfg, name, log2)
+    err = log2.read_text()
+    m = re.search(r"(\d+) deposits, (\d+) withdrawals, (\d+) accounts opened, (\d+) isolated margin moves", err)
+    assert m and tuple(map(int, m.groups())) == (1, 0, 1, 2), err
+    assert book(name) == before
+    proc2.send_signal(signal.SIGTERM)
+    assert proc2.wait(timeout=20) == 0
