@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -210,3 +211,26 @@ def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
     return s
+
+
+def durable_engine(spawn, ops_dir: str, *extra: str):
+    """``margin-engine run`` on private ipc endpoints with its journal and snapshots in a
+    state directory of their own (as under systemd), started and waited up. Returns
+    ``(root, name, endpoints, config path, process)``."""
+    root = Path(ops_dir)
+    name = unique_name()
+    ep = ipc_endpoints(ops_dir)
+    cfg = write_config(root / "engine.toml", name, endpoints=ep,
+                       engine={"state_dir": json.dumps(str(root / "state"))})
+    return root, name, ep, cfg, start_run(spawn, cfg, name, root / "run1.err", *extra)
+
+
+def crash_and_restart(spawn, proc, name: str, ep: dict, cfg: Path, log: Path):
+    """Kill the engine's gateway (SIGKILL): the engine stops and exits 1, as systemd's
+    ``Restart=on-failure`` expects; remove the runtime directory (systemd does on stop)
+    and start the same command again. Returns ``(new process, its stderr so far)``."""
+    os.kill(gateway_pid(name), signal.SIGKILL)
+    assert proc.wait(timeout=20) == 1
+    shutil.rmtree(ep["runtime_dir"])
+    proc2 = start_run(spawn, cfg, name, log)
+    return proc2, log.read_text()

@@ -16,9 +16,7 @@ USDT is asset 0, 1e6 units per USDT.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -31,8 +29,8 @@ from engine.codes import Code
 from engine.runtime.harness import wait_until
 from engine.store.layout import AccountFlag
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode, encode_batch
-from ops_support import (BTC, USDT, book, collateral, dealer, gateway_pid, ipc_endpoints, start_run, unique_name,
-                         write_config)
+from ops_support import (BTC, USDT, book, collateral, crash_and_restart, dealer, durable_engine, ipc_endpoints,
+                         start_run, unique_name, write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -62,7 +60,7 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
     ep = ipc_endpoints(ops_dir)
     cfg = write_config(root / "engine.toml", name, endpoints=ep,
                        engine={"accounts_capacity": "16", "state_dir": json.dumps(str(root / "state"))})
-    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")     # capacity 16: see the module doc
     ctx = zmq.Context()
     try:
         custody = dealer(ctx, ep["checks"])
@@ -107,12 +105,7 @@ def test_accounts_opened_at_run_time_trade_at_once_and_come_back_after_a_crash(s
 
     # A crash (the gateway killed): the engine exits 1; the restart replays the journal
     # over the start's snapshot (which had only the 10 provisioned accounts).
-    os.kill(gateway_pid(name), signal.SIGKILL)
-    assert proc.wait(timeout=20) == 1
-    shutil.rmtree(ep["runtime_dir"])
-    log2 = root / "run2.err"
-    proc2 = start_run(spawn, cfg, name, log2)
-    err = log2.read_text()
+    proc2, err = crash_and_restart(spawn, proc, name, ep, cfg, root / "run2.err")
     m = re.search(r"(\d+) deposits, (\d+) withdrawals, (\d+) accounts opened", err)
     assert m and tuple(map(int, m.groups())) == (2, 0, 4), err
     assert book(name) == before
@@ -174,12 +167,7 @@ def test_an_isolated_account_opened_over_the_wire_is_funded_at_its_fill_and_adju
     ISOLATED_MARGIN +500 (margin 1,350,000,001), -600 refused 3111 (750.000001 < IM
     850), -500 (back to 850,000,001). A gateway crash; the restart replays the open,
     the deposit, the fill (funded the same way) and the two moves into the same book."""
-    root = Path(ops_dir)
-    name = unique_name()
-    ep = ipc_endpoints(ops_dir)
-    cfg = write_config(root / "engine.toml", name, endpoints=ep,
-                       engine={"state_dir": json.dumps(str(root / "state"))})
-    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    root, name, ep, cfg, proc = durable_engine(spawn, ops_dir, "--accounts", "10")
     ctx = zmq.Context()
     try:
         custody = dealer(ctx, ep["checks"])
@@ -204,12 +192,7 @@ def test_an_isolated_account_opened_over_the_wire_is_funded_at_its_fill_and_adju
     finally:
         ctx.destroy(linger=2000)
     assert before["accounts"][1001][2][0] == 9_149_999_999
-    os.kill(gateway_pid(name), signal.SIGKILL)
-    assert proc.wait(timeout=20) == 1
-    shutil.rmtree(ep["runtime_dir"])
-    log2 = root / "run2.err"
-    proc2 = start_run(spawn, cfg, name, log2)
-    err = log2.read_text()
+    proc2, err = crash_and_restart(spawn, proc, name, ep, cfg, root / "run2.err")
     m = re.search(r"(\d+) deposits, (\d+) withdrawals, (\d+) accounts opened, (\d+) isolated margin moves", err)
     assert m and tuple(map(int, m.groups())) == (1, 0, 1, 2), err
     assert book(name) == before

@@ -27,8 +27,8 @@ import zmq
 
 from engine.runtime.harness import wait_until
 from feeds.protocol import Message, MsgType, Sequencer, decode, encode_batch
-from ops_support import (BTC, REPO, USDT, book, cli, collateral, gateway_pid, ipc_endpoints, shm_exists, start_run,
-                         status, unique_name, write_config)
+from ops_support import (BTC, REPO, USDT, book, cli, collateral, durable_engine, gateway_pid, ipc_endpoints,
+                         shm_exists, start_run, status, unique_name, write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -49,13 +49,7 @@ def custody_and_matching(ctx: zmq.Context, ep: dict) -> tuple[zmq.Socket, Sequen
 
 
 def test_a_restart_after_a_gateway_crash_recovers_every_fill_and_collateral_move(spawn, ops_dir):
-    root = Path(ops_dir)
-    name = unique_name()
-    ep = ipc_endpoints(ops_dir)
-    # the journal and snapshots in a state directory of their own, as under systemd
-    cfg = write_config(root / "engine.toml", name, endpoints=ep,
-                       engine={"state_dir": json.dumps(str(root / "state"))})
-    proc = start_run(spawn, cfg, name, root / "run1.err", "--accounts", "10")
+    root, name, ep, cfg, proc = durable_engine(spawn, ops_dir, "--accounts", "10")
 
     ctx = zmq.Context()
     try:
