@@ -37,7 +37,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from bench.feeds import CHECK_POOL, _check_frames, _echo_server, _free_port, _log, _pct_us, rtt_closed_loop
+from bench.feeds import (CHECK_POOL, _check_frames, _echo_server, _free_port, _log, _pct_us, echo_until_stop,
+                         rtt_closed_loop)
 from bench.kernel import hardware
 from engine.instruments import Kind
 from engine.runtime.curve import Security
@@ -76,14 +77,7 @@ def _curve_echo(endpoint: str, ready, cpu: int, keys: dict) -> None:
     s.curve_server = True
     s.bind(endpoint)
     ready.send(True)
-    import msgpack
-    unpackb = msgpack.unpackb
-    while True:
-        ident, frame = s.recv_multipart()
-        if frame == b"stop":
-            break
-        unpackb(frame)
-        s.send_multipart([ident, frame])
+    echo_until_stop(s)
     s.close()
     auth.stop()
     ctx.term()

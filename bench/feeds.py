@@ -82,6 +82,14 @@ def _echo_server(endpoint: str, ready, cpu: int = -1) -> None:
     s.setsockopt(zmq.LINGER, 0)
     s.bind(endpoint)
     ready.send(True)
+    echo_until_stop(s)
+    s.close()
+    ctx.term()
+
+
+def echo_until_stop(s: zmq.Socket) -> None:
+    """The echo's loop on a bound ROUTER: unpack each body, send the frame back, until
+    a frame ``stop``."""
     unpackb = msgpack.unpackb
     while True:
         ident, frame = s.recv_multipart()
@@ -89,8 +97,6 @@ def _echo_server(endpoint: str, ready, cpu: int = -1) -> None:
             break
         unpackb(frame)
         s.send_multipart([ident, frame])
-    s.close()
-    ctx.term()
 
 
 def _client(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

@@ -418,19 +418,15 @@ def _replay_isolated_margin(store: Store, row: int | None, instrument: int, amou
     account's isolated position in ``instrument`` (margin checks were the worker's, at
     the prices of the moment). False when there is no such position or a figure would
     leave int64 (never journaled so)."""
-    if row is None:
-        return False
-    slots = store.slots(row)[: int(store.accounts[row]["n_positions"])]
-    k = next((i for i, s in enumerate(slots) if int(s["instrument"]) == instrument), None)
-    if k is None or int(slots[k]["mode"]) != L.Mode.ISOLATED:
+    k = None if row is None else store.isolated_slot(row, instrument)
+    if k is None:
         return False
     settle = int(store.instruments[instrument]["settle_asset"])
-    iso, bal = int(slots[k]["isolated_margin"]) + amount, int(store.accounts[row]["balance"][settle]) - amount
+    iso = int(store.slots(row)[k]["isolated_margin"]) + amount
+    bal = int(store.accounts[row]["balance"][settle]) - amount
     if not (0 <= iso < 2**63 and -2**63 <= bal < 2**63):
         return False
-    with store.writing(store.accounts, row) as a:
-        a["balance"][settle] = bal
-        store.slots(row)[k]["isolated_margin"] = iso
+    store.move_isolated_margin(row, k, amount)
     store.partitions["fills_applied"][row // store.per_partition] += 1     # as the worker counts it
     return True
 

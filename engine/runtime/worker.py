@@ -57,7 +57,7 @@ from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, accoun
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
 from engine.runtime.markprice import SETTLE_SLICE, MarkPriceProcess, oracle_params
-from engine.store.layout import AccountFlag, Mode, PRICE_FROZEN
+from engine.store.layout import AccountFlag, PRICE_FROZEN
 from engine.store.shm import CapacityError, PricesUnreadable, Store
 from feeds.oracle.index import OracleParams
 from feeds.protocol import MsgType, Sequencer
@@ -670,12 +670,11 @@ class Worker:
         isolated position there: 3110. Returns the code and the position's isolated margin
         after (unchanged when refused)."""
         st = self.store
-        slots = st.slots(row)[: int(st.accounts[row]["n_positions"])]
-        k = next((i for i, s in enumerate(slots) if int(s["instrument"]) == instrument), None)
-        if k is None or int(slots[k]["mode"]) != Mode.ISOLATED:
+        k = st.isolated_slot(row, instrument)
+        if k is None:
             return Code.NOT_ISOLATED, 0
         settle = int(st.instruments[instrument]["settle_asset"])
-        iso, bal = int(slots[k]["isolated_margin"]), int(st.accounts[row]["balance"][settle])
+        iso, bal = int(st.slots(row)[k]["isolated_margin"]), int(st.accounts[row]["balance"][settle])
         d = account_detail(st, row, snap)
         if amount > 0:
             if amount > bal:
@@ -691,9 +690,7 @@ class Worker:
                 return Code.ISOLATED_BELOW_INITIAL_MARGIN, iso
             if bal - amount > INT64_MAX:
                 return Code.COLLATERAL_BAD_AMOUNT, iso
-        with st.writing(st.accounts, row) as a:      # the slots are under the account's seqlock too
-            a["balance"][settle] = bal - amount
-            st.slots(row)[k]["isolated_margin"] = iso + amount
+        st.move_isolated_margin(row, k, amount)
         return Code.OK, iso + amount
 
     def collateral(self, row: int, kind: int, asset: int, amount: int, snap) -> tuple[Code, int]:

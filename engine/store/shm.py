@@ -371,6 +371,21 @@ class Store:
         with self.writing(self.accounts, row) as a:
             a["balance"][asset] = units
 
+    def isolated_slot(self, row: int, instrument: int) -> int | None:
+        """Slot of the account's isolated position in ``instrument``, or None."""
+        used = self.slots(row)[: int(self.accounts[row]["n_positions"])]
+        hit = np.flatnonzero((used["instrument"] == instrument) & (used["mode"] == int(L.Mode.ISOLATED)))
+        return int(hit[0]) if hit.size else None
+
+    def move_isolated_margin(self, row: int, slot: int, units: int) -> None:
+        """``units`` from the settle balance into the position's isolated margin (``< 0``:
+        back), under the account's seqlock (it covers the slots). The caller has checked
+        the rules and that both figures stay in int64."""
+        settle = int(self.instruments[int(self.slots(row)[slot]["instrument"])]["settle_asset"])
+        with self.writing(self.accounts, row) as a:
+            a["balance"][settle] -= units
+            self.slots(row)[slot]["isolated_margin"] += units
+
     def set_position(self, row: int, instrument: int, qty: int, cost: int, *,
                      mode: int = 0, isolated_margin: int = 0) -> int:
         """Create or replace the account's position in ``instrument``; return its slot.
