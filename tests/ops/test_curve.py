@@ -68,6 +68,10 @@ def client(ctx: zmq.Context, kind: int, endpoint: str, keys: Path, who: str | No
     engine's public key as the server's), or a plain one (``who`` None)."""
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
+    # A refused handshake ends the connection's pipe; a DEALER or PUSH left with no pipe
+    # blocks in send (CI hung 90 s here on the plain client, created before mallory's
+    # wait). A send gives up after 2 s instead: ``deposit`` counts that as no answer.
+    s.setsockopt(zmq.SNDTIMEO, 2_000)
     if who is not None:
         s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(keys / f"{who}.key_secret")
         s.curve_serverkey, _ = zmq.auth.load_certificate(keys / "engine.key")
@@ -78,9 +82,13 @@ def client(ctx: zmq.Context, kind: int, endpoint: str, keys: Path, who: str | No
 
 
 def deposit(sock: zmq.Socket, request_id: int, account: int, usdt: int, wait_s: float) -> dict | None:
-    """A DEPOSIT; its COLLATERAL_REPLY's fields, or None when none came within ``wait_s``."""
-    sock.send(Sequencer().encode(MsgType.DEPOSIT, {"request_id": request_id, "account": account,
-                                                   "asset": "USDT", "amount_units": usdt * USDT}))
+    """A DEPOSIT; its COLLATERAL_REPLY's fields, or None when none came within ``wait_s``
+    (or the socket, refused by the server, could not even queue the request)."""
+    try:
+        sock.send(Sequencer().encode(MsgType.DEPOSIT, {"request_id": request_id, "account": account,
+                                                       "asset": "USDT", "amount_units": usdt * USDT}))
+    except zmq.Again:
+        return None
     if not sock.poll(int(wait_s * 1000)):
         return None
     m = decode(sock.recv())
@@ -263,10 +271,14 @@ def test_a_worker_sending_orders_straight_to_the_matching_engine_is_its_curve_cl
         # mallory's key pair, same server key: refused by the matching engine's allowlist
         bad = ctx.socket(zmq.PUSH)
         bad.setsockopt(zmq.LINGER, 0)
+        bad.setsockopt(zmq.SNDTIMEO, 2_000)
         bad.curve_publickey, bad.curve_secretkey = zmq.auth.load_certificate(d / "mallory.key_secret")
         bad.curve_serverkey = zmq.auth.load_certificate(d / "matching.key")[0]
         bad.connect(endpoint)
-        bad.send(b"forged")
+        try:
+            bad.send(b"forged")
+        except zmq.Again:
+            pass                # refused before the send: nothing queued, nothing can arrive
         assert not pull.poll(int(NOT_IN_S * 1000))
     finally:
         curve.use(None)
