@@ -93,6 +93,10 @@ class Code(enum.IntEnum):
     LIQ_BELOW_MAINTENANCE = 6001   # cross equity strictly below maintenance
     LIQ_ISOLATED_BELOW_MAINTENANCE = 6002
     LIQ_BELOW_BANKRUPTCY = 6003    # equity below zero: close everything
+    TAKEN_BY_BACKSTOP = 6101       # takeover: a backstop liquidity provider took the position
+    TAKEN_BY_INSURANCE_FUND = 6102  # takeover: the insurance fund took it at the bankruptcy price
+    AUTO_DELEVERAGED = 6103        # takeover: closed against an opposite position (ADL)
+    TAKEOVER_NO_ROUTE = 6104       # takeover: no provider, fund or ADL counterparty took (all of) it
 
     # 7xxx engine events
     EVENT_PRICE_FROZEN = 7001      # below quorum of fresh venues: liquidations paused
@@ -187,6 +191,14 @@ REPORTED: dict[int, str] = {
           "LIQUIDATION_ORDER `reason`; its event",
     6003: "a liquidation order's reason: equity below zero, close everything. "
           "LIQUIDATION_ORDER `reason`; its event",
+    6101: "takeover: a backstop liquidity provider took a position the market did not, at a discount "
+          "to the mark (never past the bankruptcy price); booked as a fill on the internal takeover "
+          "stream. Event (docs/protocol.md section 7)",
+    6102: "takeover: the insurance fund took a position at its bankruptcy price. Event",
+    6103: "takeover: auto-deleveraging closed part of a bankrupt account's position against an "
+          "opposite position, at the bankruptcy price. Event (`account`: the deleveraged one)",
+    6104: "takeover: nothing took (all of) the position: no provider or fund with the margin, no ADL "
+          "counterparty; the account's orders go back to the market. Event",
     7001: "mark frozen: fewer fresh venues than the quorum; liquidations on it pause. Event",
     7002: "mark resumed. Event",
     7003: "a venue deviates from the others beyond the bound and is left out of the index. Event",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.instruments import (Asset, Instrument, Kind, derive_tiers, finite_number, known_keys,
                                 power_of_ten)
+from engine.liquidation.takeover import TakeoverPolicy
 from engine.runtime.curve import Security, SecurityError, check as check_security
 
 WAIT_STRATEGIES = ("blocking", "yielding", "busy-spin")
@@ -100,6 +101,7 @@ class Config:
     instruments: tuple[Instrument, ...]
     endpoints: Endpoints = Endpoints()
     security: Security = Security()
+    liquidation: TakeoverPolicy = TakeoverPolicy()
 
     def asset(self, name: str) -> Asset:
         for a in self.assets:
@@ -197,7 +199,7 @@ def from_dict(doc: dict) -> Config:
     """Validate a parsed configuration document. Checks every field, names the first bad one."""
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a table")
-    unknown = set(doc) - {"engine", "assets", "instruments", "endpoints", "security"}
+    unknown = set(doc) - {"engine", "assets", "instruments", "endpoints", "security", "liquidation"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}")
     e = doc.get("engine", {})
@@ -343,7 +345,32 @@ def from_dict(doc: dict) -> Config:
         if not isinstance(val, str) or (key != "runtime_dir" and "://" not in val):
             raise ConfigError(f"endpoints.{key}: a ZeroMQ endpoint like tcp://127.0.0.1:5701, got {val!r}")
     endpoints = Endpoints(**ep)
-    return Config(settings, tuple(assets), tuple(instruments), endpoints, _security(doc, endpoints))
+    return Config(settings, tuple(assets), tuple(instruments), endpoints, _security(doc, endpoints),
+                  _liquidation(doc))
+
+
+def _liquidation(doc: dict) -> TakeoverPolicy:
+    """``[liquidation]``: where liquidations the market did not take go
+    (engine/liquidation/takeover.py; docs/configuration.md)."""
+    d = doc.get("liquidation", {})
+    if not isinstance(d, dict):
+        raise ConfigError("liquidation: must be a table")
+    w = "liquidation"
+    known_keys(d, ("insurance_fund_account", "backstop_accounts", "backstop_discount", "adl", "takeover_after_ms"),
+               w, ConfigError)
+    backstops = d.get("backstop_accounts", [])
+    if not isinstance(backstops, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in backstops):
+        raise ConfigError(f"{w}.backstop_accounts: a list of account ids, got {backstops!r}")
+    adl = d.get("adl", True)
+    if not isinstance(adl, bool):
+        raise ConfigError(f"{w}.adl: must be true or false")
+    fund = _int(d, "insurance_fund_account", w, 0, lo=0)
+    discount = _num(d, "backstop_discount", w, TakeoverPolicy.backstop_discount)
+    after_ms = _int(d, "takeover_after_ms", w, TakeoverPolicy.after_ms)
+    try:
+        return TakeoverPolicy(fund, tuple(backstops), discount, adl, after_ms)
+    except ValueError as e:
+        raise ConfigError(f"{w}: {e}") from None
 
 
 def _security(doc: dict, ep: Endpoints) -> Security:

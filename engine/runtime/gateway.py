@@ -5,7 +5,7 @@ Sockets::
     fills    PULL   (external) FILL or BATCH of FILLs from the matching engine (or ROUTER
                     with ``fills_acks``: every frame answered by ACK / REJECT)
     checks   ROUTER (external) ORDER_CHECK, DEPOSIT, WITHDRAWAL, OPEN_ACCOUNT requests -> replies
-    replies  PULL   (internal) COLLATERAL_REPLY from the workers
+    replies  PULL   (internal) COLLATERAL_REPLY and takeover requests from the workers
 
 A fills frame is (1) decoded and sequence-checked (a duplicate is dropped, a gap is
 reported and accepted), (2) validated fill by fill (unknown account or instrument, bad
@@ -26,6 +26,12 @@ replays it (engine/runtime/recovery.py). An OPEN_ACCOUNT goes the same way to th
 that owns the new id's partition (it is that partition's only writer); once it is
 applied the gateway adds the account to its own maps (``_note_account``), so fills and
 checks for it are routed from the next frame on.
+
+A takeover request (a worker's liquidation the market did not take,
+engine/liquidation/takeover.py) is planned here -- backstop providers, the insurance
+fund, auto-deleveraging -- and booked as one FILL frame of the internal takeover stream
+(``TAKEOVER_STREAM``): journaled, then routed to the rings like the matching engine's
+fills, so a restart replays it; one event per leg (6101-6103), 6104 when nothing took it.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ import os
 import sys
 import time
 
+import msgpack
 import numpy as np
 import zmq
 
 from engine import _margin, _shm, _wire
 from engine.accounting.fills import route_reject
 from engine.codes import Code
+from engine.liquidation.takeover import ROUTE_CODE, Route, TakeoverPolicy, plan as plan_takeover
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role
@@ -50,7 +58,7 @@ from engine.runtime.journal import (MAGIC, Journal, journal_file, journal_record
                                     write_fills_streams)
 from engine.store.shm import PricesUnreadable, Store
 from feeds.protocol import (MAX_BATCH_MSGS, MAX_FRAME_BYTES, MsgType, Rejected, SeqStatus, Sequencer,
-                            SequenceTracker, decode, decode_fills)
+                            SequenceTracker, decode, decode_fills, encode_batch)
 
 #: One parsed fill of the C path (``_wire.FillOut``): the wire's fields, then its seq.
 FILL_DTYPE = np.dtype([(f, np.int64) for f in (
@@ -70,6 +78,11 @@ LOST_REPLY_AFTER_NS = 500_000_000   # a committed collateral record's reply this
 SHUTDOWN_REPLIES_S = 3.0      # at shutdown: how long the workers' last collateral replies are awaited
 
 
+# The internal takeover stream's name in the journal: a routing id no peer can have
+# (libzmq refuses a user-set id that starts with a zero byte; its own are 5 bytes).
+TAKEOVER_STREAM = b"\x00takeover"
+TAKEOVER_PREFIX = b"T"     # a worker's takeover request frame: b"T" + msgpack (never a message: 0x54
+                           # is a msgpack integer, a message is a map)
 MAX_PEERS = 4096           # per ROUTER: the answered peers remembered (numbering, envelope)
 MAX_FILLS_STREAMS = 1024   # acknowledged fills streams (routing ids) tracked; a new one past it: 3009
 
@@ -132,7 +145,8 @@ class Gateway:
     def __init__(self, name: str, fills_endpoint: str, checks_endpoint: str, replies_endpoint: str,
                  events_endpoint: str, journal_dir: str, journal_generation: int, partition_owner: list[int],
                  fills_acks: bool = False, fills_last_seq: int = 0, journal_sync: str = "ack",
-                 journal_fsync_interval_s: float = 1.0, fills_streams: dict[bytes, int] | None = None):
+                 journal_fsync_interval_s: float = 1.0, fills_streams: dict[bytes, int] | None = None,
+                 takeover: TakeoverPolicy | None = None):
         self.store = Store.attach(name, readonly=False)
         self.ctl = Control.attach(name + "-ctl")
         self.owner = partition_owner                     # partition -> worker
@@ -219,6 +233,12 @@ class Gateway:
         self._jbuf = bytearray()                         # the burst's journal records
         self._jrecs = 0
         self._acks: list[tuple[bytes, int]] = []         # (DEALER identity, first seq) to ACK
+        # Takeovers: the policy ([liquidation]); the takeover stream numbered from the
+        # microsecond clock at start, so that it goes on increasing across restarts (a
+        # replay skips a stream's numbers it has seen); requests held during a cut.
+        self.takeover = takeover if takeover is not None and takeover.enabled else None
+        self._takeover_seq = max(time.time_ns() // 1000, (fills_streams or {}).get(TAKEOVER_STREAM, 0))
+        self._takeovers_held: list[bytes] = []
 
     def _bind(self, kind: int, endpoint: str, name: str | None) -> zmq.Socket:
         """A socket bound at ``endpoint``: an external one (``name``) behind the CURVE
@@ -648,11 +668,72 @@ class Gateway:
 
     def on_worker_reply(self, frame: bytes) -> None:
         """A worker's COLLATERAL_REPLY: an applied request is journaled, then answered
-        (held until that record is on the disk with ``journal_sync = "ack"``)."""
+        (held until that record is on the disk with ``journal_sync = "ack"``); or its
+        takeover request (``on_takeover``)."""
+        if frame[:1] == TAKEOVER_PREFIX:
+            if self._cut_since is not None:          # a snapshot's cut: no fills until it is done
+                self._takeovers_held.append(frame)
+            else:
+                self.on_takeover(frame)
+            return
         m = decode(frame)
         if type(m) is Rejected:
             return
         self._collateral_done(m.fields["request_id"], m.fields["code"], m.fields["balance_units"])
+
+    def on_takeover(self, frame: bytes) -> None:
+        """Take over a liquidation order (``b"T"`` + msgpack ``[row, instrument, qty_units,
+        limit_price_units, reason]`` from its worker): plan it (takeover.plan), book the
+        legs as one FILL batch on ``TAKEOVER_STREAM`` -- the liquidated account the taker,
+        no fees -- journaled before it is routed, and report each leg (6101-6103) or that
+        nothing took it (6104). A request that does not parse is counted, never raised."""
+        try:
+            row, ins, qty, limit, reason = msgpack.unpackb(frame[1:])
+            row, ins, qty, limit, reason = int(row), int(ins), int(qty), int(limit), int(reason)
+            if not (0 <= row < self.store.accounts_cap and 0 <= ins < self.n_instruments and limit > 0):
+                raise ValueError("out of range")
+        except Exception:                                    # noqa: BLE001 -- internal, but never fatal
+            self.counters["takeover_bad_requests"] += 1
+            return
+        self.counters["takeover_requests"] += 1
+        account = int(self.store.accounts[row]["account_id"])
+        if self.takeover is None:
+            return
+        try:
+            snap = self.store.price_snapshot()
+            legs = plan_takeover(self.store, snap, row, ins, qty, limit, reason, self.takeover)
+        except PricesUnreadable:
+            legs = []
+        now = time.time_ns()
+        taken = sum(abs(leg.qty_units) for leg in legs)
+        if taken < abs(qty):
+            self.counters["takeover_no_route"] += 1
+            self.emit(Code.TAKEOVER_NO_ROUTE, json.dumps({"instrument_id": ins, "qty_units": qty,
+                                                          "taken_units": taken, "limit_price_units": limit}),
+                      account)
+        if not legs:
+            return
+        seq0 = self._takeover_seq + 1
+        self._takeover_seq += len(legs)
+        fills = [{"trade_id": seq0 + k, "instrument_id": ins, "maker_account": leg.counterparty,
+                  "taker_account": account, "qty_units": abs(leg.qty_units), "price_units": leg.price_units,
+                  "maker_fee_units": 0, "taker_fee_units": 0, "taker_side": "buy" if leg.qty_units > 0 else "sell"}
+                 for k, leg in enumerate(legs)]
+        out = encode_batch(MsgType.FILL, fills, first_seq=seq0, ts_ns=now)
+        run = decode_fills(out)
+        if type(run) is Rejected:                          # the engine's own frame: a bug, said loudly
+            self.counters["takeover_unencodable"] += 1
+            self.emit(Code.TAKEOVER_NO_ROUTE, f"takeover frame refused by its own decoder: {run.detail}", account)
+            return
+        self.flush_fills(now)                              # the matching engine's fills first, in order
+        self.journal.append(seq0, now, out, TAKEOVER_STREAM)   # before applying
+        self._route_reference(run.fills, seq0, now)
+        for k, leg in enumerate(legs):
+            self.counters[f"takeover_{leg.route.name.lower()}"] += 1
+            self.emit(ROUTE_CODE[leg.route], json.dumps({
+                "instrument_id": ins, "liquidated_account": account, "counterparty": leg.counterparty,
+                "qty_units": leg.qty_units, "price_units": leg.price_units, "trade_id": seq0 + k,
+                "fill_seq": seq0 + k}), leg.counterparty if leg.route == Route.ADL else account)
 
     def _collateral_done(self, ticket: int, code: int, balance_units: int) -> None:
         """The outcome of our collateral record ``ticket`` (the worker's reply, or the
@@ -773,6 +854,9 @@ class Gateway:
             held, self._held = self._held, []
             for ident, frame, recv_ns in held:
                 self.on_request(ident, frame, recv_ns)
+            takeovers, self._takeovers_held = self._takeovers_held, []
+            for frame in takeovers:
+                self.on_takeover(frame)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -843,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--journal-fsync-interval-s", type=float, default=1.0)
     ap.add_argument("--fills-streams-from", default="",
                     help="a fills-streams.json: each acknowledged stream's last accepted seq before this start")
+    ap.add_argument("--takeover", default="", help="the [liquidation] takeover policy (TakeoverPolicy.as_args)")
     curve.add_args(ap)
     a = ap.parse_args(argv)
     process.enter(a.cpu)
@@ -850,7 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     g = Gateway(a.name, a.fills, a.checks, a.replies, a.events, a.journal_dir, a.journal_generation,
                 [int(x) for x in a.owners.split(",")], fills_acks=a.fills_acks, fills_last_seq=a.fills_last_seq,
                 journal_sync=a.journal_sync, journal_fsync_interval_s=a.journal_fsync_interval_s,
-                fills_streams=read_fills_streams(a.fills_streams_from) if a.fills_streams_from else None)
+                fills_streams=read_fills_streams(a.fills_streams_from) if a.fills_streams_from else None,
+                takeover=TakeoverPolicy.from_arg(a.takeover) if a.takeover else None)
     if a.assets:
         g.set_asset_names(a.assets.split(","))
     g.ctl.mark_ready(Role.GATEWAY)

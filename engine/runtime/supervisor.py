@@ -185,6 +185,7 @@ class Engine:
         orders_for_workers = self.internal["orders"] if ep.orders_via_gateway else ep.orders
         self.children = [Child("liqgw", liq_args + ["--cpu", str(e.liqgw_cpu)], cpu=e.liqgw_cpu)]
         price_args = ["--oracle", ep.oracle, "--assets", assets]     # the mark-price stage's
+        takeover = self.config.liquidation.as_args() if self.config.liquidation.enabled else []
         for w in range(self.n_workers):
             parts = ",".join(str(p) for p in range(e.partitions) if self.owner[p] == w)
             cpu = cpus[w % len(cpus)] if cpus else -1
@@ -192,7 +193,7 @@ class Engine:
                 "engine.runtime.worker", "--name", name, "--worker", str(w), "--partitions", parts,
                 "--cpu", str(cpu), "--wait", e.wait, "--orders", orders_for_workers,
                 "--holders-slice", str(e.holders_slice), "--fills-max-wait-us", str(e.fills_max_wait_us),
-                "--replies", self.internal["replies"], "--events", self.internal["events"]]
+                "--replies", self.internal["replies"], "--events", self.internal["events"], *takeover]
                 + (price_args if w == 0 and e.price_stage == "worker" else []), cpu=cpu))
         if e.price_stage == "process":
             self.children.append(Child("markprice", [
@@ -204,7 +205,7 @@ class Engine:
             "--journal-dir", self.state_dir, "--journal-generation", str(self.journal_generation),
             "--fills-last-seq", str(self.fills_last_seq), "--owners", ",".join(map(str, self.owner)), "--assets", assets,
             "--journal-sync", e.journal_sync, "--journal-fsync-interval-s", repr(e.journal_fsync_interval_s),
-            "--cpu", str(e.gateway_cpu)]
+            "--cpu", str(e.gateway_cpu), *takeover]
             + (["--fills-acks"] if ep.fills_acks else [])
             # a recovered book's DEALER streams (``run`` wrote them after the replay)
             + (["--fills-streams-from", os.path.join(self.state_dir, FILLS_STREAMS_FILE)] if self.durable else []),

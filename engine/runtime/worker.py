@@ -22,7 +22,9 @@ see ``TickWake``)::
                    re-margined from scratch
     3. upkeep   -- in slices between wake-ups: every ``OUTSTANDING_CHECK_S`` the
                    accounts with an order outstanding (cleared once healthy, orders
-                   still in breach re-sent after 2 s); every ``full_pass_interval_s``
+                   still in breach re-sent after 2 s, or -- with a [liquidation]
+                   fund or backstop -- taken over after ``after_ms``: handed to the
+                   gateway, engine/liquidation/takeover.py); every ``full_pass_interval_s``
                    (1 s, or accounts / 250k s) a full pass rewriting the shared rows and
                    resetting the private aggregates at the basis (float drift),
                    heartbeat; every 30 s all trigger tables marked stale; stale ones
@@ -45,6 +47,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -53,6 +56,7 @@ from engine.accounting.fills import INT64_MAX
 from engine.codes import Code
 from engine.config import EngineSettings
 from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
+from engine.liquidation.takeover import TakeoverPolicy
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
@@ -98,6 +102,7 @@ STAGE_COLLATERAL = "collateral"      # the collateral pass, after a collateral a
 STAGE_FILL = "fill"                  # a fill of an account with an order out left it in breach
                                      #   (a partial liquidation's next step); timed from the fill
 STAGE_RESEND = "resend"              # still in breach REISSUE_AFTER_NS after its order: no tick
+TAKEOVER_PREFIX = b"T"               # a takeover request on the replies socket (gateway.TAKEOVER_PREFIX)
 STAGES = (STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_FILL, STAGE_RESEND)
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 
@@ -106,7 +111,8 @@ class Worker:
     def __init__(self, name: str, worker_id: int, partitions: list[int], *, wait: str = "blocking",
                  orders_endpoint: str, replies_endpoint: str, events_endpoint: str | None = None,
                  full_pass_interval_s: float | None = None, order_id_base: int = 0,
-                 holders_slice: int = HOLDERS_SLICE, fills_max_wait_ns: int = FILLS_MAX_WAIT_NS):
+                 holders_slice: int = HOLDERS_SLICE, fills_max_wait_ns: int = FILLS_MAX_WAIT_NS,
+                 takeover: TakeoverPolicy | None = None):
         self.name = name
         self.worker_id = worker_id
         self.partitions = partitions
@@ -153,6 +159,13 @@ class Worker:
         # section 4; an order no fill answers is re-sent after REISSUE_AFTER_NS if the
         # account is still in breach). Absent: not known (flagged by a previous owner).
         self.outstanding_instruments: dict[int, set[int]] = {}
+        # Takeovers ([liquidation]): an account whose orders no fill answered within
+        # ``after_ms`` is handed to the gateway (``request_takeover``); the next time it
+        # is due, its orders go back to the market (after REISSUE_AFTER_NS), and so on in
+        # turn. Rows whose last step was a takeover request; the fund's and providers' ids.
+        self.takeover_after_ns = takeover.after_ms * 1_000_000 if takeover is not None and takeover.enabled else 0
+        self.takeover_roles = takeover.role_accounts if takeover is not None else frozenset()
+        self.taken_over: set[int] = set()
         self.pending_events: collections.deque = collections.deque()   # order events to send
         self.pending_pass: dict[int, None] = {}      # instruments whose holders' pass (1b) waits
         # The holders' pass in progress: [snapshot, deque of (partition, instrument passed,
@@ -314,14 +327,39 @@ class Worker:
         n = self.index[p].remargin_rows(rows, self.store.price_snapshot(), self.breach)
         in_breach = set(self.breach[:n].tolist())                    # n <= len(rows) < len(breach)
         now = time.time_ns()
-        resend = []
+        resend, takeover = [], []
         for row in rows.tolist():
             if row not in in_breach:
                 self._set_outstanding(row, False)
-            elif now - since[row] >= REISSUE_AFTER_NS:
+                continue
+            waited = now - since[row]
+            if self.takeover_after_ns and row not in self.taken_over and waited >= self.takeover_after_ns \
+                    and int(self.store.accounts[row]["account_id"]) not in self.takeover_roles:
+                takeover.append(row)
+            elif waited >= REISSUE_AFTER_NS:
                 resend.append(row)
+        if takeover:
+            self.request_takeover(takeover)
         if resend:
+            self.taken_over.difference_update(resend)
             self.liquidate(np.array(resend, np.int64), 0, now, STAGE_RESEND, reissue=True)
+
+    def request_takeover(self, rows: list[int]) -> None:
+        """Hand each order of ``rows`` (decided again now) to the gateway for a takeover:
+        ``b"T"`` + msgpack ``[row, instrument, qty_units, limit_price_units, reason]`` on
+        the replies socket (engine/liquidation/takeover.py plans and books it). The
+        account stays outstanding; the takeover's fills answer its orders."""
+        snap = self.store.price_snapshot()
+        for row in rows:
+            orders = decide(self.store, row, snap)
+            for o in orders:
+                self.replies.send(TAKEOVER_PREFIX + msgpack.packb(
+                    [row, o.instrument, o.qty_units, o.limit_price_units, int(o.reason)]))
+            self.counters["takeovers_requested"] += len(orders)
+            self.taken_over.add(row)
+            self._set_outstanding(row, True)
+            if orders:
+                self.outstanding_instruments[row] = {o.instrument for o in orders}
 
     def _stale_triggers(self, p: int) -> None:
         """Mark partition ``p``'s trigger tables for a refresh (they drift as other
@@ -555,6 +593,7 @@ class Worker:
         else:
             self.outstanding_since.pop(row, None)
             self.outstanding_instruments.pop(row, None)
+            self.taken_over.discard(row)
 
     # ------------------------------------------------------------------ 2. commands
     def drain(self, p: int, snap) -> int:
@@ -952,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fills-max-wait-us", type=int, default=FILLS_MAX_WAIT_NS // 1000,
                     help="microseconds a fill may wait behind newer ticks (engine.fills_max_wait_us)")
     ap.add_argument("--oracle", default=None, help="run the mark-price stage here, bound to this endpoint")
+    ap.add_argument("--takeover", default="", help="the [liquidation] takeover policy (TakeoverPolicy.as_args)")
     curve.add_args(ap)
     ap.add_argument("--assets", default="", help="with --oracle: asset names, in table order")
     ap.add_argument("--staleness-ms", type=int, default=5000)
@@ -966,7 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
     w = Worker(a.name, a.worker, [int(x) for x in a.partitions.split(",")], wait=a.wait,
                orders_endpoint=a.orders, replies_endpoint=a.replies, events_endpoint=a.events,
                full_pass_interval_s=a.full_pass_interval, holders_slice=a.holders_slice,
-               fills_max_wait_ns=a.fills_max_wait_us * 1000)
+               fills_max_wait_ns=a.fills_max_wait_us * 1000,
+               takeover=TakeoverPolicy.from_arg(a.takeover) if a.takeover else None)
     if a.oracle:
         w.run_price_stage(a.oracle, a.events, params, a.assets.split(",") if a.assets else [])
     w.run()
