@@ -699,12 +699,24 @@ class Gateway:
         account = int(self.store.accounts[row]["account_id"])
         if self.takeover is None:
             return
-        try:
-            snap = self.store.price_snapshot()
-            legs = plan_takeover(self.store, snap, row, ins, qty, limit, reason, self.takeover)
-        except PricesUnreadable:
-            legs = []
         now = time.time_ns()
+        try:                                               # planning and encoding never stop the gateway
+            legs = plan_takeover(self.store, self.store.price_snapshot(), row, ins, qty, limit, reason,
+                                 self.takeover)
+            seq0 = self._takeover_seq + 1
+            fills = [{"trade_id": seq0 + k, "instrument_id": ins, "maker_account": leg.counterparty,
+                      "taker_account": account, "qty_units": leg.qty_units, "price_units": leg.price_units,
+                      "maker_fee_units": 0, "taker_fee_units": 0,
+                      "taker_side": "buy" if leg.qty_units > 0 else "sell"} for k, leg in enumerate(legs)]
+            out = encode_batch(MsgType.FILL, fills, first_seq=seq0, ts_ns=now) if legs else b""
+            run = decode_fills(out) if legs else None
+            if type(run) is Rejected:
+                raise ValueError(f"refused by its own decoder: {run.detail}")
+        except Exception as e:                             # noqa: BLE001 -- a bug or a price mid-write: said, not raised
+            self.counters["takeover_failed"] += 1
+            self.emit(Code.TAKEOVER_NO_ROUTE, f"takeover of instrument {ins} not planned: {type(e).__name__}: {e}",
+                      account)
+            return
         taken = sum(abs(leg.qty_units) for leg in legs)
         if taken < abs(qty):
             self.counters["takeover_no_route"] += 1
@@ -713,18 +725,7 @@ class Gateway:
                       account)
         if not legs:
             return
-        seq0 = self._takeover_seq + 1
         self._takeover_seq += len(legs)
-        fills = [{"trade_id": seq0 + k, "instrument_id": ins, "maker_account": leg.counterparty,
-                  "taker_account": account, "qty_units": abs(leg.qty_units), "price_units": leg.price_units,
-                  "maker_fee_units": 0, "taker_fee_units": 0, "taker_side": "buy" if leg.qty_units > 0 else "sell"}
-                 for k, leg in enumerate(legs)]
-        out = encode_batch(MsgType.FILL, fills, first_seq=seq0, ts_ns=now)
-        run = decode_fills(out)
-        if type(run) is Rejected:                          # the engine's own frame: a bug, said loudly
-            self.counters["takeover_unencodable"] += 1
-            self.emit(Code.TAKEOVER_NO_ROUTE, f"takeover frame refused by its own decoder: {run.detail}", account)
-            return
         self.flush_fills(now)                              # the matching engine's fills first, in order
         self.journal.append(seq0, now, out, TAKEOVER_STREAM)   # before applying
         self._route_reference(run.fills, seq0, now)

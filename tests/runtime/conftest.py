@@ -14,14 +14,15 @@ from runtime_support import ACCOUNTS_CAPACITY, Client, Running
 
 @pytest.fixture
 def start_engine():
-    """``start_engine(setup, n_workers=1, **engine_overrides) -> Running``; stopped and
+    """``start_engine(setup, n_workers=1, base=None, **engine_overrides) -> Running`` (``base``:
+    a configuration other than the embedded one); stopped and
     unlinked at teardown whatever the test did."""
     started: list[Running] = []
 
-    def start(setup=None, n_workers: int = 1, **overrides) -> Running:
+    def start(setup=None, n_workers: int = 1, base=None, **overrides) -> Running:
         root = tempfile.mkdtemp(prefix="me-rt-")
         overrides.setdefault("accounts_capacity", ACCOUNTS_CAPACITY)
-        config = local_config(root, **overrides)
+        config = local_config(root, base, **overrides)
         try:
             le = LocalEngine(config, setup=setup, n_workers=n_workers)
             le.__enter__()
