@@ -28,6 +28,7 @@ of their own and are counted only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import multiprocessing.connection
@@ -38,13 +39,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 import zmq
 
 from engine.codes import Code
 from engine.config import load_default
+from engine.liquidation.takeover import TakeoverPolicy
 from engine.runtime.harness import LocalEngine, local_config
 from engine.runtime.provision import HOUSE_ACCOUNT, provision
 from engine.runtime.status import snapshot
@@ -52,6 +54,12 @@ from engine.runtime.supervisor import _exit_words
 from engine.runtime.worker import STAGE_COLLATERAL, STAGE_FILL, STAGE_HOLDERS, STAGE_RESEND, STAGE_TRIGGER, STAGES
 from feeds.protocol import MsgType, Rejected, decode
 
+TAKEOVER_CODES = {int(Code.TAKEN_BY_BACKSTOP): "backstop", int(Code.TAKEN_BY_INSURANCE_FUND): "insurance fund",
+                  int(Code.AUTO_DELEVERAGED): "ADL", int(Code.TAKEOVER_NO_ROUTE): "no taker"}
+# The demo's insurance fund: an account of its own with 5M USDT; it takes (at the
+# bankruptcy price) what the simulated book cancels: orders limited beyond the market.
+INSURANCE_FUND_ACCOUNT = 999_998
+INSURANCE_FUND_USDT = 5_000_000
 LIQ_CODES = {int(Code.LIQ_BELOW_MAINTENANCE): "below maintenance",
              int(Code.LIQ_ISOLATED_BELOW_MAINTENANCE): "isolated below maintenance",
              int(Code.LIQ_BELOW_BANKRUPTCY): "below bankruptcy: closed in full"}
@@ -138,7 +146,7 @@ def _simulate(cfg, n_accounts, duration_s, crash_at_s, crash_pct, seed, done, fa
     try:
         sim = MatchingSim(ep.fills, ep.checks, ep.orders, names, n_accounts, seed, config=cfg,
                           price_fn=vsim.price, rate_hz=300, backstop_account=HOUSE_ACCOUNT,
-                          max_order_usd=2000)
+                          max_order_usd=2000, cancel_past_market=True)
         sim.start(duration_s)
         deadline = time.monotonic() + duration_s
         while True:                          # the run's length, or until the demo ends it early
@@ -256,12 +264,18 @@ def run_demo(duration_s: float = 30.0, accounts: int = 5000, workers: int = 1, c
 
 def _run(root: str, stop: list, duration_s: float, accounts: int, workers: int, crash_pct: float,
          seed: int, tty: bool) -> dict:
-    base = load_default()
+    base = dataclasses.replace(load_default(), liquidation=TakeoverPolicy(
+        insurance_fund_account=INSURANCE_FUND_ACCOUNT, after_ms=500))
     cfg = local_config(root, base, accounts_capacity=max(accounts + 10, 1000), partitions=max(2, workers))
     print(f"margin-engine demo: loading {accounts:,} accounts (leveraged 2x-25x on BTC, ETH, SOL "
           f"perps and the BTC future) into shared memory /{cfg.engine.name} ...", file=sys.stderr)
     # on failure (Ctrl-C is only a flag here) the segments it made are unlinked
-    engine = LocalEngine(cfg, setup=lambda st: provision(st, cfg, accounts, seed=seed), n_workers=workers)
+    def setup(st) -> None:
+        provision(st, cfg, accounts, seed=seed)
+        fund = st.add_account(INSURANCE_FUND_ACCOUNT)
+        usdt = cfg.asset("USDT")
+        st.set_balance(fund, usdt.index, INSURANCE_FUND_USDT * usdt.scale)
+    engine = LocalEngine(cfg, setup=setup, n_workers=workers)
     ctx = zmq.Context.instance()
     events = ctx.socket(zmq.SUB)
     events.setsockopt(zmq.LINGER, 0)
@@ -311,6 +325,8 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
         t2d: dict[str, list[float]] = {s: [] for s in STAGES if s != STAGE_RESEND}   # us, by stage
         by_stage = dict.fromkeys(STAGES, 0)
         other_events: deque = deque(maxlen=4)
+        takeovers: Counter = Counter()                # route -> legs
+        taken: deque = deque(maxlen=4)
         t0 = time.monotonic()
         end = t0 + duration_s
         last_t, last_seq, last_fills = t0, int(store.prices["price_seq"].sum()), int(store.partitions["fills_applied"].sum())
@@ -337,6 +353,14 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
                                 f"  {LIQ_CODES[f['code']]:<18} "
                                 + (f"tick->order {d['tick_to_sent_us']:.0f} us ({d['stage']})" if d["stage"] in t2d
                                    else f"({d['stage']})"))
+                elif f["code"] in TAKEOVER_CODES:
+                    route = TAKEOVER_CODES[f["code"]]
+                    takeovers[route] += 1
+                    d = json.loads(f["detail"]) if f["detail"].startswith("{") else {}
+                    if "counterparty" in d:
+                        taken.append(f"  account {d['liquidated_account']:>6}  {names[d['instrument_id']]:<16} "
+                                     f"{abs(d['qty_units']):>8} units at {d['price_units'] / int(store.instruments[d['instrument_id']]['price_scale']):>10.2f}"
+                                     f"  -> {route} (account {d['counterparty']})")
                 else:
                     other_events.append(f"  [{code_name(f['code'])}] {f.get('instrument') or ''} {f['detail'][:70]}")
             if results.poll() or not exch.is_alive():   # it ended first: it failed
@@ -358,7 +382,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
                 f"liquidation orders {n_liq} ({len(n_accounts_liquidated)} accounts), by what found the breach:",
                 f"  {_by_stage(t2d, by_stage)}",
                 f"at risk now: {s['liquidatable']} in breach, {s['near_liquidation']} near (ratio >= 0.8); "
-                f"bad debt {s['bad_debt_accounts']} accounts, {s['bad_debt_usd']:,.0f} USD (insurance fund's to cover)",
+                f"bad debt {s['bad_debt_accounts']} accounts, {s['bad_debt_usd']:,.0f} USD (negative equity no takeover has covered)",
                 "",
                 "marks (change since start):",
             ]
@@ -370,6 +394,9 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
                 lines.append(f"  account {a['account']:>6}  equity {a['equity_usd']:>12,.2f}  maint {a['maintenance_usd']:>11,.2f}"
                              f"  ratio {a['margin_ratio'] if a['margin_ratio'] is not None else 'inf'}")
             lines += ["", "latest liquidations:"] + (list(liqs) or ["  (none yet: prices have not moved far enough)"])
+            lines += ["", "takeovers (orders the book cancelled: limit beyond the market) "
+                      + (", ".join(f"{k} {v}" for k, v in sorted(takeovers.items())) or "none yet") + ":"] \
+                + (list(taken) or ["  (none yet)"])
             lines += ["", "other engine events:"] + (list(other_events) or ["  (none)"])
             screen.show(lines)
     finally:
@@ -383,7 +410,7 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
     engine.__exit__(None, None, None)
     summary.update({"accounts": accounts, "liquidation_orders": n_liq,
                     "accounts_liquidated": len(n_accounts_liquidated),
-                    "orders_by_stage": by_stage,
+                    "orders_by_stage": by_stage, "takeovers": dict(takeovers),
                     "tick_to_order_us": {st: {q_: float(np.percentile(v, q_)) for q_ in (50, 90, 99)} if v else None
                                          for st, v in t2d.items()},
                     "engine_exit_codes": engine.exit_codes})
@@ -391,5 +418,6 @@ def _live(engine: LocalEngine, cfg, events, stop: list, duration_s: float, accou
     print(f"\ndemo done: {n_liq} liquidation orders for {len(n_accounts_liquidated)} accounts; "
           f"{ex.get('fills_sent', 0)} fills sent, {ex.get('checks_sent', 0)} order checks "
           f"({ex.get('checks_accepted', 0)} accepted); orders found by the {_by_stage(t2d, by_stage)}; "
+          f"takeovers {dict(takeovers) or 'none'}; "
           f"engine processes exited {sorted(set(engine.exit_codes.values()))}")
     return summary

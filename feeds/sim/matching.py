@@ -28,7 +28,11 @@ What it does:
    (flushed at least every ``batch_interval_s``); every fill has its own seq.
 3. Liquidations: each LIQUIDATION_ORDER is filled at once against ``backstop_account``
    (maker) at the order's ``limit_price_units``, the liquidated account as taker with the
-   order's signed quantity, same fee rates; the FILL goes out on the fills socket.
+   order's signed quantity, same fee rates; the FILL goes out on the fills socket. With
+   ``cancel_past_market`` the book is honest about immediate-or-cancel instead: an order
+   whose limit is worse than the market for the backstop (a sell limited above the
+   market, a buy below it: an account below bankruptcy) is cancelled, no fill
+   (``liquidations_cancelled``); the engine's takeover then has it (the demo).
 
 All sockets belong to the thread that runs the loop: call ``fund_accounts`` before
 ``start`` (or from the thread that calls ``run``), never while the background loop runs.
@@ -118,6 +122,7 @@ class MatchingStats:
     deposits_failed: collections.Counter = field(default_factory=collections.Counter)   # code -> n
     liquidations_received: int = 0
     liquidations_filled: int = 0
+    liquidations_cancelled: int = 0  # cancel_past_market: IOC limit beyond the market, no fill
     liquidations_bad: collections.Counter = field(default_factory=collections.Counter)  # code -> n
     liquidation_seq_gaps: int = 0
     liquidation_duplicates: int = 0
@@ -160,7 +165,7 @@ class MatchingSim:
                  deposit_asset: str = "USDT", deposit_range: tuple[float, float] = (1_000, 100_000),
                  backstop_deposits: Mapping[str, float] | None = None,
                  check_timeout_s: float = 5.0, hwm: int = 100_000, max_latency_samples: int = 1_000_000,
-                 ctx: zmq.Context | None = None):
+                 cancel_past_market: bool = False, ctx: zmq.Context | None = None):
         if n_accounts < 1:
             raise ValueError("n_accounts must be >= 1")
         if not 1 <= batch_size <= 4096:
@@ -190,6 +195,7 @@ class MatchingSim:
         self.price_jitter = price_jitter
         self.taker_rate, self.maker_rate = taker_fee_rate, maker_fee_rate
         self.backstop = backstop_account
+        self.cancel_past_market = cancel_past_market
         self.deposit_asset, self.deposit_range = deposit_asset, deposit_range
         self.backstop_deposits = ({"USDT": 1e9, "BTC": 1e4} if backstop_deposits is None
                                   else dict(backstop_deposits))
@@ -397,6 +403,9 @@ class MatchingSim:
         # takes it at the market when that is better for the liquidated account.
         limit = f["limit_price_units"]
         market = round(float(self.price_fn(inst.name)) * inst.price_scale)
+        if self.cancel_past_market and (limit > market if f["qty_units"] < 0 else limit < market):
+            st.liquidations_cancelled += 1
+            return
         price = max(limit, market) if f["qty_units"] < 0 else min(limit, market)
         fill = self._add_fill(inst, self.backstop, f["account"], f["qty_units"], price)
         self._flush_batch()                      # a liquidation fill goes out at once

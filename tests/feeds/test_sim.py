@@ -275,6 +275,31 @@ def test_liquidation_order_is_filled_against_the_backstop_at_the_limit(ctx, engi
 
 
 @pytest.mark.timeout(30)
+def test_with_cancel_past_market_an_order_limited_beyond_the_market_gets_no_fill(ctx, engine):
+    # The same sell limited at 94,000 with the market at 93,000 (an account below
+    # bankruptcy): an honest immediate-or-cancel book cancels it; at a market of 95,000
+    # (above the limit) it fills at the market, 950,000.
+    price = [93_000.0]
+    sim = MatchingSim(*engine["eps"], ["BTCUSDT"], 10, seed=5, ctx=ctx, rate_hz=0, backstop_account=999_999,
+                      price_fn=lambda name: price[0], cancel_past_market=True)
+    sim.start()
+    try:
+        order = {"order_id": 9_000_001, "account": 7, "instrument_id": 0, "qty_units": -250,
+                 "limit_price_units": 940_000, "reason": 6003, "tick_seq": 31,
+                 "tick_recv_ns": time.time_ns(), "decided_ns": time.time_ns(), "sent_ns": time.time_ns()}
+        engine["orders"].send(encode(MsgType.LIQUIDATION_ORDER, order, seq=1, ts_ns=time.time_ns()))
+        assert not engine["fills"].poll(500)
+        price[0] = 95_000.0
+        engine["orders"].send(encode(MsgType.LIQUIDATION_ORDER, {**order, "order_id": 9_000_002}, seq=2,
+                                     ts_ns=time.time_ns()))
+        m = decode(recv_one(engine["fills"]))
+    finally:
+        stats = sim.stop()
+    assert type(m) is not Rejected and (m.fields["qty_units"], m.fields["price_units"]) == (-250, 950_000)
+    assert (stats.liquidations_received, stats.liquidations_cancelled, stats.liquidations_filled) == (2, 1, 1)
+
+
+@pytest.mark.timeout(30)
 def test_batched_fills_form_batch_frames_with_consecutive_seqs(ctx, engine):
     sim = MatchingSim(*engine["eps"], ["BTCUSDT", "ETHUSDT", "SOLUSDT"], 20, seed=6, ctx=ctx,
                       rate_hz=500, max_in_flight=32, batch_size=5, batch_interval_s=5.0)

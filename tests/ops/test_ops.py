@@ -93,13 +93,16 @@ def test_demo_takes_its_workers_crash_and_seed(spawn, ops_dir):
     """`--workers 2 --crash 25 --seed 3`: two workers start (the demo's copy of the
     configuration gets 2 partitions), the crash it announces is 25 %, and the run ends
     cleanly with liquidations (a 25 % fall of BTC and ETH breaches accounts of up to
-    25x leverage), every engine process exiting 0."""
+    25x leverage), every engine process exiting 0. The simulated book cancels the orders
+    of accounts below bankruptcy (their limit is beyond the market), so the demo's
+    insurance fund takes some over (session 19)."""
     proc, out, err, segments = _run_demo(spawn, ops_dir, "--duration", "5", "--accounts", "400",
                                          "--workers", "2", "--crash", "25", "--seed", "3")
     assert proc.returncode == 0, err
     assert "engine up: 2 workers" in err and "crash 25% at" in err, err
     final = [ln for ln in out.splitlines() if ln.strip()][-1]
     assert int(re.match(r"demo done: (\d+) liquidation orders", final).group(1)) > 0, final
+    assert int(re.search(r"takeovers \{'insurance fund': (\d+)", final).group(1)) > 0, final
     assert final.endswith("engine processes exited [0]"), final   # the set of exit codes: all 0
     for seg in segments:
         assert not shm_exists(seg), f"/dev/shm/{seg} left behind"
