@@ -14,7 +14,7 @@ per leg it is ~1e-16 |size| F / (sigma sqrt T); with sigma sqrt T >= 1e-3 here t
 <= ~1e-13 of the leg's gross value, summed over <= 8 legs. The loss is a difference of
 two sums (base - shocked), so cancellation makes the *result* small while the error
 stays proportional to the terms: compare against
-``1e-9 * max(1e-12, sum_i max_s |V_i(s)|)`` -- ~1e4 above the rounding, far below any
+``1e-9 * max(1e-12, sum_i max_s |V_i(s)| + sum_options |q| cs F)`` (``gross``) -- ~1e4 above the rounding, far below any
 formula slip (those are O(1) of a leg's value).
 """
 
@@ -66,10 +66,14 @@ params_st = st.builds(
 
 
 def gross(pf: Portfolio, params: ScenarioParams) -> float:
-    """``sum_i max_s |V_i(s)|`` over the grid (and s = 0): the scale of the rounding."""
+    """``sum_i max_s |V_i(s)|`` over the grid (and s = 0), plus the options' ``|q| cs F``
+    (coin: ``|q| cs``) that the short-option minimum is a sum of: the scale of the rounding.
+    (A book of worthless short options has no value in any scenario, but a minimum.)"""
     m, v, _ = pm.scenario_grid(params)
     total = 0.0
     for leg in pf.legs:
+        if leg.kind == LEG_OPTION:
+            total += abs(leg.size) * (1.0 if pf.settle == SETTLE_COIN else leg.price)
         vals = [abs(pm.leg_value(leg, pf.settle, float(a), float(b), params.rate)) for a, b in zip(m, v)]
         total += max(vals + [abs(pm.leg_value(leg, pf.settle, 0.0, 0.0, params.rate))])
     return total
