@@ -1,5 +1,5 @@
-"""Build: compiles the Cython kernels in ext/ into engine._margin, engine._shm, engine._fills
-and engine._wire.
+"""Build: compiles the Cython kernels in ext/ into engine._margin, engine._shm, engine._fills,
+engine._wire and engine._portfolio.
 
 Build directives live here and only here. ``MARGIN_ENGINE_DEBUG=1`` at build time turns
 bounds and wraparound checks on and drops optimisation (``pip install -e .`` again to
@@ -49,7 +49,7 @@ def kernel(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [kernel("_margin"), kernel("_shm"), kernel("_fills"), kernel("_wire")],
+        [kernel("_margin"), kernel("_shm"), kernel("_fills"), kernel("_wire"), kernel("_portfolio")],
         include_path=["ext"],
         compiler_directives=directives,
         build_dir="build/cython",

@@ -3,7 +3,8 @@
 Subcommands: ``demo`` (the engine against simulated venues and a simulated matching
 engine, live in the terminal), ``run`` (the engine on a configuration), ``status`` (a
 running engine, or its state directory), ``evaluate`` (what-if on a JSON scenario),
-``keys`` (a CURVE key pair for ``[security]``) and ``bench`` (kernel, feeds, latency,
+``portfolio`` (what-if portfolio margin of options on a JSON scenario), ``keys`` (a CURVE
+key pair for ``[security]``) and ``bench`` (kernel, feeds, latency,
 acknowledgement and recovery benchmarks).
 Bad input exits with status 2 and one line naming the problem, never a traceback.
 """
@@ -89,23 +90,30 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+def _read_scenario(args, command: str, example: str):
+    """The JSON document of ``args.scenario`` ('-': stdin, None: the bundled ``example``),
+    or None after one line on stderr."""
+    try:
+        if args.scenario == "-":
+            return json.load(sys.stdin)
+        if args.scenario is None:
+            return json.loads(resources.files("engine").joinpath(f"examples/{example}").read_text())
+        with open(args.scenario) as f:
+            return json.load(f)
+    except OSError as e:
+        print(f"margin-engine {command}: cannot read {args.scenario}: {e.strerror}", file=sys.stderr)
+        return None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, int literals past Python's
+        # digit limit, and arrays or objects nested past the decoder's recursion limit
+        print(f"margin-engine {command}: {args.scenario}: not valid JSON: {e}", file=sys.stderr)
+        return None
+
+
 def _cmd_evaluate(args) -> int:
     from engine.scenario import ScenarioError, evaluate
 
-    try:
-        if args.scenario == "-":
-            doc = json.load(sys.stdin)
-        elif args.scenario is None:
-            doc = json.loads(resources.files("engine").joinpath("examples/scenario.json").read_text())
-        else:
-            with open(args.scenario) as f:
-                doc = json.load(f)
-    except OSError as e:
-        print(f"margin-engine evaluate: cannot read {args.scenario}: {e.strerror}", file=sys.stderr)
-        return 2
-    except (ValueError, RecursionError) as e:   # JSONDecodeError, int literals past Python's
-        # digit limit, and arrays or objects nested past the decoder's recursion limit
-        print(f"margin-engine evaluate: {args.scenario}: not valid JSON: {e}", file=sys.stderr)
+    doc = _read_scenario(args, "evaluate", "scenario.json")
+    if doc is None:
         return 2
     try:
         result = evaluate(doc)
@@ -114,6 +122,30 @@ def _cmd_evaluate(args) -> int:
         return 2
     json.dump(result, sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_portfolio(args) -> int:
+    from engine.scenario import ScenarioError, evaluate_portfolio
+
+    doc = _read_scenario(args, "portfolio", "portfolio.json")
+    if doc is None:
+        return 2
+    try:
+        result = evaluate_portfolio(doc)
+    except ScenarioError as e:
+        print(f"margin-engine portfolio: {e}", file=sys.stderr)
+        return 2
+    json.dump(result, sys.stdout, indent=2, allow_nan=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_bench_portfolio(args) -> int:
+    from bench import portfolio
+
+    portfolio.run(portfolios=args.portfolios, legs=args.legs, json_out=args.json, plot_out=None,
+                  reference_sample=args.reference_sample, reps=args.reps)
     return 0
 
 
@@ -274,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scenario JSON file, '-' for stdin; default: the bundled example")
     ev.set_defaults(func=_cmd_evaluate)
 
+    pf = sub.add_parser("portfolio", help="standard margin beside portfolio margin (scenario grid, VaR) of "
+                                          "option books in a JSON scenario (docs/portfolio.md); what-if only")
+    pf.add_argument("scenario", nargs="?", default=None,
+                    help="scenario JSON file with a 'portfolio' object, '-' for stdin; default: the bundled "
+                         "example (engine/examples/portfolio.json)")
+    pf.set_defaults(func=_cmd_portfolio)
+
     run = sub.add_parser("run", help="run the engine on a configuration until SIGTERM / Ctrl-C")
     run.add_argument("--config", default=None, help="TOML file; default: the embedded default")
     run.add_argument("--workers", type=_int_at_least(1), default=None,
@@ -328,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--threads", type=int, default=0,
                     help="threads of the split pass and floor (default: the CPUs this process may use)")
     bk.set_defaults(func=_cmd_bench_kernel)
+    bp = bsub.add_parser("portfolio", help="portfolio-margin scenario kernel: Cython vs numpy vs the reference")
+    bp.add_argument("--portfolios", type=_int_at_least(1), default=10_000)
+    bp.add_argument("--legs", type=_int_at_least(1), default=10)
+    bp.add_argument("--reference-sample", type=_int_at_least(1), default=200)
+    bp.add_argument("--reps", type=_int_at_least(1), default=15)
+    bp.add_argument("--json", default="bench/results/portfolio.json")
+    bp.set_defaults(func=_cmd_bench_portfolio)
     bsub.add_parser("acks", help="what a durable acknowledgement costs: fills ACK and deposit round trips, "
                                  "acknowledged fills/s, journal_sync interval vs ack (options: margin-engine "
                                  "bench acks --help)")

@@ -276,3 +276,171 @@ def evaluate(doc) -> dict:
         return {"accounts": out}
     finally:
         store.detach()
+
+
+# --------------------------------------------------------------------------- portfolio margin
+PORTFOLIO_KEYS = ("valuation_time", "options", "same_underlying", "params")
+PARAM_KEYS = ("price_range", "price_steps", "vol_shocks", "extreme_multiple", "extreme_fraction",
+              "short_option_min", "rate", "var_confidence", "var_horizon_days", "var_vol", "var_points")
+
+
+def _time_ns(value, where: str) -> int:
+    """An ISO 8601 UTC time (``2026-06-26T08:00:00Z``) as Unix nanoseconds."""
+    from datetime import datetime
+
+    if not isinstance(value, str):
+        raise ScenarioError(f"{where}: an ISO 8601 time such as \"2026-06-26T08:00:00Z\", got {value!r}")
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise ScenarioError(f"{where}: not an ISO 8601 time: {value!r}") from None
+    if t.tzinfo is None:
+        raise ScenarioError(f"{where}: give the time zone (e.g. a trailing Z): {value!r}")
+    return int(t.timestamp()) * 10**9 + t.microsecond * 1000
+
+
+def _portfolio_params(raw, where: str):
+    from engine.risk.portfolio import ScenarioParams
+
+    if raw is None:
+        return ScenarioParams()
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: must be an object")
+    known_keys(raw, PARAM_KEYS, where, ScenarioError)
+    kw = {}
+    for key, v in raw.items():
+        if key in ("price_steps", "var_points"):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ScenarioError(f"{where}.{key}: must be an integer, got {v!r}")
+            kw[key] = v
+        elif key == "vol_shocks":
+            if not isinstance(v, list):
+                raise ScenarioError(f"{where}.vol_shocks: a list of relative shocks, got {v!r}")
+            kw[key] = tuple(_finite(x, f"{where}.vol_shocks[{i}]") for i, x in enumerate(v))
+        else:
+            kw[key] = _finite(v, f"{where}.{key}")
+    try:
+        return ScenarioParams(**kw)
+    except ValueError as e:
+        raise ScenarioError(f"{where}: {e}") from None
+
+
+def evaluate_portfolio(doc) -> dict:
+    """Standard figures and the portfolio requirement per account (docs/portfolio.md).
+
+    ``doc`` is an evaluate scenario plus a top-level ``portfolio`` object. Steps: (1) the
+    standard figures of ``evaluate`` on the scenario without it; (2) per account, one
+    group per option underlying: its options, the underlying itself, and the perps and
+    futures ``same_underlying`` maps to it; (3) each group as an
+    engine.risk.portfolio.Portfolio (USD-settled when the underlying is linear and every
+    member settles in its settle asset; coin-settled when it is inverse, likewise) through
+    the kernel, plus VaR and the legs alone; (4) the positions in no group keep their
+    standard initial margin. Portfolio margin is what-if only: the live workers do not
+    run it.
+    """
+    from engine.risk import portfolio as pm
+
+    if not isinstance(doc, dict):
+        raise ScenarioError("scenario: top level must be an object")
+    doc = dict(doc)
+    raw = doc.pop("portfolio", None)
+    if not isinstance(raw, dict):
+        raise ScenarioError("portfolio: missing or not an object (docs/portfolio.md)")
+    known_keys(raw, PORTFOLIO_KEYS, "portfolio", ScenarioError)
+    standard = evaluate(doc)
+    assets, instruments, accounts = parse(doc)
+    ins_by = {i.name: i for i in instruments}
+    asset_by = {a.name: a for a in assets}
+    now_ns = _time_ns(raw.get("valuation_time"), "portfolio.valuation_time")
+    params = _portfolio_params(raw.get("params"), "portfolio.params")
+
+    opts = raw.get("options", {})
+    if not isinstance(opts, dict):
+        raise ScenarioError("portfolio.options: an object of option name -> {expiry, iv}")
+    vol_expiry = {}
+    for name, o in opts.items():
+        w = f"portfolio.options.{name}"
+        if name not in ins_by or ins_by[name].kind != Kind.OPTION:
+            raise ScenarioError(f"{w}: not an option of the scenario's instruments")
+        if not isinstance(o, dict):
+            raise ScenarioError(f"{w}: must be an object {{expiry, iv}}")
+        known_keys(o, ("expiry", "iv"), w, ScenarioError)
+        iv = _num(o, "iv", w)
+        if iv < 0:
+            raise ScenarioError(f"{w}.iv: must be >= 0, got {iv}")
+        vol_expiry[name] = (_time_ns(o.get("expiry"), f"{w}.expiry"), iv)
+    same = raw.get("same_underlying", {})
+    if not isinstance(same, dict):
+        raise ScenarioError("portfolio.same_underlying: an object of perp/future name -> underlying name")
+    for name, target in same.items():
+        w = f"portfolio.same_underlying.{name}"
+        if name not in ins_by or ins_by[name].kind == Kind.OPTION:
+            raise ScenarioError(f"{w}: not a perp or future of the scenario's instruments")
+        if target not in ins_by or ins_by[target].kind == Kind.OPTION:
+            raise ScenarioError(f"{w}: {target!r} is not a perp or future of the scenario's instruments")
+
+    def group_of(ins: Instrument) -> str | None:
+        if ins.kind == Kind.OPTION:
+            return ins.underlying
+        return same.get(ins.name, ins.name)
+
+    out = []
+    for k, acc in enumerate(accounts):
+        w = f"accounts[{k}]"
+        std = standard["accounts"][k]
+        held = [(instruments[i], qty) for i, _, qty, _, _ in acc["positions"]]
+        roots = sorted({ins.underlying for ins, _ in held if ins.kind == Kind.OPTION})
+        groups, ungrouped_im = [], 0.0
+        for (ins, _), pos in zip(held, std["positions"]):
+            if group_of(ins) not in roots:
+                ungrouped_im += pos["initial_margin"] * asset_by[ins.settle].price_usd
+        for root in roots:
+            under = ins_by[root]
+            convention = pm.SETTLE_COIN if under.kind.is_inverse else pm.SETTLE_USD
+            legs, names = [], []
+            for ins, qty in held:
+                if group_of(ins) != root:
+                    continue
+                if ins.settle != under.settle:
+                    raise ScenarioError(
+                        f"{w}: {ins.name} settles in {ins.settle}, its underlying {root} in {under.settle}: "
+                        f"portfolio margin needs one settle asset per underlying (docs/portfolio.md)")
+                if ins.kind == Kind.OPTION:
+                    if ins.name not in vol_expiry:
+                        raise ScenarioError(f"portfolio.options.{ins.name}: missing (expiry and iv of a held option)")
+                    exp_ns, iv = vol_expiry[ins.name]
+                    legs.append(pm.Leg(pm.LEG_OPTION, qty, ins.qty_scale, ins.contract_size, under.mark_price,
+                                       ins.strike, pm.year_fraction(exp_ns, now_ns), iv, ins.is_call))
+                else:
+                    kind = pm.LEG_INVERSE if ins.kind.is_inverse else pm.LEG_LINEAR
+                    legs.append(pm.Leg(kind, qty, ins.qty_scale, ins.contract_size, ins.mark_price))
+                names.append(ins.name)
+            pf = pm.Portfolio(convention, tuple(legs))
+            try:
+                res = pm.portfolio_requirement(pf, params)
+                var = pm.var_requirement(pf, params)
+                alone = pm.standalone_sum(pf, params)
+            except ValueError as e:
+                raise ScenarioError(f"{w}: group {root}: {e}") from None
+            px = asset_by[under.settle].price_usd
+            groups.append({
+                "underlying": root, "settle": under.settle,
+                "convention": "coin" if convention == pm.SETTLE_COIN else "usd",
+                "positions": names,
+                "requirement": res.requirement, "requirement_usd": res.requirement * px,
+                "worst_scenario": {"index": res.worst_scenario, "move": res.move, "vol_shock": res.vol_shock,
+                                   "weight": res.weight, "loss": res.worst_loss},
+                "short_option_minimum": res.short_option_minimum,
+                "var": var, "legs_alone": alone,
+            })
+        item = {
+            "id": acc["id"],
+            "standard_initial_margin": std["initial_margin"],
+            "standard_maintenance_margin": std["maintenance_margin"],
+            "equity": std["equity"],
+            "portfolio_requirement": sum(g["requirement_usd"] for g in groups) + ungrouped_im,
+            "ungrouped_initial_margin": ungrouped_im,
+            "groups": groups,
+        }
+        out.append(item)
+    return {"valuation_time": raw["valuation_time"], "accounts": out}
