@@ -331,6 +331,18 @@ def from_dict(doc: dict) -> Config:
             price_scale=ps, tick_size=1.0 / ps, lot_size=1.0 / qs, tiers=tiers, mark_price=mark,
             underlying=underlying, strike=strike, expiry_ns=expiry, is_call=bool(d.get("call", True)),
         ))
+    # An option's notional is |q| cs S with S its underlying's mark, in the option's settle
+    # asset: true when both settle in the same asset and the underlying is linear. A
+    # coin-settled (Deribit-style) option on an inverse underlying would have a USD notional
+    # taken as coins (its requirement S times too large): refused until the rule has it.
+    for k, ins in enumerate(instruments):
+        if ins.kind == Kind.OPTION:
+            u = next(x for x in instruments if x.name == ins.underlying)
+            if u.kind.is_inverse or u.settle != ins.settle:
+                raise ConfigError(f"instruments[{k}].settle: an option must settle in its underlying's settle "
+                                  f"asset and have a linear underlying (coin-settled options on an inverse "
+                                  f"underlying are not margined by the standard rule); {ins.name} settles in "
+                                  f"{ins.settle}, {u.name} ({u.kind.name.lower()}) in {u.settle}")
     ep = doc.get("endpoints", {})
     if not isinstance(ep, dict):
         raise ConfigError("endpoints: must be a table")
