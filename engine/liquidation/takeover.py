@@ -49,10 +49,12 @@ import numpy as np
 from engine.codes import Code
 from engine.instruments import Kind
 from engine.risk.margin import _pretrade
-from engine.store.layout import Mode
+from engine.store.layout import AccountFlag, Mode
 from engine.store.shm import PriceSnapshot, Store, StoreError
 
 MAX_BACKSTOP_ACCOUNTS = 64
+MAX_ADL_LEGS = 1000          # counterparties one plan deleverages (one FILL batch holds 4,096); the
+                             # rest is left for the account's next takeover
 
 
 class Route(enum.IntEnum):
@@ -137,8 +139,12 @@ def _read(store: Store, row: int) -> tuple[np.ndarray, np.ndarray] | None:
 def _capacity(store: Store, row: int, instrument: int, qty_units: int, price: float,
               snap: PriceSnapshot) -> int:
     """The largest ``0 <= k <= |qty_units|`` for which trading ``sign(qty_units) k`` at
-    ``price`` passes account ``row``'s pre-trade check (bisection: the check's margin
-    test is monotone in the size of an opening trade)."""
+    ``price`` passes account ``row``'s pre-trade check *and* leaves its post-trade
+    equity at or above its post-trade initial margin -- also for a trade that only
+    reduces a position, which the order check always lets through: a fund short the
+    instrument buying at a price above the mark loses on every unit (a review's fund,
+    short 300 with 150 USDT, took them all at 92,000 against a mark of 91,000 and ended at
+    -150). Bisection; it only ever returns a size that passed."""
     got = _read(store, row)
     if got is None:
         return 0
@@ -146,7 +152,8 @@ def _capacity(store: Store, row: int, instrument: int, qty_units: int, price: fl
     sign, hi = (1 if qty_units > 0 else -1), abs(qty_units)
 
     def ok(k: int) -> bool:
-        return _pretrade(store, acct, slots, instrument, sign * k, price, snap).code == Code.OK
+        r = _pretrade(store, acct, slots, instrument, sign * k, price, snap)
+        return r.code == Code.OK and r.post_equity_usd >= r.post_initial_margin_usd
     if ok(hi):
         return hi
     lo = 0                       # invariant: ok(lo) (0 trivially), not ok(hi)
@@ -171,17 +178,23 @@ def backstop_price(mark: float, ps: int, qty_units: int, limit_units: int, disco
 
 
 def adl_ranking(store: Store, snap: PriceSnapshot, instrument: int, side: int,
-                exclude_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                exclude_rows: frozenset[int] | set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The positions ADL would close for an order on ``instrument`` whose sign is
     ``side`` (the counterparties hold positions of that sign): ``(rows, qty_units,
-    score)``, best first (module doc). A numpy scan of every position slot (~10 ms at
-    1M accounts): ADL is rare."""
+    score)``, best first (module doc). Left out: ``exclude_rows`` (the liquidated
+    account, the fund, the providers, accounts with takeover legs not yet applied) and
+    accounts with a liquidation of their own outstanding (their own orders' fills may
+    still move that position). A numpy scan of every position slot (~10 ms at 1M
+    accounts): ADL is rare."""
     ins = store.instruments[instrument]
     per = store.slots_per_account
     pos = store.positions
     sel = np.flatnonzero((pos["instrument"] == instrument) & (np.sign(pos["qty"]) == side))
     rows = sel // per
-    keep = (sel % per < store.accounts["n_positions"][rows]) & (rows != exclude_row)
+    keep = (sel % per < store.accounts["n_positions"][rows]) \
+        & (store.accounts["flags"][rows] & int(AccountFlag.LIQUIDATION_OUTSTANDING) == 0)
+    if exclude_rows:
+        keep &= ~np.isin(rows, np.fromiter(exclude_rows, np.int64, len(exclude_rows)))
     sel, rows = sel[keep], rows[keep]
     if not len(sel):
         return rows, np.zeros(0, np.int64), np.zeros(0)
@@ -209,21 +222,26 @@ def adl_ranking(store: Store, snap: PriceSnapshot, instrument: int, side: int,
 
 
 def plan(store: Store, snap: PriceSnapshot, row: int, instrument: int, qty_units: int, limit_units: int,
-         reason: int, policy: TakeoverPolicy) -> list[TakeoverLeg]:
+         reason: int, policy: TakeoverPolicy, busy: frozenset[int] | set[int] = frozenset()
+         ) -> tuple[list[TakeoverLeg], int]:
     """The fills that take over the liquidation order ``qty_units`` of account ``row`` in
-    ``instrument``, limited at ``limit_units`` (module doc). The order is first held to
-    what the account holds now (a fill may have shrunk it since it was decided): an
-    order that no longer reduces the position gives no legs. Legs cover at most the
-    order; what no route takes is left (the worker re-sends it to the market)."""
+    ``instrument``, limited at ``limit_units`` (module doc), and the size they were
+    planned for. The order is first held to what the account holds now (a fill may have
+    shrunk it since it was decided): an order that no longer reduces the position gives
+    no legs. Legs cover at most that size; what no route takes is left (the worker
+    re-sends it to the market). ``busy``: rows with takeover legs routed and not yet
+    applied (the caller's): never counterparties, since the book does not show those
+    legs yet (two plans in one gateway turn booked the same fund margin twice in a
+    review), and a liquidated account among them gets nothing until they are applied."""
     got = _read(store, row)
-    if got is None or qty_units == 0:
-        return []
+    if got is None or qty_units == 0 or row in busy:
+        return [], 0
     acct, slots = got
     n = int(acct[0]["n_positions"])
     held = next((int(s["qty"]) for s in slots[:n] if int(s["instrument"]) == instrument), 0)
     if held == 0 or (held > 0) == (qty_units > 0):
-        return []
-    left = min(abs(qty_units), abs(held))
+        return [], 0
+    left = size = min(abs(qty_units), abs(held))
     side = 1 if qty_units > 0 else -1
     ps = int(store.instruments[instrument]["price_scale"])
     mark = float(snap.marks[instrument])
@@ -235,7 +253,7 @@ def plan(store: Store, snap: PriceSnapshot, row: int, instrument: int, qty_units
         if left == 0 or price is None:
             break
         r = store.row_of(acct_id)
-        if r is None or acct_id == own:
+        if r is None or acct_id == own or r in busy:
             continue
         k = _capacity(store, r, instrument, -side * left, price / ps, snap)
         if k:
@@ -243,19 +261,20 @@ def plan(store: Store, snap: PriceSnapshot, row: int, instrument: int, qty_units
             left -= k
 
     fund = policy.insurance_fund_account
-    if left and fund and fund != own and (r := store.row_of(fund)) is not None:
+    if left and fund and fund != own and (r := store.row_of(fund)) is not None and r not in busy:
         k = _capacity(store, r, instrument, -side * left, limit_units / ps, snap)
         if k:
             legs.append(TakeoverLeg(Route.INSURANCE_FUND, fund, side * k, limit_units))
             left -= k
 
     if left and policy.adl and reason == Code.LIQ_BELOW_BANKRUPTCY:
-        rows, qty, _ = adl_ranking(store, snap, instrument, side, row)
+        roles = {r for a in policy.role_accounts if (r := store.row_of(a)) is not None}
+        rows, qty, _ = adl_ranking(store, snap, instrument, side, {row, *roles, *busy})
         ids = store.accounts["account_id"]
-        for r, q in zip(rows.tolist(), qty.tolist()):
-            if left == 0:
+        for n, (r, q) in enumerate(zip(rows.tolist(), qty.tolist())):
+            if left == 0 or n == MAX_ADL_LEGS:
                 break
             k = min(left, abs(q))
             legs.append(TakeoverLeg(Route.ADL, int(ids[r]), side * k, limit_units))
             left -= k
-    return legs
+    return legs, size

@@ -239,6 +239,10 @@ class Gateway:
         self.takeover = takeover if takeover is not None and takeover.enabled else None
         self._takeover_seq = max(time.time_ns() // 1000, (fills_streams or {}).get(TAKEOVER_STREAM, 0))
         self._takeovers_held: list[bytes] = []
+        # Rows with takeover legs routed that their worker has not applied yet: row ->
+        # (partition, the ring's write index after them); applied once the ring's read
+        # index passes it. Plans leave them out (``takeover.plan``'s ``busy``).
+        self._takeover_unapplied: dict[int, tuple[int, int]] = {}
 
     def _bind(self, kind: int, endpoint: str, name: str | None) -> zmq.Socket:
         """A socket bound at ``endpoint``: an external one (``name``) behind the CURVE
@@ -701,8 +705,8 @@ class Gateway:
             return
         now = time.time_ns()
         try:                                               # planning and encoding never stop the gateway
-            legs = plan_takeover(self.store, self.store.price_snapshot(), row, ins, qty, limit, reason,
-                                 self.takeover)
+            legs, size = plan_takeover(self.store, self.store.price_snapshot(), row, ins, qty, limit, reason,
+                                       self.takeover, self._takeover_busy())
             seq0 = self._takeover_seq + 1
             fills = [{"trade_id": seq0 + k, "instrument_id": ins, "maker_account": leg.counterparty,
                       "taker_account": account, "qty_units": leg.qty_units, "price_units": leg.price_units,
@@ -718,9 +722,9 @@ class Gateway:
                       account)
             return
         taken = sum(abs(leg.qty_units) for leg in legs)
-        if taken < abs(qty):
+        if taken < size or size == 0:
             self.counters["takeover_no_route"] += 1
-            self.emit(Code.TAKEOVER_NO_ROUTE, json.dumps({"instrument_id": ins, "qty_units": qty,
+            self.emit(Code.TAKEOVER_NO_ROUTE, json.dumps({"instrument_id": ins, "qty_units": qty, "held_units": size,
                                                           "taken_units": taken, "limit_price_units": limit}),
                       account)
         if not legs:
@@ -729,12 +733,24 @@ class Gateway:
         self.flush_fills(now)                              # the matching engine's fills first, in order
         self.journal.append(seq0, now, out, TAKEOVER_STREAM)   # before applying
         self._route_reference(run.fills, seq0, now)
+        per = self._per_partition
+        for r in {row, *(self.store.row_of(leg.counterparty) for leg in legs)}:
+            p = r // per
+            self._takeover_unapplied[r] = (p, _shm.ring_pending(self._ring_addrs[p][0])[1])
         for k, leg in enumerate(legs):
             self.counters[f"takeover_{leg.route.name.lower()}"] += 1
             self.emit(ROUTE_CODE[leg.route], json.dumps({
                 "instrument_id": ins, "liquidated_account": account, "counterparty": leg.counterparty,
                 "qty_units": leg.qty_units, "price_units": leg.price_units, "trade_id": seq0 + k,
                 "fill_seq": seq0 + k}), leg.counterparty if leg.route == Route.ADL else account)
+
+    def _takeover_busy(self) -> set[int]:
+        """Rows with takeover legs their worker has not applied yet (pruned here)."""
+        done = [r for r, (p, w) in self._takeover_unapplied.items()
+                if _shm.ring_pending(self._ring_addrs[p][0])[0] >= w]
+        for r in done:
+            del self._takeover_unapplied[r]
+        return set(self._takeover_unapplied)
 
     def _collateral_done(self, ticket: int, code: int, balance_units: int) -> None:
         """The outcome of our collateral record ``ticket`` (the worker's reply, or the

@@ -70,12 +70,12 @@ def test_the_ranking_puts_profit_times_leverage_first(store):
     v = account(store, V, 3_000, 1_000, 95_000)
     shorts(store)
     snap = at_mark(store, 91_000.0)
-    rows, qty, score = adl_ranking(store, snap, BTC, -1, v)
+    rows, qty, score = adl_ranking(store, snap, BTC, -1, {v})
     ids = [int(store.accounts[r]["account_id"]) for r in rows]
     assert ids == [S1, S2, S3] and qty.tolist() == [-300, -200, -2_000]
     assert score.tolist() == pytest.approx([0.09 * 27_300 / 5_700, 800 / 19_000 * 6.5, -(2_000 / 180_000) / (182_000 / 48_000)])
     # longs are not counterparties of a sell: none ranked for a buy of V's own side
-    assert len(adl_ranking(store, snap, BTC, 1, v)[0]) == 0
+    assert len(adl_ranking(store, snap, BTC, 1, {v})[0]) == 0
 
 
 def test_the_fund_takes_what_its_margin_allows_and_adl_closes_the_rest(store):
@@ -89,8 +89,9 @@ def test_the_fund_takes_what_its_margin_allows_and_adl_closes_the_rest(store):
     snap = at_mark(store, 91_000.0)
     (o,) = decide(store, v, snap)
     assert (o.qty_units, o.limit_price_units, o.reason) == (-1_000, 920_000, Code.LIQ_BELOW_BANKRUPTCY)
-    legs = plan(store, snap, v, BTC, o.qty_units, o.limit_price_units, o.reason,
-                TakeoverPolicy(insurance_fund_account=FUND))
+    legs, size = plan(store, snap, v, BTC, o.qty_units, o.limit_price_units, o.reason,
+                      TakeoverPolicy(insurance_fund_account=FUND))
+    assert size == 1_000
     assert legs == [TakeoverLeg(Route.INSURANCE_FUND, FUND, -575, 920_000),
                     TakeoverLeg(Route.ADL, S1, -300, 920_000), TakeoverLeg(Route.ADL, S2, -125, 920_000)]
     # Booked as fills (V the taker, no fees): V's position closed at its bankruptcy price,
@@ -115,9 +116,9 @@ def test_without_adl_or_below_bankruptcy_the_rest_is_left(store):
     snap = at_mark(store, 91_000.0)
     fund_only = [TakeoverLeg(Route.INSURANCE_FUND, FUND, -575, 920_000)]
     assert plan(store, snap, v, BTC, -1_000, 920_000, Code.LIQ_BELOW_MAINTENANCE,
-                TakeoverPolicy(insurance_fund_account=FUND)) == fund_only
+                TakeoverPolicy(insurance_fund_account=FUND))[0] == fund_only
     assert plan(store, snap, v, BTC, -1_000, 920_000, Code.LIQ_BELOW_BANKRUPTCY,
-                TakeoverPolicy(insurance_fund_account=FUND, adl=False)) == fund_only
+                TakeoverPolicy(insurance_fund_account=FUND, adl=False))[0] == fund_only
 
 
 def test_a_backstop_takes_at_a_discount_no_worse_than_bankruptcy_within_its_margin(store):
@@ -135,8 +136,8 @@ def test_a_backstop_takes_at_a_discount_no_worse_than_bankruptcy_within_its_marg
     assert backstop_price(92_300.0, 10, -400, 920_000, 0.005) == 920_000
     assert backstop_price(91_000.0, 10, -400, 920_000, 0.002) is None      # the limit is above the mark
     policy = TakeoverPolicy(insurance_fund_account=FUND, backstop_accounts=(LP,), backstop_discount=0.002)
-    legs = plan(store, snap, v, BTC, -400, 920_000, Code.LIQ_BELOW_MAINTENANCE, policy)
-    assert legs == [TakeoverLeg(Route.BACKSTOP, LP, -180, 921_154)]
+    legs, size = plan(store, snap, v, BTC, -400, 920_000, Code.LIQ_BELOW_MAINTENANCE, policy)
+    assert (legs, size) == ([TakeoverLeg(Route.BACKSTOP, LP, -180, 921_154)], 400)
 
 
 def test_an_order_is_held_to_the_position_it_reduces(store):
@@ -148,11 +149,49 @@ def test_an_order_is_held_to_the_position_it_reduces(store):
     snap = at_mark(store, 91_000.0)
     policy = TakeoverPolicy(insurance_fund_account=FUND)
     assert plan(store, snap, v, BTC, -1_500, 920_000, 6003, policy) == \
-        [TakeoverLeg(Route.INSURANCE_FUND, FUND, -1_000, 920_000)]
-    assert plan(store, snap, v, BTC, 500, 920_000, 6003, policy) == []
-    assert plan(store, snap, v, 1, -500, 920_000, 6003, policy) == []
+        ([TakeoverLeg(Route.INSURANCE_FUND, FUND, -1_000, 920_000)], 1_000)
+    assert plan(store, snap, v, BTC, 500, 920_000, 6003, policy) == ([], 0)
+    assert plan(store, snap, v, 1, -500, 920_000, 6003, policy) == ([], 0)
     # the fund is never its own counterparty: its own order gets nothing from itself
-    assert plan(store, snap, store.row_of(FUND), BTC, -1, 920_000, 6003, policy) == []
+    assert plan(store, snap, store.row_of(FUND), BTC, -1, 920_000, 6003, policy) == ([], 0)
+
+
+def test_a_fund_short_the_instrument_takes_only_what_keeps_it_above_im_and_is_never_deleveraged(store):
+    """Review findings (session 19). The fund, 150 USDT short 0.3 from 91,000: buying k <= 300 units
+    at 92,000 only reduces its short (the order check lets any reduction through) but
+    loses k USDT; post-trade equity 150 - k against IM 0.728 (300 - k): never enough, so it
+    takes nothing (it took all 300 and ended at -150 before). Nor is it an ADL
+    counterparty (ADL listed it after its own leg, from its position before the plan): ADL
+    closes S1's 300, S2's 200 and 500 of S3's 2,000.
+    With 1,000 USDT it takes 705: through the reduction and into a long of k - 300, while
+    1,000 - k >= 0.728 |300 - k| (tier 0), k <= 1,218.4 / 1.728 = 705.09."""
+    v = account(store, V, 3_000, 1_000, 95_000)
+    fund = account(store, FUND, 150, -300, -27_300)
+    shorts(store)
+    snap = at_mark(store, 91_000.0)
+    policy = TakeoverPolicy(insurance_fund_account=FUND)
+    assert plan(store, snap, v, BTC, -1_000, 920_000, 6003, policy)[0] == [
+        TakeoverLeg(Route.ADL, S1, -300, 920_000), TakeoverLeg(Route.ADL, S2, -200, 920_000),
+        TakeoverLeg(Route.ADL, S3, -500, 920_000)]
+    store.set_balance(fund, 0, 1_000 * USDT)
+    snap = at_mark(store, 91_000.0)
+    assert plan(store, snap, v, BTC, -1_000, 920_000, 6003, TakeoverPolicy(insurance_fund_account=FUND, adl=False)) \
+        == ([TakeoverLeg(Route.INSURANCE_FUND, FUND, -705, 920_000)], 1_000)
+
+
+def test_rows_with_unapplied_takeover_legs_are_left_out(store):
+    """``busy`` (the gateway's rows whose takeover legs are still in the rings): the fund
+    among them is skipped (ADL takes it all: S1 300, S2 200, S3 500); a liquidated account
+    among them gets nothing until its earlier legs are applied."""
+    v = account(store, V, 3_000, 1_000, 95_000)
+    fund = account(store, FUND, 1_000_000)
+    shorts(store)
+    snap = at_mark(store, 91_000.0)
+    policy = TakeoverPolicy(insurance_fund_account=FUND)
+    legs, _ = plan(store, snap, v, BTC, -1_000, 920_000, 6003, policy, busy={fund})
+    assert [(leg.route, leg.counterparty, leg.qty_units) for leg in legs] == \
+        [(Route.ADL, S1, -300), (Route.ADL, S2, -200), (Route.ADL, S3, -500)]
+    assert plan(store, snap, v, BTC, -1_000, 920_000, 6003, policy, busy={v}) == ([], 0)
 
 
 def test_the_policy_and_its_configuration_refuse_bad_values():
