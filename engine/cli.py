@@ -109,36 +109,32 @@ def _read_scenario(args, command: str, example: str):
         return None
 
 
-def _cmd_evaluate(args) -> int:
-    from engine.scenario import ScenarioError, evaluate
+def _cmd_scenario(args, command: str, example: str, evaluate) -> int:
+    """Read a JSON scenario, ``evaluate(doc)`` it, print the result as JSON; exit 2 with
+    one line for a document that is not valid (``ScenarioError``)."""
+    from engine.scenario import ScenarioError
 
-    doc = _read_scenario(args, "evaluate", "scenario.json")
+    doc = _read_scenario(args, command, example)
     if doc is None:
         return 2
     try:
         result = evaluate(doc)
     except ScenarioError as e:
-        print(f"margin-engine evaluate: {e}", file=sys.stderr)
+        print(f"margin-engine {command}: {e}", file=sys.stderr)
         return 2
     json.dump(result, sys.stdout, indent=2, allow_nan=False)
     sys.stdout.write("\n")
     return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from engine.scenario import evaluate
+    return _cmd_scenario(args, "evaluate", "scenario.json", evaluate)
 
 
 def _cmd_portfolio(args) -> int:
-    from engine.scenario import ScenarioError, evaluate_portfolio
-
-    doc = _read_scenario(args, "portfolio", "portfolio.json")
-    if doc is None:
-        return 2
-    try:
-        result = evaluate_portfolio(doc)
-    except ScenarioError as e:
-        print(f"margin-engine portfolio: {e}", file=sys.stderr)
-        return 2
-    json.dump(result, sys.stdout, indent=2, allow_nan=False)
-    sys.stdout.write("\n")
-    return 0
+    from engine.scenario import evaluate_portfolio
+    return _cmd_scenario(args, "portfolio", "portfolio.json", evaluate_portfolio)
 
 
 def _cmd_bench_portfolio(args) -> int:

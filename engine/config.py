@@ -126,10 +126,14 @@ def load(path: str | Path) -> Config:
     return parse(text, source=str(p))
 
 
+def default_text() -> str:
+    """The TOML text of the configuration embedded in the package."""
+    return resources.files("engine").joinpath("default.toml").read_text()
+
+
 def load_default() -> Config:
     """The configuration embedded in the package."""
-    text = resources.files("engine").joinpath("default.toml").read_text()
-    return parse(text, source="engine/default.toml")
+    return parse(default_text(), source="engine/default.toml")
 
 
 def parse(text: str, source: str = "<config>") -> Config:

@@ -308,8 +308,7 @@ def test_a_coin_settled_option_on_an_inverse_underlying_is_refused():
     BTC-settled option on the inverse BTCUSD perp would have 95,000 USD of notional per
     contract counted as 95,000 BTC. Refused at load, naming the field and both assets (a
     USDT-settled option on BTCUSD, settling apart from its underlying, too)."""
-    from importlib import resources
-    text = resources.files("engine").joinpath("default.toml").read_text()
+    text = config.default_text()
     option = ('\n[[instruments]]\nname = "BTC-COIN-C"\nkind = "option"\nsettle = "{settle}"\ncontract_size = 1.0\n'
               'mark_price = 0.05\nunderlying = "BTCUSD"\nstrike = 100000.0\ncall = true\n'
               'expiry = "2026-12-25T08:00:00Z"\ntiers = [{{ floor = 0, imr = 0.1, mmr = 0.05 }}]\n')

@@ -48,11 +48,13 @@ import numpy as np
 
 from engine.codes import Code
 from engine.instruments import Kind
-from engine.risk.margin import _pretrade
+from engine.risk.margin import pretrade_check_consistent
 from engine.store.layout import AccountFlag, Mode
 from engine.store.shm import PriceSnapshot, Store, StoreError
 
 MAX_BACKSTOP_ACCOUNTS = 64
+TAKEOVER_PREFIX = b"T"       # a worker's takeover request on the internal replies socket: b"T" +
+                             # msgpack (never a message: 0x54 is a msgpack integer, a message a map)
 MAX_ADL_LEGS = 1000          # counterparties one plan deleverages (one FILL batch holds 4,096); the
                              # rest is left for the account's next takeover
 
@@ -124,18 +126,6 @@ class TakeoverLeg:
     price_units: int
 
 
-def _read(store: Store, row: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """A consistent copy of account ``row`` and its slots, or None (its writer stopped
-    mid-write)."""
-    try:
-        a, used = store.read_account(row)
-    except StoreError:
-        return None
-    slots = np.zeros(store.slots_per_account, store.positions.dtype)   # the kernels read every slot
-    slots[:len(used)] = used
-    return np.array([a]), slots
-
-
 def _capacity(store: Store, row: int, instrument: int, qty_units: int, price: float,
               snap: PriceSnapshot) -> int:
     """The largest ``0 <= k <= |qty_units|`` for which trading ``sign(qty_units) k`` at
@@ -144,15 +134,13 @@ def _capacity(store: Store, row: int, instrument: int, qty_units: int, price: fl
     reduces a position, which the order check always lets through: a fund short the
     instrument buying at a price above the mark loses on every unit (a review's fund,
     short 300 with 150 USDT, took them all at 92,000 against a mark of 91,000 and ended at
-    -150). Bisection; it only ever returns a size that passed."""
-    got = _read(store, row)
-    if got is None:
-        return 0
-    acct, slots = got
+    -150). Each step is the order-check gateway's own check on a consistent copy of the
+    row (``pretrade_check_consistent``; a row mid-write fails it). Bisection; it only
+    ever returns a size that passed."""
     sign, hi = (1 if qty_units > 0 else -1), abs(qty_units)
 
     def ok(k: int) -> bool:
-        r = _pretrade(store, acct, slots, instrument, sign * k, price, snap)
+        r = pretrade_check_consistent(store, row, instrument, sign * k, price, snap)
         return r.code == Code.OK and r.post_equity_usd >= r.post_initial_margin_usd
     if ok(hi):
         return hi
@@ -233,12 +221,13 @@ def plan(store: Store, snap: PriceSnapshot, row: int, instrument: int, qty_units
     applied (the caller's): never counterparties, since the book does not show those
     legs yet (two plans in one gateway turn booked the same fund margin twice in a
     review), and a liquidated account among them gets nothing until they are applied."""
-    got = _read(store, row)
-    if got is None or qty_units == 0 or row in busy:
+    if qty_units == 0 or row in busy:
         return [], 0
-    acct, slots = got
-    n = int(acct[0]["n_positions"])
-    held = next((int(s["qty"]) for s in slots[:n] if int(s["instrument"]) == instrument), 0)
+    try:
+        acct, slots = store.read_account(row)          # consistent copy, used slots only
+    except StoreError:
+        return [], 0
+    held = next((int(s["qty"]) for s in slots if int(s["instrument"]) == instrument), 0)
     if held == 0 or (held > 0) == (qty_units > 0):
         return [], 0
     left = size = min(abs(qty_units), abs(held))
@@ -246,7 +235,7 @@ def plan(store: Store, snap: PriceSnapshot, row: int, instrument: int, qty_units
     ps = int(store.instruments[instrument]["price_scale"])
     mark = float(snap.marks[instrument])
     legs: list[TakeoverLeg] = []
-    own = int(acct[0]["account_id"])
+    own = int(acct["account_id"])
 
     price = backstop_price(mark, ps, qty_units, limit_units, policy.backstop_discount)
     for acct_id in policy.backstop_accounts:

@@ -50,7 +50,8 @@ import zmq
 from engine import _margin, _shm, _wire
 from engine.accounting.fills import route_reject
 from engine.codes import Code
-from engine.liquidation.takeover import ROUTE_CODE, Route, TakeoverPolicy, plan as plan_takeover
+from engine.liquidation.takeover import (ROUTE_CODE, TAKEOVER_PREFIX, Route, TakeoverPolicy,
+                                         plan as plan_takeover)
 from engine.risk.margin import pretrade_check_consistent
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role
@@ -81,8 +82,6 @@ SHUTDOWN_REPLIES_S = 3.0      # at shutdown: how long the workers' last collater
 # The internal takeover stream's name in the journal: a routing id no peer can have
 # (libzmq refuses a user-set id that starts with a zero byte; its own are 5 bytes).
 TAKEOVER_STREAM = b"\x00takeover"
-TAKEOVER_PREFIX = b"T"     # a worker's takeover request frame: b"T" + msgpack (never a message: 0x54
-                           # is a msgpack integer, a message is a map)
 MAX_PEERS = 4096           # per ROUTER: the answered peers remembered (numbering, envelope)
 MAX_FILLS_STREAMS = 1024   # acknowledged fills streams (routing ids) tracked; a new one past it: 3009
 

@@ -56,7 +56,7 @@ from engine.accounting.fills import INT64_MAX
 from engine.codes import Code
 from engine.config import EngineSettings
 from engine.liquidation.decide import DEFAULT_HEALTH_FACTOR, decide
-from engine.liquidation.takeover import TakeoverPolicy
+from engine.liquidation.takeover import TAKEOVER_PREFIX, TakeoverPolicy
 from engine.risk.margin import HolderIndex, _checked_snapshot, full_pass, account_detail
 from engine.runtime import curve, process
 from engine.runtime.ctl import Control, RecordKind, Role, UNDO_APPLYING, UNDO_IDLE
@@ -102,7 +102,6 @@ STAGE_COLLATERAL = "collateral"      # the collateral pass, after a collateral a
 STAGE_FILL = "fill"                  # a fill of an account with an order out left it in breach
                                      #   (a partial liquidation's next step); timed from the fill
 STAGE_RESEND = "resend"              # still in breach REISSUE_AFTER_NS after its order: no tick
-TAKEOVER_PREFIX = b"T"               # a takeover request on the replies socket (gateway.TAKEOVER_PREFIX)
 STAGES = (STAGE_TRIGGER, STAGE_HOLDERS, STAGE_COLLATERAL, STAGE_FILL, STAGE_RESEND)
 POLLIN = int(zmq.POLLIN)             # a plain int: the enum's __and__ costs microseconds
 

@@ -15,7 +15,7 @@ import pytest
 
 from engine.accounting.fills import apply_fill_leg
 from engine.codes import Code
-from engine.config import ConfigError, load_default, parse
+from engine.config import ConfigError, default_text, load_default, parse
 from engine.liquidation.decide import decide
 from engine.liquidation.takeover import Route, TakeoverLeg, TakeoverPolicy, adl_ranking, backstop_price, plan
 from engine.risk.margin import full_pass
@@ -205,7 +205,7 @@ def test_the_policy_and_its_configuration_refuse_bad_values():
                        after_ms=300)
     assert TakeoverPolicy.from_arg(p.as_args()[1]) == p and p.role_accounts == {3, 4, 7} and p.enabled
     assert not TakeoverPolicy().enabled
-    text = DEFAULT_TOML()
+    text = default_text()
     assert parse(text + '\n[liquidation]\ninsurance_fund_account = 7\nbackstop_accounts = [3]\n').liquidation == \
         TakeoverPolicy(insurance_fund_account=7, backstop_accounts=(3,))
     for bad, field in (("backstop_discount = 0.7", "backstop_discount"), ("takeover_after_ms = 5", "after_ms"),
@@ -216,11 +216,6 @@ def test_the_policy_and_its_configuration_refuse_bad_values():
 
 
 # --------------------------------------------------------------------------- helpers
-def DEFAULT_TOML() -> str:
-    from importlib import resources
-    return resources.files("engine").joinpath("default.toml").read_text()
-
-
 def book_leg(st: Store, victim_row: int, leg: TakeoverLeg) -> None:
     """A takeover fill as the workers apply it: the victim (taker) ``qty``, the
     counterparty (maker) ``-qty``, same price, no fee."""
